@@ -1,0 +1,43 @@
+"""fastopd: kernel-accelerated on-policy distillation with the "Prefix Teach, Suffix Fade" release rule.
+
+Public API (formulas in DESIGN.md / docs/formulas.md; the oracle of each is in :mod:`fastopd.reference`):
+
+- :func:`token_stats`        per-token log-probs, reverse-KL advantage, top-K teacher margin (section 1)
+- :func:`sentence_spans`, :func:`token_segments`   offline sentence segments per token (section 2)
+- :func:`segment_means`      per-rollout segment means, ragged, ready for the scan (section 2)
+- :func:`bic_release`        profiled RSS-BIC release point, C++ (section 3)
+- :func:`release_weights`, :func:`control_weights`   per-token weights (section 4)
+- :func:`opd_loss`, :class:`OPDLoss`   the loss with its gradient (section 5)
+- :class:`ReleaseRule`       logits + segment ids -> weights and diagnostics
+"""
+
+from fastopd.loss import OPDLoss, opd_loss
+from fastopd.release import (
+    MODES,
+    ReleaseDecision,
+    ReleaseRule,
+    bic_release,
+    control_weights,
+    release_weights,
+    segment_means,
+)
+from fastopd.stats import token_stats
+from fastopd.types import OPDOutput, ReleaseResult, SegmentMeans, TokenStats
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The segmentation module imports NLTK; load it on first use so `import fastopd` stays light.
+    if name in ("sentence_spans", "token_segments"):
+        from fastopd import segment
+
+        return getattr(segment, name)
+    raise AttributeError(f"module 'fastopd' has no attribute {name!r}")
+
+
+__all__ = [
+    "MODES", "OPDLoss", "OPDOutput", "ReleaseDecision", "ReleaseResult", "ReleaseRule", "SegmentMeans",
+    "TokenStats", "bic_release", "control_weights", "opd_loss", "release_weights", "segment_means",
+    "sentence_spans", "token_segments", "token_stats",
+]

@@ -1,0 +1,150 @@
+"""Argument checks shared by every backend: bad input gets a clear error, never a wrong number.
+
+Every public entry point that takes logits calls :func:`check_token_inputs` before dispatching, so the
+reference and the Triton kernels see the same, already validated, arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_token_inputs(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    k: int,
+    temperature: float,
+    ignore_index: int,
+    vocab_size: int | None,
+) -> int:
+    """Validate the inputs of ``token_stats`` / ``opd_loss`` and return the effective vocabulary size V.
+
+    Raises ``TypeError`` for wrong types/dtypes and ``ValueError`` for wrong shapes or values; the message
+    names the argument and what was expected.
+    """
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (..., V), got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dim() < 1:
+            raise ValueError(f"{name} must have shape (..., V), got a 0-d tensor")
+    if not isinstance(target_ids, torch.Tensor):
+        raise TypeError(f"target_ids must be a torch.Tensor of integer ids, got {type(target_ids).__name__}")
+    if target_ids.dtype.is_floating_point or target_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise TypeError(f"target_ids must be an integer tensor (int64/int32), got {target_ids.dtype}")
+    if student_logits.shape[:-1] != target_ids.shape:
+        raise ValueError(
+            f"student_logits must have shape target_ids.shape + (V,) = {tuple(target_ids.shape)} + (V,), "
+            f"got {tuple(student_logits.shape)}"
+        )
+    if teacher_logits.shape[:-1] != target_ids.shape:
+        raise ValueError(
+            f"teacher_logits must have shape target_ids.shape + (V,) = {tuple(target_ids.shape)} + (V,), "
+            f"got {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.device != teacher_logits.device or student_logits.device != target_ids.device:
+        raise ValueError(
+            "student_logits, teacher_logits and target_ids must be on one device, got "
+            f"{student_logits.device}, {teacher_logits.device}, {target_ids.device}"
+        )
+    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    if vocab_size is None:
+        if vs != vt:
+            raise ValueError(
+                f"student_logits has width {vs} but teacher_logits has width {vt}; pass vocab_size= the shared "
+                "vocabulary size to cut both to their first vocab_size columns"
+            )
+        v = vs
+    else:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+        if vocab_size > min(vs, vt):
+            raise ValueError(
+                f"vocab_size={vocab_size} exceeds the logits' widths (student {vs}, teacher {vt})"
+            )
+        v = vocab_size
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 2:
+        raise ValueError(f"k must be >= 2 (the margin needs a top-1 and a top-2 candidate), got k={k}")
+    if k > v:
+        raise ValueError(f"k must be <= the vocabulary size V={v}, got k={k}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if target_ids.numel():
+        valid = target_ids != ignore_index
+        if valid.any():
+            ids = target_ids[valid]
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= v:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"target_ids must lie in [0, {v}) or equal ignore_index={ignore_index}; found {bad}"
+                )
+    return v
+
+
+def check_per_token(name: str, t: torch.Tensor | None, target_ids: torch.Tensor) -> None:
+    """Check an optional per-token tensor (weights, old_logprobs) has ``target_ids.shape`` and a float dtype."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {tuple(target_ids.shape)}, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.shape != target_ids.shape:
+        raise ValueError(f"{name} must have shape {tuple(target_ids.shape)} (target_ids.shape), got {tuple(t.shape)}")
+    if t.device != target_ids.device:
+        raise ValueError(f"{name} must be on {target_ids.device} like target_ids, got {t.device}")
+
+
+def check_ragged(values, offsets):
+    """Validate a ragged batch (values, offsets) for the BIC scan and return them as numpy arrays.
+
+    ``values`` must be 1-D float64 (any float array is converted), ``offsets`` 1-D integer of length B+1 with
+    ``0 <= offsets[0] <= offsets[1] <= ... <= offsets[-1] <= len(values)``.
+    """
+    import numpy as np
+
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    if isinstance(offsets, torch.Tensor):
+        offsets = offsets.detach().cpu().numpy()
+    values = np.asarray(values)
+    offsets = np.asarray(offsets)
+    if values.ndim != 1:
+        raise ValueError(f"values must be a 1-D array of segment means, got shape {values.shape}")
+    if values.size and not np.issubdtype(values.dtype, np.floating):
+        raise TypeError(f"values must be a float array (float64 expected), got {values.dtype}")
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    if offsets.ndim != 1 or offsets.size < 1:
+        raise ValueError(f"offsets must be a 1-D array of length B+1 >= 1, got shape {offsets.shape}")
+    if not np.issubdtype(offsets.dtype, np.integer):
+        raise TypeError(f"offsets must be an integer array (int64 expected), got {offsets.dtype}")
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    if offsets[0] < 0 or offsets[-1] > values.size:
+        raise ValueError(
+            f"offsets must lie in [0, len(values)={values.size}], got first {offsets[0]} and last {offsets[-1]}"
+        )
+    if offsets.size > 1 and np.any(np.diff(offsets) < 0):
+        i = int(np.argmax(np.diff(offsets) < 0))
+        raise ValueError(f"offsets must be non-decreasing, but offsets[{i + 1}]={offsets[i + 1]} < offsets[{i}]={offsets[i]}")
+    return values, offsets
+
+
+def check_scan_options(min_segments, min_gain) -> None:
+    """Validate the options of the BIC scan (DESIGN.md section 3)."""
+    if isinstance(min_segments, bool) or not isinstance(min_segments, numbers.Integral) or min_segments < 1:
+        raise ValueError(f"min_segments must be an int >= 1, got {min_segments!r}")
+    if isinstance(min_gain, bool) or not isinstance(min_gain, numbers.Real) or math.isnan(min_gain):
+        raise ValueError(f"min_gain must be a number (not NaN), got {min_gain!r}")

@@ -1,0 +1,144 @@
+"""``fastopd.opd_loss`` / ``fastopd.OPDLoss``: the OPD loss of DESIGN.md section 5.
+
+On CUDA tensors (``backend="auto"``) the forward statistics and the gradient w.r.t. the student logits come
+from the Triton kernels; otherwise the loss is the reference's plain autograd (:func:`fastopd.reference.opd_loss`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastopd import reference
+from fastopd._dispatch import resolve_backend
+from fastopd._validate import check_token_inputs
+from fastopd.types import OPDOutput
+
+
+def opd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    loss: str = "pg",
+    old_logprobs: torch.Tensor | None = None,
+    normalizer=None,
+    k: int = 16,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    backend: str = "auto",
+) -> OPDOutput:
+    """On-policy distillation loss from logits (DESIGN.md section 5).
+
+    Args:
+        student_logits: (..., V) student logits predicting ``target_ids``; the gradient flows into them.
+        teacher_logits: (..., V) teacher logits; never receive a gradient.
+        target_ids: (...) sampled tokens y_t, ``ignore_index`` where not trained.
+        weights: (...) per-token w_t (e.g. from :class:`fastopd.ReleaseRule`); None means the valid mask.
+        loss: ``"pg"`` (importance-weighted policy gradient with the reverse-KL advantage A_t = u_t - s_t)
+            or ``"reverse_kl"`` (exact dense reverse KL).
+        old_logprobs: (...) the sampler's log-probs s_old for ``pg`` (None: s_old = sg(s), rho = 1).
+        normalizer: divide the summed loss by this (e.g. TRL's ``num_items_in_batch``); default the number
+            of valid tokens.
+        k, temperature, ignore_index, vocab_size: as in :func:`fastopd.token_stats`.
+        backend: ``"auto" | "triton" | "reference"``.
+
+    Returns:
+        :class:`fastopd.OPDOutput` with the scalar ``loss``, the unreduced ``per_token`` loss, the ``stats``
+        and plain-float ``metrics`` (adv_mean, margin_mean, kept_fraction, num_valid, num_kept, loss).
+
+    Example:
+        >>> out = fastopd.opd_loss(student_logits, teacher_logits, completion_ids, weights=rule_weights)
+        >>> out.loss.backward()
+    """
+    check_token_inputs(
+        student_logits, teacher_logits, target_ids,
+        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
+    )
+    kwargs = dict(
+        weights=weights, loss=loss, old_logprobs=old_logprobs, normalizer=normalizer,
+        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
+    )
+    if resolve_backend(backend, student_logits.device) == "triton":
+        from fastopd.kernels import opd_loss_triton
+
+        return opd_loss_triton(student_logits, teacher_logits, target_ids, **kwargs)
+    return reference.opd_loss(student_logits, teacher_logits, target_ids, **kwargs)
+
+
+class OPDLoss(nn.Module):
+    """``nn.Module`` face of :func:`opd_loss` that holds its configuration.
+
+    With a :class:`fastopd.ReleaseRule` as ``rule``, ``forward(..., segment_ids=...)`` first decides the
+    per-token weights by the rule (or its control) and adds the rule's diagnostics (accept rate, mean
+    gain, ...) to ``metrics``; ``out.release`` then holds the :class:`fastopd.ReleaseDecision`.
+
+    Example:
+        >>> crit = fastopd.OPDLoss(rule=fastopd.ReleaseRule())
+        >>> out = crit(student_logits, teacher_logits, completion_ids, segment_ids=segment_ids)
+        >>> out.loss.backward()
+    """
+
+    def __init__(
+        self,
+        loss: str = "pg",
+        *,
+        k: int = 16,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        vocab_size: int | None = None,
+        backend: str = "auto",
+        rule=None,
+    ) -> None:
+        super().__init__()
+        if loss not in reference.LOSSES:
+            raise ValueError(f"loss must be one of {reference.LOSSES}, got {loss!r}")
+        self.loss = loss
+        self.k = k
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.vocab_size = vocab_size
+        self.backend = backend
+        self.rule = rule
+
+    def extra_repr(self) -> str:
+        return (
+            f"loss={self.loss!r}, k={self.k}, temperature={self.temperature}, ignore_index={self.ignore_index}, "
+            f"backend={self.backend!r}, rule={self.rule!r}"
+        )
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        target_ids: torch.Tensor,
+        *,
+        weights: torch.Tensor | None = None,
+        segment_ids=None,
+        old_logprobs: torch.Tensor | None = None,
+        normalizer=None,
+    ) -> OPDOutput:
+        """Compute the loss; see :func:`opd_loss`. ``segment_ids`` (B, L) is needed when a rule is set."""
+        decision = None
+        if self.rule is not None:
+            if weights is not None:
+                raise ValueError("pass either weights= or a rule (OPDLoss(rule=...)) with segment_ids=, not both")
+            if segment_ids is None:
+                raise ValueError("OPDLoss(rule=...) needs segment_ids= (B, L) from fastopd.token_segments")
+            decision = self.rule(
+                student_logits.detach(), teacher_logits.detach(), target_ids, segment_ids,
+                ignore_index=self.ignore_index, vocab_size=self.vocab_size,
+            )
+            weights = decision.weights.to(student_logits.device)
+        out = opd_loss(
+            student_logits, teacher_logits, target_ids,
+            weights=weights, loss=self.loss, old_logprobs=old_logprobs, normalizer=normalizer,
+            k=self.k, temperature=self.temperature, ignore_index=self.ignore_index,
+            vocab_size=self.vocab_size, backend=self.backend,
+        )
+        if decision is not None:
+            out.metrics.update(decision.metrics)
+            out.release = decision
+        return out

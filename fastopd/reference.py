@@ -1,0 +1,449 @@
+"""The pure PyTorch/NumPy oracle of DESIGN.md sections 1, 3, 4 and 5.
+
+Every other implementation in fastopd (the Triton kernels, the C++ scan) is tested against this module, and
+every benchmark uses it as its baseline, so it is written to be read first and to be competent PyTorch
+second: vectorised ``log_softmax`` / ``topk`` / ``gather``, fp32 arithmetic (fp64 when given fp64 inputs, so
+it doubles as the fp64 ground truth), no Python loops over tokens. The BIC scan is the exception: it is
+plain Python over one rollout at a time, in exactly the floating-point order that the C++ scan uses, so the
+two agree bit for bit.
+
+Sections:
+- 1. token statistics: :func:`token_stats`
+- 2. segment means (the segmentation itself is in :mod:`fastopd.segment`): :func:`segment_means`
+- 3. release point: :func:`bic_release`
+- 4. weights: :func:`release_weights`, :func:`control_weights`
+- 5. loss: :func:`opd_loss`
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import numpy as np
+import torch
+
+from fastopd._validate import check_per_token, check_ragged, check_scan_options, check_token_inputs
+from fastopd.types import OPDOutput, ReleaseResult, SegmentMeans, TokenStats
+
+BIC_EPS = 1e-12
+LOSSES = ("pg", "reverse_kl")
+CONTROLS = ("full", "fixed_prefix", "random")
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 inputs (the ground truth)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Token statistics
+# ----------------------------------------------------------------------------------------------------------
+
+
+def topk_candidates(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (..., V) of the K largest entries of ``z`` per row, ties to the lower index (C_t).
+
+    ``torch.topk`` does not promise which of several equal values it returns, so the K-th value is used as
+    a threshold: every entry above it is in, and the entries equal to it are taken in index order until K.
+    """
+    kth = torch.topk(z, k, dim=-1).values[..., -1:]
+    above = z > kth
+    at = z == kth
+    room = k - above.sum(-1, keepdim=True)
+    return above | (at & (torch.cumsum(at, dim=-1) <= room))
+
+
+def _candidate_ids(z: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 (..., K) ids of the candidates, by decreasing ``z``, ties to the lower index."""
+    ids = torch.argsort(cand.to(torch.int8), dim=-1, descending=True, stable=True)[..., :k]
+    order = torch.sort(z.gather(-1, ids), dim=-1, descending=True, stable=True).indices
+    return ids.gather(-1, order)
+
+
+def _stats(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    ls: torch.Tensor,
+    lt: torch.Tensor,
+    target_ids: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    k: int,
+    temperature: float,
+    full_kl: bool,
+    return_topk: bool,
+) -> TokenStats:
+    """Section 1 from already computed log-probs ``ls``/``lt`` (shared by token_stats and opd_loss)."""
+    tgt = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long().unsqueeze(-1)
+    zero = torch.zeros((), dtype=ls.dtype, device=ls.device)
+    s = torch.where(valid, ls.gather(-1, tgt).squeeze(-1), zero)
+    u = torch.where(valid, lt.gather(-1, tgt).squeeze(-1), zero)
+    cand = topk_candidates(zs, k)
+    top2 = torch.topk(zt.masked_fill(~cand, -math.inf), 2, dim=-1).values
+    a1, a2 = top2[..., 0], top2[..., 1]
+    # a1 == a2 (including two -inf candidates) is a zero margin, not inf - inf = NaN.
+    m = torch.where(a1 == a2, zero, (a1 - a2) / temperature)
+    stats = TokenStats(
+        student_logprobs=s,
+        teacher_logprobs=u,
+        advantages=u - s,
+        margins=torch.where(valid, m, zero),
+        valid=valid,
+    )
+    if full_kl:
+        stats.reverse_kl = torch.where(valid, _reverse_kl(ls, lt), zero)
+    if return_topk:
+        ids = _candidate_ids(zs, cand, k)
+        stats.topk_ids = torch.where(valid.unsqueeze(-1), ids, torch.zeros_like(ids))
+    return stats
+
+
+def _reverse_kl(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+    """KL_t = sum_v p_S(v) (log p_S(v) - log p_T(v)); terms with p_S(v) = 0 contribute 0."""
+    p = ls.exp()
+    return torch.where(p > 0, p * (ls - lt), torch.zeros_like(p)).sum(-1)
+
+
+def _logprobs(logits: torch.Tensor, v: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, log softmax(z / tau)) over the first ``v`` columns, in the compute dtype."""
+    z = logits[..., :v].to(_compute_dtype(logits))
+    return z, torch.log_softmax(z / temperature, dim=-1)
+
+
+def token_stats(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    k: int = 16,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    full_kl: bool = False,
+    return_topk: bool = False,
+) -> TokenStats:
+    """Per-token statistics of DESIGN.md section 1, computed the plain way (materialises N x V).
+
+    s_t = log p_S(y_t), u_t = log p_T(y_t), A_t = u_t - s_t, m_t = (z_T[a1] - z_T[a2]) / tau over the
+    student's top-K candidates C_t (ties to the lower index), and optionally the exact reverse KL_t.
+    Returns float32 tensors (float64 for float64 inputs); invalid positions hold 0. No gradient flows.
+    """
+    v = check_token_inputs(
+        student_logits, teacher_logits, target_ids,
+        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
+    )
+    with torch.no_grad():
+        zs, ls = _logprobs(student_logits, v, temperature)
+        zt, lt = _logprobs(teacher_logits, v, temperature)
+        return _stats(
+            zs, zt, ls, lt, target_ids, target_ids != ignore_index,
+            k=k, temperature=temperature, full_kl=full_kl, return_topk=return_topk,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Segment means
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _as_numpy(x, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.numpy()
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
+    return np.asarray(x)
+
+
+def segment_means(values, segment_ids, valid) -> SegmentMeans:
+    """Per-rollout means x_j of a per-token value over the valid tokens of each segment (DESIGN.md section 2).
+
+    Args:
+        values: (B, L) per-token values, e.g. ``TokenStats.margins``.
+        segment_ids: (B, L) int segment id per token (from :func:`fastopd.token_segments`); ids of invalid
+            positions are ignored (use -1 for padding).
+        valid: (B, L) bool, which tokens count.
+
+    Returns:
+        :class:`SegmentMeans` (float64 values, int64 offsets of length B+1, and the segment id of every
+        entry). Every valid token weighs the same; segments without a valid token are left out.
+    """
+    vals = _as_numpy(values, "values").astype(np.float64)
+    seg = _as_numpy(segment_ids, "segment_ids")
+    ok = _as_numpy(valid, "valid")
+    if vals.ndim != 2:
+        raise ValueError(f"values must have shape (B, L), got {vals.shape}")
+    if seg.shape != vals.shape or ok.shape != vals.shape:
+        raise ValueError(
+            f"values, segment_ids and valid must share one (B, L) shape, got {vals.shape}, {seg.shape}, {ok.shape}"
+        )
+    if not np.issubdtype(seg.dtype, np.integer):
+        raise TypeError(f"segment_ids must be an integer array, got {seg.dtype}")
+    ok = ok.astype(bool)
+    b, _ = vals.shape
+    if ok.any() and seg[ok].min() < 0:
+        raise ValueError("segment_ids must be >= 0 at every valid position")
+    width = int(seg[ok].max()) + 1 if ok.any() else 1
+    rows = np.broadcast_to(np.arange(b)[:, None], vals.shape)
+    key = rows[ok].astype(np.int64) * width + seg[ok].astype(np.int64)
+    sums = np.bincount(key, weights=vals[ok], minlength=b * width)
+    counts = np.bincount(key, minlength=b * width)
+    present = counts > 0
+    means = sums[present] / counts[present]
+    seg_of_entry = np.nonzero(present)[0] % width
+    per_row = present.reshape(b, width).sum(1)
+    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
+    return SegmentMeans(means.astype(np.float64), offsets, seg_of_entry.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Release: profiled RSS-BIC, one downward change point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _scan_one(x: list[float], m: int, min_gain: float) -> tuple[int, float, bool]:
+    """(release_segment, gain, accepted) for one series; the exact operation order of csrc/bic_scan.cpp."""
+    n = len(x)
+    if any(not math.isfinite(v) for v in x):
+        return n, math.nan, False
+    if n < 2 * m:
+        return n, -math.inf, False
+    total = 0.0
+    for v in x:
+        total += v
+    c = total / n  # centre first: an exactly constant series then has an exactly zero RSS
+    s1 = [0.0] * (n + 1)
+    s2 = [0.0] * (n + 1)
+    for i, v in enumerate(x):
+        d = v - c
+        s1[i + 1] = s1[i] + d
+        s2[i + 1] = s2[i] + d * d
+
+    def rss(a: int, b: int) -> float:
+        d = s1[b] - s1[a]
+        r = (s2[b] - s2[a]) - d * d / (b - a)
+        return r if r > 0.0 else 0.0
+
+    log_n = math.log(n)
+    bic0 = n * math.log(rss(0, n) / n + BIC_EPS) + 2.0 * log_n
+    best_tau, best_bic = -1, math.inf
+    for tau in range(m, n - m + 1):
+        left = s1[tau] / tau
+        right = (s1[n] - s1[tau]) / (n - tau)
+        if right < left:
+            bic1 = n * math.log((rss(0, tau) + rss(tau, n)) / n + BIC_EPS) + 4.0 * log_n
+            if best_tau < 0 or bic1 < best_bic:
+                best_tau, best_bic = tau, bic1
+    if best_tau < 0:
+        return n, -math.inf, False
+    gain = bic0 - best_bic
+    accepted = gain > min_gain
+    return (best_tau if accepted else n), gain, bool(accepted)
+
+
+def bic_release(values, offsets, *, min_segments: int = 2, min_gain: float = 10.0) -> ReleaseResult:
+    """Profiled RSS-BIC release point of every rollout of a ragged batch (DESIGN.md section 3), in Python.
+
+    Args:
+        values: float64 1-D, the concatenated segment-mean series.
+        offsets: int64 of length B+1; rollout b is ``values[offsets[b]:offsets[b+1]]``.
+        min_segments: m, the fewest segments on each side of a split.
+        min_gain: accept the split when BIC0 - BIC1(tau*) exceeds this.
+
+    Returns:
+        :class:`ReleaseResult`. No candidate (n < 2m or no strictly downward split): gain = -inf, r = n.
+        A non-finite value in a series: gain = NaN, not accepted, r = n.
+    """
+    check_scan_options(min_segments, min_gain)
+    vals, offs = check_ragged(values, offsets)
+    b = len(offs) - 1
+    release = np.empty(b, dtype=np.int64)
+    gain = np.empty(b, dtype=np.float64)
+    accepted = np.empty(b, dtype=bool)
+    for i in range(b):
+        x = vals[offs[i]:offs[i + 1]].tolist()
+        release[i], gain[i], accepted[i] = _scan_one(x, int(min_segments), float(min_gain))
+    return ReleaseResult(release, gain, accepted)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Weights
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _as_mask_tensors(segment_ids, valid_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    seg = segment_ids if isinstance(segment_ids, torch.Tensor) else torch.as_tensor(np.asarray(segment_ids))
+    valid = valid_mask if isinstance(valid_mask, torch.Tensor) else torch.as_tensor(np.asarray(valid_mask))
+    if seg.dim() != 2:
+        raise ValueError(f"segment_ids must have shape (B, L), got {tuple(seg.shape)}")
+    if valid.shape != seg.shape:
+        raise ValueError(f"valid_mask must have the shape of segment_ids {tuple(seg.shape)}, got {tuple(valid.shape)}")
+    if seg.dtype.is_floating_point or seg.dtype == torch.bool:
+        raise TypeError(f"segment_ids must be an integer tensor, got {seg.dtype}")
+    return seg.long(), valid.to(device=seg.device, dtype=torch.bool)
+
+
+def _rescale(kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """w = kept * L / L_kept per row (so sum w = L); a row with nothing kept gets zeros."""
+    n_valid = valid.sum(-1, keepdim=True).to(torch.float32)
+    n_kept = kept.sum(-1, keepdim=True).to(torch.float32)
+    scale = torch.where(n_kept > 0, n_valid / n_kept.clamp_min(1), torch.zeros_like(n_kept))
+    return kept.to(torch.float32) * scale
+
+
+def release_weights(segment_ids, valid_mask, release_segment) -> torch.Tensor:
+    """Per-token weights of DESIGN.md section 4: w_t = valid_t [g_t < r] L / L_kept.
+
+    Args:
+        segment_ids: (B, L) int segment id g_t of every token (ignored where not valid).
+        valid_mask: (B, L) bool valid_t.
+        release_segment: (B,) int r per rollout, in segment ids: segments ``< r`` are kept. A rollout that
+            was not accepted passes r >= its segment count and keeps w = valid.
+
+    Returns:
+        float32 (B, L) on ``segment_ids``' device; each row sums to its number of valid tokens (or 0 when
+        ``r`` keeps nothing).
+    """
+    seg, valid = _as_mask_tensors(segment_ids, valid_mask)
+    r = torch.as_tensor(np.asarray(release_segment) if not isinstance(release_segment, torch.Tensor) else release_segment)
+    if r.shape != (seg.shape[0],):
+        raise ValueError(f"release_segment must have shape (B,) = ({seg.shape[0]},), got {tuple(r.shape)}")
+    kept = valid & (seg < r.to(seg.device).long().unsqueeze(-1))
+    return _rescale(kept, valid)
+
+
+def control_weights(
+    kind: str,
+    segment_ids,
+    valid_mask,
+    *,
+    fraction: float = 0.5,
+    generator: np.random.Generator | int | None = None,
+) -> torch.Tensor:
+    """The controls of DESIGN.md section 4, each rescaled to keep the loss mass like the release rule.
+
+    Args:
+        kind: ``"full"`` (w = valid), ``"fixed_prefix"`` (keep the first ``ceil(fraction * L)`` valid tokens)
+            or ``"random"`` (cut at a uniformly random boundary between two of the row's segments; a row
+            with a single segment keeps everything).
+        segment_ids, valid_mask: (B, L) as in :func:`release_weights`.
+        fraction: kept fraction for ``fixed_prefix``, in (0, 1].
+        generator: numpy Generator or seed for ``random``.
+    """
+    if kind not in CONTROLS:
+        raise ValueError(f"kind must be one of {CONTROLS}, got {kind!r}")
+    seg, valid = _as_mask_tensors(segment_ids, valid_mask)
+    if kind == "full":
+        return valid.to(torch.float32)
+    if kind == "fixed_prefix":
+        if not isinstance(fraction, Real) or not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        n_valid = valid.sum(-1, keepdim=True)
+        n_keep = torch.ceil(n_valid.double() * float(fraction)).long().clamp(min=1)
+        kept = valid & (torch.cumsum(valid.long(), dim=-1) <= n_keep)
+        return _rescale(kept, valid)
+    rng = generator if isinstance(generator, np.random.Generator) else np.random.default_rng(generator)
+    seg_np, valid_np = seg.cpu().numpy(), valid.cpu().numpy()
+    r = np.empty(seg.shape[0], dtype=np.int64)
+    for b in range(seg.shape[0]):
+        present = np.unique(seg_np[b][valid_np[b]])
+        r[b] = present[rng.integers(1, len(present))] if len(present) >= 2 else np.iinfo(np.int64).max
+    return release_weights(seg, valid, r)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _normaliser(normalizer, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if normalizer is None:
+        return valid.sum().to(dtype).clamp_min(1)
+    n = torch.as_tensor(normalizer, dtype=dtype, device=valid.device)
+    if n.numel() != 1 or not bool(torch.isfinite(n)) or float(n) <= 0:
+        raise ValueError(f"normalizer must be a positive finite scalar or None, got {normalizer!r}")
+    return n.reshape(())
+
+
+def loss_metrics(stats: TokenStats, weights: torch.Tensor, per_token: torch.Tensor, loss: str) -> dict:
+    """Plain-float diagnostics every backend reports with the loss (DESIGN.md section 5)."""
+    valid = stats.valid
+    n_valid = int(valid.sum())
+    n_kept = int((valid & (weights > 0)).sum())
+    denom = max(n_valid, 1)
+    metrics = {
+        "adv_mean": float(stats.advantages.sum()) / denom,
+        "margin_mean": float(stats.margins.sum()) / denom,
+        "kept_fraction": n_kept / denom,
+        "num_valid": n_valid,
+        "num_kept": n_kept,
+    }
+    if loss == "reverse_kl" and stats.reverse_kl is not None:
+        metrics["reverse_kl_mean"] = float(stats.reverse_kl.sum()) / denom
+    return metrics
+
+
+def check_loss_options(loss: str, weights, old_logprobs, target_ids) -> None:
+    """Shared checks of ``opd_loss``'s options (every backend)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    check_per_token("weights", weights, target_ids)
+    check_per_token("old_logprobs", old_logprobs, target_ids)
+    if old_logprobs is not None and loss != "pg":
+        raise ValueError("old_logprobs is only used by loss='pg'")
+
+
+def opd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    loss: str = "pg",
+    old_logprobs: torch.Tensor | None = None,
+    normalizer=None,
+    k: int = 16,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+) -> OPDOutput:
+    """The OPD loss of DESIGN.md section 5 by plain autograd (the oracle for the kernels' backward).
+
+    ``pg``: l_t = -w_t sg(A_t) rho_t, rho_t = exp(s_t - sg(s_old_t)), A_t = u_t - s_old_t (s_old = sg(s)
+    when ``old_logprobs`` is None). ``reverse_kl``: l_t = w_t KL_t. loss = sum_t l_t / normaliser, the
+    normaliser being the number of valid tokens unless given. ``weights=None`` means the valid mask;
+    weights at invalid positions are ignored. Teacher logits get no gradient.
+    """
+    v = check_token_inputs(
+        student_logits, teacher_logits, target_ids,
+        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
+    )
+    check_loss_options(loss, weights, old_logprobs, target_ids)
+    valid = target_ids != ignore_index
+    zs, ls = _logprobs(student_logits, v, temperature)
+    with torch.no_grad():
+        zt, lt = _logprobs(teacher_logits.detach(), v, temperature)
+        stats = _stats(
+            zs.detach(), zt, ls.detach(), lt, target_ids, valid,
+            k=k, temperature=temperature, full_kl=(loss == "reverse_kl"), return_topk=False,
+        )
+    dtype = ls.dtype
+    zero = torch.zeros((), dtype=dtype, device=ls.device)
+    w = valid.to(dtype) if weights is None else torch.where(valid, weights.to(dtype), zero)
+    if loss == "pg":
+        tgt = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long().unsqueeze(-1)
+        s = ls.gather(-1, tgt).squeeze(-1)
+        s_old = s.detach() if old_logprobs is None else old_logprobs.to(dtype)
+        adv = torch.where(valid, stats.teacher_logprobs - s_old, zero)
+        stats.advantages = adv
+        rho = torch.exp(torch.where(valid, s - s_old, zero))
+        per_token = torch.where(valid, -w * adv * rho, zero)
+    else:
+        per_token = torch.where(valid, w * _reverse_kl(ls, lt), zero)
+    total = per_token.sum() / _normaliser(normalizer, valid, dtype)
+    metrics = loss_metrics(stats, w, per_token, loss)
+    metrics["loss"] = float(total.detach())
+    return OPDOutput(loss=total, per_token=per_token, stats=stats, metrics=metrics)

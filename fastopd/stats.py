@@ -1,0 +1,59 @@
+"""``fastopd.token_stats``: per-token statistics of DESIGN.md section 1, dispatched to a backend."""
+
+from __future__ import annotations
+
+import torch
+
+from fastopd import reference
+from fastopd._dispatch import resolve_backend
+from fastopd._validate import check_token_inputs
+from fastopd.types import TokenStats
+
+
+def token_stats(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    k: int = 16,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    full_kl: bool = False,
+    return_topk: bool = False,
+    backend: str = "auto",
+) -> TokenStats:
+    """Per-token OPD statistics straight from logits (DESIGN.md section 1).
+
+    Args:
+        student_logits, teacher_logits: (..., V) logits that predict ``target_ids`` (already shifted);
+            fp16, bf16, fp32 (fp64 on the reference backend). Leading dims need not be contiguous.
+        target_ids: (...) int sampled tokens y_t; ``ignore_index`` marks positions to skip.
+        k: number of student candidates C_t for the margin, 2 <= k <= V.
+        temperature: tau; log-probs are log softmax(z / tau) and the margin is divided by tau.
+        vocab_size: shared vocabulary size when the two widths differ (both are cut to it).
+        full_kl: also compute the exact full-vocabulary reverse KL_t.
+        return_topk: also return the (..., K) candidate ids, by decreasing student logit.
+        backend: ``"auto"`` (Triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
+
+    Returns:
+        :class:`fastopd.TokenStats` of float32 tensors shaped like ``target_ids`` (0 where ignored).
+
+    Example:
+        >>> st = fastopd.token_stats(student_logits, teacher_logits, completion_ids, k=16)
+        >>> st.advantages.shape == completion_ids.shape
+        True
+    """
+    check_token_inputs(
+        student_logits, teacher_logits, target_ids,
+        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
+    )
+    kwargs = dict(
+        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
+        full_kl=full_kl, return_topk=return_topk,
+    )
+    if resolve_backend(backend, student_logits.device) == "triton":
+        from fastopd.kernels import token_stats_triton
+
+        return token_stats_triton(student_logits, teacher_logits, target_ids, **kwargs)
+    return reference.token_stats(student_logits, teacher_logits, target_ids, **kwargs)

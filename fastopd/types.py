@@ -1,0 +1,88 @@
+"""Result containers shared by every backend (see DESIGN.md for the quantities they hold)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TokenStats:
+    """Per-token statistics of DESIGN.md section 1, each float32 of ``target_ids.shape``.
+
+    Positions with ``valid == False`` (``target_ids == ignore_index``) hold 0 in every field.
+
+    Attributes:
+        student_logprobs: s_t = log p_S(y_t).
+        teacher_logprobs: u_t = log p_T(y_t).
+        advantages: A_t = u_t - s_t, the reverse-KL advantage.
+        margins: m_t, the teacher's top-1 minus top-2 logit gap over the student's top-K candidates,
+            divided by the temperature.
+        valid: bool mask, ``target_ids != ignore_index``.
+        reverse_kl: KL_t = sum_v p_S(v) (log p_S(v) - log p_T(v)); only when ``full_kl=True``.
+        topk_ids: int64 (..., K) ids of the student's top-K candidates, ties to the lower index; only when
+            ``return_topk=True`` (rows of invalid positions are 0).
+    """
+
+    student_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    margins: torch.Tensor
+    valid: torch.Tensor
+    reverse_kl: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+
+
+@dataclass
+class ReleaseResult:
+    """Outcome of the profiled RSS-BIC scan (DESIGN.md section 3), one entry per rollout.
+
+    Attributes:
+        release_segment: int64; tau* when accepted, else n (the series length): segments ``< r`` are kept.
+        gain: float64; BIC0 - BIC1(tau*); -inf when there is no candidate split, NaN for a non-finite series.
+        accepted: bool; a candidate exists and ``gain > min_gain``.
+    """
+
+    release_segment: np.ndarray
+    gain: np.ndarray
+    accepted: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.release_segment)
+
+
+class SegmentMeans(NamedTuple):
+    """Ragged per-rollout series of segment means, ready for :func:`fastopd.bic_release`.
+
+    Attributes:
+        values: float64 1-D, the concatenated series x_j of every rollout (DESIGN.md section 2).
+        offsets: int64 of length B+1; rollout b's series is ``values[offsets[b]:offsets[b+1]]``.
+        segment_ids: int64 1-D aligned with ``values``: the segment id each entry is the mean of. Segments
+            with no valid token are left out of the series, so entry j need not be segment j; use this to
+            map a release index back to a segment id.
+    """
+
+    values: np.ndarray
+    offsets: np.ndarray
+    segment_ids: np.ndarray
+
+
+@dataclass
+class OPDOutput:
+    """What :func:`fastopd.opd_loss` returns.
+
+    Attributes:
+        loss: scalar, sum_t l_t / normaliser (DESIGN.md section 5); differentiable w.r.t. the student logits.
+        per_token: float32 l_t of ``target_ids.shape`` (0 at invalid positions), differentiable too.
+        stats: the :class:`TokenStats` the loss was computed from (detached).
+        metrics: plain-float diagnostics: ``adv_mean``, ``margin_mean``, ``kept_fraction``, ``num_valid``,
+            ``num_kept`` and, for ``loss="reverse_kl"``, ``reverse_kl_mean``.
+    """
+
+    loss: torch.Tensor
+    per_token: torch.Tensor
+    stats: TokenStats
+    metrics: dict[str, Any] = field(default_factory=dict)
