@@ -43,8 +43,13 @@ def bic_release(values, offsets, *, min_segments: int = 2, min_gain: float = 10.
     Raises:
         ValueError: offsets not non-decreasing or out of range, bad options.
     """
-    from fastopd import _C
-
+    try:
+        from fastopd import _C
+    except ImportError as e:  # a source checkout that was never built
+        raise ImportError(
+            "fastopd's C++ extension fastopd._C is not built: run `pip install -e .` in the repository "
+            "(fastopd.reference.bic_release is the pure-Python equivalent)"
+        ) from e
     check_scan_options(min_segments, min_gain)
     vals, offs = check_ragged(values, offsets)
     release, gain, accepted = _C.bic_scan(vals, offs, int(min_segments), float(min_gain), int(num_threads))
