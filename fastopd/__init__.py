@@ -3,7 +3,8 @@
 Public API (formulas in DESIGN.md / docs/formulas.md; the oracle of each is in :mod:`fastopd.reference`):
 
 - :func:`token_stats`        per-token log-probs, reverse-KL advantage, top-K teacher margin (section 1)
-- :func:`sentence_spans`, :func:`token_segments`   offline sentence segments per token (section 2)
+- :func:`sentence_spans`, :func:`token_segments`, :func:`batch_token_segments`   offline sentence
+  segments per token (section 2)
 - :func:`segment_means`      per-rollout segment means, ragged, ready for the scan (section 2)
 - :func:`bic_release`        profiled RSS-BIC release point, C++ (section 3)
 - :func:`release_weights`, :func:`control_weights`   per-token weights (section 4)
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # The segmentation module imports NLTK; load it on first use so `import fastopd` stays light.
-    if name in ("sentence_spans", "token_segments"):
+    if name in ("sentence_spans", "token_segments", "batch_token_segments"):
         from fastopd import segment
 
         return getattr(segment, name)
@@ -39,5 +40,5 @@ def __getattr__(name: str):
 __all__ = [
     "MODES", "OPDLoss", "OPDOutput", "ReleaseDecision", "ReleaseResult", "ReleaseRule", "SegmentMeans",
     "TokenStats", "bic_release", "control_weights", "opd_loss", "release_weights", "segment_means",
-    "sentence_spans", "token_segments", "token_stats",
+    "sentence_spans", "token_segments", "batch_token_segments", "token_stats",
 ]
