@@ -41,7 +41,8 @@ def bic_release(values, offsets, *, min_segments: int = 2, min_gain: float = 10.
         :class:`fastopd.ReleaseResult` (release_segment int64, gain float64, accepted bool).
 
     Raises:
-        ValueError: offsets not non-decreasing or out of range, bad options.
+        TypeError: values not a float array, offsets not an integer array.
+        ValueError: offsets not non-decreasing or out of range, bad shapes, bad options.
     """
     try:
         from fastopd import _C
