@@ -25,14 +25,24 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Return ``"triton"`` or ``"reference"`` for tensors on ``device``, or raise a clear ValueError."""
+# The kernels take fp16/bf16/fp32 logits and k <= 256; auto hands anything else to the reference.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_MAX_K = 256
+
+
+def resolve_backend(backend: str, device: torch.device, *, dtypes=(), k: int | None = None) -> str:
+    """Return ``"triton"`` or ``"reference"`` for tensors on ``device``, or raise a clear ValueError.
+
+    ``auto`` picks Triton for CUDA tensors whose ``dtypes`` the kernels take and ``k <= 256``, the
+    reference otherwise (fp64 logits, CPU tensors, no triton installed).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
+        kernel_ok = all(d in KERNEL_DTYPES for d in dtypes) and (k is None or k <= KERNEL_MAX_K)
+        return "triton" if device.type == "cuda" and kernel_ok and triton_available() else "reference"
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package (pip install triton); use backend='reference'")
     if device.type == "cuda":

@@ -29,6 +29,7 @@ def opd_loss(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     backend: str = "auto",
+    inplace_backward: bool = False,
 ) -> OPDOutput:
     """On-policy distillation loss from logits (DESIGN.md section 5).
 
@@ -44,6 +45,9 @@ def opd_loss(
             of valid tokens.
         k, temperature, ignore_index, vocab_size: as in :func:`fastopd.token_stats`.
         backend: ``"auto" | "triton" | "reference"``.
+        inplace_backward: Triton backend only (ignored by the reference): write dloss/dz_S into the
+            student-logits buffer instead of a new tensor, saving one N x V buffer. Legal only when nothing
+            else reads those logits after the loss (their values are overwritten by the backward).
 
     Returns:
         :class:`fastopd.OPDOutput` with the scalar ``loss``, the unreduced ``per_token`` loss, the ``stats``
@@ -61,10 +65,11 @@ def opd_loss(
         weights=weights, loss=loss, old_logprobs=old_logprobs, normalizer=normalizer,
         k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
     )
-    if resolve_backend(backend, student_logits.device) == "triton":
+    dtypes = (student_logits.dtype, teacher_logits.dtype)
+    if resolve_backend(backend, student_logits.device, dtypes=dtypes, k=k) == "triton":
         from fastopd.kernels import opd_loss_triton
 
-        return opd_loss_triton(student_logits, teacher_logits, target_ids, **kwargs)
+        return opd_loss_triton(student_logits, teacher_logits, target_ids, inplace_backward=inplace_backward, **kwargs)
     return reference.opd_loss(student_logits, teacher_logits, target_ids, **kwargs)
 
 
@@ -74,6 +79,7 @@ class OPDLoss(nn.Module):
     With a :class:`fastopd.ReleaseRule` as ``rule``, ``forward(..., segment_ids=...)`` first decides the
     per-token weights by the rule (or its control) and adds the rule's diagnostics (accept rate, mean
     gain, ...) to ``metrics``; ``out.release`` then holds the :class:`fastopd.ReleaseDecision`.
+    The other arguments are those of :func:`opd_loss` (``inplace_backward`` included).
 
     Example:
         >>> crit = fastopd.OPDLoss(rule=fastopd.ReleaseRule())
@@ -90,6 +96,7 @@ class OPDLoss(nn.Module):
         ignore_index: int = -100,
         vocab_size: int | None = None,
         backend: str = "auto",
+        inplace_backward: bool = False,
         rule=None,
     ) -> None:
         super().__init__()
@@ -101,6 +108,7 @@ class OPDLoss(nn.Module):
         self.ignore_index = ignore_index
         self.vocab_size = vocab_size
         self.backend = backend
+        self.inplace_backward = inplace_backward
         self.rule = rule
 
     def extra_repr(self) -> str:
@@ -136,7 +144,7 @@ class OPDLoss(nn.Module):
             student_logits, teacher_logits, target_ids,
             weights=weights, loss=self.loss, old_logprobs=old_logprobs, normalizer=normalizer,
             k=self.k, temperature=self.temperature, ignore_index=self.ignore_index,
-            vocab_size=self.vocab_size, backend=self.backend,
+            vocab_size=self.vocab_size, backend=self.backend, inplace_backward=self.inplace_backward,
         )
         if decision is not None:
             out.metrics.update(decision.metrics)

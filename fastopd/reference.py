@@ -432,11 +432,11 @@ def opd_loss(
         )
     dtype = ls.dtype
     zero = torch.zeros((), dtype=dtype, device=ls.device)
-    w = valid.to(dtype) if weights is None else torch.where(valid, weights.to(dtype), zero)
+    w = valid.to(dtype) if weights is None else torch.where(valid, weights.detach().to(dtype), zero)
     if loss == "pg":
         tgt = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long().unsqueeze(-1)
         s = ls.gather(-1, tgt).squeeze(-1)
-        s_old = s.detach() if old_logprobs is None else old_logprobs.to(dtype)
+        s_old = s.detach() if old_logprobs is None else old_logprobs.detach().to(dtype)
         adv = torch.where(valid, stats.teacher_logprobs - s_old, zero)
         stats.advantages = adv
         rho = torch.exp(torch.where(valid, s - s_old, zero))

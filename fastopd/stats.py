@@ -52,7 +52,8 @@ def token_stats(
         k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
         full_kl=full_kl, return_topk=return_topk,
     )
-    if resolve_backend(backend, student_logits.device) == "triton":
+    dtypes = (student_logits.dtype, teacher_logits.dtype)
+    if resolve_backend(backend, student_logits.device, dtypes=dtypes, k=k) == "triton":
         from fastopd.kernels import token_stats_triton
 
         return token_stats_triton(student_logits, teacher_logits, target_ids, **kwargs)

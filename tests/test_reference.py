@@ -328,3 +328,25 @@ def test_bad_options_raise_clear_errors():
         fastopd.ReleaseRule("suffix")
     with pytest.raises(ValueError, match="segment_ids="):
         fastopd.OPDLoss(rule=fastopd.ReleaseRule(k=2))(zs, zt, y)
+
+
+def test_weights_and_old_logprobs_get_no_gradient():
+    """sg(.) in DESIGN.md section 5: only the student logits are differentiated."""
+    zs, zt, y, w = _loss_inputs(9)
+    zs.requires_grad_(True)
+    w.requires_grad_(True)
+    old = torch.full(y.shape, -2.0, dtype=torch.float64, requires_grad=True)
+    R.opd_loss(zs, zt, y, weights=w, old_logprobs=old, k=3).loss.backward()
+    assert w.grad is None and old.grad is None and zs.grad is not None
+
+
+def test_auto_backend_choice():
+    from fastopd._dispatch import resolve_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("auto", cpu, dtypes=(torch.bfloat16,)) == "reference"
+    assert resolve_backend("auto", cuda, dtypes=(torch.bfloat16, torch.float32), k=16) == "triton"
+    # the kernels take fp16/bf16/fp32 and k <= 256: auto hands anything else to the reference
+    assert resolve_backend("auto", cuda, dtypes=(torch.float64, torch.float32)) == "reference"
+    assert resolve_backend("auto", cuda, dtypes=(torch.bfloat16,), k=512) == "reference"
+    assert resolve_backend("reference", cuda) == "reference"

@@ -1,0 +1,170 @@
+"""Shared pieces of the Triton kernels: packed top-K keys, row addressing, launch checks.
+
+Top-K keys (DESIGN.md section 1, "ties go to the lower vocabulary index"): a logit z at column i becomes the
+int64 ``ord(z) << 32 | (2**31 - 1 - i)``, where ``ord`` maps the fp32 bits to an int32 whose signed order is
+the float order (``-0.0`` is first made ``+0.0`` so that it ties with ``+0.0`` as in PyTorch). A larger key is
+a larger logit, and among equal logits the lower index, so ``tl.topk`` on keys is the reference's top-K with
+its tie rule, and the index comes back out of the low 31 bits. Masked (out-of-vocabulary) slots get
+``SENTINEL = -2**63``, below every real key (``-inf`` logits included).
+
+Rows: the kernels address row r of a (..., W) tensor at ``base + r * row_stride`` or, when the leading dims
+cannot be merged into one stride (e.g. a transposed (L, B, V) view), at ``base + row_offsets[r]`` with an
+int64 offset table of N entries. Either way the offsets are int64: N * V exceeds 2**31 at real sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+SENTINEL = tl.constexpr(-(2**63))
+# Largest power-of-two K the streaming top-K supports (the chunk must hold >= K groups of GROUP columns).
+MAX_K_PAD = 256
+
+
+@triton.jit
+def order_bits(x):
+    """int32 with the same signed order as the fp32 ``x`` (-0.0 counted as +0.0)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def pack_key(x, idx):
+    """int64 top-K key of logit ``x`` (fp32) at column ``idx``: larger value first, then lower index."""
+    return (order_bits(x).to(tl.int64) << 32) | (2147483647 - idx).to(tl.int64)
+
+
+@triton.jit
+def key_index(key):
+    """Column index stored in a key made by :func:`pack_key`."""
+    return (2147483647 - (key & 0x7FFFFFFF)).to(tl.int32)
+
+
+@triton.jit
+def topk_keys(keys, K_PAD: tl.constexpr, BITONIC: tl.constexpr):
+    """The K_PAD largest int64 keys of a 1-D block, in decreasing order.
+
+    ``BITONIC=True`` (the GPU path) is ``tl.topk``. ``BITONIC=False`` is the interpreter's path: every key's
+    rank is the number of larger keys (keys are unique apart from SENTINEL), and output slot r takes the key
+    of rank r. It is O(n^2) work but two reductions, where the bitonic network costs thousands of
+    Python-level ops per call in the interpreter; it must not be used on a GPU.
+    """
+    if BITONIC:
+        out = tl.topk(keys, K_PAD)
+    else:
+        rank = tl.sum((keys[None, :] > keys[:, None]).to(tl.int32), axis=1)
+        slot = tl.arange(0, K_PAD)[:, None]
+        out = tl.max(tl.where(rank[None, :] == slot, keys[None, :], SENTINEL), axis=1)
+    return out
+
+
+@triton.jit
+def row_base(row, stride, offs_ptr, USE_OFFS: tl.constexpr):
+    """int64 element offset of row ``row``: ``row * stride`` (USE_OFFS = 0) or ``offs_ptr[row]`` (1; 2 when
+    every offset is a multiple of 16 elements, which lets the compiler vectorise the row loads)."""
+    if USE_OFFS == 2:
+        base = tl.multiple_of(tl.load(offs_ptr + row), 16)
+    elif USE_OFFS == 1:
+        base = tl.load(offs_ptr + row)
+    else:
+        base = row.to(tl.int64) * stride
+    return base
+
+
+def check_triton() -> None:
+    """Raise a clear error when the installed Triton lacks what the kernels need (tl.topk, Triton >= 3.4)."""
+    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+    if not hasattr(tl, "topk") or not hasattr(tl, "join") or version < (3, 4):
+        raise RuntimeError(
+            f"fastopd's Triton kernels need Triton >= 3.4 (tl.topk on int64 keys); found triton "
+            f"{triton.__version__}. Upgrade triton or use backend='reference'."
+        )
+
+
+def is_interpreted(kernel) -> bool:
+    """True when ``kernel`` was decorated under TRITON_INTERPRET=1 (it then runs on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+def use_bitonic(kernel, topk_impl: str) -> bool:
+    """Pick the top-K implementation: ``"auto"`` = tl.topk when compiled, selection in the interpreter."""
+    if topk_impl not in ("auto", "bitonic", "select"):
+        raise ValueError(f"topk_impl must be 'auto', 'bitonic' or 'select', got {topk_impl!r}")
+    if topk_impl == "auto":
+        return not is_interpreted(kernel)
+    return topk_impl == "bitonic"
+
+
+def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
+    """The kernels read fp16/bf16/fp32 logits (fp32 arithmetic); fp64 goes to the reference."""
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(
+            f"{name} must be float16, bfloat16 or float32 for the Triton backend, got {t.dtype}; "
+            "use backend='reference' for float64 (the fp64 ground truth)"
+        )
+
+
+class Rows:
+    """How a kernel addresses the rows of a (..., W) tensor: data tensor + row stride or an offset table.
+
+    Attributes:
+        data: the tensor whose pointer the kernel receives (the caller's own storage: no copy is made unless
+            the last dim is not contiguous, in which case ``data`` is a contiguous copy).
+        stride: element stride between consecutive rows when ``offsets`` is None.
+        offsets: int64 (N,) element offset of every row, for leading dims that do not merge into one stride.
+        copied: True when ``data`` is a copy (last-dim stride != 1).
+    """
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.copied = False
+        if x.dim() >= 1 and x.shape[-1] > 1 and x.stride(-1) != 1:
+            # The kernels load runs of contiguous columns; a strided last dim is copied once (documented).
+            x = x.contiguous()
+            self.copied = True
+        self.data = x
+        self.width = x.shape[-1]
+        self.offsets = None
+        lead = x.shape[:-1]
+        self.n = math.prod(lead)
+        try:
+            flat = x.view(self.n, self.width)
+            self.stride = flat.stride(0) if self.n > 1 else self.width
+        except RuntimeError:
+            self.stride = 0
+            offs = torch.zeros(lead, dtype=torch.int64, device=x.device)
+            for d, (size, st) in enumerate(zip(lead, x.stride()[:-1])):
+                shape = [1] * len(lead)
+                shape[d] = size
+                offs = offs + torch.arange(size, device=x.device, dtype=torch.int64).view(shape) * st
+            self.offsets = offs.reshape(-1).contiguous()
+
+    @classmethod
+    def from_parts(cls, data: torch.Tensor, stride: int, offsets: torch.Tensor | None) -> "Rows":
+        """Rebuild a Rows from what was saved for backward (no new view or offset table is made)."""
+        rows = cls.__new__(cls)
+        rows.copied = False
+        rows.data, rows.width, rows.stride, rows.offsets = data, data.shape[-1], stride, offsets
+        rows.n = math.prod(data.shape[:-1])
+        return rows
+
+    @property
+    def use_offsets(self) -> int:
+        """The kernels' USE_OFFS constexpr: 0 = row stride, 1 = offset table, 2 = table of 16-aligned offsets."""
+        if self.offsets is None:
+            return 0
+        return 2 if all(st % 16 == 0 for st in self.data.stride()[:-1]) else 1
+
+    def offsets_arg(self) -> torch.Tensor:
+        """Tensor for the kernel's ``offs_ptr`` (a dummy when rows use a stride)."""
+        return self.offsets if self.offsets is not None else self.data
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()

@@ -1,0 +1,396 @@
+"""Fused token-statistics kernel (DESIGN.md section 1) and per-segment margin sums (section 2).
+
+One program per row streams the student row and the teacher row *together*, once each, in chunks of
+``BLOCK_V = BLOCK_G * GROUP`` columns loaded as a (BLOCK_G, GROUP) tile of each. Per chunk, in fp32:
+
+- online log-sum-exp of z_S / tau and z_T / tau. The running maxima M are kept in raw logit units (exact)
+  and the exponentials are ``exp2((z - M) * log2(e) / tau)``, so log p(y) = (z_y - M) / tau - log(sum) keeps
+  full precision even for logits of magnitude 1e4 (a base-2 running max would cost ~1e-3 there);
+- streaming top-K of the student logits, ties to the lower index, on packed int64 keys (``_helpers``). The
+  loop keeps the top-K *groups* of GROUP consecutive columns, keyed by (group max, lower group index): the
+  row's top-K elements all lie in those K groups (any element outside them is beaten by the K group maxima,
+  by value or, on equal values, by index, because groups are contiguous index ranges). Per chunk that is one
+  ``tl.topk`` over BLOCK_G group keys and one over 2K keys, and it is skipped outright when the chunk max
+  does not beat the running K-th group max (equal values lose: their indices are higher). After the loop
+  the K candidate groups (K * GROUP columns, 2 KB for K = 16 in bf16) are read again and one ``tl.topk``
+  picks the K elements. Then the teacher is gathered at those K ids (a1, a2 and m_t = (a1 - a2) / tau, or
+  0 when a1 == a2, exactly as the reference) and both models at the sampled token;
+- optionally the exact reverse KL, online with both rescalings: with x = (z - M) * log2(e) / tau relative to
+  the *current* maxima and e = 2^x_S, the kernel keeps acc = sum_v e_v (x_S(v) - x_T(v)); when the maxima
+  move (shift = dx_S - dx_T) it becomes alpha_S * (acc - shift * sum_S). At the end
+  KL = ln2 * acc / sum_S - log sum_S + log sum_T (= E_pS[z_S / tau - z_T / tau] - lse_S + lse_T with every
+  magnitude centred on the maxima, so no cancellation of large lse values). Terms with p_S(v) = 0
+  contribute 0 as in the reference; a finite p_S(v) against z_T(v) = -inf gives +inf.
+
+Rows whose target is ``ignore_index`` write zeros and exit before reading any logits. Besides the TokenStats
+fields the kernel writes M_S, log sum_S, M_T, log sum_T per row (O(N)): the loss backward needs them.
+
+GPU notes (H100, bf16, V = 151936; checked by compiling for sm_90 with ``fastopd.kernels._aot``, no GPU was
+available to time it): BLOCK_V = 4096, GROUP = 64, num_warps = 4 -> 160 registers (126 without the KL), no
+spills, 3 CTAs per SM. Every element of both rows is read exactly once (2 * N * V * itemsize bytes: the
+bandwidth bound); extra traffic is K * GROUP columns and K + 2 scalars per row; temporaries are O(N).
+Static SASS count per 4096-column chunk and CTA: ~3.2k warp-instructions (~2.5k without the KL), plus
+~2.8k when the top-K branch fires (every chunk that holds one of the running top-K groups: for random
+logits ~16 + 16 ln(chunks / 16) of the 37 chunks). The issue budget at the H100's 3.35 TB/s is ~4.5k per
+chunk per SM, so the loop is near the roofline without the branch and ~1.2-1.6x over it with it: expect
+~60-85 % of the memory roofline, to be confirmed by benchmarks/gpu_check.sh. With 8 warps the same chunk
+costs more instructions (cross-warp reductions and the sort's layout conversions scale with the warps).
+Rows whose start is not 16-element aligned (a row stride such as V = 50257) lose load vectorisation
+(230 registers); the caller can pad the vocabulary to a multiple of 16 to avoid it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastopd.kernels._helpers import (
+    MAX_K_PAD,
+    SENTINEL,
+    Rows,
+    check_kernel_dtype,
+    check_triton,
+    key_index,
+    next_pow2,
+    order_bits,
+    pack_key,
+    row_base,
+    topk_keys,
+    use_bitonic,
+)
+from fastopd.types import TokenStats
+
+LOG2E = 1.4426950408889634
+
+# Rows of the (NUM_OUT, N) fp32 output buffer.
+OUT_S, OUT_U, OUT_ADV, OUT_MARGIN, OUT_KL, OUT_MAX_S, OUT_LOGSUM_S, OUT_MAX_T, OUT_LOGSUM_T = range(9)
+NUM_OUT = 9
+
+
+@triton.jit
+def _stats_chunk(
+    zs_row, zt_row, start, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
+    MASKED: tl.constexpr, FULL_KL: tl.constexpr, K_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, BITONIC: tl.constexpr,
+):
+    """One chunk of the streaming pass: update (M_S, sum_S, M_T, sum_T, acc, running top-K groups)."""
+    cols = start + tile
+    if MASKED:
+        inside = cols < V
+        zs = tl.load(zs_row + cols, mask=inside, other=-float("inf")).to(tl.float32)
+        zt = tl.load(zt_row + cols, mask=inside, other=-float("inf")).to(tl.float32)
+    else:
+        zs = tl.load(zs_row + cols).to(tl.float32)
+        zt = tl.load(zt_row + cols).to(tl.float32)
+
+    # --- running top-K groups of the student ---
+    gmax = tl.max(zs, axis=1)
+    cmax_s = tl.max(gmax, axis=0)
+    # A chunk can only enter the running set if its max beats the K-th group max (equal values lose: their
+    # indices are higher).
+    if order_bits(cmax_s).to(tl.int64) > (tl.min(run, axis=0) >> 32):
+        gkey = pack_key(gmax, start // GROUP_SIZE + tl.arange(0, BLOCK_G))
+        ctop = topk_keys(gkey, K_PAD, BITONIC)
+        run = topk_keys(tl.reshape(tl.join(run, ctop), [2 * K_PAD]), K_PAD, BITONIC)
+
+    # --- online log-sum-exp of both models (maxima in logit units, exp2 with log2(e)/tau) ---
+    new_m_s = tl.maximum(m_s, cmax_s)
+    new_m_t = tl.maximum(m_t, tl.max(zt))
+    safe_old_s = tl.where(m_s == -float("inf"), 0.0, m_s)
+    safe_old_t = tl.where(m_t == -float("inf"), 0.0, m_t)
+    safe_s = tl.where(new_m_s == -float("inf"), 0.0, new_m_s)
+    safe_t = tl.where(new_m_t == -float("inf"), 0.0, new_m_t)
+    alpha_s = tl.exp2((m_s - safe_s) * scale2)
+    alpha_t = tl.exp2((m_t - safe_t) * scale2)
+    xs = (zs - safe_s) * scale2
+    xt = (zt - safe_t) * scale2
+    es = tl.exp2(xs)
+    et = tl.exp2(xt)
+    if FULL_KL:
+        # acc in log2 units: sum_v e_v (xs_v - xt_v), rescaled when either maximum moves.
+        terms = tl.where(es > 0.0, es * (xs - xt), 0.0)
+        shift = (safe_s - safe_old_s) * scale2 - (safe_t - safe_old_t) * scale2
+        acc = alpha_s * (acc - tl.where(sum_s > 0.0, shift * sum_s, 0.0)) + tl.sum(terms)
+    sum_s = sum_s * alpha_s + tl.sum(es)
+    sum_t = sum_t * alpha_t + tl.sum(et)
+    return new_m_s, sum_s, new_m_t, sum_t, acc, run
+
+
+@triton.jit(do_not_specialize=["N", "k", "ignore_index"])
+def _token_stats_kernel(
+    zs_ptr, zt_ptr, tgt_ptr, out_ptr, ids_ptr,
+    s_stride, t_stride, s_offs_ptr, t_offs_ptr,
+    N, V, k, ignore_index, tau, inv_tau, scale2,
+    S_OFFS: tl.constexpr, T_OFFS: tl.constexpr,
+    FULL_KL: tl.constexpr, RETURN_TOPK: tl.constexpr,
+    K_PAD: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_SIZE: tl.constexpr, BITONIC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(tgt_ptr + row).to(tl.int64)
+    j = tl.arange(0, K_PAD)
+    if y == ignore_index:
+        for o in tl.static_range(9):
+            tl.store(out_ptr + o * N + row, 0.0)
+        if RETURN_TOPK:
+            tl.store(ids_ptr + row * k + j, tl.zeros([K_PAD], tl.int64), mask=j < k)
+        return
+
+    zs_row = zs_ptr + row_base(row, s_stride, s_offs_ptr, S_OFFS)
+    zt_row = zt_ptr + row_base(row, t_stride, t_offs_ptr, T_OFFS)
+    BLOCK: tl.constexpr = BLOCK_G * GROUP_SIZE
+    tile = tl.arange(0, BLOCK_G)[:, None] * GROUP_SIZE + tl.arange(0, GROUP_SIZE)[None, :]
+    lane = tl.arange(0, GROUP_SIZE)[None, :]
+
+    m_s = -float("inf")
+    sum_s = 0.0
+    m_t = -float("inf")
+    sum_t = 0.0
+    acc = 0.0
+    # Running top-K of *groups* (key = group max, lower group index first): the row's top-K elements lie in
+    # them, so elements are resolved once, after the loop.
+    run = tl.full([K_PAD], SENTINEL, tl.int64)
+    # Full chunks without a mask (so that the loads vectorise whatever V is), then one masked tail chunk.
+    v_full = (V // BLOCK) * BLOCK
+    for start in range(0, v_full, BLOCK):
+        m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
+            zs_row, zt_row, start, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
+            False, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
+        )
+    if v_full < V:
+        m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
+            zs_row, zt_row, v_full, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
+            True, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
+        )
+
+    # --- the row's top-K elements, from the K candidate groups (one re-read of K * GROUP columns) ---
+    real = (run != SENTINEL)[:, None]
+    ecols = tl.where(real, key_index(run)[:, None], 0) * GROUP_SIZE + lane
+    emask = real & (ecols < V)
+    ez = tl.load(zs_row + ecols, mask=emask, other=-float("inf")).to(tl.float32)
+    ekey = tl.where(emask, pack_key(ez, ecols), SENTINEL)
+    top = topk_keys(tl.reshape(ekey, [K_PAD * GROUP_SIZE]), K_PAD, BITONIC)
+
+    log_s = tl.log(sum_s)
+    log_t = tl.log(sum_t)
+    zy_s = tl.load(zs_row + y).to(tl.float32)
+    zy_t = tl.load(zt_row + y).to(tl.float32)
+    s = (zy_s - m_s) * inv_tau - log_s
+    u = (zy_t - m_t) * inv_tau - log_t
+
+    # --- teacher margin over the student's top-k candidates ---
+    ids = key_index(top)
+    cand = j < k
+    tz = tl.load(zt_row + ids, mask=cand, other=-float("inf")).to(tl.float32)
+    a1 = tl.max(tz, axis=0)
+    i1 = tl.argmax(tz, axis=0)
+    a2 = tl.max(tl.where(j == i1, -float("inf"), tz), axis=0)
+    margin = tl.where(a1 == a2, 0.0, (a1 - a2) / tau)
+
+    kl = 0.0
+    if FULL_KL:
+        kl = acc / sum_s * 0.6931471805599453 - log_s + log_t
+
+    tl.store(out_ptr + 0 * N + row, s)
+    tl.store(out_ptr + 1 * N + row, u)
+    tl.store(out_ptr + 2 * N + row, u - s)
+    tl.store(out_ptr + 3 * N + row, margin)
+    tl.store(out_ptr + 4 * N + row, kl)
+    tl.store(out_ptr + 5 * N + row, m_s)
+    tl.store(out_ptr + 6 * N + row, log_s)
+    tl.store(out_ptr + 7 * N + row, m_t)
+    tl.store(out_ptr + 8 * N + row, log_t)
+    if RETURN_TOPK:
+        tl.store(ids_ptr + row * k + j, ids.to(tl.int64), mask=cand)
+
+
+def stats_launch_config(v: int, k: int, block_v: int | None = None, group: int | None = None,
+                        bitonic: bool = True) -> dict:
+    """Constexprs and num_warps of the stats kernel.
+
+    K_PAD = next power of two >= k. GROUP (columns per top-K group) = 64 for K_PAD <= 64 on the GPU path
+    (the per-chunk ``tl.topk`` then sorts only BLOCK_V / 64 group keys), 16 under the interpreter (its
+    O(n^2) selection runs over K_PAD * GROUP keys). BLOCK_V = 4096 by default, at least K_PAD * GROUP (a
+    chunk must hold K_PAD groups), at most the next power of two >= V.
+    """
+    k_pad = max(2, next_pow2(k))
+    if k_pad > MAX_K_PAD:
+        raise ValueError(f"k must be <= {MAX_K_PAD} on the Triton backend, got k={k}; use backend='reference'")
+    if group is None:
+        group = max(16, min(64, 4096 // k_pad)) if bitonic else 16
+    if group < 1 or group & (group - 1):
+        raise ValueError(f"group must be a power of two, got {group}")
+    target = 4096 if block_v is None else int(block_v)
+    block = max(min(next_pow2(max(v, 1)), next_pow2(target)), k_pad * group)
+    num_warps = 4 if block >= 2048 else 2
+    return dict(K_PAD=k_pad, BLOCK_G=block // group, GROUP_SIZE=group, BITONIC=bool(bitonic), num_warps=num_warps)
+
+
+def launch_token_stats(
+    student: Rows,
+    teacher: Rows,
+    target_ids: torch.Tensor,
+    *,
+    v: int,
+    k: int,
+    temperature: float,
+    ignore_index: int,
+    full_kl: bool,
+    return_topk: bool,
+    block_v: int | None = None,
+    group: int | None = None,
+    topk_impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the stats kernel on already validated rows; returns the (NUM_OUT, N) fp32 buffer and the ids."""
+    check_triton()
+    n = student.n
+    device = student.data.device
+    out = torch.empty((NUM_OUT, n), dtype=torch.float32, device=device)
+    ids = torch.empty((n, k), dtype=torch.int64, device=device) if return_topk else None
+    if n == 0:
+        return out, ids
+    tgt = target_ids.reshape(-1)
+    cfg = stats_launch_config(v, k, block_v, group, use_bitonic(_token_stats_kernel, topk_impl))
+    tau = float(temperature)
+    _token_stats_kernel[(n,)](
+        student.data, teacher.data, tgt, out, ids if ids is not None else out,
+        student.stride, teacher.stride, student.offsets_arg(), teacher.offsets_arg(),
+        n, v, k, ignore_index, tau, 1.0 / tau, LOG2E / tau,
+        S_OFFS=student.use_offsets, T_OFFS=teacher.use_offsets,
+        FULL_KL=bool(full_kl), RETURN_TOPK=bool(return_topk), **cfg,
+    )
+    return out, ids
+
+
+def token_stats_triton(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    k: int = 16,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    full_kl: bool = False,
+    return_topk: bool = False,
+    block_v: int | None = None,
+    group: int | None = None,
+    topk_impl: str = "auto",
+) -> TokenStats:
+    """Per-token statistics of DESIGN.md section 1 by one fused streaming pass per row (no N x V temporary).
+
+    Same arguments and result as :func:`fastopd.reference.token_stats` (s_t, u_t, A_t = u_t - s_t, the margin
+    m_t = (z_T[a1] - z_T[a2]) / tau over the student's top-k candidates with ties to the lower index, and
+    optionally the exact reverse KL_t and the candidate ids), as float32 tensors shaped like ``target_ids``,
+    0 where ``target_ids == ignore_index``.
+
+    Inputs: fp16/bf16/fp32 logits of shape (..., W); leading dims may be any strided view (no copy); the last
+    dim must have stride 1 or is copied once. With ``vocab_size`` only the first V columns are read and the
+    two widths may differ. Tuning knobs (keep the defaults): ``block_v`` the chunk width (rounded to a power
+    of two, default 4096), ``group`` the columns per top-K group (see :func:`stats_launch_config`),
+    ``topk_impl`` ``"auto"`` (``tl.topk`` when compiled, a rank-based selection under the interpreter),
+    ``"bitonic"`` or ``"select"``.
+    """
+    from fastopd._validate import check_token_inputs
+
+    v = check_token_inputs(
+        student_logits, teacher_logits, target_ids,
+        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
+    )
+    check_kernel_dtype("student_logits", student_logits)
+    check_kernel_dtype("teacher_logits", teacher_logits)
+    with torch.no_grad():
+        student, teacher = Rows(student_logits.detach()), Rows(teacher_logits.detach())
+        out, ids = launch_token_stats(
+            student, teacher, target_ids, v=v, k=k, temperature=temperature, ignore_index=ignore_index,
+            full_kl=full_kl, return_topk=return_topk, block_v=block_v, group=group,
+            topk_impl=topk_impl,
+        )
+    shape = target_ids.shape
+    stats = TokenStats(
+        student_logprobs=out[OUT_S].view(shape),
+        teacher_logprobs=out[OUT_U].view(shape),
+        advantages=out[OUT_ADV].view(shape),
+        margins=out[OUT_MARGIN].view(shape),
+        valid=target_ids != ignore_index,
+    )
+    if full_kl:
+        stats.reverse_kl = out[OUT_KL].view(shape)
+    if return_topk:
+        stats.topk_ids = ids.view(*shape, k)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-(rollout, segment) sums and counts of a per-token value (the numerators of DESIGN.md section 2's x_j)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _segment_sums_kernel(val_ptr, seg_ptr, ok_ptr, sums_ptr, counts_ptr, n_tokens, L, S, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n_tokens
+    val = tl.load(val_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    seg = tl.load(seg_ptr + offs, mask=inside, other=-1).to(tl.int64)
+    ok = tl.load(ok_ptr + offs, mask=inside, other=0) != 0
+    keep = inside & ok & (seg >= 0) & (seg < S)
+    dst = (offs // L) * S + seg
+    tl.atomic_add(sums_ptr + dst, val, mask=keep)
+    tl.atomic_add(counts_ptr + dst, tl.full([BLOCK], 1, tl.int32), mask=keep)
+
+
+def segment_sums_triton(
+    values: torch.Tensor,
+    segment_ids: torch.Tensor,
+    valid: torch.Tensor,
+    num_segments: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(rollout, segment) sums and counts of ``values`` over valid tokens, by atomics (DESIGN.md section 2).
+
+    x_j = sums[b, j] / counts[b, j] is the segment mean of :func:`fastopd.reference.segment_means` (which drops
+    the segments with counts 0). Float atomics make the sums' last bits depend on the scheduling order.
+
+    Args:
+        values: (B, L) per-token values (e.g. ``TokenStats.margins``), any float dtype.
+        segment_ids: (B, L) integer segment ids; negative ids (padding) are skipped.
+        valid: (B, L) bool; only valid tokens are counted.
+        num_segments: S, the width of the result; default ``max(segment_ids[valid]) + 1``. A valid id >= S
+            is an error.
+
+    Returns:
+        ``(sums, counts)``: float32 (B, S) and int32 (B, S).
+    """
+    check_triton()
+    for name, t in (("values", values), ("segment_ids", segment_ids), ("valid", valid)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a (B, L) torch.Tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    if segment_ids.shape != values.shape or valid.shape != values.shape:
+        raise ValueError(
+            f"values, segment_ids and valid must share one (B, L) shape, got {tuple(values.shape)}, "
+            f"{tuple(segment_ids.shape)}, {tuple(valid.shape)}"
+        )
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
+        raise TypeError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
+    b, length = values.shape
+    ok = valid.to(device=values.device, dtype=torch.bool) & (segment_ids >= 0)
+    seg_max = int(segment_ids[ok].max()) if bool(ok.any()) else -1
+    if num_segments is None:
+        num_segments = max(seg_max + 1, 1)
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
+        raise ValueError(f"num_segments must be a positive int or None, got {num_segments!r}")
+    if seg_max >= num_segments:
+        raise ValueError(f"segment_ids has a valid id {seg_max} >= num_segments={num_segments}")
+    sums = torch.zeros((b, num_segments), dtype=torch.float32, device=values.device)
+    counts = torch.zeros((b, num_segments), dtype=torch.int32, device=values.device)
+    n = b * length
+    if n == 0:
+        return sums, counts
+    block = 1024
+    _segment_sums_kernel[(triton.cdiv(n, block),)](
+        values.contiguous(), segment_ids.contiguous(), ok.to(torch.int8).contiguous(), sums, counts,
+        n, length, num_segments, BLOCK=block,
+    )
+    return sums, counts
+
+
+__all__ = ["token_stats_triton", "segment_sums_triton", "launch_token_stats", "stats_launch_config"]
