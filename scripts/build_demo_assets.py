@@ -1,0 +1,433 @@
+#!/usr/bin/env python
+"""Rebuild the embedded CPU demo assets of fastopd from scratch: tokenizer, teacher, student.
+
+    python scripts/build_demo_assets.py            # writes fastopd/assets/demo/{tokenizer,teacher,student,README.md}
+
+Everything is deterministic given the seeds below and runs on CPU (1 torch thread by default) in under 25 minutes:
+
+1. a byte-level BPE tokenizer (``tokenizers``) trained on task text, saved as a
+   ``PreTrainedTokenizerFast`` with ``<|endoftext|>`` (EOS) and ``<|pad|>`` (PAD);
+2. a tiny Qwen3 teacher trained by SFT (loss on the solution tokens + EOS only) to high greedy accuracy;
+3. a smaller Qwen3 student trained by the same SFT for far fewer steps; of its checkpoints the one whose
+   validation accuracy is nearest ``--student-target`` is kept, so it writes well-formed multi-sentence
+   solutions but gets few answers right;
+4. both models saved with ``save_pretrained(safe_serialization=True)`` with weights in bf16 (a few MB) and
+   ``config.dtype = "float32"``, so that a plain ``AutoModelForCausalLM.from_pretrained(path)`` gives an
+   fp32 CPU model; the script re-loads them that way and re-measures accuracy on 200 held-out problems.
+
+The task is :mod:`fastopd.train.task` and the grader :func:`fastopd.train.verify.boxed_match`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Sequence
+
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fastopd.train.task import (  # noqa: E402
+    EVAL_SEED, TRAIN_SEED, MAX_ADD, MAX_MUL, MAX_START, MAX_VALUE,
+    format_prompt, make_problems, solution_completion, write_jsonl,
+)
+from fastopd.train.verify import boxed_match  # noqa: E402
+
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+VAL_SEED = 777  # validation problems (split "eval", disjoint from the final 200 by construction below)
+
+TEACHER_CFG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=32)
+STUDENT_CFG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16)
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+def train_tokenizer(vocab_size: int, seed: int):
+    """Byte-level BPE on task text, wrapped as a transformers fast tokenizer with EOS/PAD."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    problems = make_problems(20000, seed, split="train", unique=False)
+    texts = [format_prompt(p["prompt"]) + solution_completion(p) for p in problems]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
+                                 model_max_length=256, clean_up_tokenization_spaces=False)
+    # every value the task can produce must be one token in both contexts (" 42" and "{42}")
+    split = [n for n in range(MAX_VALUE + 1)
+             if len(hf(f" {n}")["input_ids"]) != 1 or len(hf(f"{{{n}")["input_ids"]) != 2]
+    if split:
+        print(f"WARNING: numbers split into several tokens: {split}", flush=True)
+    return hf
+
+
+# ----------------------------------------------------------------------------------------- data
+def encode_sft(tok, problems: Sequence[Dict[str, str]]):
+    """(input_ids, labels) per problem: labels are -100 on the prompt, the solution tokens + EOS after it."""
+    prompts = tok([format_prompt(p["prompt"]) for p in problems])["input_ids"]
+    sols = tok([solution_completion(p) for p in problems])["input_ids"]
+    out = []
+    for p, s in zip(prompts, sols):
+        s = s + [tok.eos_token_id]
+        out.append((p + s, [-100] * len(p) + s))
+    return out
+
+
+def collate(rows, pad_id: int):
+    """Right-pad a list of (ids, labels) into input_ids / attention_mask / labels tensors."""
+    n = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    lab = torch.full((len(rows), n), -100, dtype=torch.long)
+    att = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, :len(x)] = torch.tensor(x)
+        lab[i, :len(y)] = torch.tensor(y)
+        att[i, :len(x)] = 1
+    return ids, att, lab
+
+
+# ----------------------------------------------------------------------------------------- models
+def make_model(cfg: Dict, tok, seed: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         rope_theta=10000.0, rms_norm_eps=1e-6, attention_dropout=0.0, use_cache=True, **cfg)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = None
+    model.generation_config.do_sample = False
+    return model
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied embeddings are counted once
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tok, problems, batch_size: int = 100, max_new_tokens: int = 64,
+                    return_completions: bool = False):
+    """Fraction of problems whose greedy completion passes boxed_match (left-padded batched generate)."""
+    model.eval()
+    tok.padding_side = "left"
+    correct, comps = 0, []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        enc = tok([format_prompt(p["prompt"]) for p in chunk], return_tensors="pt", padding=True)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for p, t in zip(chunk, texts):
+            correct += boxed_match(t, p["answer"])
+        comps.extend(texts)
+    tok.padding_side = "right"
+    model.train()
+    acc = correct / max(1, len(problems))
+    return (acc, comps) if return_completions else acc
+
+
+def sft(model, tok, *, steps: int, batch_size: int, lr: float, seed: int, desc: str,
+        eval_every: int = 0, val_problems=None, warmup: int = 50, min_lr_frac: float = 0.1,
+        stop_at: float = 2.0):
+    """SFT with AdamW + linear warmup + cosine decay; loss on solution tokens only.
+
+    Every ``eval_every`` steps (and at the end) greedy accuracy on ``val_problems`` is measured and the
+    weights are snapshotted; returns the list of (step, val_acc, state_dict). Training stops early once
+    the validation accuracy reaches ``stop_at``.
+    """
+    problems = make_problems(steps * batch_size, seed, split="train", unique=False)
+    rows = encode_sft(tok, problems)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+    def lr_at(step):
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    snaps = []
+    model.train()
+    bar = tqdm(range(steps), desc=desc, mininterval=15, file=sys.stdout)
+    ema = None
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        ids, att, lab = collate(rows[step * batch_size:(step + 1) * batch_size], tok.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_at(step):.2e}", refresh=False)
+        last = step == steps - 1
+        if val_problems is not None and ((eval_every and (step + 1) % eval_every == 0) or last):
+            acc = greedy_accuracy(model, tok, val_problems)
+            snaps.append((step + 1, acc, copy.deepcopy(model.state_dict())))
+            print(f"  [{desc}] step {step + 1}: loss {ema:.4f} val_acc {acc:.3f}", flush=True)
+            if acc >= stop_at:
+                break
+    bar.close()
+    return snaps
+
+
+def save_model(model, tok_dir: Path, path: Path, save_dtype: torch.dtype):
+    """save_pretrained in ``save_dtype`` (safetensors) + a copy of the tokenizer files of ``tok_dir``;
+    config.dtype says float32 so that a plain from_pretrained(path) loads an fp32 model (upcast) for CPU."""
+    if path.exists():
+        shutil.rmtree(path)
+    m = copy.deepcopy(model).to(save_dtype)
+    m.save_pretrained(path, safe_serialization=True)
+    cfg_path = path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = "float32"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for f in tok_dir.iterdir():  # copy the files, not a re-save that would carry padding state
+        shutil.copy2(f, path / f.name)
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# ----------------------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "fastopd" / "assets" / "demo")
+    ap.add_argument("--vocab-size", type=int, default=576)
+    ap.add_argument("--teacher-steps", type=int, default=1200)
+    ap.add_argument("--teacher-lr", type=float, default=3e-3)
+    ap.add_argument("--teacher-batch", type=int, default=64)
+    ap.add_argument("--student-steps", type=int, default=600)
+    ap.add_argument("--student-lr", type=float, default=3e-3)
+    ap.add_argument("--student-batch", type=int, default=32)
+    ap.add_argument("--student-eval-every", type=int, default=50)
+    ap.add_argument("--student-stop", type=float, default=0.30,
+                    help="stop the student once its validation accuracy reaches this")
+    ap.add_argument("--student-target", type=float, default=0.2)
+    ap.add_argument("--n-eval", type=int, default=200)
+    ap.add_argument("--n-val", type=int, default=100)
+    ap.add_argument("--n-train-prompts", type=int, default=2000, help="prompts written to data/train.jsonl")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is the most robust on a shared 2-core CPU)")
+    ap.add_argument("--save-dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    ap.add_argument("--skip-teacher", action="store_true", help="reuse the teacher already in --out")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    random.seed(0)
+    t_start = time.time()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    save_dtype = getattr(torch, args.save_dtype)
+    timings = {}
+
+    eval_problems = make_problems(args.n_eval, EVAL_SEED, split="eval")
+    eval_prompts = {p["prompt"] for p in eval_problems}
+    val_problems = [p for p in make_problems(args.n_val + args.n_eval, VAL_SEED, split="eval")
+                    if p["prompt"] not in eval_prompts][:args.n_val]
+
+    # 1. tokenizer
+    t0 = time.time()
+    tok = train_tokenizer(args.vocab_size, TRAIN_SEED)
+    tok_dir = out / "tokenizer"
+    if tok_dir.exists():
+        shutil.rmtree(tok_dir)
+    tok.save_pretrained(tok_dir)
+    # name the class every transformers version knows (v5 maps it to its TokenizersBackend)
+    cfg_path = tok_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    timings["tokenizer"] = time.time() - t0
+    print(f"tokenizer: vocab {len(tok)} -> {tok_dir} ({timings['tokenizer']:.1f}s)", flush=True)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.padding_side = "right"
+
+    results = {"vocab": len(tok)}
+    # 2. teacher
+    if not args.skip_teacher:
+        t0 = time.time()
+        teacher = make_model(TEACHER_CFG, tok, seed=1)
+        print(f"teacher: {n_params(teacher):,} params", flush=True)
+        snaps = sft(teacher, tok, steps=args.teacher_steps, batch_size=args.teacher_batch, lr=args.teacher_lr,
+                    seed=TRAIN_SEED + 1, desc="teacher SFT", eval_every=max(1, args.teacher_steps // 5),
+                    val_problems=val_problems)
+        results["teacher_val_curve"] = [(s, a) for s, a, _ in snaps]
+        results["teacher_acc_fp32"] = greedy_accuracy(teacher, tok, eval_problems)
+        save_model(teacher, tok_dir, out / "teacher", save_dtype)
+        timings["teacher"] = time.time() - t0
+        print(f"teacher: fp32 acc {results['teacher_acc_fp32']:.3f} ({timings['teacher']:.0f}s)", flush=True)
+        del teacher
+
+    # 3. student
+    t0 = time.time()
+    student = make_model(STUDENT_CFG, tok, seed=2)
+    print(f"student: {n_params(student):,} params", flush=True)
+    snaps = sft(student, tok, steps=args.student_steps, batch_size=args.student_batch, lr=args.student_lr,
+                seed=TRAIN_SEED + 2, desc="student SFT", eval_every=args.student_eval_every,
+                val_problems=val_problems, stop_at=args.student_stop)
+    results["student_val_curve"] = [(s, a) for s, a, _ in snaps]
+    # the checkpoint nearest the target accuracy, preferring ones inside [5%, 40%]
+    inside = [s for s in snaps if 0.05 <= s[1] <= 0.40] or snaps
+    step, val_acc, state = min(inside, key=lambda s: (abs(s[1] - args.student_target), s[0]))
+    student.load_state_dict(state)
+    results["student_step"] = step
+    results["student_acc_fp32"] = greedy_accuracy(student, tok, eval_problems)
+    save_model(student, tok_dir, out / "student", save_dtype)
+    timings["student"] = time.time() - t0
+    print(f"student: kept step {step} (val {val_acc:.3f}); fp32 acc {results['student_acc_fp32']:.3f} "
+          f"({timings['student']:.0f}s)", flush=True)
+
+    # 4. reload through the public code paths and re-measure
+    t0 = time.time()
+    for name in ("teacher", "student"):
+        m = AutoModelForCausalLM.from_pretrained(out / name)
+        t = AutoTokenizer.from_pretrained(out / name)
+        assert next(m.parameters()).dtype == torch.float32, next(m.parameters()).dtype
+        acc, comps = greedy_accuracy(m, t, eval_problems, return_completions=True)
+        results[f"{name}_acc"] = acc
+        results[f"{name}_params"] = n_params(m)
+        results[f"{name}_samples"] = comps[:3]
+        print(f"{name} (reloaded from {args.save_dtype} safetensors as fp32): acc {acc:.3f} "
+              f"on {len(eval_problems)} held-out problems", flush=True)
+    timings["reload_eval"] = time.time() - t0
+    timings["total"] = time.time() - t_start
+
+    # 5. prompt files for the OPD demo (JSONL with prompt + answer, prompts already formatted)
+    data = out / "data"
+    write_jsonl(data / "train.jsonl", make_problems(args.n_train_prompts, TRAIN_SEED + 3, split="train"))
+    write_jsonl(data / "eval.jsonl", eval_problems)
+
+    sizes = {name: dir_size(out / name) for name in ("tokenizer", "teacher", "student", "data")}
+    write_readme(out, args, results, timings, sizes, eval_problems)
+    print(json.dumps({"results": {k: v for k, v in results.items() if not k.endswith("samples")},
+                      "sizes_bytes": sizes, "total_bytes": dir_size(out),
+                      "timings_s": {k: round(v, 1) for k, v in timings.items()}}, indent=1), flush=True)
+
+
+def _threads(n: int) -> str:
+    return f"{n} torch thread" + ("s" if n != 1 else "")
+
+
+def write_readme(out: Path, args, results, timings, sizes, eval_problems):
+    from transformers import AutoConfig
+
+    def cfg_line(name):
+        c = AutoConfig.from_pretrained(out / name)
+        return (f"`Qwen3ForCausalLM`: hidden {c.hidden_size}, layers {c.num_hidden_layers}, heads "
+                f"{c.num_attention_heads}, kv heads {c.num_key_value_heads}, head_dim {c.head_dim}, "
+                f"intermediate {c.intermediate_size}, vocab {c.vocab_size}, tied embeddings, "
+                f"{results.get(name + '_params', 0):,} parameters")
+
+    ex = eval_problems[0]
+    lines = [
+        "# fastopd embedded demo assets",
+        "",
+        "Tiny models for the CPU demo of on-policy distillation (OPD) on the synthetic multi-step arithmetic",
+        "task of `fastopd/train/task.py`. Built by `scripts/build_demo_assets.py` (deterministic seeds, CPU).",
+        "",
+        "| folder | what |",
+        "|---|---|",
+        f"| `tokenizer/` | byte-level BPE (`tokenizers`), vocab {results['vocab']} (asked for at most {args.vocab_size}; "
+        "training stops once every word of the task text is one token), EOS `{EOS}`, PAD `{PAD}`, "
+        f"no BOS; trained on task text. Every number 0..{MAX_VALUE} is one token. |",
+        f"| `teacher/` | {cfg_line('teacher') if (out / 'teacher').exists() else '-'} |",
+        f"| `student/` | {cfg_line('student')} |",
+        f"| `data/` | `train.jsonl` ({args.n_train_prompts} train-split prompts for OPD rollouts) and `eval.jsonl` "
+        f"(the {len(eval_problems)} held-out problems below): one JSON object per line with `prompt` (already "
+        "formatted) and `answer` |",
+        "",
+        "Both model folders also hold a copy of the tokenizer. Weights are safetensors in "
+        f"{args.save_dtype}; `config.json` has `dtype: float32`, so",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "from fastopd.train.task import demo_asset_paths",
+        "paths = demo_asset_paths()",
+        "teacher = AutoModelForCausalLM.from_pretrained(paths.teacher)   # fp32 on CPU",
+        "tok = AutoTokenizer.from_pretrained(paths.tokenizer)",
+        "```",
+        "",
+        "loads fp32 models (pass `dtype=torch.bfloat16` for half precision on GPU).",
+        "",
+        "## Task and prompt format",
+        "",
+        f"Start value 1..{MAX_START}, 2-5 steps of `Add k` / `Subtract k` (k in 1..{MAX_ADD}) / `Multiply by k` "
+        f"(k in 2..{MAX_MUL}); every value stays in 0..{MAX_VALUE}. Prompt (`format_prompt`) and target:",
+        "",
+        "```",
+        format_prompt(ex["prompt"]) + solution_completion(ex) + EOS,
+        "```",
+        "",
+        "Graded by `fastopd.train.verify.boxed_match` (last `\\boxed{...}`, numbers compared by value).",
+        "",
+        "## How they were trained",
+        "",
+        "SFT, loss on the solution tokens + EOS only (prompt masked), right-padded batches of freshly drawn",
+        "train-split problems, AdamW (betas 0.9/0.98, weight decay 0.01), 50 warmup steps then cosine decay to",
+        f"10% of the peak LR, gradient clipping 1.0, fp32 on CPU with {_threads(args.threads)}.",
+        "",
+        f"- teacher: {args.teacher_steps} steps x batch {args.teacher_batch}, peak LR {args.teacher_lr}. "
+        f"Validation curve (step, acc): {results.get('teacher_val_curve', 'reused')}.",
+        f"- student: scheduled for {args.student_steps} steps x batch {args.student_batch}, peak LR "
+        f"{args.student_lr}; validation accuracy (100 held-out problems) every {args.student_eval_every} steps, "
+        f"stopping once it reaches {args.student_stop:.0%}; the checkpoint "
+        f"nearest {args.student_target:.0%} (inside 5-40%) is kept: step {results['student_step']}. "
+        f"Validation curve (step, acc): {results['student_val_curve']}.",
+        "",
+        "## Measured accuracy",
+        "",
+        f"Greedy decoding, {len(eval_problems)} held-out problems (`make_problems({len(eval_problems)}, "
+        f"EVAL_SEED={EVAL_SEED}, split='eval')`), after reloading the saved files as fp32:",
+        "",
+        "| model | fp32 before saving | reloaded from saved files |",
+        "|---|---|---|",
+        f"| teacher | {results.get('teacher_acc_fp32', float('nan')):.1%} | {results['teacher_acc']:.1%} |",
+        f"| student | {results['student_acc_fp32']:.1%} | {results['student_acc']:.1%} |",
+        "",
+        "Sample greedy completions of the student:",
+        "",
+        "```",
+        *[s.strip() for s in results["student_samples"]],
+        "```",
+        "",
+        "## Size and time",
+        "",
+        f"Sizes: tokenizer {sizes['tokenizer'] / 1e3:.0f} kB, teacher {sizes['teacher'] / 1e6:.2f} MB, "
+        f"student {sizes['student'] / 1e6:.2f} MB (each model folder includes its tokenizer copy), "
+        f"data {sizes['data'] / 1e3:.0f} kB; all together {dir_size(out) / 1e6:.2f} MB.",
+        "",
+        f"Build time on a shared 2-core CPU ({_threads(args.threads)}): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f" ({timings['total'] / 60:.1f} min).",
+        "",
+        "## Rebuild",
+        "",
+        "```",
+        "python scripts/build_demo_assets.py",
+        "```",
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Tests of the demo task (fastopd/train/task.py), the verifiers (fastopd/train/verify.py) and the
+shipped demo assets (fastopd/assets/demo/). Fast: < 30 s on a 2-core CPU."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from fastopd.train.task import (
+    EVAL_SEED, MAX_VALUE, TRAIN_SEED, demo_asset_paths, format_prompt, make_problems, read_jsonl,
+    solution_completion, split_of, write_jsonl,
+)
+from fastopd.train.verify import boxed_match, exact_match, extract_boxed, get_verifier, parse_number
+
+
+# ------------------------------------------------------------------------------------------ the task
+def _independent_eval(prompt: str) -> int:
+    """Re-evaluate a prompt with a regex, independently of task.py's generator and evaluate_steps."""
+    start = re.match(r"^Start with (\d+)\. ", prompt)
+    assert start, prompt
+    value = int(start.group(1))
+    steps = re.findall(r"(Add|Subtract|Multiply by) (\d+)\.", prompt)
+    assert prompt.endswith(" What is the result?"), prompt
+    for op, k in steps:
+        value = {"Add": value + int(k), "Subtract": value - int(k), "Multiply by": value * int(k)}[op]
+        assert 0 <= value <= MAX_VALUE, prompt
+    return value
+
+
+def test_make_problems_deterministic_by_seed():
+    a = make_problems(50, seed=3)
+    b = make_problems(50, seed=3)
+    c = make_problems(50, seed=4)
+    assert a == b
+    assert a != c
+    assert make_problems(20, seed=3, split="eval") == make_problems(20, seed=3, split="eval")
+
+
+def test_make_problems_steps_and_fields():
+    probs = make_problems(300, seed=TRAIN_SEED, min_steps=2, max_steps=5)
+    n_steps = {len(re.findall(r"(Add|Subtract|Multiply by) \d+\.", p["prompt"])) for p in probs}
+    assert n_steps == {2, 3, 4, 5}
+    assert all(set(p) == {"prompt", "answer", "solution"} for p in probs)
+    probs3 = make_problems(50, seed=1, min_steps=3, max_steps=3)
+    assert all(len(re.findall(r"(Add|Subtract|Multiply by) \d+\.", p["prompt"])) == 3 for p in probs3)
+    with pytest.raises(ValueError, match="min_steps"):
+        make_problems(5, seed=0, min_steps=4, max_steps=2)
+    with pytest.raises(ValueError, match="split"):
+        make_problems(5, seed=0, split="test")
+
+
+def test_solutions_are_correct_and_multi_sentence():
+    for split, seed in (("train", TRAIN_SEED), ("eval", EVAL_SEED)):
+        for p in make_problems(500, seed=seed, split=split):
+            truth = _independent_eval(p["prompt"])
+            assert int(p["answer"]) == truth
+            assert boxed_match(p["solution"], str(truth)), p
+            assert not boxed_match(p["solution"], str(truth + 1))
+            n_steps = len(re.findall(r"(Add|Subtract|Multiply by) \d+\.", p["prompt"]))
+            # one sentence for the start, one per step, one for the final answer
+            assert p["solution"].count(". ") + 1 == n_steps + 2, p["solution"]
+            assert p["solution"].endswith(f"The answer is \\boxed{{{truth}}}.")
+
+
+def test_train_and_eval_are_disjoint():
+    train = make_problems(5000, seed=TRAIN_SEED, unique=False)
+    evals = make_problems(500, seed=EVAL_SEED, split="eval")
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in evals}
+    assert all(split_of(p["prompt"]) == "eval" for p in evals)
+    # even the same seed gives disjoint splits
+    assert not ({p["prompt"] for p in make_problems(500, seed=7)}
+                & {p["prompt"] for p in make_problems(500, seed=7, split="eval")})
+    assert len({p["prompt"] for p in evals}) == len(evals)  # unique=True by default
+
+
+def test_format_prompt_and_jsonl(tmp_path):
+    assert format_prompt("Start with 1. Add 2. What is the result?") == \
+        "Q: Start with 1. Add 2. What is the result?\nA:"
+    probs = make_problems(5, seed=0)
+    path = write_jsonl(tmp_path / "sub" / "train.jsonl", probs)
+    rows = read_jsonl(path)
+    assert [r["prompt"] for r in rows] == [format_prompt(p["prompt"]) for p in probs]
+    assert [r["answer"] for r in rows] == [p["answer"] for p in probs]
+    assert all(set(r) == {"prompt", "answer"} for r in rows)
+    assert set(read_jsonl(write_jsonl(tmp_path / "s.jsonl", probs, with_solution=True))[0]) == \
+        {"prompt", "answer", "solution"}
+
+
+# ------------------------------------------------------------------------------------------ verifiers
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("The answer is \\boxed{21}.", "21", True),
+    ("\\boxed{21.0}", "21", True),
+    ("\\boxed{ 21 }", " 21 ", True),
+    ("\\boxed{21}", "21.5", False),
+    ("\\boxed{3/4}", "0.75", True),
+    ("\\boxed{\\frac{3}{4}}", "0.75", True),
+    ("\\boxed{0.75}", "3/4", True),
+    ("\\boxed{1/3}", "0.33", False),
+    ("first \\boxed{5} then \\boxed{7}", "7", True),   # the LAST box counts
+    ("first \\boxed{5} then \\boxed{7}", "5", False),
+    ("no box here: 21", "21", False),
+    ("", "21", False),
+    ("\\boxed{\\text{a}{b}}", "\\text{a}{b}", True),   # nested braces kept
+    ("\\boxed{{21}}", "21", True),
+    ("\\boxed{5} and a truncated \\boxed{7", "5", False),  # unclosed last box: no answer
+    ("\\boxed {42}", "42", True),
+    ("\\boxed{Paris}", "  paris ", True),
+    ("\\boxed{1,000}", "1000", True),
+    ("\\boxed{-3}", "-3.0", True),
+    ("\\boxed{1/0}", "0", False),
+    ("\\boxed{21}", "\\boxed{21.00}", True),
+])
+def test_boxed_match(completion, answer, expected):
+    assert boxed_match(completion, answer) is expected
+
+
+def test_extract_boxed_nested_and_last():
+    assert extract_boxed("a \\boxed{x^{2}} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+    assert extract_boxed("\\boxed{}") == ""
+    assert extract_boxed("\\boxedfoo \\boxed{3}") == "3"
+    assert extract_boxed("nothing") is None
+    assert parse_number("abc") is None and parse_number(" 2/4 ") == parse_number("0.5")
+
+
+def test_exact_match():
+    assert exact_match("  Hello \n  World ", "hello world")
+    assert exact_match("21", " 21\n")
+    assert not exact_match("21.0", "21")
+    assert not exact_match("hello world!", "hello world")
+    with pytest.raises(TypeError, match="completion"):
+        exact_match(None, "x")
+
+
+def test_get_verifier():
+    assert get_verifier("exact") is exact_match
+    assert get_verifier("boxed") is boxed_match
+    with pytest.raises(ValueError) as e:
+        get_verifier("regex")
+    assert "boxed" in str(e.value) and "exact" in str(e.value) and "regex" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ shipped assets
+_PATHS = demo_asset_paths()
+_needs_assets = pytest.mark.skipif(
+    not all((_PATHS[k] / "config.json").exists() for k in ("teacher", "student"))
+    or not (_PATHS.tokenizer / "tokenizer.json").exists(),
+    reason="demo assets missing from fastopd/assets/demo; build them with "
+           "`python scripts/build_demo_assets.py`")
+
+
+@_needs_assets
+def test_tokenizer_round_trips_task_text():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_PATHS.tokenizer)
+    assert tok.eos_token is not None and tok.pad_token is not None and tok.eos_token_id != tok.pad_token_id
+    for p in make_problems(50, seed=EVAL_SEED, split="eval"):
+        prompt, completion = format_prompt(p["prompt"]), solution_completion(p)
+        ids = tok(prompt + completion, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == prompt + completion
+        # prompt and completion tokenise independently (what the trainer relies on when it appends samples)
+        assert ids == tok(prompt, add_special_tokens=False)["input_ids"] + \
+            tok(completion, add_special_tokens=False)["input_ids"]
+    weird = "Ünïcödé 🙂 text\twith\nodd bytes {}\\"
+    assert tok.decode(tok(weird, add_special_tokens=False)["input_ids"]) == weird
+
+
+def _greedy(model, tok, probs):
+    import torch
+
+    tok.padding_side = "left"
+    enc = tok([format_prompt(p["prompt"]) for p in probs], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=64, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@_needs_assets
+def test_shipped_teacher_solves_held_out_problems_and_student_is_weaker():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(_PATHS.teacher)
+    teacher = AutoModelForCausalLM.from_pretrained(_PATHS.teacher)
+    student = AutoModelForCausalLM.from_pretrained(_PATHS.student)
+    assert next(teacher.parameters()).dtype == torch.float32  # config.dtype makes the default load fp32
+    assert student.config.vocab_size == teacher.config.vocab_size == len(tok)
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+
+    probs = make_problems(20, seed=EVAL_SEED, split="eval")
+    texts = _greedy(teacher, tok, probs)
+    correct = sum(boxed_match(t, p["answer"]) for t, p in zip(texts, probs))
+    assert correct >= 16, f"teacher solved {correct}/20; e.g. {texts[:2]}"
+    assert sum(t.count(". ") >= 3 for t in texts) >= 16  # solutions run over several sentences
+
+    s_texts = _greedy(student, tok, probs)
+    s_correct = sum(boxed_match(t, p["answer"]) for t, p in zip(s_texts, probs))
+    assert s_correct < correct, f"student solved {s_correct}/20, teacher {correct}/20"
+    # the weak student still writes the right format: several sentences and a final boxed answer
+    assert sum(extract_boxed(t) is not None and t.count(". ") >= 2 for t in s_texts) >= 14, s_texts[:3]
