@@ -126,6 +126,11 @@ class ReleaseRule:
         self.backend = backend
         self._rng = np.random.default_rng(seed)
 
+    @property
+    def generator(self) -> np.random.Generator:
+        """The numpy Generator of the ``random`` control (its state is what a checkpoint saves)."""
+        return self._rng
+
     def __repr__(self) -> str:
         return (
             f"ReleaseRule(mode={self.mode!r}, k={self.k}, min_segments={self.min_segments}, "

@@ -1,0 +1,247 @@
+"""The ``fastopd`` command (also ``python -m fastopd``).
+
+    fastopd demo [--quick] [--out DIR]      CPU demo: OPD with and without the release rule, table + plots
+    fastopd example [...]                   the release rule on one rollout, segment by segment
+    fastopd train --config cfg.yaml [...]   on-policy distillation of any Hugging Face causal LM pair
+    fastopd report RUN_DIR [...] --out DIR  plots of finished runs
+    fastopd bench [NAME] [...]              run a script of benchmarks/ (source checkout)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+from pathlib import Path
+
+DESCRIPTION = """\
+fastopd: on-policy distillation (OPD) with the "Prefix Teach, Suffix Fade" release rule.
+
+The student samples its own answers, the teacher scores every token, and the release rule
+keeps the teacher's feedback only on the prefix of each answer where it is still teachable.
+"""
+
+EPILOG = """\
+start here:
+  fastopd demo --quick          2-minute CPU demo on the shipped tiny models (no download)
+  fastopd demo                  the full demo (about 10 minutes on 2 CPU cores)
+  fastopd example               watch the release rule decide on one rollout
+  fastopd train --config configs/demo_release.yaml
+                                train from a YAML config; any field can be overridden by a flag
+  fastopd train --help          every training option, with its default
+
+multi-GPU: accelerate launch --num_processes 8 -m fastopd train --config cfg.yaml
+docs: docs/training.md
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train: flags generated from TrainConfig
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _none_or(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, ``--max-new-tokens`` for ``max_new_tokens`` (default SUPPRESS, so that
+    only the flags given on the command line override the YAML file). ``main`` also accepts the field's own
+    spelling ``--max_new_tokens``."""
+    import dataclasses
+
+    from fastopd.train.config import TrainConfig, field_docs
+
+    hints = typing.get_type_hints(TrainConfig)
+    docs = {name: text for name, _, text in field_docs()}
+    group = parser.add_argument_group("config fields (override the YAML file)")
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        names = [f"--{f.name.replace('_', '-')}"]
+        help_text = docs[f.name].replace("%", "%%")
+        if "Required" not in help_text and "(default" not in help_text:
+            help_text += f" (default: {f.default!r})"
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if hint is bool:
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        kind = {int: int, float: float, str: str}.get(base, str)
+        if type(None) in args:
+            kind = _none_or(kind)
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(*names, type=kind, metavar=f.name.upper(), **kwargs)
+
+
+def build_config(args: argparse.Namespace):
+    """TrainConfig from ``--config`` (if any) with every explicitly given flag on top."""
+    from fastopd.train.config import TrainConfig
+
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
+    if args.config:
+        return TrainConfig.from_yaml(args.config, overrides)
+    return TrainConfig.from_dict(overrides, source="command line")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    cfg.validate()
+    from fastopd.train.trainer import train
+
+    summary = train(cfg)
+    ev = summary["eval"]
+    if ev is not None:
+        print(f"step {summary['step']}: eval accuracy {ev['accuracy']:.1%} ({ev['correct']}/{ev['total']})")
+    print(f"done: {summary['output_dir']} (final model in final/, logs in metrics.jsonl)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the other commands
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fastopd.train.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed, steps=args.steps, progress=not args.no_progress,
+             num_threads=args.threads, loss=args.loss, lr=args.lr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fastopd.train.report import make_report
+
+    runs = {Path(d).name: d for d in args.runs}
+    for p in make_report(runs, args.out, min_gain=args.min_gain):
+        print(p)
+    return 0
+
+
+def benchmarks_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def cmd_bench(argv: list[str]) -> int:
+    import runpy
+
+    bench = benchmarks_dir()
+    scripts = sorted(p.stem for p in bench.glob("*.py") if not p.name.startswith("_")) if bench.is_dir() else []
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: fastopd bench NAME [ARGS...]\n\nRuns benchmarks/NAME.py (needs a source checkout).")
+        print("available: " + (", ".join(scripts) if scripts else f"none found in {bench}"))
+        return 0
+    name = argv[0].removesuffix(".py")
+    if name not in scripts:
+        print(f"unknown benchmark {name!r}; available: {', '.join(scripts) or 'none'}", file=sys.stderr)
+        return 2
+    old_argv = sys.argv
+    sys.argv = [str(bench / f"{name}.py"), *argv[1:]]
+    try:
+        runpy.run_path(str(bench / f"{name}.py"), run_name="__main__")
+    finally:
+        sys.argv = old_argv
+    return 0
+
+
+def cmd_example(argv: list[str]) -> int:
+    from fastopd import example
+
+    result = example.main(argv)
+    return result if isinstance(result, int) else 0
+
+
+def _dashed(arg: str) -> str:
+    """``--max_new_tokens=3`` -> ``--max-new-tokens=3`` (config fields may be spelled either way)."""
+    if not arg.startswith("--"):
+        return arg
+    flag, eq, value = arg.partition("=")
+    return flag.replace("_", "-") + eq + value
+
+
+PASSTHROUGH = {"example": cmd_example, "bench": cmd_bench}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastopd", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from fastopd import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastopd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="CPU demo: OPD with and without the release rule on the shipped tiny models",
+                       description="Runs OPD twice from the same tiny student and seed -- every token supervised "
+                       "(full) and the release rule -- and prints teacher/student accuracy, tokens supervised and "
+                       "time per step; writes table.md, table.json and PNG plots to --out. No download.")
+    p.add_argument("--quick", action="store_true", help="short schedule (about 2 minutes on 2 CPU cores)")
+    p.add_argument("--out", default="fastopd-demo", help="report folder (default: ./fastopd-demo)")
+    p.add_argument("--steps", type=int, default=None, help="override the number of steps per arm")
+    p.add_argument("--seed", type=int, default=0, help="seed of both arms (default 0)")
+    p.add_argument("--loss", choices=("reverse_kl", "pg"), default=None,
+                   help="loss of both arms (default reverse_kl: the lowest-variance choice for the tiny student)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of both arms (default 5e-4)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 1: fastest for the tiny demo models)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    sub.add_parser("example", help="the release rule on one built-in rollout (fastopd example --help)",
+                   add_help=False)
+
+    p = sub.add_parser("train", help="on-policy distillation of a Hugging Face causal LM pair",
+                       usage="fastopd train [--config CFG.yaml] [--FIELD VALUE ...] [--print-config]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a student by on-policy distillation from a teacher.\n\n"
+                       "  fastopd train --config cfg.yaml                 # fields from YAML\n"
+                       "  fastopd train --config cfg.yaml --lr 1e-5       # a flag overrides the file\n"
+                       "  fastopd train --student Qwen/Qwen3-0.6B --teacher Qwen/Qwen3-8B \\\n"
+                       "      --train-data prompts.jsonl --output-dir runs/x\n"
+                       "  fastopd train --config cfg.yaml --resume        # continue the run in output_dir\n"
+                       "  accelerate launch --num_processes 8 -m fastopd train --config cfg.yaml\n\n"
+                       "Prompts: JSONL lines {\"prompt\": ..., \"answer\": ...} (answer optional, used for "
+                       "accuracy) or a datasets folder. See docs/training.md.")
+    p.add_argument("--config", "-c", default=None, help="YAML file of config fields (see configs/)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="plots (margins, BIC gains, release positions, curves) of finished runs")
+    p.add_argument("runs", nargs="+", help="run folders (trainer output_dir; log_rollouts=true for margin plots)")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--min-gain", type=float, default=10.0, help="threshold line of the gain histogram")
+    p.set_defaults(func=cmd_report)
+
+    sub.add_parser("bench", help="run a benchmark script of benchmarks/ (fastopd bench --help)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return PASSTHROUGH[argv[0]](argv[1:])
+    parser = build_parser()
+    args = parser.parse_args([_dashed(a) for a in argv])
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        if os.environ.get("FASTOPD_DEBUG"):
+            raise
+        print(f"fastopd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Atomic checkpoints, exact resume, and the run's JSONL logs.
+
+A checkpoint is a folder ``<output_dir>/checkpoints/step-XXXXXXXX/`` holding
+
+- ``student/``         the student, ``save_pretrained`` (safetensors) + the tokenizer: loadable on its own;
+- ``optimizer.pt``     the AdamW state (FSDP: accelerate's sharded optimizer files);
+- ``scheduler.pt``     the LR scheduler state;
+- ``rng-rank{r}.pt``   per process: Python ``random``, NumPy's global state, torch CPU (and CUDA) generators,
+                       and the release rule's NumPy generator (the ``random`` control draws from it);
+- ``trainer_state.json``  ``{"step": s, ...}``: the state *after* optimizer step s.
+
+It is written into ``checkpoints/.tmp-step-XXXXXXXX`` first, every file is fsynced, and the folder is then
+renamed into place (``os.replace``) and the parent fsynced, so a ``step-*`` folder is always complete: a
+process killed mid-write leaves only a ``.tmp-*`` folder, which the next save or resume deletes. Only the
+last ``keep_last`` checkpoints are kept.
+
+Resume (:func:`latest_checkpoint`, :func:`load_training_state`) restores all of the above and continues at
+step s + 1; :class:`RunLog` drops the log rows of steps > s written after the checkpoint, so every step
+appears exactly once in ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and folder under ``path`` (and ``path`` itself)."""
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def rng_state(rule=None) -> dict:
+    """Every random generator the training loop draws from, as a picklable dict."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "rule": _rule_generator(rule).bit_generator.state if _rule_generator(rule) is not None else None,
+    }
+    return state
+
+
+def set_rng_state(state: dict, rule=None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    gen = _rule_generator(rule)
+    if gen is not None and state.get("rule") is not None:
+        gen.bit_generator.state = state["rule"]
+
+
+def _rule_generator(rule):
+    """The ReleaseRule's numpy Generator (used by its ``random`` control), if any."""
+    return rule.generator if rule is not None else None
+
+
+def _is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def save_checkpoint(accelerator, *, step: int, output_dir: str | Path, student, tokenizer, optimizer, scheduler,
+                    rule=None, keep_last: int = 2, extra: dict | None = None) -> Path:
+    """Write the checkpoint of ``step`` atomically (see the module docstring); every process must call it."""
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+
+    state_dict = accelerator.get_state_dict(student)  # gathers a sharded (FSDP) model; collective
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(student).save_pretrained(
+            tmp / "student", state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "student")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if _is_fsdp(accelerator):
+        from accelerate.utils import save_fsdp_optimizer
+
+        save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, student, str(tmp))
+    elif accelerator.is_main_process:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(rng_state(rule), tmp / f"rng-rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        meta = {"step": step, "num_processes": accelerator.num_processes, "time": time.time(), **(extra or {})}
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=str))
+        fsync_tree(tmp)
+        if final.exists():  # only when a run re-saves a step it already saved
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_path(root)
+        for _, old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(accelerator, path: str | Path, *, student, optimizer, scheduler, rule=None) -> int:
+    """Restore optimizer, scheduler and RNG from checkpoint ``path`` and return its step.
+
+    The student's weights are not loaded here: the trainer builds the student from ``path / "student"``
+    before ``accelerator.prepare`` (so DDP/FSDP wrap the restored weights).
+    """
+    path = Path(path)
+    meta = json.loads((path / "trainer_state.json").read_text())
+    if _is_fsdp(accelerator):
+        from accelerate.utils import load_fsdp_optimizer
+
+        load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, student, str(path))
+    else:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng_file = path / f"rng-rank{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False), rule)
+    else:
+        accelerator.print(f"warning: {rng_file.name} missing (the run had {meta.get('num_processes')} processes); "
+                          "random streams of this process are reseeded, so sampling will not match exactly")
+    return int(meta["step"])
+
+
+class RunLog:
+    """The run's JSONL logs (main process): one row per training step, one per evaluation, rollouts.
+
+    Files in ``output_dir``: ``metrics.jsonl`` (``{"step": s, ...}`` for s = 1, 2, ...), ``eval.jsonl``
+    (``{"step": s, "accuracy": ...}``, s = 0 before training), ``rollouts.jsonl`` (when enabled). On resume
+    at step s, :meth:`truncate` keeps only rows with step <= s (and drops a torn last line), so the logs
+    of a resumed run have every step exactly once.
+    """
+
+    FILES = ("metrics.jsonl", "eval.jsonl", "rollouts.jsonl")
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True):
+        self.dir = Path(output_dir)
+        self.enabled = enabled
+
+    def truncate(self, step: int) -> None:
+        if not self.enabled:
+            return
+        for name in self.FILES:
+            path = self.dir / name
+            if not path.is_file():
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill
+                if int(row.get("step", 0)) <= step:
+                    kept.append(line)
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(s + "\n" for s in kept))
+            os.replace(tmp, path)
+
+    def write(self, name: str, row: dict) -> None:
+        if not self.enabled:
+            return
+        with (self.dir / name).open("a") as f:
+            f.write(json.dumps(row, default=_json_default) + "\n")
+            f.flush()
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return str(x)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL log (torn lines skipped); [] when the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

@@ -1,0 +1,221 @@
+"""The trainer's configuration: one flat dataclass, every field documented, loadable from YAML.
+
+``fastopd train --config cfg.yaml --lr 1e-5`` reads the YAML file into :class:`TrainConfig` and then applies
+the command-line flags on top (flags win). Every field is also a flag: ``--max-new-tokens 128`` (or
+``--max_new_tokens 128``); booleans are ``--flag`` / ``--no-flag``.
+
+Sizes are per process: one optimizer step consumes ``prompts_per_step * num_samples`` rollouts per process
+per micro-batch, times ``grad_accum_steps`` micro-batches, times the number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastopd.release import MODES
+
+LOSSES = ("pg", "reverse_kl")
+SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
+LOG_WITH = ("auto", "none", "tensorboard")
+BACKENDS = ("auto", "triton", "reference")
+# Names used by other trainers (TRL, HF Trainer) -> the field here; only used to suggest the right name.
+ALIASES = {
+    "learning_rate": "lr", "max_steps": "steps", "num_train_steps": "steps", "batch_size": "prompts_per_step",
+    "per_device_train_batch_size": "prompts_per_step", "gradient_accumulation_steps": "grad_accum_steps",
+    "num_generations": "num_samples", "max_completion_length": "max_new_tokens", "model": "student",
+    "teacher_model": "teacher", "dataset": "train_data", "max_prompt_length": "max_prompt_tokens",
+    "warmup": "warmup_steps", "save_steps": "save_every", "eval_steps": "eval_every",
+    "save_total_limit": "keep_last", "report_to": "log_with", "lr_scheduler_type": "lr_scheduler",
+}
+
+
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A dataclass field with its help text (and allowed values) in the metadata, for docs and ``--help``."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``fastopd train`` needs. Defaults suit a real model on one GPU; see docs/training.md."""
+
+    # ---- models
+    student: str = _f("", "Student model: a local folder or a Hugging Face hub name (AutoModelForCausalLM). Required.")
+    teacher: str = _f("", "Teacher model: a local folder or a hub name. Must share the student's vocabulary. Required.")
+    tokenizer: str | None = _f(None, "Tokenizer to use for both models (default: the student's).")
+    teacher_tokenizer: str | None = _f(
+        None, "The teacher's tokenizer, only for the vocabulary check (default: the teacher's own, or `tokenizer`).")
+    trust_remote_code: bool = _f(False, "Pass trust_remote_code=True to from_pretrained (models with custom code).")
+    student_dtype: str = _f(
+        "auto", "Dtype of the student's weights. auto: float32 master weights (bf16 autocast on GPU).", DTYPES)
+    teacher_dtype: str = _f("auto", "Dtype of the teacher's weights. auto: bfloat16 on CUDA, float32 on CPU.", DTYPES)
+    attn_implementation: str = _f(
+        "auto", "Attention kernel. auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa.", ATTENTION)
+    gradient_checkpointing: bool = _f(False, "Recompute the student's activations in backward to save memory.")
+
+    # ---- data
+    train_data: str = _f(
+        "", "Training prompts: a JSONL file with a `prompt` (and optional `answer`) per line, a local datasets "
+        "folder (save_to_disk), a .json/.csv/.parquet file, or a hub dataset name. Required.")
+    eval_data: str | None = _f(None, "Evaluation prompts (same formats); rows need an `answer`. None: no evaluation.")
+    train_split: str = _f("train", "Split to use when train_data is a DatasetDict or a hub dataset.")
+    eval_split: str = _f("test", "Split to use when eval_data is a DatasetDict or a hub dataset.")
+    prompt_field: str = _f("prompt", "Column / JSON key holding the prompt text.")
+    answer_field: str = _f("answer", "Column / JSON key holding the reference answer (for the verifier).")
+    chat_template: bool = _f(
+        False, "Wrap each prompt as a user message with the tokenizer's chat template (instruct models).")
+    max_prompt_tokens: int = _f(512, "Prompts longer than this are cut from the left.")
+    verifier: str = _f("boxed", "Answer checker for accuracy: boxed (last \\boxed{...}) or exact (whole text).")
+
+    # ---- rollouts (the student samples them with HF generate)
+    prompts_per_step: int = _f(8, "Prompts per process per micro-batch.")
+    num_samples: int = _f(4, "Completions the student samples per prompt.")
+    max_new_tokens: int = _f(256, "Longest completion; generation also stops at EOS.")
+    temperature: float = _f(1.0, "Sampling temperature of the rollouts.")
+    top_p: float = _f(1.0, "Nucleus sampling of the rollouts (1.0: off).")
+    top_k: int = _f(0, "Top-k sampling of the rollouts (0: off).")
+
+    # ---- loss and release rule (DESIGN.md sections 1-5)
+    mode: str = _f(
+        "release", "Which tokens are supervised: release (the Prefix-Teach/Suffix-Fade rule), or a control: full "
+        "(every token), fixed_prefix (first `fraction` of the tokens), random (cut at a random sentence boundary).",
+        MODES)
+    loss: str = _f("pg", "pg: policy gradient with the reverse-KL advantage (Thinking Machines recipe); "
+                   "reverse_kl: exact dense reverse KL.", LOSSES)
+    k: int = _f(16, "Student top-K candidates for the teacher margin m_t.")
+    loss_temperature: float = _f(1.0, "tau of the loss and the margin: log-probs are log softmax(z / tau).")
+    min_segments: int = _f(2, "Fewest sentence segments on each side of a release point.")
+    min_gain: float = _f(10.0, "Release only when the BIC gain exceeds this (10: very strong evidence).")
+    fraction: float = _f(0.5, "Kept fraction of the fixed_prefix control.")
+    backend: str = _f("auto", "Loss backend: auto (Triton on CUDA, reference on CPU), triton, reference.", BACKENDS)
+
+    # ---- optimisation
+    steps: int = _f(100, "Optimizer steps to train for (may be raised when resuming).")
+    grad_accum_steps: int = _f(1, "Micro-batches (each freshly sampled) per optimizer step.")
+    lr: float = _f(1e-6, "Peak learning rate of AdamW.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_eps: float = _f(1e-8, "AdamW epsilon.")
+    lr_scheduler: str = _f("constant_with_warmup", "transformers.get_scheduler name.", SCHEDULERS)
+    warmup_steps: int = _f(0, "Linear warmup steps of the schedule.")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    mixed_precision: str = _f("auto", "auto: bf16 autocast on a CUDA GPU that supports it, else none.", PRECISIONS)
+    seed: int = _f(0, "Seed of prompts order, sampling, and the random control (each process adds its rank).")
+
+    # ---- evaluation (greedy decoding, graded by `verifier`)
+    eval_every: int = _f(0, "Evaluate every this many steps (0: only at the end). Needs eval_data.")
+    eval_at_start: bool = _f(True, "Evaluate the student before the first step.")
+    eval_size: int = _f(0, "Use the first this many eval rows (0: all).")
+    eval_batch_size: int = _f(32, "Prompts per greedy generate call (per process).")
+    eval_max_new_tokens: int = _f(0, "Longest eval completion (0: max_new_tokens).")
+
+    # ---- outputs, logging, checkpoints
+    output_dir: str = _f("runs/opd", "Run folder: metrics.jsonl, eval.jsonl, checkpoints/, final/.")
+    overwrite: bool = _f(False, "Delete an existing run in output_dir first (otherwise an existing run is an error "
+                         "unless resume is set).")
+    resume: bool = _f(False, "Continue from the latest checkpoint in output_dir (no lost or repeated step).")
+    save_every: int = _f(0, "Write a checkpoint every this many steps (0: only at the end).")
+    keep_last: int = _f(2, "Checkpoints to keep (older ones are deleted).")
+    log_with: str = _f("auto", "Trackers: auto (TensorBoard when installed), tensorboard, none.", LOG_WITH)
+    log_rollouts: bool = _f(
+        False, "Also write per-rollout margins, segments and release decisions to rollouts.jsonl (for plots).")
+    progress: bool = _f(True, "Show a tqdm progress bar.")
+    num_threads: int = _f(0, "torch CPU threads (0: leave torch's default).")
+
+    # ------------------------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Raise a ValueError naming the field for every bad value; return self."""
+        for name in ("student", "teacher", "train_data", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"config field `{name}` is required (set it in the YAML file or with --{name})")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"config field `{f.name}` must be one of {choices}, got {getattr(self, f.name)!r}")
+        positive = ("prompts_per_step", "num_samples", "max_new_tokens", "steps", "grad_accum_steps",
+                    "eval_batch_size", "max_prompt_tokens", "keep_last")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"config field `{name}` must be >= 1, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_every", "eval_size", "save_every", "num_threads", "top_k",
+                     "eval_max_new_tokens"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"config field `{name}` must be >= 0, got {getattr(self, name)!r}")
+        if self.k < 2:
+            raise ValueError(f"config field `k` must be >= 2, got {self.k}")
+        if not self.temperature > 0 or not self.loss_temperature > 0:
+            raise ValueError("config fields `temperature` and `loss_temperature` must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"config field `top_p` must be in (0, 1], got {self.top_p}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"config field `fraction` must be in (0, 1], got {self.fraction}")
+        if self.lr <= 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ValueError("config fields `lr` must be > 0, `max_grad_norm` and `weight_decay` >= 0")
+        if self.resume and self.overwrite:
+            raise ValueError("config fields `resume` and `overwrite` exclude each other: resume continues the run "
+                             "in output_dir, overwrite deletes it")
+        if self.verifier not in ("boxed", "exact"):
+            from fastopd.train.verify import get_verifier
+
+            get_verifier(self.verifier)  # raises with the list of names
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, *, source: str = "config") -> "TrainConfig":
+        """Build from a plain dict; unknown keys are an error that suggests the closest field name."""
+        names = cls.field_names()
+        for key in values:
+            if key not in names:
+                close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(str(key), names, n=1)
+                hint = f" (did you mean `{close[0]}`?)" if close else ""
+                raise ValueError(f"unknown field `{key}` in {source}{hint}; fields: {', '.join(names)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
+        """Read a YAML mapping of field names, then apply ``overrides`` (e.g. parsed command-line flags)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a YAML mapping of config fields, got {type(data).__name__}")
+        merged = dict(data)
+        merged.update(overrides or {})
+        return cls.from_dict(merged, source=str(path))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def field_docs() -> list[tuple[str, Any, str]]:
+    """(name, default, help) of every field, in order: the source of docs/training.md's table and ``--help``."""
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        help_text = f.metadata.get("help", "")
+        if "choices" in f.metadata:
+            help_text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
+        out.append((f.name, f.default, help_text))
+    return out

@@ -1,0 +1,112 @@
+"""Tests of the ``fastopd`` command line (fastopd/cli.py, fastopd/__main__.py). Fast: a few seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from fastopd import cli
+from fastopd.train.config import TrainConfig, field_docs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of ``fastopd argv`` run in this process."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's --help / errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_python_dash_m_fastopd_help_lists_every_command():
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-m", "fastopd", "--help"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    for command in ("demo", "example", "train", "report", "bench"):
+        assert f"\n    {command} " in res.stdout
+    assert "fastopd demo --quick" in res.stdout  # the newcomer's first command is in the help
+
+
+def test_no_arguments_prints_help(capsys):
+    code, out, _ = run_cli([], capsys)
+    assert code == 0 and "usage: fastopd" in out
+
+
+def test_train_help_documents_every_config_field(capsys):
+    code, out, _ = run_cli(["train", "--help"], capsys)
+    assert code == 0
+    flat = " ".join(out.split())
+    for name, _, help_text in field_docs():
+        assert f"--{name.replace('_', '-')}" in out, name
+        assert " ".join(help_text.split()[:4]) in flat, name  # its documentation is shown
+    assert "accelerate launch" in out
+
+
+def test_config_file_then_flags_override(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"student": "s", "teacher": "t", "train_data": "d.jsonl", "lr": 0.1,
+                                   "steps": 5, "eval_data": "e.jsonl", "mode": "full"}))
+    code, out, err = run_cli(["train", "--config", str(cfg), "--lr", "0.5", "--max_new_tokens=7",
+                              "--no-eval-at-start", "--eval-data", "none", "--mode", "release",
+                              "--print-config"], capsys)
+    assert code == 0, err
+    got = yaml.safe_load(out)
+    assert got["lr"] == 0.5  # flag beats file
+    assert got["steps"] == 5  # file beats default
+    assert got["max_new_tokens"] == 7  # the field's own spelling works too
+    assert got["eval_at_start"] is False and got["eval_data"] is None and got["mode"] == "release"
+    assert got["top_p"] == TrainConfig().top_p  # untouched fields keep their defaults
+    assert set(got) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_train_errors_name_the_problem(tmp_path, capsys):
+    code, _, err = run_cli(["train", "--teacher", "t", "--train-data", "d"], capsys)
+    assert code == 2 and "`student` is required" in err
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("student: s\nteacher: t\ntrain_data: d\nmax_steps: 3\n")
+    code, _, err = run_cli(["train", "--config", str(cfg)], capsys)
+    assert code == 2 and "unknown field `max_steps`" in err and "`steps`" in err
+    code, _, err = run_cli(["train", "--mode", "suffix"], capsys)
+    assert code == 2 and "invalid choice" in err
+    code, _, err = run_cli(["train", "--config", str(tmp_path / "missing.yaml")], capsys)
+    assert code == 2 and "not found" in err
+
+
+def test_example_passes_its_arguments_through(monkeypatch, capsys):
+    import fastopd.example
+
+    seen = []
+    monkeypatch.setattr(fastopd.example, "main", lambda argv: seen.append(argv) or 0)
+    code, _, _ = run_cli(["example", "--seed", "3", "--help"], capsys)
+    assert code == 0 and seen == [["--seed", "3", "--help"]]
+
+
+def test_bench_lists_scripts(capsys):
+    code, out, _ = run_cli(["bench", "--help"], capsys)
+    assert code == 0 and "usage: fastopd bench" in out
+    code, _, err = run_cli(["bench", "no_such_benchmark"], capsys)
+    assert code == 2 and "unknown benchmark" in err
+
+
+def test_every_yaml_in_configs_is_a_valid_config():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    train_configs = [p for p in configs if not p.name.startswith("accelerate")]
+    assert train_configs, "configs/ should hold example training configs"
+    for path in train_configs:
+        cfg = TrainConfig.from_yaml(path)
+        cfg.validate()
+
+
+def test_docs_document_every_config_field():
+    doc = (ROOT / "docs" / "training.md").read_text()
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`{f.name}`" not in doc]
+    assert not missing, f"docs/training.md does not document: {missing}"

@@ -1,0 +1,389 @@
+"""Tests of the Hugging Face OPD trainer (fastopd/train/trainer.py, checkpoint.py, data.py, config.py).
+
+Tiny random Qwen3 models (fastopd.train.tiny), CPU, one torch thread. About a minute on a 2-core CPU; the
+kill-and-resume and the two-process tests start subprocesses.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastopd import reference
+from fastopd.loss import OPDLoss
+from fastopd.release import ReleaseRule
+from fastopd.segment import token_segments
+from fastopd.train.checkpoint import RunLog, list_checkpoints, read_jsonl
+from fastopd.train.config import TrainConfig
+from fastopd.train.data import PromptSchedule, load_prompts
+from fastopd.train.trainer import (
+    IGNORE_INDEX, Rollouts, add_segments, check_same_vocabulary, completion_logits, generate_completions,
+    load_model, load_tokenizer, train,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DETERMINISTIC_KEYS = ("loss", "adv_mean", "margin_mean", "kept_fraction", "accept_rate", "tokens",
+                      "tokens_supervised", "completion_length", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from fastopd.train.tiny import make_tiny_run
+
+    return make_tiny_run(tmp_path_factory.mktemp("tiny"), n_train=32, n_eval=4, teacher_extra_vocab=8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_config(tiny, out, **kw) -> TrainConfig:
+    base = dict(student=tiny["student"], teacher=tiny["teacher"], train_data=tiny["train"], output_dir=str(out),
+                steps=2, prompts_per_step=2, num_samples=2, max_new_tokens=16, lr=1e-3, progress=False,
+                log_with="none", num_threads=1, eval_at_start=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def models(tiny):
+    tok = load_tokenizer(tiny["tokenizer"])
+    student = load_model(tiny["student"], dtype=torch.float32, attn="sdpa")
+    teacher = load_model(tiny["teacher"], dtype=torch.float32, attn="sdpa").eval()
+    return tok, student, teacher
+
+
+def text_rollouts(tok, prompts: list[str], completions: list[str]) -> Rollouts:
+    """Rollouts of given completions (+ EOS), laid out like generate's output: left-padded prompt, right pad."""
+    p_ids = [tok(p)["input_ids"] for p in prompts]
+    c_ids = [tok(c)["input_ids"] + [tok.eos_token_id] for c in completions]
+    p_w, c_w = max(map(len, p_ids)), max(map(len, c_ids))
+    n = len(prompts)
+    ids = torch.full((n, p_w + c_w), tok.pad_token_id)
+    mask = torch.zeros((n, p_w + c_w), dtype=torch.long)
+    targets = torch.full((n, c_w), IGNORE_INDEX)
+    for i, (p, c) in enumerate(zip(p_ids, c_ids)):
+        ids[i, p_w - len(p):p_w] = torch.tensor(p)
+        ids[i, p_w:p_w + len(c)] = torch.tensor(c)
+        mask[i, p_w - len(p):p_w + len(c)] = 1
+        targets[i, :len(c)] = torch.tensor(c)
+    lengths = torch.tensor([len(c) for c in c_ids])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Rollouts(ids, mask, pos, p_w, targets, lengths, torch.ones(n, dtype=torch.bool), list(completions))
+
+
+# ------------------------------------------------------------------------------------------ vocabulary
+def test_vocabulary_check_allows_padded_heads_and_rejects_other_tokenizers(tiny, tmp_path):
+    from fastopd.train.tiny import make_model, make_tokenizer
+
+    tok = load_tokenizer(tiny["tokenizer"])
+    assert check_same_vocabulary(tok, tok, len(tok), len(tok) + 8) == len(tok)
+    with pytest.raises(ValueError, match="outputs 10 logits"):
+        check_same_vocabulary(tok, tok, len(tok), 10)
+    other = make_tokenizer(vocab_size=300)  # same specials, different merges -> a different vocabulary
+    with pytest.raises(ValueError, match="do not share a vocabulary"):
+        check_same_vocabulary(tok, other, len(tok), len(other))
+    # end to end: the trainer refuses a teacher of another tokenizer before any training
+    bad = tmp_path / "bad_teacher"
+    make_model(other, hidden=32, seed=5).save_pretrained(bad)
+    other.save_pretrained(bad)
+    with pytest.raises(ValueError, match="do not share a vocabulary"):
+        train(tiny_config(tiny, tmp_path / "run", teacher=str(bad)))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------ logits, weights
+def test_completion_logits_are_shifted_and_padding_invariant(tiny):
+    tok, student, _ = models(tiny)
+    r = text_rollouts(tok, ["Q: a\nA:", "Q: longer prompt here\nA:"], [" We start with 3.", " Yes. No."])
+    got = completion_logits(student, r)
+    assert got.shape == (*r.targets.shape, student.config.vocab_size)
+    for i in range(2):  # unpadded single-row forward: logits at position t-1 predict completion token t
+        p = tok(["Q: a\nA:", "Q: longer prompt here\nA:"][i])["input_ids"]
+        c = r.targets[i][r.valid[i]].tolist()
+        full = student(torch.tensor([p + c])).logits[0]
+        want = full[len(p) - 1:len(p) + len(c) - 1]
+        torch.testing.assert_close(got[i, :len(c)], want, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_weights_equal_release_weights(tiny):
+    """The weights the trainer's loss applies == fastopd.release_weights recomputed independently."""
+    from fastopd.train.task import format_prompt, make_problems
+
+    tok, student, teacher = models(tiny)
+    probs = make_problems(6, 11, min_steps=3, max_steps=5)
+    cut = [None, -10, None, -25, None, None]  # some truncated completions (different lengths)
+    r = text_rollouts(tok, [format_prompt(p["prompt"]) for p in probs],
+                      [(" " + p["solution"])[:c] for p, c in zip(probs, cut)])
+    add_segments(r, tok)
+    rule = ReleaseRule(min_gain=0.0, min_segments=1)  # loose thresholds so that several rollouts release
+    crit = OPDLoss("pg", vocab_size=len(tok), rule=rule)
+    with torch.no_grad():
+        t_logits = completion_logits(teacher, r)
+    out = crit(completion_logits(student, r), t_logits, r.targets, segment_ids=r.segment_ids)
+
+    # independent recomputation, one unpadded rollout at a time
+    v = len(tok)
+    for i in range(len(probs)):
+        p = tok(format_prompt(probs[i]["prompt"]))["input_ids"]
+        c = r.targets[i][r.valid[i]]
+        seq = torch.tensor([p + c.tolist()])
+        with torch.no_grad():
+            zs = student(seq).logits[0, len(p) - 1:-1, :v]
+            zt = teacher(seq).logits[0, len(p) - 1:-1, :v]
+        st = reference.token_stats(zs, zt, c, k=16)
+        seg = token_segments(tok, c.numpy())
+        ones = np.ones((1, len(c)), dtype=bool)
+        series = reference.segment_means(st.margins[None].numpy(), seg[None], ones)
+        scan = reference.bic_release(series.values, series.offsets, min_segments=1, min_gain=0.0)
+        r_idx = int(scan.release_segment[0])
+        r_seg = series.segment_ids[r_idx] if r_idx < len(series.values) else seg.max() + 1
+        w = reference.release_weights(seg[None], ones, [r_seg])[0]
+        n = len(c)
+        torch.testing.assert_close(out.release.weights[i, :n].cpu(), w, atol=1e-6, rtol=1e-6)
+        assert torch.all(out.release.weights[i, n:] == 0)
+        # and the loss uses exactly these weights: l_t = -w_t A_t (on-policy, rho = 1)
+        torch.testing.assert_close(out.per_token[i, :n].detach(), -w * st.advantages, atol=1e-5, rtol=1e-4)
+        assert np.array_equal(r.segment_ids[i, :n].numpy(), seg)
+    assert out.release.scan.accepted.any(), "the test needs at least one released rollout"
+    assert (out.release.weights[out.release.scan.accepted] == 0).any()
+
+
+# ------------------------------------------------------------------------------------------ learning
+def test_repeated_steps_on_a_fixed_batch_lower_the_loss(tiny):
+    """Fixed rollouts, repeated updates through the trainer's pieces: the objective goes down.
+
+    ``reverse_kl`` is a true loss, so its value must fall. The ``pg`` surrogate's value (-mean A_t) is not
+    what its gradient descends: -w A_t grad s_t moves each sampled token's log-ratio s_t - u_t towards 0,
+    so for ``pg`` the mean squared advantage on the batch must fall.
+    """
+    tok, student, teacher = models(tiny)
+    torch.manual_seed(0)
+    student.eval()
+    r = generate_completions(student, tok, ["Q: Start with 3. Add 4. What is the result?\nA:"] * 4,
+                             eos_ids=[tok.eos_token_id], max_new_tokens=12, do_sample=True)
+    add_segments(r, tok)
+    with torch.no_grad():
+        t_logits = completion_logits(teacher, r)
+    for loss_name, lr in (("reverse_kl", 3e-3), ("pg", 1e-3)):
+        student = load_model(tiny["student"], dtype=torch.float32, attn="sdpa").train()
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        crit = OPDLoss(loss_name, vocab_size=len(tok), rule=ReleaseRule(mode="full"))
+        opt = torch.optim.AdamW(student.parameters(), lr=lr)
+        losses, sq_adv = [], []
+        for _ in range(6):
+            out = crit(completion_logits(student, r), t_logits, r.targets, segment_ids=r.segment_ids)
+            losses.append(float(out.loss.detach()))
+            sq_adv.append(float((out.stats.advantages[r.valid] ** 2).mean()))
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+        if loss_name == "reverse_kl":
+            assert losses[-1] < 0.7 * losses[0], losses
+        else:
+            assert sq_adv[3] < 0.5 * sq_adv[0], sq_adv
+
+
+def test_one_training_step_changes_the_student_and_logs(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(tiny, tmp_path / "run", steps=1, eval_data=tiny["eval"], eval_at_start=True,
+                      log_rollouts=True, max_new_tokens=8)
+    summary = train(cfg)
+    assert summary["step"] == 1 and summary["tokens"] > 0
+    init = load_file(Path(tiny["student"]) / "model.safetensors")
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert set(init) == set(final)
+    assert any(not torch.equal(init[k], final[k]) for k in init)
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1]
+    assert rows[0]["rollouts"] == 4 and rows[0]["tokens_supervised"] <= rows[0]["tokens"]
+    assert [e["step"] for e in read_jsonl(tmp_path / "run" / "eval.jsonl")] == [0, 1]
+    recs = read_jsonl(tmp_path / "run" / "rollouts.jsonl")
+    assert len(recs) == 4
+    # the logged per-rollout decisions add up to the step's supervised tokens
+    kept = sum(round(r["kept_fraction"] * r["length"]) for r in recs)
+    assert kept == rows[0]["tokens_supervised"]
+    assert sum(r["length"] for r in recs) == rows[0]["tokens"]
+    with pytest.raises(FileExistsError, match="--resume"):  # an existing run is never silently overwritten
+        train(cfg)
+
+
+def test_fixed_prefix_control_and_accumulation(tiny, tmp_path):
+    cfg = tiny_config(tiny, tmp_path / "run", steps=2, mode="fixed_prefix", fraction=0.5, grad_accum_steps=2,
+                      max_new_tokens=10)
+    train(cfg)
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["rollouts"] == 2 * 2 * 2  # prompts x samples x micro-batches
+        assert 0.45 <= r["kept_fraction"] <= 0.65  # ceil(0.5 L) of every rollout
+
+
+# ------------------------------------------------------------------------------------------ data, config
+def test_prompt_schedule_is_a_function_of_the_step():
+    a = PromptSchedule(10, seed=1, batch=3, accum=2, world=2, rank=0)
+    b = PromptSchedule(10, seed=1, batch=3, accum=2, world=2, rank=1)
+    seen = []
+    for step in (1, 2):
+        for micro in (0, 1):
+            seen += a.indices(step, micro) + b.indices(step, micro)
+    # 24 draws = 2 full epochs + 4: every row twice in the first 20 draws, each epoch a permutation
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert PromptSchedule(10, seed=1, batch=3, accum=2, world=2, rank=1).indices(2, 1) == b.indices(2, 1)
+    assert PromptSchedule(10, seed=2, batch=3).indices(1) != PromptSchedule(10, seed=1, batch=3).indices(1)
+
+
+def test_load_prompts_jsonl_and_datasets(tmp_path):
+    import datasets
+
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"question": "1+1?", "gold": 2}\n\n{"question": "2+2?"}\n')
+    rows = load_prompts(str(p), prompt_field="question", answer_field="gold")
+    assert rows == [{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?", "answer": None}]
+    with pytest.raises(ValueError, match="no `prompt` field"):
+        load_prompts(str(p))
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": ["a", "b"], "answer": ["1", "2"]})})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    assert load_prompts(str(tmp_path / "ds"))[1] == {"prompt": "b", "answer": "2"}
+    with pytest.raises(ValueError, match="not `test`"):
+        load_prompts(str(tmp_path / "ds"), split="test")
+    with pytest.raises(FileNotFoundError):
+        load_prompts(str(tmp_path / "missing.jsonl"))
+
+
+def test_config_validation_names_the_field(tmp_path):
+    with pytest.raises(ValueError, match="`student` is required"):
+        TrainConfig(teacher="t", train_data="d").validate()
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        TrainConfig(student="s", teacher="t", train_data="d", mode="prefix").validate()
+    with pytest.raises(ValueError, match="`num_samples` must be >= 1"):
+        TrainConfig(student="s", teacher="t", train_data="d", num_samples=0).validate()
+    y = tmp_path / "c.yaml"
+    y.write_text("student: s\nteacher: t\ntrain_data: d\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown field `learning_rate`.*did you mean `lr`"):
+        TrainConfig.from_yaml(y)
+
+
+def test_runlog_truncate_drops_later_and_torn_rows(tmp_path):
+    log = RunLog(tmp_path)
+    for s in (1, 2, 3, 4):
+        log.write("metrics.jsonl", {"step": s})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # a line torn by a kill
+    log.truncate(2)
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------ kill and resume
+def _train_cmd(tiny, out, steps, *extra):
+    return [sys.executable, "-m", "fastopd", "train", "--student", tiny["student"], "--teacher", tiny["teacher"],
+            "--train-data", tiny["train"], "--output-dir", str(out), "--steps", str(steps),
+            "--prompts-per-step", "2", "--num-samples", "2", "--max-new-tokens", "12", "--lr", "1e-3",
+            "--lr-scheduler", "constant", "--seed", "3", "--save-every", "2", "--keep-last", "2",
+            "--no-progress", "--log-with", "none", "--num-threads", "1", "--no-eval-at-start",
+            "--mode", "random", *extra]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_kill_and_resume_has_no_gap_no_duplicate_and_matches_uninterrupted(tiny, tmp_path):
+    """SIGKILL a training process after a checkpoint, resume it, and compare with an uninterrupted run.
+
+    The killed run was asked for 10_000 steps; with a constant LR the schedule does not depend on the total,
+    so resuming with --steps s+3 must reproduce an uninterrupted run of s+3 steps exactly. The ``random``
+    control is used so that the release rule's generator is part of the restored state.
+    """
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(tiny, run, 10_000), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
+            if any(s >= 4 for s, _ in list_checkpoints(run)):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint within 120 s")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    last = list_checkpoints(run)[-1][0]
+    total = last + 3
+    before = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert before[:last] == list(range(1, last + 1))  # a step's row is written before its checkpoint
+
+    res = subprocess.run(_train_cmd(tiny, run, total, "--resume"), env=_env(), capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout + res.stderr
+    resumed = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, total + 1))  # no gap, no duplicate
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert len(list_checkpoints(run)) == 2  # keep_last
+
+    # the uninterrupted run, same seed and settings, in this process
+    cfg = tiny_config(tiny, tmp_path / "straight", steps=total, max_new_tokens=12, lr_scheduler="constant",
+                      seed=3, save_every=2, keep_last=2, mode="random")
+    train(cfg)
+    straight = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    assert len(straight) == total
+    for a, b in zip(resumed, straight):
+        for key in DETERMINISTIC_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key, a[key], b[key])
+
+
+# ------------------------------------------------------------------------------------------ two processes
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_cpu_run(tiny, tmp_path):
+    """The unchanged trainer in two CPU processes (torchrun + ACCELERATE_USE_CPU: MULTI_CPU, gloo).
+
+    ``accelerate launch --cpu`` starts several CPU processes only through MPI, so torchrun starts them here;
+    on GPUs ``accelerate launch --num_processes N`` runs the very same entry point.
+    """
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "fastopd", "train", "--student", tiny["student"], "--teacher", tiny["teacher"],
+           "--train-data", tiny["train"], "--eval-data", tiny["eval"], "--output-dir", str(out), "--steps", "2",
+           "--prompts-per-step", "2", "--num-samples", "2", "--max-new-tokens", "10", "--no-progress",
+           "--log-with", "none", "--num-threads", "1", "--save-every", "1"]
+    env = {**_env(), "ACCELERATE_USE_CPU": "true"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]  # written once, by the main process
+    assert all(r["rollouts"] == 2 * 2 * 2 for r in rows)  # summed over the two processes
+    ckpt = list_checkpoints(out)[-1][1]
+    assert (ckpt / "rng-rank0.pt").is_file() and (ckpt / "rng-rank1.pt").is_file()
+    ev = read_jsonl(out / "eval.jsonl")
+    assert ev[-1]["total"] == 4  # the eval set split over the processes and summed back
