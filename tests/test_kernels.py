@@ -599,3 +599,20 @@ def test_int64_offsets_cuda():
                           for f in ("student_logprobs", "teacher_logprobs", "advantages", "margins", "valid",
                                     "reverse_kl", "topk_ids")})
     _check_stats(sliced, ref, truth, full_kl=True, return_topk=True)
+
+
+def test_public_inplace_backward_reaches_the_kernel(device):
+    """fastopd.OPDLoss(..., inplace_backward=True) forwards the option: the logits buffer holds the gradient."""
+    gen = torch.Generator().manual_seed(21)
+    zs = _logits(gen, (3, 5, 96), torch.float32, device)
+    zt = _logits(gen, (3, 5, 96), torch.float32, device)
+    y = _targets(gen, (3, 5), 96, device, ignore_frac=0.2)
+    grads = []
+    for inplace in (False, True):
+        leaf = zs.detach().clone().requires_grad_(True)
+        x = leaf * 1
+        crit = fastopd.OPDLoss(k=4, backend="triton", inplace_backward=inplace)
+        crit(x, zt, y).loss.backward()
+        assert torch.equal(x.detach(), leaf.grad) == inplace
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
