@@ -25,6 +25,16 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _device(t) -> torch.device:
+    """The device of a tensor argument (CPU for a non-tensor: the reference then names the bad argument)."""
+    return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
+
+
+def _dtypes(*ts) -> tuple:
+    """The dtypes of the tensor arguments (None for a non-tensor, which no kernel takes)."""
+    return tuple(t.dtype if isinstance(t, torch.Tensor) else None for t in ts)
+
+
 # The kernels take fp16/bf16/fp32 logits and k <= 256; auto hands anything else to the reference.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_MAX_K = 256
@@ -41,7 +51,7 @@ def resolve_backend(backend: str, device: torch.device, *, dtypes=(), k: int | N
     if backend == "reference":
         return "reference"
     if backend == "auto":
-        kernel_ok = all(d in KERNEL_DTYPES for d in dtypes) and (k is None or k <= KERNEL_MAX_K)
+        kernel_ok = all(d in KERNEL_DTYPES for d in dtypes) and (k is None or (isinstance(k, int) and k <= KERNEL_MAX_K))
         return "triton" if device.type == "cuda" and kernel_ok and triton_available() else "reference"
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package (pip install triton); use backend='reference'")

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from fastopd import reference
-from fastopd._dispatch import resolve_backend
-from fastopd._validate import check_token_inputs
+from fastopd._dispatch import _device, _dtypes, resolve_backend
 from fastopd.types import OPDOutput
 
 
@@ -57,16 +56,12 @@ def opd_loss(
         >>> out = fastopd.opd_loss(student_logits, teacher_logits, completion_ids, weights=rule_weights)
         >>> out.loss.backward()
     """
-    check_token_inputs(
-        student_logits, teacher_logits, target_ids,
-        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
-    )
     kwargs = dict(
         weights=weights, loss=loss, old_logprobs=old_logprobs, normalizer=normalizer,
         k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
     )
-    dtypes = (student_logits.dtype, teacher_logits.dtype)
-    if resolve_backend(backend, student_logits.device, dtypes=dtypes, k=k) == "triton":
+    # Each backend validates its arguments itself (once): here only what the choice needs.
+    if resolve_backend(backend, _device(student_logits), dtypes=_dtypes(student_logits, teacher_logits), k=k) == "triton":
         from fastopd.kernels import opd_loss_triton
 
         return opd_loss_triton(student_logits, teacher_logits, target_ids, inplace_backward=inplace_backward, **kwargs)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastopd import reference
-from fastopd._dispatch import resolve_backend
-from fastopd._validate import check_token_inputs
+from fastopd._dispatch import _device, _dtypes, resolve_backend
 from fastopd.types import TokenStats
 
 
@@ -44,16 +43,12 @@ def token_stats(
         >>> st.advantages.shape == completion_ids.shape
         True
     """
-    check_token_inputs(
-        student_logits, teacher_logits, target_ids,
-        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
-    )
     kwargs = dict(
         k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
         full_kl=full_kl, return_topk=return_topk,
     )
-    dtypes = (student_logits.dtype, teacher_logits.dtype)
-    if resolve_backend(backend, student_logits.device, dtypes=dtypes, k=k) == "triton":
+    # Each backend validates its arguments itself (once): here only what the choice needs.
+    if resolve_backend(backend, _device(student_logits), dtypes=_dtypes(student_logits, teacher_logits), k=k) == "triton":
         from fastopd.kernels import token_stats_triton
 
         return token_stats_triton(student_logits, teacher_logits, target_ids, **kwargs)
