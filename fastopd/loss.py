@@ -71,9 +71,11 @@ def opd_loss(
 class OPDLoss(nn.Module):
     """``nn.Module`` face of :func:`opd_loss` that holds its configuration.
 
-    With a :class:`fastopd.ReleaseRule` as ``rule``, ``forward(..., segment_ids=...)`` first decides the
-    per-token weights by the rule (or its control) and adds the rule's diagnostics (accept rate, mean
-    gain, ...) to ``metrics``; ``out.release`` then holds the :class:`fastopd.ReleaseDecision`.
+    With a :class:`fastopd.ReleaseRule` as ``rule``, ``forward(..., segment_ids=...)`` decides the per-token
+    weights by the rule (or its control) from the margins of the loss's own forward statistics -- one read of
+    the logits, not two -- weights the unreduced loss with them, and adds the rule's diagnostics (accept
+    rate, mean gain, ...) to ``metrics``; ``out.release`` then holds the :class:`fastopd.ReleaseDecision`.
+    The rule's ``k`` and ``temperature`` must therefore equal the loss's.
     The other arguments are those of :func:`opd_loss` (``inplace_backward`` included).
 
     Example:
@@ -104,6 +106,11 @@ class OPDLoss(nn.Module):
         self.vocab_size = vocab_size
         self.backend = backend
         self.inplace_backward = inplace_backward
+        if rule is not None and (rule.k != k or rule.temperature != temperature):
+            raise ValueError(
+                f"rule.k={rule.k} and rule.temperature={rule.temperature} must equal OPDLoss's k={k} and "
+                f"temperature={temperature}: the rule reads its margins from the loss's own statistics"
+            )
         self.rule = rule
 
     def extra_repr(self) -> str:
@@ -124,24 +131,29 @@ class OPDLoss(nn.Module):
         normalizer=None,
     ) -> OPDOutput:
         """Compute the loss; see :func:`opd_loss`. ``segment_ids`` (B, L) is needed when a rule is set."""
-        decision = None
         if self.rule is not None:
             if weights is not None:
                 raise ValueError("pass either weights= or a rule (OPDLoss(rule=...)) with segment_ids=, not both")
             if segment_ids is None:
                 raise ValueError("OPDLoss(rule=...) needs segment_ids= (B, L) from fastopd.token_segments")
-            decision = self.rule(
-                student_logits.detach(), teacher_logits.detach(), target_ids, segment_ids,
-                ignore_index=self.ignore_index, vocab_size=self.vocab_size,
-            )
-            weights = decision.weights.to(student_logits.device)
         out = opd_loss(
             student_logits, teacher_logits, target_ids,
             weights=weights, loss=self.loss, old_logprobs=old_logprobs, normalizer=normalizer,
             k=self.k, temperature=self.temperature, ignore_index=self.ignore_index,
             vocab_size=self.vocab_size, backend=self.backend, inplace_backward=self.inplace_backward,
         )
-        if decision is not None:
-            out.metrics.update(decision.metrics)
-            out.release = decision
-        return out
+        if self.rule is None:
+            return out
+        # weights=None gave l_t with w = valid; weighting that per-token loss afterwards is l_t with the rule's
+        # w (every l_t is linear in w_t), and its gradient flows through per_token on either backend.
+        stats = out.stats
+        decision = self.rule.from_margins(stats.margins, segment_ids, stats.valid)
+        w = decision.weights.to(device=out.per_token.device, dtype=out.per_token.dtype)
+        per_token = out.per_token * w
+        total = per_token.sum() / reference._normaliser(normalizer, stats.valid, per_token.dtype)
+        metrics = reference.loss_metrics(stats, w, per_token, self.loss)
+        metrics["loss"] = float(total.detach())
+        metrics.update(decision.metrics)
+        weighted = OPDOutput(loss=total, per_token=per_token, stats=stats, metrics=metrics)
+        weighted.release = decision
+        return weighted

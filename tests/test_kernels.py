@@ -616,3 +616,24 @@ def test_public_inplace_backward_reaches_the_kernel(device):
         assert torch.equal(x.detach(), leaf.grad) == inplace
         grads.append(leaf.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+def test_opdloss_with_rule_on_the_kernels(device):
+    """OPDLoss(rule=...) weights the kernels' per-token loss after the forward: same loss, weights and
+    gradient as the reference path."""
+    gen = torch.Generator().manual_seed(22)
+    zs = _logits(gen, (2, 12, 70), torch.float32, device)
+    zt = _logits(gen, (2, 12, 70), torch.float32, device)
+    y = _targets(gen, (2, 12), 70, device, ignore_frac=0.1)
+    seg = torch.arange(12, device=device).div(3, rounding_mode="floor").repeat(2, 1)
+    results = []
+    for backend in ("triton", "reference"):
+        leaf = zs.detach().clone().requires_grad_(True)
+        rule = fastopd.ReleaseRule(k=4, min_gain=-float("inf"), min_segments=1)
+        out = fastopd.OPDLoss(k=4, backend=backend, rule=rule)(leaf, zt, y, segment_ids=seg)
+        out.loss.backward()
+        results.append((out, leaf.grad))
+    (kt, gt), (kr, gr) = results
+    assert torch.equal(kt.release.weights, kr.release.weights)
+    torch.testing.assert_close(kt.loss, kr.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gt, gr, rtol=1e-4, atol=1e-6)

@@ -278,7 +278,30 @@ def test_opdloss_with_rule_equals_opd_loss_with_rule_weights():
     dec = fastopd.ReleaseRule(k=4, min_gain=-math.inf)(zs, zt, y, seg)
     ref = fastopd.opd_loss(zs, zt, y, weights=dec.weights, k=4)
     torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.per_token, ref.per_token)
     assert "accept_rate" in out.metrics and out.release.scan.accepted.tolist() == dec.scan.accepted.tolist()
+    assert dec.scan.accepted.any()  # the comparison above exercised a real cut
+    for key in ("kept_fraction", "num_kept", "adv_mean", "loss"):
+        assert out.metrics[key] == pytest.approx(ref.metrics[key], rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
+def test_opdloss_with_rule_gradient_equals_weighted_loss_gradient(loss):
+    """The rule's weights applied after the forward give the gradient of the loss with those weights."""
+    g = torch.Generator().manual_seed(10)
+    zs = torch.randn(3, 14, 13, generator=g, dtype=torch.float64)
+    zt = torch.randn(3, 14, 13, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 13, (3, 14), generator=g)
+    y[2, -3:] = -100
+    seg = torch.arange(14).div(2, rounding_mode="floor").repeat(3, 1)
+    rule = fastopd.ReleaseRule(k=3, min_gain=-math.inf, min_segments=1)
+    a = zs.clone().requires_grad_(True)
+    out = fastopd.OPDLoss(loss, k=3, rule=rule)(a, zt, y, segment_ids=seg, normalizer=7.0)
+    out.loss.backward()
+    b = zs.clone().requires_grad_(True)
+    fastopd.opd_loss(b, zt, y, loss=loss, k=3, weights=out.release.weights.double(), normalizer=7.0).loss.backward()
+    assert (out.release.weights == 0).any()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -327,7 +350,9 @@ def test_bad_options_raise_clear_errors():
     with pytest.raises(ValueError, match="mode must be one of"):
         fastopd.ReleaseRule("suffix")
     with pytest.raises(ValueError, match="segment_ids="):
-        fastopd.OPDLoss(rule=fastopd.ReleaseRule(k=2))(zs, zt, y)
+        fastopd.OPDLoss(k=2, rule=fastopd.ReleaseRule(k=2))(zs, zt, y)
+    with pytest.raises(ValueError, match="rule.k=4 .* must equal OPDLoss's k=2"):
+        fastopd.OPDLoss(k=2, rule=fastopd.ReleaseRule(k=4))
 
 
 def test_weights_and_old_logprobs_get_no_gradient():
