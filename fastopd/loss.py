@@ -150,10 +150,7 @@ class OPDLoss(nn.Module):
         decision = self.rule.from_margins(stats.margins, segment_ids, stats.valid)
         w = decision.weights.to(device=out.per_token.device, dtype=out.per_token.dtype)
         per_token = out.per_token * w
-        total = per_token.sum() / reference._normaliser(normalizer, stats.valid, per_token.dtype)
-        metrics = reference.loss_metrics(stats, w, per_token, self.loss)
-        metrics["loss"] = float(total.detach())
-        metrics.update(decision.metrics)
-        weighted = OPDOutput(loss=total, per_token=per_token, stats=stats, metrics=metrics)
+        weighted = reference.reduce_loss(per_token, stats, w, self.loss, normalizer)
+        weighted.metrics.update(decision.metrics)
         weighted.release = decision
         return weighted

@@ -386,6 +386,18 @@ def loss_metrics(stats: TokenStats, weights: torch.Tensor, per_token: torch.Tens
     return metrics
 
 
+def reduce_loss(per_token: torch.Tensor, stats: TokenStats, weights: torch.Tensor, loss: str, normalizer) -> OPDOutput:
+    """The scalar loss sum_t l_t / normaliser and the metrics, as :class:`OPDOutput` (every backend ends here).
+
+    ``weights`` are the w_t already applied in ``per_token`` (zero at invalid positions); they only feed the
+    metrics.
+    """
+    total = per_token.sum() / _normaliser(normalizer, stats.valid, per_token.dtype)
+    metrics = loss_metrics(stats, weights, per_token, loss)
+    metrics["loss"] = float(total.detach())
+    return OPDOutput(loss=total, per_token=per_token, stats=stats, metrics=metrics)
+
+
 def check_loss_options(loss: str, weights, old_logprobs, target_ids) -> None:
     """Shared checks of ``opd_loss``'s options (every backend)."""
     if loss not in LOSSES:
@@ -443,7 +455,4 @@ def opd_loss(
         per_token = torch.where(valid, -w * adv * rho, zero)
     else:
         per_token = torch.where(valid, w * _reverse_kl(ls, lt), zero)
-    total = per_token.sum() / _normaliser(normalizer, valid, dtype)
-    metrics = loss_metrics(stats, w, per_token, loss)
-    metrics["loss"] = float(total.detach())
-    return OPDOutput(loss=total, per_token=per_token, stats=stats, metrics=metrics)
+    return reduce_loss(per_token, stats, w, loss, normalizer)

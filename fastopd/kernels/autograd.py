@@ -30,7 +30,7 @@ from fastopd.kernels.token_stats import (
     OUT_U,
     launch_token_stats,
 )
-from fastopd.reference import _normaliser, check_loss_options, loss_metrics
+from fastopd.reference import check_loss_options, reduce_loss
 from fastopd.types import OPDOutput, TokenStats
 
 
@@ -107,7 +107,7 @@ def opd_loss_triton(
 
     Same arguments and result as :func:`fastopd.reference.opd_loss`: ``pg`` l_t = -w_t sg(A_t) rho_t with
     rho_t = exp(s_t - sg(s_old_t)) and A_t = u_t - s_old_t; ``reverse_kl`` l_t = w_t KL_t; loss = sum_t l_t /
-    normaliser. The metrics are :func:`fastopd.reference.loss_metrics` plus ``loss``. The gradient w.r.t. the
+    normaliser. The reduction and metrics are :func:`fastopd.reference.reduce_loss`'s. The gradient w.r.t. the
     student logits is in their dtype (the sampled-token column p - 1 is formed in fp32); columns at or
     beyond ``vocab_size`` get 0; teacher logits, ``weights`` and ``old_logprobs`` get no gradient; the
     backward supports one differentiation (no double backward).
@@ -150,7 +150,4 @@ def opd_loss_triton(
         stats.reverse_kl = out[OUT_KL].view(shape)
     zero = torch.zeros((), dtype=torch.float32, device=valid.device)
     w = valid.float() if weights is None else torch.where(valid, weights.float(), zero)
-    total = per_token.sum() / _normaliser(normalizer, valid, torch.float32)
-    metrics = loss_metrics(stats, w, per_token, loss)
-    metrics["loss"] = float(total.detach())
-    return OPDOutput(loss=total, per_token=per_token, stats=stats, metrics=metrics)
+    return reduce_loss(per_token, stats, w, loss, normalizer)
