@@ -152,9 +152,76 @@ def measure(op, impl, n, v, k, device, dtype, peak, reps):
     return row
 
 
+def kernel_resources() -> list[dict]:
+    """Registers and spills of every compiled kernel variant so far (Triton's JIT cache; best effort)."""
+    from fastopd.kernels.loss_backward import _loss_backward_kernel
+    from fastopd.kernels.token_stats import _token_stats_kernel
+
+    out = []
+    for name, fn in (("token_stats", _token_stats_kernel), ("loss_backward", _loss_backward_kernel)):
+        caches = getattr(fn, "device_caches", None) or {}
+        for entry in caches.values():
+            cache = entry[0] if isinstance(entry, tuple) else entry
+            for key, kern in getattr(cache, "items", lambda: [])():
+                out.append(dict(kernel=name, n_regs=getattr(kern, "n_regs", None),
+                                n_spills=getattr(kern, "n_spills", None),
+                                num_warps=getattr(getattr(kern, "metadata", None), "num_warps", None),
+                                variant=str(key)[:400]))
+    return out
+
+
+def check_against_reference(n: int, v: int, k: int, device) -> dict:
+    """Largest difference between the kernels and the eager reference at one shape (bf16 inputs), so a
+    benchmark row is never reported for a kernel that computes something else."""
+    from fastopd.kernels import opd_loss_triton, token_stats_triton
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    zs = (torch.randn(n, v, generator=gen, device=device) * 3).to(torch.bfloat16)
+    zt = (torch.randn(n, v, generator=gen, device=device) * 3).to(torch.bfloat16)
+    y = torch.randint(0, v, (n,), generator=gen, device=device)
+    got = token_stats_triton(zs, zt, y, k=k, full_kl=True)
+    ref = reference.token_stats(zs.double(), zt.double(), y, k=k, full_kl=True)
+    out = {f"max_abs_err_{f}": float((getattr(got, f).double() - getattr(ref, f).double()).abs().max())
+           for f in ("student_logprobs", "teacher_logprobs", "advantages", "margins", "reverse_kl")}
+    leaf_t = zs.detach().clone().requires_grad_(True)
+    leaf_r = zs.detach().double().requires_grad_(True)
+    opd_loss_triton(leaf_t, zt, y, loss="reverse_kl", k=k).loss.backward()
+    reference.opd_loss(leaf_r, zt.double(), y, loss="reverse_kl", k=k).loss.backward()
+    out["max_abs_err_grad_reverse_kl"] = float((leaf_t.grad.double() - leaf_r.grad).abs().max())
+    out["max_abs_grad_reverse_kl"] = float(leaf_r.grad.abs().max())
+    out["shape"] = f"N={n}, V={v}, K={k}, bf16 inputs vs the fp64 reference"
+    del zs, zt, y, got, ref, leaf_t, leaf_r
+    torch.cuda.empty_cache()
+    return out
+
+
+def versions() -> dict:
+    """Every version a number depends on, recorded with every result."""
+    import platform
+
+    v = dict(python=platform.python_version(), torch=torch.__version__, torch_cuda=torch.version.cuda)
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = None
+    if torch.cuda.is_available():
+        v["gpu"] = torch.cuda.get_device_name()
+        v["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        try:
+            import subprocess
+
+            v["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                         capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception:  # noqa: BLE001 - informational only
+            v["driver"] = None
+    return v
+
+
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# token_stats / opd_loss benchmark on {meta['device']}", ""]
-    lines += [f"- {key}: {val}" for key, val in meta.items() if key != "device"]
+    lines += [f"- {key}: {val}" for key, val in meta.items() if key not in ("device", "kernels")]
     lines += ["", "| op | impl | N | V | K | ms (median) | GB/s | % roofline | extra mem MiB |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -208,35 +275,38 @@ def main(argv=None) -> int:
         print(f"unknown peak bandwidth for {name!r}: pass --peak-gbps to get % of roofline")
 
     meta = dict(
-        device=name, peak_gbps=peak, torch=torch.__version__, dtype="bfloat16",
+        device=name, peak_gbps=peak, **versions(), dtype="bfloat16",
         note="GPU run" if cuda else "CPU run: not kernel performance" + (" (Triton interpreter)" if interpret else ""),
         bytes="stats: 2*N*V*itemsize; loss_pg: 4*N*V*itemsize; loss_kl: 5*N*V*itemsize",
         extra_mem="torch.cuda.max_memory_allocated during one call minus memory allocated before it",
     )
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"token_stats_{device_slug(name)}")
 
     rows = []
-    # Triton first, the compiled reference last: if a time limit cuts the run, the kernel rows are saved.
-    for impl in impls:
-        for v in vs:
-            for n in ns:
-                for op in ops:
-                    if impl == "triton_inplace" and not op.startswith("loss"):
-                        continue
-                    row = measure(op, impl, n, v, args.k, device, torch.bfloat16, peak, args.reps)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    with open(stem + ".json", "w") as f:
-                        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-                    with open(stem + ".md", "w") as f:
-                        f.write(to_markdown(meta, rows))
+    # The goal shape (largest N and V) first, every implementation of it, then the smaller shapes: if a time
+    # limit cuts the run, the rows that decide the goals are saved (each row is written as soon as it is done).
+    shapes = sorted(((n, v) for v in vs for n in ns), key=lambda nv: (-nv[1], -nv[0]))
+    if cuda and "triton" in impls:
+        try:
+            meta["check"] = check_against_reference(min(ns), max(vs), args.k, device)
+        except Exception as e:  # noqa: BLE001 - recorded, and the run goes on
+            meta["check"] = f"{type(e).__name__}: {e}"[:300]
+        print("check vs fp64 reference:", json.dumps(meta["check"]), flush=True)
+    for n, v in shapes:
+        for impl in impls:
+            for op in ops:
+                if impl == "triton_inplace" and not op.startswith("loss"):
+                    continue
+                row = measure(op, impl, n, v, args.k, device, torch.bfloat16, peak, args.reps)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if cuda and impl.startswith("triton"):
+                    meta["kernels"] = kernel_resources()
+                with open(stem + ".json", "w") as f:
+                    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+                with open(stem + ".md", "w") as f:
+                    f.write(to_markdown(meta, rows))
     print(f"wrote {stem}.json and {stem}.md")
     return 0
 

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# One command for a session with a GPU: the CUDA kernel tests, then the full kernel benchmark.
-# Everything is written under $OUT (default benchmarks/results). Target: < 8 minutes on one H100.
+# One command for a session with a GPU: versions, the kernel benchmark (goal shape first, with a check
+# against the fp64 reference), then the CUDA kernel tests. Everything is written under $OUT (default
+# benchmarks/results). Target: about 5 minutes on one H100/H200, so a 15-minute GPU lease leaves a rerun.
 #
 #   bash benchmarks/gpu_check.sh            # or: OUT=/some/dir bash benchmarks/gpu_check.sh
 #
-# Files: test_kernels_cuda.log / .xml (pytest), token_stats_<device>.json / .md (benchmark, written after
-# every row, so a time limit still leaves the rows done), bench.log, nvidia_smi.txt.
+# Another Triton than the installed one: install its wheel into a folder and put it first on the path, e.g.
+#   pip install --no-deps --target /tmp/tri triton==3.9.0 && PYTHONPATH=/tmp/tri bash benchmarks/gpu_check.sh
+# (on a machine without network, carry the wheel and `pip install --no-index --no-deps --target ...` it).
+# Every result file records the Triton, torch, CUDA and driver versions it was measured with.
+#
+# Files: versions.txt, nvidia_smi.txt, token_stats_<device>.json / .md (written after every row, so a time
+# limit still leaves the rows done), bench.log, test_kernels_cuda.log / .xml.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -13,19 +19,32 @@ mkdir -p "$OUT"
 unset TRITON_INTERPRET                    # compiled kernels on CUDA tensors
 export TRITON_DEFAULT_FP_FUSION=1         # Triton 3.9's default, stated to silence its warning
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+BENCH_S="${BENCH_S:-200}"
+TEST_S="${TEST_S:-150}"
 
 nvidia-smi > "$OUT/nvidia_smi.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/nvidia_smi.txt"
+python - <<'PY' 2>&1 | tee "$OUT/versions.txt"
+import platform, torch
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = None
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| triton", tv, "| gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+PY
 start=$(date +%s)
 
-# 1. correctness on CUDA (~35 stats + ~13 backward kernel specialisations to JIT-compile: ~2 min)
-timeout 270 python -m pytest tests/test_kernels.py -q -x -p no:cacheprovider \
+# 1. benchmark: bf16, K=16; N in {1024, 4096, 16384}, V in {32768, 151936}, the goal shape
+#    (N=16384, V=151936) first with every implementation (triton, triton_inplace, eager, compile)
+timeout "$BENCH_S" python benchmarks/bench_token_stats.py --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+bench_status=${PIPESTATUS[0]}
+echo "bench: exit $bench_status after $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
+
+# 2. correctness on CUDA (~48 kernel specialisations to JIT-compile)
+timeout "$TEST_S" python -m pytest tests/test_kernels.py -q -x -p no:cacheprovider \
     --junitxml="$OUT/test_kernels_cuda.xml" 2>&1 | tee "$OUT/test_kernels_cuda.log"
 test_status=${PIPESTATUS[0]}
-echo "tests: exit $test_status after $(( $(date +%s) - start )) s" | tee -a "$OUT/test_kernels_cuda.log"
-
-# 2. benchmark: bf16, K=16, N in {1024, 4096, 16384}, V in {32768, 151936}; Triton rows first
-timeout 240 python benchmarks/bench_token_stats.py --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log"
-bench_status=${PIPESTATUS[0]}
-echo "bench: exit $bench_status, total $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
+echo "tests: exit $test_status, total $(( $(date +%s) - start )) s" | tee -a "$OUT/test_kernels_cuda.log"
 
 [ "$test_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
