@@ -28,7 +28,7 @@ from fastopd.types import OPDOutput, ReleaseResult, SegmentMeans, TokenStats
 
 BIC_EPS = 1e-12
 LOSSES = ("pg", "reverse_kl")
-CONTROLS = ("full", "fixed_prefix", "random")
+CONTROLS = ("full", "fixed_prefix", "random", "shuffled")
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -322,16 +322,21 @@ def control_weights(
     *,
     fraction: float = 0.5,
     generator: np.random.Generator | int | None = None,
+    kept_fractions=None,
 ) -> torch.Tensor:
     """The controls of DESIGN.md section 4, each rescaled to keep the loss mass like the release rule.
 
     Args:
         kind: ``"full"`` (w = valid), ``"fixed_prefix"`` (keep the first ``ceil(fraction * L)`` valid tokens)
             or ``"random"`` (cut at a uniformly random boundary between two of the row's segments; a row
-            with a single segment keeps everything).
+            with a single segment keeps everything), or ``"shuffled"`` (the rule's kept fractions
+            ``kept_fractions`` permuted among the batch's rows by ``generator``; each row is cut at the
+            segment boundary nearest its borrowed fraction, :func:`cut_nearest_fraction`).
         segment_ids, valid_mask: (B, L) as in :func:`release_weights`.
         fraction: kept fraction for ``fixed_prefix``, in (0, 1].
-        generator: numpy Generator or seed for ``random``.
+        generator: numpy Generator or seed for ``random`` and ``shuffled``.
+        kept_fractions: (B,) the release rule's L_kept / L of every row (``shuffled`` only; NaN for a row
+            without valid tokens).
     """
     if kind not in CONTROLS:
         raise ValueError(f"kind must be one of {CONTROLS}, got {kind!r}")
@@ -346,12 +351,47 @@ def control_weights(
         kept = valid & (torch.cumsum(valid.long(), dim=-1) <= n_keep)
         return _rescale(kept, valid)
     rng = generator if isinstance(generator, np.random.Generator) else np.random.default_rng(generator)
+    if kind == "shuffled":
+        if kept_fractions is None:
+            raise ValueError("kind='shuffled' needs kept_fractions= (B,), the release rule's kept fraction per row")
+        kf = _as_numpy(kept_fractions, "kept_fractions").astype(np.float64)
+        if kf.shape != (seg.shape[0],):
+            raise ValueError(f"kept_fractions must have shape (B,) = ({seg.shape[0]},), got {kf.shape}")
+        borrowed = kf[rng.permutation(seg.shape[0])]
+        return release_weights(seg, valid, cut_nearest_fraction(seg, valid, borrowed))
     seg_np, valid_np = seg.cpu().numpy(), valid.cpu().numpy()
     r = np.empty(seg.shape[0], dtype=np.int64)
     for b in range(seg.shape[0]):
         present = np.unique(seg_np[b][valid_np[b]])
         r[b] = present[rng.integers(1, len(present))] if len(present) >= 2 else np.iinfo(np.int64).max
     return release_weights(seg, valid, r)
+
+
+def cut_nearest_fraction(segment_ids, valid_mask, fractions) -> np.ndarray:
+    """Per row, the release segment id whose cut keeps the fraction of valid tokens nearest ``fractions[b]``.
+
+    The candidate cuts are the starts of the row's segments after its first one, and the end of the row
+    (keep everything), so at least the first segment is kept; on a tie the earlier cut wins. A NaN
+    fraction (a row without valid tokens on the rule's side) keeps everything. Returns int64 (B,), ready for
+    :func:`release_weights`.
+    """
+    seg, valid = _as_mask_tensors(segment_ids, valid_mask)
+    f = np.asarray(fractions, dtype=np.float64)
+    if f.shape != (seg.shape[0],):
+        raise ValueError(f"fractions must have shape (B,) = ({seg.shape[0]},), got {f.shape}")
+    seg_np, valid_np = seg.cpu().numpy(), valid.cpu().numpy()
+    out = np.full(seg.shape[0], np.iinfo(np.int64).max, dtype=np.int64)
+    for b in range(seg.shape[0]):
+        g = seg_np[b][valid_np[b]]
+        if g.size == 0 or not np.isfinite(f[b]):
+            continue
+        present, counts = np.unique(g, return_counts=True)  # sorted segment ids and their token counts
+        kept = np.cumsum(counts)[:-1] / g.size  # kept fraction when cutting before present[1], present[2], ...
+        cands = np.append(kept, 1.0)
+        j = int(np.argmin(np.abs(cands - f[b])))  # first minimum: the earlier cut on a tie
+        if j < len(kept):
+            out[b] = present[j + 1]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

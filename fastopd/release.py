@@ -2,12 +2,14 @@
 
 :func:`bic_release` runs the C++ scan (``fastopd._C``); :class:`ReleaseRule` is the one object that goes
 from logits (or margins) and segment ids to per-token weights and diagnostics, for the rule itself and for
-its controls (``full``, ``fixed_prefix``, ``random``).
+its controls (``full``, ``fixed_prefix``, ``random``, ``shuffled``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import time
 
 import numpy as np
 import torch
@@ -79,19 +81,21 @@ class ReleaseDecision:
     kept_fraction: np.ndarray
     series: SegmentMeans
     metrics: dict = field(default_factory=dict)
+    elapsed_s: float = 0.0  # wall time of the decision (means + scan + weights), for the trainer's time_rule
 
 
 class ReleaseRule:
     """The "Prefix Teach, Suffix Fade" release rule, or one of its controls, as one object.
 
     Args:
-        mode: ``"release"`` (the rule), or a control: ``"full"``, ``"fixed_prefix"``, ``"random"``. The BIC
+        mode: ``"release"`` (the rule), or a control: ``"full"``, ``"fixed_prefix"``, ``"random"``,
+            ``"shuffled"`` (the rule's kept fractions of the batch permuted among its rollouts). The BIC
             scan runs in every mode, so the diagnostics are comparable; only the weights differ.
         k: student candidates for the margin m_t.
         temperature: tau of the margin.
         min_segments, min_gain: options of the scan (:func:`bic_release`).
         fraction: kept fraction for ``fixed_prefix``.
-        seed: seed of the ``random`` control's generator.
+        seed: seed of the ``random`` and ``shuffled`` controls' generator.
         backend: backend of :func:`fastopd.token_stats` when called on logits.
 
     Example:
@@ -159,6 +163,7 @@ class ReleaseRule:
 
     def from_margins(self, margins, segment_ids, valid) -> ReleaseDecision:
         """Decide the weights from per-token margins m_t (B, L), segment ids (B, L) and the valid mask."""
+        t0 = time.perf_counter()
         series = segment_means(margins, segment_ids, valid)
         scan = bic_release(series.values, series.offsets, min_segments=self.min_segments, min_gain=self.min_gain)
         release_segment = self._segment_ids_of(series, scan)
@@ -166,6 +171,13 @@ class ReleaseRule:
         valid = valid if isinstance(valid, torch.Tensor) else torch.as_tensor(np.asarray(valid))
         if self.mode == "release":
             weights = release_weights(seg, valid, release_segment)
+        elif self.mode == "shuffled":
+            rule_w = release_weights(seg, valid, release_segment)
+            n_rule = ((rule_w > 0) & valid.to(rule_w.device)).sum(-1).cpu().numpy().astype(np.float64)
+            n_all = valid.sum(-1).cpu().numpy().astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rule_fraction = n_rule / n_all
+            weights = control_weights("shuffled", seg, valid, generator=self._rng, kept_fractions=rule_fraction)
         else:
             weights = control_weights(self.mode, seg, valid, fraction=self.fraction, generator=self._rng)
         n_valid = valid.sum(-1).cpu().numpy().astype(np.float64)
@@ -179,7 +191,8 @@ class ReleaseRule:
             "kept_fraction_rule": float(n_kept.sum() / max(n_valid.sum(), 1.0)),
             "release_position": float(kept_fraction[scan.accepted].mean()) if scan.accepted.any() else float("nan"),
         }
-        return ReleaseDecision(weights, scan, release_segment, kept_fraction, series, metrics)
+        return ReleaseDecision(weights, scan, release_segment, kept_fraction, series, metrics,
+                               elapsed_s=time.perf_counter() - t0)
 
     @staticmethod
     def _segment_ids_of(series: SegmentMeans, scan: ReleaseResult) -> np.ndarray:

@@ -92,7 +92,8 @@ class TrainConfig:
     # ---- loss and release rule (DESIGN.md sections 1-5)
     mode: str = _f(
         "release", "Which tokens are supervised: release (the Prefix-Teach/Suffix-Fade rule), or a control: full "
-        "(every token), fixed_prefix (first `fraction` of the tokens), random (cut at a random sentence boundary).",
+        "(every token), fixed_prefix (first `fraction` of the tokens), random (cut at a random sentence boundary), "
+        "shuffled (the rule's kept fractions of the batch permuted among its rollouts: same lengths, other places).",
         MODES)
     loss: str = _f("pg", "pg: policy gradient with the reverse-KL advantage (Thinking Machines recipe); "
                    "reverse_kl: exact dense reverse KL.", LOSSES)

@@ -8,7 +8,7 @@ One optimizer step (``train``, at the bottom), repeated ``cfg.steps`` times:
    (``completion_logits``: logits at position t-1 predict token t, completion positions only);
 4. every completion is cut into sentence segments (``fastopd.segment.batch_token_segments``; -1 at padding);
 5. ``fastopd.OPDLoss(rule=fastopd.ReleaseRule(mode=cfg.mode))`` decides the per-token weights (the release
-   rule, or the ``full`` / ``fixed_prefix`` / ``random`` control) and returns the loss (DESIGN.md 1-5);
+   rule, or the ``full`` / ``fixed_prefix`` / ``random`` / ``shuffled`` control) and returns the loss (DESIGN.md 1-5);
 6. backward; after ``grad_accum_steps`` micro-batches: clip, AdamW step, LR schedule step;
 7. log (JSONL, tqdm, TensorBoard), evaluate (greedy decoding + a verifier), checkpoint.
 
@@ -588,6 +588,7 @@ def _train(cfg: TrainConfig) -> dict:
         t_step = time.perf_counter()
         totals = StepTotals()
         t_gen = 0.0
+        phase = dict.fromkeys(PHASES, 0.0)  # seconds per phase of this step (DESIGN-independent bookkeeping)
         grad_norm = float("nan")
         for micro in range(cfg.grad_accum_steps):
             rows = [train_rows[i] for i in schedule.indices(step, micro)]
@@ -603,23 +604,35 @@ def _train(cfg: TrainConfig) -> dict:
                     chat_template=cfg.chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
                     synced_gpus=needs_synced_generation(accelerator))
             t_gen += time.perf_counter() - t0
+            t0 = _now(device)
             add_segments(rollouts, tokenizer)  # 4. sentence segments per completion token
+            phase["time_rule"] += _now(device) - t0
 
             with accelerator.accumulate(student):
                 # 3. teacher scores (no grad), student forward (grad), completion positions only
+                t0 = _now(device)
                 with torch.no_grad(), accelerator.autocast():
                     teacher_logits = completion_logits(teacher, rollouts)
+                t1 = _now(device)
                 student_logits = completion_logits(student, rollouts)
                 # 5. release rule -> weights -> loss (on-policy: old_logprobs = None)
                 out = criterion(student_logits, teacher_logits, rollouts.targets, segment_ids=rollouts.segment_ids)
+                t2 = _now(device)
+                rule_s = out.release.elapsed_s if out.release is not None else 0.0
+                phase["time_teacher"] += t1 - t0
+                phase["time_rule"] += rule_s
+                phase["time_student_forward"] += t2 - t1 - rule_s  # student logits + loss forward
                 # 6. backward; the optimizer acts once per grad_accum_steps micro-batches
                 accelerator.backward(out.loss)
+                t3 = _now(device)
+                phase["time_backward"] += t3 - t2
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf"))
                     grad_norm = float(norm) if norm is not None else float("nan")
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                phase["time_optimizer"] += _now(device) - t3
 
             correct = [bool(verify(t, a)) if (verify and a is not None) else None
                        for t, a in zip(rollouts.texts, answers)]
@@ -633,7 +646,8 @@ def _train(cfg: TrainConfig) -> dict:
         metrics = totals.reduce(accelerator)
         step_time = time.perf_counter() - t_step  # rollouts + scoring + update; evaluation and saving excluded
         step_times.append(step_time)
-        metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, time_generate=t_gen, time_step=step_time)
+        metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, time_generate=t_gen, time_step=step_time,
+                       **phase)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             last_eval = run_eval(step)
             if last_eval is not None:
@@ -668,6 +682,19 @@ def _train(cfg: TrainConfig) -> dict:
     accelerator.end_training()
     _release_accelerator(accelerator)
     return summary
+
+
+PHASES = ("time_teacher", "time_student_forward", "time_rule", "time_backward", "time_optimizer")
+"""Per-step phase timings (seconds, summed over micro-batches) logged with ``time_generate`` and ``time_step``:
+teacher scoring; student forward + loss forward; the rule (segmentation + segment means + scan + weights);
+backward; clipping + optimizer + scheduler step. On CUDA each boundary synchronises the device."""
+
+
+def _now(device) -> float:
+    """``time.perf_counter()`` after the device's queued work has finished (CUDA), so phases do not bleed."""
+    if getattr(device, "type", None) == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _copy_final(src: Path, dst: Path) -> None:
