@@ -1,6 +1,7 @@
 """The ``fastopd`` command (also ``python -m fastopd``).
 
     fastopd demo [--quick] [--out DIR]      CPU demo: OPD with and without the release rule, table + plots
+    fastopd study [--seeds N] [--out DIR]   the rule against every control over several seeds (resumable)
     fastopd example [...]                   the release rule on one rollout, segment by segment
     fastopd train --config cfg.yaml [...]   on-policy distillation of any Hugging Face causal LM pair
     fastopd report RUN_DIR [...] --out DIR  plots of finished runs
@@ -24,8 +25,9 @@ keeps the teacher's feedback only on the prefix of each answer where it is still
 
 EPILOG = """\
 start here:
-  fastopd demo --quick          2-minute CPU demo on the shipped tiny models (no download)
-  fastopd demo                  the full demo (about 10 minutes on 2 CPU cores)
+  fastopd demo --quick          90-second CPU demo on the shipped tiny models (no download)
+  fastopd demo                  the full demo (about 6 minutes on 2 CPU cores)
+  fastopd study                 release vs full / fixed_prefix / random / shuffled, 3 seeds each
   fastopd example               watch the release rule decide on one rollout
   fastopd train --config configs/demo_release.yaml
                                 train from a YAML config; any field can be overridden by a flag
@@ -115,7 +117,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fastopd.train.demo import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed, steps=args.steps, progress=not args.no_progress,
-             num_threads=args.threads, loss=args.loss, lr=args.lr)
+             num_threads=args.threads, loss=args.loss, lr=args.lr, task=args.task)
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from fastopd.train.study import run_study
+
+    run_study(args.out, seeds=args.seeds, steps=args.steps, task=args.task, arms=tuple(args.arms),
+              progress=not args.no_progress, num_threads=args.threads)
     return 0
 
 
@@ -184,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs OPD twice from the same tiny student and seed -- every token supervised "
                        "(full) and the release rule -- and prints teacher/student accuracy, tokens supervised and "
                        "time per step; writes table.md, table.json and PNG plots to --out. No download.")
-    p.add_argument("--quick", action="store_true", help="short schedule (about 2 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="short schedule (about 90 s on 2 CPU cores)")
+    p.add_argument("--task", choices=("long", "arithmetic"), default="long",
+                   help="long: 15-40-sentence answers whose check the teacher may phrase freely (default); "
+                   "arithmetic: the short 4-7-sentence task")
     p.add_argument("--out", default="fastopd-demo", help="report folder (default: ./fastopd-demo)")
     p.add_argument("--steps", type=int, default=None, help="override the number of steps per arm")
     p.add_argument("--seed", type=int, default=0, help="seed of both arms (default 0)")
@@ -194,6 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 1: fastest for the tiny demo models)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    from fastopd.train.study import ARMS
+
+    p = sub.add_parser("study", help="the release rule against every control, several seeds (resumable)",
+                       description="Trains every arm (release, full, fixed_prefix at the release arm's kept "
+                       "fraction, random, shuffled) for every seed from the same shipped student, grades each "
+                       "final student on both tasks, and writes study.json, study.md and plots to --out. A run "
+                       "that has finished (result.json) is not rerun.")
+    p.add_argument("--out", default="fastopd-study", help="study folder (default: ./fastopd-study)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1; default 3)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: the demo's schedule)")
+    p.add_argument("--task", choices=("long", "arithmetic"), default="long", help="in-domain task (default long)")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (release is required)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_study)
 
     sub.add_parser("example", help="the release rule on one built-in rollout (fastopd example --help)",
                    add_help=False)

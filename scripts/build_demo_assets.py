@@ -40,9 +40,11 @@ from fastopd.train.task import (  # noqa: E402
     EVAL_SEED, TRAIN_SEED, MAX_ADD, MAX_MUL, MAX_START, MAX_VALUE,
     format_prompt, make_problems, solution_completion, write_jsonl,
 )
+from fastopd.train import long_task  # noqa: E402
 from fastopd.train.verify import boxed_match  # noqa: E402
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
+LONG_MAX_NEW_TOKENS = 192  # the longest long-task solution is 160 tokens with the shipped tokenizer
 VAL_SEED = 777  # validation problems (split "eval", disjoint from the final 200 by construction below)
 
 TEACHER_CFG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -57,7 +59,7 @@ def train_tokenizer(vocab_size: int, seed: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    problems = make_problems(20000, seed, split="train", unique=False)
+    problems = mixed_problems(20000, seed, split="train", long_fraction=0.5)
     texts = [format_prompt(p["prompt"]) + solution_completion(p) for p in problems]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -76,6 +78,20 @@ def train_tokenizer(vocab_size: int, seed: int):
 
 
 # ----------------------------------------------------------------------------------------- data
+def mixed_problems(n: int, seed: int, *, split: str, long_fraction: float):
+    """``n`` training problems: a ``long_fraction`` of the long task (fastopd.train.long_task), the rest of the
+    arithmetic task (fastopd.train.task), shuffled together deterministically."""
+    n_long = int(round(n * long_fraction))
+    rows = (long_task.make_problems(n_long, seed, split=split, unique=False)
+            + make_problems(n - n_long, seed, split=split, unique=False))
+    random.Random(f"mix/{seed}/{split}").shuffle(rows)
+    return rows
+
+
+def is_long(problem: Dict[str, str]) -> bool:
+    return problem["prompt"].startswith("Find the sum of ")
+
+
 def encode_sft(tok, problems: Sequence[Dict[str, str]]):
     """(input_ids, labels) per problem: labels are -100 on the prompt, the solution tokens + EOS after it."""
     prompts = tok([format_prompt(p["prompt"]) for p in problems])["input_ids"]
@@ -105,7 +121,7 @@ def make_model(cfg: Dict, tok, seed: int):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True,
+    config = Qwen3Config(vocab_size=len(tok), max_position_embeddings=320, tie_word_embeddings=True,
                          bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                          rope_theta=10000.0, rms_norm_eps=1e-6, attention_dropout=0.0, use_cache=True, **cfg)
     model = Qwen3ForCausalLM(config)
@@ -121,9 +137,11 @@ def n_params(model) -> int:
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tok, problems, batch_size: int = 100, max_new_tokens: int = 64,
+def greedy_accuracy(model, tok, problems, batch_size: int = 100, max_new_tokens: int | None = None,
                     return_completions: bool = False):
     """Fraction of problems whose greedy completion passes boxed_match (left-padded batched generate)."""
+    if max_new_tokens is None:
+        max_new_tokens = LONG_MAX_NEW_TOKENS if any(is_long(p) for p in problems) else 64
     model.eval()
     tok.padding_side = "left"
     correct, comps = 0, []
@@ -144,14 +162,14 @@ def greedy_accuracy(model, tok, problems, batch_size: int = 100, max_new_tokens:
 
 def sft(model, tok, *, steps: int, batch_size: int, lr: float, seed: int, desc: str,
         eval_every: int = 0, val_problems=None, warmup: int = 50, min_lr_frac: float = 0.1,
-        stop_at: float = 2.0):
+        stop_at: float = 2.0, long_fraction: float = 0.75, ood_val_problems=None, snapshot_dir=None):
     """SFT with AdamW + linear warmup + cosine decay; loss on solution tokens only.
 
     Every ``eval_every`` steps (and at the end) greedy accuracy on ``val_problems`` is measured and the
     weights are snapshotted; returns the list of (step, val_acc, state_dict). Training stops early once
     the validation accuracy reaches ``stop_at``.
     """
-    problems = make_problems(steps * batch_size, seed, split="train", unique=False)
+    problems = mixed_problems(steps * batch_size, seed, split="train", long_fraction=long_fraction)
     rows = encode_sft(tok, problems)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
 
@@ -179,8 +197,11 @@ def sft(model, tok, *, steps: int, batch_size: int, lr: float, seed: int, desc: 
         last = step == steps - 1
         if val_problems is not None and ((eval_every and (step + 1) % eval_every == 0) or last):
             acc = greedy_accuracy(model, tok, val_problems)
-            snaps.append((step + 1, acc, copy.deepcopy(model.state_dict())))
-            print(f"  [{desc}] step {step + 1}: loss {ema:.4f} val_acc {acc:.3f}", flush=True)
+            ood = greedy_accuracy(model, tok, ood_val_problems) if ood_val_problems else float("nan")
+            snaps.append((step + 1, acc, copy.deepcopy(model.state_dict()), ood))
+            if snapshot_dir is not None:  # the latest validated weights, to inspect while training goes on
+                model.save_pretrained(snapshot_dir, safe_serialization=True)
+            print(f"  [{desc}] step {step + 1}: loss {ema:.4f} val_acc {acc:.3f} (arithmetic {ood:.3f})", flush=True)
             if acc >= stop_at:
                 break
     bar.close()
@@ -210,24 +231,27 @@ def dir_size(path: Path) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "fastopd" / "assets" / "demo")
-    ap.add_argument("--vocab-size", type=int, default=576)
-    ap.add_argument("--teacher-steps", type=int, default=1200)
+    ap.add_argument("--vocab-size", type=int, default=640)
+    ap.add_argument("--long-fraction", type=float, default=0.75,
+                    help="fraction of SFT examples from the long task (the rest: the arithmetic task)")
+    ap.add_argument("--teacher-steps", type=int, default=800)
     ap.add_argument("--teacher-lr", type=float, default=3e-3)
-    ap.add_argument("--teacher-batch", type=int, default=64)
+    ap.add_argument("--teacher-batch", type=int, default=32)
+    ap.add_argument("--teacher-evals", type=int, default=4, help="validation points along the teacher's SFT")
     ap.add_argument("--student-steps", type=int, default=600)
     ap.add_argument("--student-lr", type=float, default=3e-3)
     ap.add_argument("--student-batch", type=int, default=32)
     ap.add_argument("--student-eval-every", type=int, default=50)
     ap.add_argument("--student-stop", type=float, default=0.30,
-                    help="stop the student once its validation accuracy reaches this")
+                    help="stop the student once its long-task validation accuracy reaches this")
     ap.add_argument("--student-target", type=float, default=0.2)
     ap.add_argument("--n-eval", type=int, default=200)
     ap.add_argument("--n-val", type=int, default=100)
-    ap.add_argument("--n-train-prompts", type=int, default=2000, help="prompts written to data/train.jsonl")
+    ap.add_argument("--n-train-prompts", type=int, default=2000, help="prompts written to data/*train.jsonl")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is the most robust on a shared 2-core CPU)")
     ap.add_argument("--save-dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    ap.add_argument("--skip-teacher", action="store_true", help="reuse the teacher already in --out")
+    ap.add_argument("--skip-teacher", action="store_true", help="reuse the teacher (and tokenizer) already in --out")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -238,29 +262,35 @@ def main(argv=None):
     save_dtype = getattr(torch, args.save_dtype)
     timings = {}
 
-    eval_problems = make_problems(args.n_eval, EVAL_SEED, split="eval")
-    eval_prompts = {p["prompt"] for p in eval_problems}
-    val_problems = [p for p in make_problems(args.n_val + args.n_eval, VAL_SEED, split="eval")
-                    if p["prompt"] not in eval_prompts][:args.n_val]
+    # held-out problems of both tasks (eval: the final numbers; val: checkpoint selection), disjoint
+    def eval_and_val(make, seed_val):
+        ev = make(args.n_eval, EVAL_SEED if make is make_problems else long_task.EVAL_SEED, split="eval")
+        seen = {p["prompt"] for p in ev}
+        val = [p for p in make(args.n_val + args.n_eval, seed_val, split="eval") if p["prompt"] not in seen]
+        return ev, val[:args.n_val]
+
+    eval_problems, val_problems = eval_and_val(long_task.make_problems, VAL_SEED)
+    arith_eval, arith_val = eval_and_val(make_problems, VAL_SEED)
 
     # 1. tokenizer
     t0 = time.time()
-    tok = train_tokenizer(args.vocab_size, TRAIN_SEED)
     tok_dir = out / "tokenizer"
-    if tok_dir.exists():
-        shutil.rmtree(tok_dir)
-    tok.save_pretrained(tok_dir)
-    # name the class every transformers version knows (v5 maps it to its TokenizersBackend)
-    cfg_path = tok_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if not args.skip_teacher:
+        tok = train_tokenizer(args.vocab_size, TRAIN_SEED)
+        if tok_dir.exists():
+            shutil.rmtree(tok_dir)
+        tok.save_pretrained(tok_dir)
+        # name the class every transformers version knows (v5 maps it to its TokenizersBackend)
+        cfg_path = tok_dir / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     timings["tokenizer"] = time.time() - t0
-    print(f"tokenizer: vocab {len(tok)} -> {tok_dir} ({timings['tokenizer']:.1f}s)", flush=True)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tok_dir)
     tok.padding_side = "right"
+    print(f"tokenizer: vocab {len(tok)} -> {tok_dir} ({timings['tokenizer']:.1f}s)", flush=True)
 
     results = {"vocab": len(tok)}
     # 2. teacher
@@ -269,14 +299,15 @@ def main(argv=None):
         teacher = make_model(TEACHER_CFG, tok, seed=1)
         print(f"teacher: {n_params(teacher):,} params", flush=True)
         snaps = sft(teacher, tok, steps=args.teacher_steps, batch_size=args.teacher_batch, lr=args.teacher_lr,
-                    seed=TRAIN_SEED + 1, desc="teacher SFT", eval_every=max(1, args.teacher_steps // 5),
-                    val_problems=val_problems)
-        results["teacher_val_curve"] = [(s, a) for s, a, _ in snaps]
+                    seed=TRAIN_SEED + 1, desc="teacher SFT", eval_every=max(1, args.teacher_steps // args.teacher_evals),
+                    val_problems=val_problems, ood_val_problems=arith_val, long_fraction=args.long_fraction,
+                    snapshot_dir=out / "teacher_snapshot")
+        results["teacher_val_curve"] = [(s[0], s[1], s[3]) for s in snaps]
         results["teacher_acc_fp32"] = greedy_accuracy(teacher, tok, eval_problems)
         save_model(teacher, tok_dir, out / "teacher", save_dtype)
         timings["teacher"] = time.time() - t0
         print(f"teacher: fp32 acc {results['teacher_acc_fp32']:.3f} ({timings['teacher']:.0f}s)", flush=True)
-        del teacher
+        del teacher, snaps
 
     # 3. student
     t0 = time.time()
@@ -284,11 +315,12 @@ def main(argv=None):
     print(f"student: {n_params(student):,} params", flush=True)
     snaps = sft(student, tok, steps=args.student_steps, batch_size=args.student_batch, lr=args.student_lr,
                 seed=TRAIN_SEED + 2, desc="student SFT", eval_every=args.student_eval_every,
-                val_problems=val_problems, stop_at=args.student_stop)
-    results["student_val_curve"] = [(s, a) for s, a, _ in snaps]
-    # the checkpoint nearest the target accuracy, preferring ones inside [5%, 40%]
+                val_problems=val_problems, ood_val_problems=arith_val, stop_at=args.student_stop,
+                long_fraction=args.long_fraction)
+    results["student_val_curve"] = [(s[0], s[1], s[3]) for s in snaps]
+    # the checkpoint nearest the target long-task accuracy, preferring ones inside [5%, 40%]
     inside = [s for s in snaps if 0.05 <= s[1] <= 0.40] or snaps
-    step, val_acc, state = min(inside, key=lambda s: (abs(s[1] - args.student_target), s[0]))
+    step, val_acc, state, _ = min(inside, key=lambda s: (abs(s[1] - args.student_target), s[0]))
     student.load_state_dict(state)
     results["student_step"] = step
     results["student_acc_fp32"] = greedy_accuracy(student, tok, eval_problems)
@@ -297,7 +329,7 @@ def main(argv=None):
     print(f"student: kept step {step} (val {val_acc:.3f}); fp32 acc {results['student_acc_fp32']:.3f} "
           f"({timings['student']:.0f}s)", flush=True)
 
-    # 4. reload through the public code paths and re-measure
+    # 4. reload through the public code paths and re-measure, on both tasks
     t0 = time.time()
     for name in ("teacher", "student"):
         m = AutoModelForCausalLM.from_pretrained(out / name)
@@ -305,19 +337,27 @@ def main(argv=None):
         assert next(m.parameters()).dtype == torch.float32, next(m.parameters()).dtype
         acc, comps = greedy_accuracy(m, t, eval_problems, return_completions=True)
         results[f"{name}_acc"] = acc
+        results[f"{name}_arith_acc"] = greedy_accuracy(m, t, arith_eval)
         results[f"{name}_params"] = n_params(m)
-        results[f"{name}_samples"] = comps[:3]
-        print(f"{name} (reloaded from {args.save_dtype} safetensors as fp32): acc {acc:.3f} "
-              f"on {len(eval_problems)} held-out problems", flush=True)
+        results[f"{name}_samples"] = comps[:2]
+        print(f"{name} (reloaded from {args.save_dtype} safetensors as fp32): long-task acc {acc:.3f}, "
+              f"arithmetic acc {results[name + '_arith_acc']:.3f} on {len(eval_problems)} held-out problems each",
+              flush=True)
     timings["reload_eval"] = time.time() - t0
     timings["total"] = time.time() - t_start
 
     # 5. prompt files for the OPD demo (JSONL with prompt + answer, prompts already formatted)
     data = out / "data"
     write_jsonl(data / "train.jsonl", make_problems(args.n_train_prompts, TRAIN_SEED + 3, split="train"))
-    write_jsonl(data / "eval.jsonl", eval_problems)
+    write_jsonl(data / "eval.jsonl", arith_eval)
+    write_jsonl(data / "long_train.jsonl",
+                long_task.make_problems(args.n_train_prompts, long_task.TRAIN_SEED + 3, split="train"))
+    write_jsonl(data / "long_eval.jsonl", eval_problems)
 
     sizes = {name: dir_size(out / name) for name in ("tokenizer", "teacher", "student", "data")}
+    (out / "build.json").write_text(json.dumps(
+        {"results": {k: v for k, v in results.items() if not k.endswith("samples")}, "sizes_bytes": sizes,
+         "timings_s": {k: round(v, 1) for k, v in timings.items()}}, indent=1) + "\n")
     write_readme(out, args, results, timings, sizes, eval_problems)
     print(json.dumps({"results": {k: v for k, v in results.items() if not k.endswith("samples")},
                       "sizes_bytes": sizes, "total_bytes": dir_size(out),

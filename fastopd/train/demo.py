@@ -1,15 +1,22 @@
 """``fastopd demo``: on-policy distillation with and without the release rule, on a CPU, in minutes.
 
 Uses the shipped tiny Qwen3 teacher and student (``fastopd/assets/demo``, built by
-``scripts/build_demo_assets.py``) on the synthetic multi-step arithmetic task (``fastopd.train.task``):
+``scripts/build_demo_assets.py``, trained on both tasks) on the long-response task
+(:mod:`fastopd.train.long_task`, the default) or the short arithmetic task (``--task arithmetic``,
+:mod:`fastopd.train.task`):
 
-1. greedy accuracy of the teacher and of the student on held-out problems;
-2. two OPD runs from the same student, the same prompts and the same seed: the ``full`` control (every
+1. greedy accuracy of the teacher and of the student on held-out problems of both tasks (the other task is
+   the out-of-domain one);
+2. the precondition (:mod:`fastopd.train.precondition`): 256 of the student's own rollouts scored by the
+   teacher before OPD: first/last-quarter margin ratio, accept rate, mean gain, release position;
+3. two OPD runs from the same student, the same prompts and the same seed: the ``full`` control (every
    token supervised) and the release rule (``release``: prefix kept, suffix released);
-3. a table (teacher; student before; after full OPD; after release-rule OPD; tokens supervised; time per
-   step), written as ``table.md`` / ``table.json``, and the figures of :mod:`fastopd.train.report`.
+4. a table (teacher; student before; after full OPD; after release-rule OPD; in-domain and OOD accuracy,
+   accept rate, mean gain, kept fraction, tokens supervised, time per step and the rule's share of it),
+   written as ``table.md`` / ``table.json``, and the figures of :mod:`fastopd.train.report` (the margin
+   profile and gain histogram include the precondition's rollouts, "before OPD").
 
-Nothing is downloaded. ``--quick`` runs a shorter schedule (about 2 minutes on 2 cores).
+Nothing is downloaded. ``--quick`` runs a shorter schedule.
 """
 
 from __future__ import annotations
@@ -26,38 +33,62 @@ from fastopd.train.config import TrainConfig
 
 ARMS = (("full", "full OPD (every token)"), ("release", "release-rule OPD (prefix only)"))
 
-# Schedules. Sizes were chosen so that the full demo fits in 10 minutes and --quick in 2 minutes on a
-# 2-core CPU (measured times in docs/training.md). The models are tiny, so one torch thread is the fastest
-# setting (thread synchronisation costs more than it saves, and much more on a busy machine).
+# Schedules per task. The models are tiny, so one torch thread is the fastest setting (thread synchronisation
+# costs more than it saves, and much more on a busy machine). Measured times: docs/training.md.
 SCHEDULES = {
-    "full": dict(steps=200, prompts_per_step=16, num_samples=4, eval_size=200, eval_every=50, n_train=2000),
-    "quick": dict(steps=60, prompts_per_step=8, num_samples=4, eval_size=200, eval_every=0, n_train=500),
+    "arithmetic": {
+        "full": dict(steps=200, prompts_per_step=16, num_samples=4, eval_size=200, eval_every=50, n_train=2000),
+        "quick": dict(steps=60, prompts_per_step=8, num_samples=4, eval_size=200, eval_every=0, n_train=500),
+    },
+    "long": {
+        "full": dict(steps=60, prompts_per_step=8, num_samples=4, eval_size=200, eval_every=20, n_train=2000,
+                     precondition=256),
+        "quick": dict(steps=15, prompts_per_step=8, num_samples=4, eval_size=100, eval_every=0, n_train=500,
+                      precondition=256),
+    },
+}
+# Per task: the shipped prompt files (fastopd/assets/demo/data), the longest completion, the OOD task.
+TASKS = {
+    "long": dict(train="long_train.jsonl", eval="long_eval.jsonl", max_new_tokens=192, ood="arithmetic"),
+    "arithmetic": dict(train="train.jsonl", eval="eval.jsonl", max_new_tokens=72, ood="long"),
 }
 # The exact dense reverse KL (`loss="reverse_kl"`) rather than the trainer's default `pg`: with a 156k-parameter
 # student and a few minutes of CPU, its lower-variance gradient is what moves the student towards the teacher
 # (see docs/training.md, "The demo"); `fastopd demo --loss pg` runs the policy-gradient recipe instead.
-COMMON = dict(max_new_tokens=72, temperature=1.0, lr=5e-4, lr_scheduler="constant_with_warmup", warmup_steps=10,
+COMMON = dict(temperature=1.0, lr=5e-4, lr_scheduler="constant_with_warmup", warmup_steps=10,
               max_grad_norm=1.0, loss="reverse_kl", k=16, eval_batch_size=100, log_rollouts=True, save_every=0,
               keep_last=1)
 DEFAULT_THREADS = 1
 
 
 def demo_config(out_dir: Path, *, quick: bool, seed: int = 0, steps: int | None = None, progress: bool = True,
-                num_threads: int = 0, **overrides) -> tuple[TrainConfig, dict]:
-    """The shared TrainConfig of both arms (mode and output_dir are set per arm) and the schedule used."""
+                num_threads: int = 0, task: str = "long", **overrides) -> tuple[TrainConfig, dict]:
+    """The shared TrainConfig of both arms (mode and output_dir are set per arm) and the schedule used.
+
+    The schedule dict also holds ``task``, ``ood_task`` and ``ood_eval`` (the OOD task's held-out prompt file).
+    """
     from fastopd.train.task import DEMO_VERIFIER, EVAL_SEED, TRAIN_SEED, demo_asset_paths, make_problems, write_jsonl
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
 
     paths = demo_asset_paths()
     missing = [str(paths[k]) for k in ("teacher", "student", "tokenizer") if not Path(paths[k]).exists()]
     if missing:
         raise FileNotFoundError(f"the demo models are missing ({', '.join(missing)}); "
                                 "rebuild them with `python scripts/build_demo_assets.py`")
-    sched = dict(SCHEDULES["quick" if quick else "full"])
+    sched = dict(SCHEDULES[task]["quick" if quick else "full"])
     if steps is not None:
         sched["steps"] = steps
+    spec, ood = TASKS[task], TASKS[TASKS[task]["ood"]]
     shipped = Path(paths["root"]) / "data"  # the prompts shipped with the models (configs/demo_release.yaml)
-    if (shipped / "train.jsonl").is_file() and (shipped / "eval.jsonl").is_file():
-        train_path, eval_path = shipped / "train.jsonl", shipped / "eval.jsonl"
+    sched.update(task=task, ood_task=spec["ood"], ood_eval=str(shipped / ood["eval"]),
+                 ood_max_new_tokens=ood["max_new_tokens"])
+    if (shipped / spec["train"]).is_file() and (shipped / spec["eval"]).is_file():
+        train_path, eval_path = shipped / spec["train"], shipped / spec["eval"]
+    elif task == "long":
+        raise FileNotFoundError(f"the long task's prompt files are missing in {shipped}; rebuild the demo assets "
+                                "with `python scripts/build_demo_assets.py`")
     else:
         data = out_dir / "data"
         train_path = write_jsonl(data / "train.jsonl", make_problems(sched["n_train"], TRAIN_SEED, split="train"))
@@ -68,27 +99,82 @@ def demo_config(out_dir: Path, *, quick: bool, seed: int = 0, steps: int | None 
         steps=sched["steps"], prompts_per_step=sched["prompts_per_step"], num_samples=sched["num_samples"],
         eval_every=sched["eval_every"], eval_size=sched["eval_size"], eval_at_start=False,
         output_dir=str(out_dir), overwrite=True, progress=progress, num_threads=num_threads, log_with="none",
-        **{**COMMON, **{k: v for k, v in overrides.items() if v is not None}})
+        max_new_tokens=spec["max_new_tokens"], **{**COMMON, **{k: v for k, v in overrides.items() if v is not None}})
     return cfg, sched
 
 
-def baseline_accuracy(cfg: TrainConfig) -> dict:
-    """Greedy accuracy of the teacher and of the initial student on the eval set (the trainer's evaluate)."""
-    from fastopd.train.data import load_prompts
-    from fastopd.train.trainer import eos_ids_of, evaluate, load_model, load_tokenizer, quiet_transformers
+def baseline_accuracy(cfg: TrainConfig, sched: dict | None = None) -> dict:
+    """Greedy accuracy of the teacher and of the initial student on the eval set (the trainer's evaluate).
 
-    rows = load_prompts(cfg.eval_data)[:cfg.eval_size or None]
+    With a demo ``sched`` (:func:`demo_config`), also on the OOD task: ``out[role]["ood"]``.
+    """
+    from fastopd.train.trainer import load_model, load_tokenizer, quiet_transformers
+
     tok = load_tokenizer(cfg.tokenizer)
     out = {}
     with quiet_transformers():
         for role in ("teacher", "student"):
             model = load_model(getattr(cfg, role), dtype=torch.float32, attn="sdpa")
             t0 = time.perf_counter()
-            res = evaluate(model, tok, rows, verifier=cfg.verifier, eos_ids=eos_ids_of(tok, model),
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+            res = eval_accuracy(model, tok, cfg.eval_data, cfg, cfg.max_new_tokens)
             res["time_s"] = time.perf_counter() - t0
+            if sched is not None and Path(sched["ood_eval"]).is_file():
+                res["ood"] = eval_accuracy(model, tok, sched["ood_eval"], cfg, sched["ood_max_new_tokens"])
             out[role] = res
             del model
+    return out
+
+
+def eval_accuracy(model, tok, rows_path, cfg: TrainConfig, max_new_tokens: int) -> dict:
+    """Greedy accuracy of a loaded model on the first ``cfg.eval_size`` rows of a prompt file."""
+    from fastopd.train.data import load_prompts
+    from fastopd.train.trainer import eos_ids_of, evaluate
+
+    rows = load_prompts(str(rows_path))[:cfg.eval_size or None]
+    return evaluate(model, tok, rows, verifier=cfg.verifier, eos_ids=eos_ids_of(tok, model),
+                    max_new_tokens=max_new_tokens, batch_size=cfg.eval_batch_size)
+
+
+def ood_accuracy(final_dir: Path, cfg: TrainConfig, sched: dict) -> float:
+    """Greedy OOD-task accuracy of a run's final student (``<run>/final``)."""
+    from fastopd.train.trainer import load_model, load_tokenizer, quiet_transformers
+
+    with quiet_transformers():
+        model = load_model(str(final_dir), dtype=torch.float32, attn="sdpa")
+        res = eval_accuracy(model, load_tokenizer(cfg.tokenizer), sched["ood_eval"], cfg, sched["ood_max_new_tokens"])
+    return res["accuracy"]
+
+
+def run_precondition(cfg: TrainConfig, sched: dict, out_dir: Path, progress: bool = True) -> dict:
+    """:func:`fastopd.train.precondition.measure_precondition` on ``sched["precondition"]`` rollouts of the
+    initial student over the training prompts (records in ``out_dir``)."""
+    from fastopd.train.data import load_prompts
+    from fastopd.train.precondition import measure_precondition
+    from fastopd.train.trainer import load_model, load_tokenizer, quiet_transformers
+
+    rows = load_prompts(cfg.train_data)
+    tok = load_tokenizer(cfg.tokenizer)
+    with quiet_transformers():
+        student = load_model(cfg.student, dtype=torch.float32, attn="sdpa")
+        teacher = load_model(cfg.teacher, dtype=torch.float32, attn="sdpa")
+    return measure_precondition(student, teacher, tok, [r["prompt"] for r in rows], answers=[r["answer"] for r in rows],
+                                n_rollouts=sched.get("precondition", 256), max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, k=cfg.k, min_segments=cfg.min_segments,
+                                min_gain=cfg.min_gain, seed=cfg.seed, verifier=cfg.verifier, out_dir=out_dir,
+                                progress=progress)
+
+
+def phase_shares(metrics: list[dict]) -> dict:
+    """Mean seconds per step of each logged phase and its share of the step (``time_step``)."""
+    from fastopd.train.trainer import PHASES
+
+    out = {}
+    total = sum(r.get("time_step", 0.0) for r in metrics)
+    for key in ("time_generate",) + PHASES:
+        vals = [r[key] for r in metrics if key in r]
+        if vals:
+            out[key] = sum(vals) / len(vals)
+            out[key.replace("time_", "share_")] = sum(vals) / total if total > 0 else float("nan")
     return out
 
 
@@ -96,8 +182,12 @@ def arm_summary(summary: dict, run: dict, run_dir: Path) -> dict:
     """The numbers the table reports for one arm, from the trainer's summary and the run's logs."""
     from fastopd.train.report import release_fraction
 
+    import math
+
     rollouts, metrics = run["rollouts"], run["metrics"]
     accepted = [r for r in rollouts if r["accepted"]]
+    gains = [r["gain"] for r in rollouts if math.isfinite(r["gain"])]
+    kept = [r["kept_fraction"] for r in rollouts if math.isfinite(r["kept_fraction"])]
     window = max(1, min(10, len(metrics) // 4))
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     return {
@@ -108,6 +198,9 @@ def arm_summary(summary: dict, run: dict, run_dir: Path) -> dict:
         "supervised_fraction": summary["tokens_supervised"] / max(summary["tokens"], 1),
         "time_per_step": summary["time_per_step"],
         "accept_rate": len(accepted) / max(len(rollouts), 1),
+        "gain_mean": sum(gains) / len(gains) if gains else float("nan"),
+        "kept_fraction": sum(kept) / len(kept) if kept else float("nan"),  # mean over rollouts of L_kept / L
+        **phase_shares(metrics),
         "release_position": (sum(release_fraction(r) for r in accepted) / len(accepted)) if accepted else float("nan"),
         # -mean A_t = the sampled-token estimate of the reverse KL(student || teacher) on the student's rollouts
         "kl_first": -mean(metrics[:window], "adv_mean"),
@@ -119,24 +212,49 @@ def arm_summary(summary: dict, run: dict, run_dir: Path) -> dict:
     }
 
 
+def _pct(v) -> str:
+    return "-" if v is None or v != v else f"{v:.1%}"
+
+
 def format_table(table: dict) -> str:
     """The demo's table as markdown."""
     n = table["eval_problems"]
+    task = table.get("task", "arithmetic")
+    ood = table.get("ood_task")
+    ood_col = f" | OOD accuracy ({ood} task)" if ood else ""
     lines = [
-        f"| model | accuracy ({n} held-out problems, greedy) | KL(student, teacher) on rollouts, first -> last "
-        "steps | tokens supervised | time / step |",
-        "|---|---|---|---|---|",
-        f"| teacher | {table['teacher_accuracy']:.1%} | - | - | - |",
-        f"| student before OPD | {table['student_accuracy_before']:.1%} | - | - | - |",
+        f"| model | accuracy ({n} held-out {task} problems, greedy){ood_col} | KL(student, teacher) on rollouts, "
+        "first -> last steps | accept rate | mean gain | kept fraction | tokens supervised | time / step |",
+        "|---|---|" + ("---|" if ood else "") + "---|---|---|---|---|---|",
+        f"| teacher | {table['teacher_accuracy']:.1%}" + (f" | {_pct(table.get('teacher_ood_accuracy'))}" if ood else "")
+        + " | - | - | - | - | - | - |",
+        f"| student before OPD | {table['student_accuracy_before']:.1%}"
+        + (f" | {_pct(table.get('student_ood_accuracy_before'))}" if ood else "") + " | - | - | - | - | - | - |",
     ]
     for arm, label in ARMS:
         a = table["arms"][arm]
-        lines.append(f"| student after {label} | {a['accuracy_after']:.1%} | {a['kl_first']:.3f} -> {a['kl_last']:.3f} | "
+        gain = a.get("gain_mean", float("nan"))
+        lines.append(f"| student after {label} | {a['accuracy_after']:.1%}"
+                     + (f" | {_pct(a.get('ood_accuracy_after'))}" if ood else "")
+                     + f" | {a['kl_first']:.3f} -> {a['kl_last']:.3f} | {_pct(a['accept_rate'])} | "
+                     + ("-" if gain != gain else f"{gain:.1f}") + f" | {_pct(a.get('kept_fraction'))} | "
                      f"{a['tokens_supervised']:,} of {a['tokens']:,} ({a['supervised_fraction']:.0%}) | "
                      f"{a['time_per_step']:.2f} s |")
     rel = table["arms"]["release"]
+    lines += [""]
+    if table.get("precondition"):
+        from fastopd.train.precondition import format_precondition
+
+        lines += [format_precondition(table["precondition"]), ""]
+    if "share_rule" in rel:
+        lines += [
+            "Time per step of the release arm: " + ", ".join(
+                f"{k[5:]} {rel[k]:.3f} s ({rel['share_' + k[5:]]:.1%})" for k in (
+                    "time_generate", "time_teacher", "time_student_forward", "time_rule", "time_backward",
+                    "time_optimizer") if k in rel)
+            + f". The rule (segments + means + scan + weights) takes {rel['share_rule']:.1%} of a step "
+            "(goal <= 3%).", ""]
     lines += [
-        "",
         f"Release arm: accept rate {rel['accept_rate']:.1%} of rollouts, mean release position "
         f"{rel['release_position']:.2f} of the response (accepted rollouts). Both arms: {table['steps']} steps x "
         f"{table['rollouts_per_step']} rollouts, loss {table.get('loss', '?')}, lr {table.get('lr', float('nan')):g}, "
@@ -147,7 +265,8 @@ def format_table(table: dict) -> str:
 
 
 def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed: int = 0, steps: int | None = None,
-             progress: bool = True, num_threads: int = 0, loss: str | None = None, lr: float | None = None) -> dict:
+             progress: bool = True, num_threads: int = 0, loss: str | None = None, lr: float | None = None,
+             task: str = "long") -> dict:
     """Run the demo, write ``out_dir/{table.md,table.json,*.png}`` and return the table as a dict.
 
     ``steps``, ``loss`` and ``lr`` override the schedule's values (both arms).
@@ -161,13 +280,21 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
     num_threads = num_threads or DEFAULT_THREADS
     torch.set_num_threads(num_threads)
     cfg, sched = demo_config(out_dir, quick=quick, seed=seed, steps=steps, progress=progress,
-                             num_threads=num_threads, loss=loss, lr=lr)
-    print(f"fastopd demo ({'quick' if quick else 'full'}): {sched['steps']} steps x "
+                             num_threads=num_threads, loss=loss, lr=lr, task=task)
+    print(f"fastopd demo ({'quick' if quick else 'full'}, {task} task): {sched['steps']} steps x "
           f"{sched['prompts_per_step'] * sched['num_samples']} rollouts per arm, {sched['eval_size']} eval problems, "
           f"{torch.get_num_threads()} CPU threads -> {out_dir}", flush=True)
-    base = baseline_accuracy(cfg)
+    base = baseline_accuracy(cfg, sched)
+    ood_of = lambda role: base[role].get("ood", {}).get("accuracy")  # noqa: E731
     print(f"teacher accuracy {base['teacher']['accuracy']:.1%}, student accuracy {base['student']['accuracy']:.1%} "
-          f"(greedy, {base['student']['total']} problems)", flush=True)
+          f"(greedy, {base['student']['total']} {task} problems); OOD ({sched['ood_task']} task): teacher "
+          f"{_pct(ood_of('teacher'))}, student {_pct(ood_of('student'))}", flush=True)
+    pre = None
+    if sched.get("precondition"):
+        from fastopd.train.precondition import format_precondition
+
+        pre = run_precondition(cfg, sched, out_dir / "precondition", progress=progress)
+        print(format_precondition(pre), flush=True)
 
     arms = {}
     for arm, label in ARMS:
@@ -175,7 +302,12 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
         summary = train(dataclasses.replace(cfg, mode=arm, output_dir=str(out_dir / arm)))
         run = load_run(out_dir / arm)
         arms[arm] = arm_summary(summary, run, out_dir / arm)
+        if Path(sched["ood_eval"]).is_file():
+            arms[arm]["ood_accuracy_after"] = ood_accuracy(out_dir / arm / "final", cfg, sched)
     table = {
+        "task": task, "ood_task": sched["ood_task"],
+        "teacher_ood_accuracy": ood_of("teacher"), "student_ood_accuracy_before": ood_of("student"),
+        "precondition": pre,
         "quick": quick, "seed": seed, "steps": sched["steps"], "loss": cfg.loss, "lr": cfg.lr,
         "rollouts_per_step": sched["prompts_per_step"] * sched["num_samples"],
         "eval_problems": base["student"]["total"],
@@ -185,8 +317,10 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
-    figures = make_report({label: out_dir / arm for arm, label in
-                           (("full", "full"), ("release", "release rule"))}, out_dir, min_gain=cfg.min_gain)
+    runs = {label: out_dir / arm for arm, label in (("full", "full"), ("release", "release rule"))}
+    if pre is not None:
+        runs = {"before OPD (precondition)": out_dir / "precondition", **runs}
+    figures = make_report(runs, out_dir, min_gain=cfg.min_gain)
     table["figures"] = [str(p) for p in figures]
     table["total_time_s"] = time.perf_counter() - t_start
     md = format_table(table)

@@ -1,0 +1,304 @@
+"""``fastopd study``: the release rule against every control, over several seeds, as one command.
+
+Arms (``ReleaseRule`` modes): ``release``, ``full``, ``fixed_prefix`` (its fraction set to the release arm's
+measured mean kept fraction of the same seed), ``random`` and ``shuffled``. Every arm of every seed starts from
+the same shipped student; the seed changes the rollouts' sampling and the prompt order. Each run is the
+demo's configuration (:func:`fastopd.train.demo.demo_config`) with ``mode`` and ``seed`` set; after it the
+final student is graded greedily on held-out problems of the task (in-domain) and of the other task (OOD).
+
+Output folder::
+
+    runs/<mode>-s<seed>/          the trainer's run folder, plus result.json once the run is finished
+    precondition/                 the precondition on the initial student (fastopd.train.precondition)
+    study.json                    {"arms": {"<mode>": [{"seed", "accuracy", "ood_accuracy", "tokens",
+                                  "tokens_supervised", "accept_rate", "gain_mean", "time_per_step"}, ...]}, ...}
+    study.md                      mean ± std per arm; paired difference release - control over seeds, 95 %
+                                  bootstrap interval
+    accuracy.png, margin_profile.png, bic_gains.png
+
+Resumable: a run whose ``result.json`` exists is not rerun (a half-finished run is restarted from scratch), so
+running the same command again after an interruption only does what is missing and rewrites the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+ARMS = ("release", "full", "fixed_prefix", "random", "shuffled")
+ROW_KEYS = ("seed", "accuracy", "ood_accuracy", "tokens", "tokens_supervised", "accept_rate", "gain_mean",
+            "time_per_step")
+METRICS = (("accuracy", "in-domain accuracy"), ("ood_accuracy", "OOD accuracy"),
+           ("tokens_supervised", "tokens supervised"), ("accept_rate", "accept rate"),
+           ("time_per_step", "time / step (s)"))
+
+__all__ = ["ARMS", "run_study", "aggregate", "paired_bootstrap", "format_study", "plot_study"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics (pure functions: the tests run them on a fake study)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def paired_bootstrap(diffs, *, n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean of paired differences and its percentile bootstrap interval (seeds resampled with replacement).
+
+    Returns ``{"mean", "lo", "hi", "n"}``; with a single difference the interval is that value.
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"diffs must be a non-empty 1-D sequence, got shape {d.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    if not np.isfinite(d).all():
+        raise ValueError(f"diffs must be finite, got {d.tolist()}")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    a = (1 - level) / 2
+    return {"mean": float(d.mean()), "lo": float(np.quantile(means, a)), "hi": float(np.quantile(means, 1 - a)),
+            "n": int(d.size)}
+
+
+def aggregate(arms: dict[str, list[dict]], *, reference: str = "release", n_boot: int = 10_000) -> dict:
+    """Per arm and metric: mean, std (ddof 1; 0 with one seed), n; per control: the paired difference
+    ``reference - control`` over the seeds both have, with its bootstrap interval (:func:`paired_bootstrap`)."""
+    if reference not in arms:
+        raise ValueError(f"arms must include the reference arm {reference!r}, got {sorted(arms)}")
+    summary: dict = {"arms": {}, "paired": {}}
+    for mode, rows in arms.items():
+        s = {}
+        for key, _ in METRICS:
+            v = np.array([r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])], dtype=np.float64)
+            s[key] = {"mean": float(v.mean()) if v.size else float("nan"),
+                      "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+        summary["arms"][mode] = s
+    ref = {r["seed"]: r for r in arms[reference]}
+    for mode, rows in arms.items():
+        if mode == reference:
+            continue
+        summary["paired"][mode] = {}
+        for key in ("accuracy", "ood_accuracy"):
+            diffs = [ref[r["seed"]][key] - r[key] for r in rows if r["seed"] in ref]
+            summary["paired"][mode][key] = paired_bootstrap(diffs, n_boot=n_boot) if diffs else None
+    return summary
+
+
+def _fmt(key: str, m: dict) -> str:
+    if m["n"] == 0:
+        return "-"
+    if key in ("accuracy", "ood_accuracy", "accept_rate"):
+        return f"{m['mean']:.1%} ± {m['std']:.1%}"
+    if key == "tokens_supervised":
+        return f"{m['mean']:,.0f} ± {m['std']:,.0f}"
+    return f"{m['mean']:.2f} ± {m['std']:.2f}"
+
+
+def format_study(study: dict, summary: dict) -> str:
+    """study.md: the setting, mean ± std per arm, the paired differences with their intervals."""
+    s = study.get("setting", {})
+    lines = [
+        "# fastopd study: the release rule against every control",
+        "",
+        f"Task `{s.get('task', '?')}` (OOD: `{s.get('ood_task', '?')}`), {s.get('steps', '?')} OPD steps x "
+        f"{s.get('rollouts_per_step', '?')} rollouts per run, loss `{s.get('loss', '?')}`, lr {s.get('lr', '?')}, "
+        f"seeds {s.get('seeds', '?')}; every run starts from the same shipped student; accuracy is greedy on "
+        f"{s.get('eval_problems', '?')} held-out problems of each task. Student before OPD: "
+        f"{_pct(study.get('student_before', {}).get('accuracy'))} in-domain, "
+        f"{_pct(study.get('student_before', {}).get('ood_accuracy'))} OOD.",
+        "",
+        "| arm | seeds | " + " | ".join(label for _, label in METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
+    for mode, rows in study["arms"].items():
+        a = summary["arms"][mode]
+        lines.append(f"| {mode} | {len(rows)} | " + " | ".join(_fmt(k, a[k]) for k, _ in METRICS) + " |")
+    lines += ["", "Paired difference release − control over seeds (mean, 95 % percentile bootstrap interval of the "
+              "mean over seeds; with 3 seeds the interval is coarse):", "",
+              "| control | Δ in-domain accuracy | Δ OOD accuracy |", "|---|---|---|"]
+    for mode, p in summary["paired"].items():
+        cells = []
+        for key in ("accuracy", "ood_accuracy"):
+            b = p.get(key)
+            cells.append("-" if b is None else f"{b['mean']:+.1%} [{b['lo']:+.1%}, {b['hi']:+.1%}] (n={b['n']})")
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    fp = [r.get("fraction") for r in study["arms"].get("fixed_prefix", []) if r.get("fraction") is not None]
+    if fp:
+        lines += ["", "fixed_prefix fractions (the release arm's mean kept fraction of the same seed): "
+                  + ", ".join(f"{f:.3f}" for f in fp) + "."]
+    if study.get("precondition"):
+        from fastopd.train.precondition import format_precondition
+
+        lines += ["", format_precondition(study["precondition"])]
+    if s.get("total_time_s"):
+        lines += ["", f"Wall time of the runs done by the last invocation: {s['total_time_s'] / 60:.1f} min "
+                  f"({s.get('threads', '?')} torch thread(s), {s.get('cpu_count', '?')} CPUs, shared machine)."]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(v) -> str:
+    return "-" if v is None or v != v else f"{v:.1%}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------------
+
+
+def plot_study(study: dict, out_dir: Path, run_dirs: dict[str, list[Path]] | None = None,
+               precondition_dir: Path | None = None, min_gain: float = 10.0) -> list[Path]:
+    """accuracy.png (per arm, each seed a dot, in-domain and OOD); with run folders, margin_profile.png and
+    bic_gains.png of the first seed of each arm (and the precondition's rollouts, "before OPD")."""
+    from fastopd.train.report import _pyplot, load_run, plot_gain_histogram, plot_margin_profile
+
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    modes = list(study["arms"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (key, label) in zip(axes, (("accuracy", "in-domain accuracy"), ("ood_accuracy", "OOD accuracy"))):
+        for i, mode in enumerate(modes):
+            vals = [r[key] for r in study["arms"][mode] if r.get(key) is not None]
+            jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(len(vals))
+            ax.plot(i + jitter, vals, "o", color="tab:blue" if mode == "release" else "tab:gray", ms=6, alpha=0.8)
+            if vals:
+                ax.hlines(np.mean(vals), i - 0.25, i + 0.25, color="black", lw=2)
+        before = study.get("student_before", {}).get(key)
+        if before is not None:
+            ax.axhline(before, color="tab:red", ls="--", lw=1, label="student before OPD")
+            ax.legend(fontsize=8)
+        ax.set_xticks(range(len(modes)))
+        ax.set_xticklabels(modes, rotation=20)
+        ax.set_ylabel(label)
+        ax.set_title(f"{label}: each dot a seed, bar the mean", fontsize=10)
+    fig.tight_layout()
+    paths = [out_dir / "accuracy.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    if run_dirs:
+        runs = {}
+        if precondition_dir is not None and (Path(precondition_dir) / "rollouts.jsonl").is_file():
+            runs["before OPD"] = load_run(precondition_dir)
+        for mode, dirs in run_dirs.items():
+            if dirs:
+                runs[f"{mode} (seed {study['arms'][mode][0]['seed']})"] = load_run(dirs[0])
+        paths.append(plot_margin_profile(runs, out_dir / "margin_profile.png"))
+        gain_runs = {k: v for k, v in runs.items() if k == "before OPD" or k.startswith("release")}
+        paths.append(plot_gain_histogram(gain_runs, out_dir / "bic_gains.png", min_gain=min_gain))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running it
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _run_one(cfg, sched, run_dir: Path, progress: bool) -> dict:
+    """Train one arm (from scratch) and grade it; write and return its result row."""
+    from fastopd.train.demo import arm_summary, ood_accuracy
+    from fastopd.train.report import load_run
+    from fastopd.train.trainer import train
+
+    summary = train(dataclasses.replace(cfg, output_dir=str(run_dir), overwrite=True, progress=progress))
+    a = arm_summary(summary, load_run(run_dir), run_dir)
+    row = {"seed": cfg.seed, "accuracy": a["accuracy_after"],
+           "ood_accuracy": ood_accuracy(run_dir / "final", cfg, sched) if Path(sched["ood_eval"]).is_file() else None,
+           "tokens": a["tokens"], "tokens_supervised": a["tokens_supervised"], "accept_rate": a["accept_rate"],
+           "gain_mean": a["gain_mean"], "time_per_step": a["time_per_step"], "kept_fraction": a["kept_fraction"],
+           "share_rule": a.get("share_rule"), "mode": cfg.mode}
+    if cfg.mode == "fixed_prefix":
+        row["fraction"] = cfg.fraction
+    (run_dir / "result.json").write_text(json.dumps(row, indent=1) + "\n")
+    return row
+
+
+def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] = 3, steps: int | None = None,
+              task: str = "long", arms: tuple[str, ...] = ARMS, quick: bool = False, progress: bool = True,
+              num_threads: int = 0, precondition: bool = True) -> dict:
+    """Run (or finish) the study in ``out_dir`` and write study.json, study.md and the plots; return study.json.
+
+    ``seeds``: a count (seeds 0..n-1) or a list. ``steps`` overrides the demo schedule's steps per run.
+    """
+    import os
+
+    import torch
+
+    from fastopd.train.demo import DEFAULT_THREADS, baseline_accuracy, demo_config, run_precondition
+
+    bad = [a for a in arms if a not in ARMS]
+    if bad or "release" not in arms:
+        raise ValueError(f"arms must be a subset of {ARMS} that includes 'release', got {arms!r}")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list:
+        raise ValueError(f"seeds must be a positive count or a non-empty list, got {seeds!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_threads = num_threads or DEFAULT_THREADS
+    torch.set_num_threads(num_threads)
+    t_start = time.perf_counter()
+    cfg, sched = demo_config(out_dir, quick=quick, steps=steps, progress=progress, num_threads=num_threads, task=task)
+    cfg = dataclasses.replace(cfg, eval_every=0, log_rollouts=True)  # final evaluation only
+
+    base_path = out_dir / "baseline.json"
+    if base_path.is_file():
+        base = json.loads(base_path.read_text())
+    else:
+        b = baseline_accuracy(cfg, sched)
+        base = {"student_before": {"accuracy": b["student"]["accuracy"],
+                                   "ood_accuracy": b["student"].get("ood", {}).get("accuracy")},
+                "teacher": {"accuracy": b["teacher"]["accuracy"],
+                            "ood_accuracy": b["teacher"].get("ood", {}).get("accuracy")},
+                "eval_problems": b["student"]["total"]}
+        base_path.write_text(json.dumps(base, indent=1) + "\n")
+    pre = None
+    if precondition:
+        pre_path = out_dir / "precondition" / "precondition.json"
+        pre = json.loads(pre_path.read_text()) if pre_path.is_file() else run_precondition(
+            cfg, sched, out_dir / "precondition", progress=progress)
+
+    results: dict[str, list[dict]] = {m: [] for m in arms}
+    run_dirs: dict[str, list[Path]] = {m: [] for m in arms}
+    order = ["release"] + [m for m in arms if m != "release"]  # fixed_prefix needs the release arm's fraction
+    jobs = [(seed, mode) for seed in seed_list for mode in order]
+    done_before = sum((out_dir / "runs" / f"{m}-s{s}" / "result.json").is_file() for s, m in jobs)
+    print(f"fastopd study: {len(arms)} arms x {len(seed_list)} seeds, {sched['steps']} steps x "
+          f"{sched['prompts_per_step'] * sched['num_samples']} rollouts per run; {done_before} of {len(jobs)} runs "
+          f"already finished -> {out_dir}", flush=True)
+    for seed, mode in jobs:
+        run_dir = out_dir / "runs" / f"{mode}-s{seed}"
+        done = run_dir / "result.json"
+        if done.is_file():
+            row = json.loads(done.read_text())
+        else:
+            run_cfg = dataclasses.replace(cfg, mode=mode, seed=seed)
+            if mode == "fixed_prefix":
+                rel = next(r for r in results["release"] if r["seed"] == seed)
+                run_cfg = dataclasses.replace(run_cfg, fraction=float(min(1.0, max(rel["kept_fraction"], 1e-3))))
+            print(f"--- {mode}, seed {seed}", flush=True)
+            row = _run_one(run_cfg, sched, run_dir, progress)
+            print(f"    accuracy {row['accuracy']:.1%}, OOD {_pct(row['ood_accuracy'])}, supervised "
+                  f"{row['tokens_supervised']:,} of {row['tokens']:,}, {row['time_per_step']:.2f} s/step", flush=True)
+        results[mode].append(row)
+        run_dirs[mode].append(run_dir)
+
+    study = {
+        "arms": {m: [{k: r.get(k) for k in ROW_KEYS} | ({"fraction": r["fraction"]} if "fraction" in r else {})
+                     for r in results[m]] for m in arms},
+        "student_before": base["student_before"], "teacher": base["teacher"], "precondition": pre,
+        "setting": {"task": task, "ood_task": sched["ood_task"], "steps": sched["steps"],
+                    "rollouts_per_step": sched["prompts_per_step"] * sched["num_samples"], "loss": cfg.loss,
+                    "lr": cfg.lr, "seeds": seed_list, "eval_problems": base["eval_problems"],
+                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                    "total_time_s": time.perf_counter() - t_start},
+    }
+    summary = aggregate(study["arms"])
+    study["summary"] = summary
+    (out_dir / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+    md = format_study(study, summary)
+    (out_dir / "study.md").write_text(md)
+    figures = plot_study(study, out_dir, run_dirs, out_dir / "precondition" if pre else None, min_gain=cfg.min_gain)
+    print("\n" + md + "\nFigures: " + ", ".join(str(p) for p in figures), flush=True)
+    return study

@@ -1,0 +1,99 @@
+"""Tests of the long-response demo task (fastopd/train/long_task.py): generator, verifier, why the margin fades."""
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+
+import pytest
+
+from fastopd.segment import sentence_spans
+from fastopd.train import long_task as lt
+from fastopd.train.task import split_of
+from fastopd.train.verify import boxed_match
+
+
+def _terms(prompt: str) -> list[int]:
+    """The numbers of a prompt by a regex of this test (independent of long_task.parse_terms)."""
+    body = re.match(r"^Find the sum of (.*), then check every step\.$", prompt).group(1)
+    return [int(x) for x in re.findall(r"\d+", body)]
+
+
+def test_generator_is_deterministic_disjoint_and_in_range():
+    a = lt.make_problems(200, seed=1)
+    assert a == lt.make_problems(200, seed=1) and a != lt.make_problems(200, seed=2)
+    ev = lt.make_problems(100, seed=1, split="eval")
+    assert not {p["prompt"] for p in a} & {p["prompt"] for p in ev}
+    assert all(split_of(p["prompt"]) == "eval" for p in ev)
+    assert len({p["prompt"] for p in a}) == 200
+    sizes = Counter(len(_terms(p["prompt"])) for p in a)
+    assert set(sizes) == set(range(lt.MIN_TERMS, lt.MAX_TERMS + 1))
+    for p in a:
+        t = _terms(p["prompt"])
+        assert all(1 <= x <= lt.MAX_TERM for x in t) and sum(t) <= lt.MAX_TOTAL
+        assert p["answer"] == str(sum(t)) and boxed_match(p["solution"], p["answer"])
+
+
+def test_solutions_are_15_to_40_sentences_and_check_every_step_once():
+    for p in lt.make_problems(100, seed=3):
+        n = len(_terms(p["prompt"]))
+        spans = sentence_spans(" " + p["solution"])  # the segmenter the release rule uses
+        assert 15 <= len(spans) <= 40 and len(spans) == 2 * n + 2
+        named = [int(i) for i in re.findall(r"(?:Step|Line) (\d+) (?:is|looks)", p["solution"])]
+        assert sorted(named) == list(range(1, n))
+        res = lt.check_solution(p["prompt"], p["solution"])
+        assert res["well_formed"] and not res["errors"], res
+
+
+def test_check_choices_are_uniform_and_the_order_varies():
+    """The check's wording and order are free: every option appears about equally often."""
+    probs = lt.make_problems(2000, seed=4, unique=False)
+    verdicts = Counter(re.findall(r"(?:Step|Line) \d+ (?:is|looks) (\w+)\.", " ".join(p["solution"] for p in probs)))
+    total = sum(verdicts.values())
+    assert set(verdicts) == set(lt.CHECK_VERDICTS)
+    for v in verdicts.values():
+        assert abs(v / total - 0.25) < 0.02
+    firsts = Counter(int(re.search(r"step\. (?:Step|Line) (\d+)", p["solution"]).group(1)) for p in probs)
+    assert len(firsts) >= 6  # the first step re-checked is not always step 1
+
+
+def test_verifier_catches_wrong_answers_and_broken_checks():
+    p = lt.make_problems(1, seed=5)[0]
+    sol, total = p["solution"], int(p["answer"])
+    assert lt.check_solution(p["prompt"], sol)["well_formed"]
+    wrong = sol.replace(f"\\boxed{{{total}}}", f"\\boxed{{{total + 1}}}")
+    r = lt.check_solution(p["prompt"], wrong)
+    assert not r["answer_correct"] and not r["well_formed"]
+    # a wrong running sum in the derivation
+    first = re.search(r"(\d+) plus (\d+) is (\d+)\.", sol)
+    bad = sol.replace(first.group(0), f"{first.group(1)} plus {first.group(2)} is {int(first.group(3)) + 1}.", 1)
+    assert not lt.check_solution(p["prompt"], bad)["derivation_correct"]
+    # a check that names a step twice and forgets another
+    checks = re.findall(r"(?:Step|Line) (\d+) (?:is|looks)", sol)
+    dup = re.sub(r"(Step|Line) \d+ (is|looks)", rf"\g<1> {checks[1]} \g<2>", sol, count=1)
+    r = lt.check_solution(p["prompt"], dup)
+    assert not r["check_complete"] and any("check names" in e for e in r["errors"])
+    # a rephrased but equally correct check is accepted
+    alt = re.sub(r"(Step|Line) (\d+) is (\w+)\.", r"Line \2 looks \3.", sol)
+    assert lt.check_solution(p["prompt"], alt)["well_formed"]
+    with pytest.raises(ValueError, match="problem_text"):
+        lt.check_solution("Start with 3. Add 2. What is the result?", sol)
+
+
+def test_most_check_words_are_free_choices():
+    """Why the margin fades: most words of the check are one of several equally likely options."""
+    p = lt.make_problems(1, seed=6)[0]
+    check = p["solution"].split("The sum is")[1].split(". ", 1)[1]
+    words = len(check.replace(".", "").split())
+    assert lt.free_slots(p["solution"]) >= 0.75 * words
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="n must be"):
+        lt.make_problems(-1, seed=0)
+    with pytest.raises(ValueError, match="min_terms"):
+        lt.make_problems(3, seed=0, min_terms=5, max_terms=4)
+    with pytest.raises(ValueError, match="split"):
+        lt.make_problems(3, seed=0, split="test")
+    with pytest.raises(ValueError, match="n_terms"):
+        lt.make_problem(random.Random(0), 1)

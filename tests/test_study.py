@@ -1,0 +1,111 @@
+"""Tests of ``fastopd study``'s statistics, table and plots on a tiny fake study (fastopd/train/study.py)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fastopd.train.study import ARMS, ROW_KEYS, aggregate, format_study, paired_bootstrap, plot_study
+
+
+def _row(seed, acc, ood, sup=500):
+    return {"seed": seed, "accuracy": acc, "ood_accuracy": ood, "tokens": 1000, "tokens_supervised": sup,
+            "accept_rate": 0.6, "gain_mean": 20.0, "time_per_step": 1.0}
+
+
+def _fake():
+    return {
+        "release": [_row(0, 0.50, 0.80), _row(1, 0.60, 0.70), _row(2, 0.55, 0.75)],
+        "full": [_row(2, 0.45, 0.70, 1000), _row(0, 0.40, 0.80, 1000), _row(1, 0.50, 0.60, 1000)],  # other order
+        "fixed_prefix": [{**_row(0, 0.5, 0.8), "fraction": 0.6}, {**_row(1, 0.6, 0.7), "fraction": 0.55},
+                         {**_row(2, 0.55, 0.75), "fraction": 0.5}],
+    }
+
+
+def test_aggregate_means_stds_and_paired_differences_by_seed():
+    s = aggregate(_fake(), n_boot=2000)
+    acc = s["arms"]["release"]["accuracy"]
+    assert acc["mean"] == pytest.approx(0.55) and acc["std"] == pytest.approx(0.05) and acc["n"] == 3
+    assert s["arms"]["full"]["tokens_supervised"]["mean"] == 1000
+    # paired by seed, not by list position: release - full = 0.10, 0.10, 0.10 (accuracy)
+    p = s["paired"]["full"]["accuracy"]
+    assert p["mean"] == pytest.approx(0.10) and p["lo"] == pytest.approx(0.10) and p["hi"] == pytest.approx(0.10)
+    q = s["paired"]["full"]["ood_accuracy"]  # 0.0, 0.10, 0.05
+    assert q["mean"] == pytest.approx(0.05) and 0.0 <= q["lo"] < 0.05 < q["hi"] <= 0.10
+    assert s["paired"]["fixed_prefix"]["accuracy"]["mean"] == pytest.approx(0.0)
+    assert "release" not in s["paired"]
+
+
+def test_paired_bootstrap_interval_covers_the_mean_and_narrows_with_more_seeds():
+    rng = np.random.default_rng(0)
+    few = paired_bootstrap(rng.normal(0.05, 0.1, 3), n_boot=4000)
+    many = paired_bootstrap(rng.normal(0.05, 0.1, 300), n_boot=4000)
+    for b in (few, many):
+        assert b["lo"] <= b["mean"] <= b["hi"]
+    assert many["hi"] - many["lo"] < few["hi"] - few["lo"]
+    assert many["lo"] < 0.05 < many["hi"]
+    assert paired_bootstrap([0.2], n_boot=10) == {"mean": 0.2, "lo": 0.2, "hi": 0.2, "n": 1}
+    with pytest.raises(ValueError, match="diffs"):
+        paired_bootstrap([])
+    with pytest.raises(ValueError, match="level"):
+        paired_bootstrap([0.1, 0.2], level=1.5)
+    with pytest.raises(ValueError, match="reference arm"):
+        aggregate({"full": [_row(0, 0.1, 0.1)]})
+
+
+def test_format_study_and_plots(tmp_path):
+    arms = _fake()
+    study = {"arms": arms, "student_before": {"accuracy": 0.3, "ood_accuracy": 0.8},
+             "setting": {"task": "long", "ood_task": "arithmetic", "steps": 10, "rollouts_per_step": 32,
+                         "loss": "reverse_kl", "lr": 5e-4, "seeds": [0, 1, 2], "eval_problems": 200}}
+    s = aggregate(arms, n_boot=500)
+    md = format_study(study, s)
+    assert "| release | 3 | 55.0% ± 5.0% |" in md
+    assert "| full | +10.0% [+10.0%, +10.0%] (n=3) |" in md
+    assert "0.600, 0.550, 0.500" in md  # the fixed_prefix fractions
+    json.dumps(study)  # serialisable as study.json
+    assert set(ROW_KEYS) <= set(arms["release"][0])
+    paths = plot_study(study, tmp_path)
+    assert [p.name for p in paths] == ["accuracy.png"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_study_rejects_bad_arms(tmp_path):
+    from fastopd.train.study import run_study
+
+    with pytest.raises(ValueError, match="arms"):
+        run_study(tmp_path, arms=("full",))
+    with pytest.raises(ValueError, match="arms"):
+        run_study(tmp_path, arms=("release", "suffix"))
+    assert set(ARMS) == {"release", "full", "fixed_prefix", "random", "shuffled"}
+
+
+def test_a_finished_run_is_not_rerun(tmp_path, monkeypatch):
+    """Resumable: runs with a result.json are read back; only the missing ones train (fake training here)."""
+    import fastopd.train.demo as demo
+    import fastopd.train.study as st
+
+    calls = []
+
+    def fake_run(cfg, sched, run_dir, progress):
+        calls.append((cfg.mode, cfg.seed, cfg.fraction))
+        row = {**_row(cfg.seed, 0.5 + 0.01 * cfg.seed, 0.7), "kept_fraction": 0.6 + 0.01 * cfg.seed, "mode": cfg.mode}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "result.json").write_text(json.dumps(row))
+        return row
+
+    monkeypatch.setattr(st, "_run_one", fake_run)
+    monkeypatch.setattr(st, "plot_study", lambda *a, **k: [])
+    monkeypatch.setattr(demo, "baseline_accuracy", lambda cfg, sched: {
+        "student": {"accuracy": 0.2, "total": 4, "ood": {"accuracy": 0.3}}, "teacher": {"accuracy": 0.9}})
+    kw = dict(seeds=2, task="arithmetic", arms=("release", "fixed_prefix"), progress=False, precondition=False)
+    study = st.run_study(tmp_path, **kw)
+    assert calls == [("release", 0, 0.5), ("fixed_prefix", 0, 0.6), ("release", 1, 0.5), ("fixed_prefix", 1, 0.61)]
+    assert [r["seed"] for r in study["arms"]["fixed_prefix"]] == [0, 1]
+    (tmp_path / "runs" / "release-s1" / "result.json").unlink()  # an interrupted run
+    calls.clear()
+    st.run_study(tmp_path, **kw)
+    assert calls == [("release", 1, 0.5)]
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert set(saved["arms"]) == {"release", "fixed_prefix"} and (tmp_path / "study.md").is_file()
