@@ -244,9 +244,13 @@ def demo_asset_paths() -> DemoAssets:
 
     Returns ``DemoAssets(teacher=Path, student=Path, tokenizer=Path, root=Path)``. The teacher and
     student folders also hold a copy of the tokenizer. The folders may be missing in a source checkout
-    where ``scripts/build_demo_assets.py`` has not been run; check ``path.exists()``.
+    where ``scripts/build_demo_assets.py`` has not been run; check ``path.exists()``. The environment variable
+    ``FASTOPD_DEMO_ASSETS`` points the demo at another folder of the same layout.
     The weights are stored in bf16 but ``config.json`` says ``dtype: float32``, so a plain
     ``from_pretrained(path)`` gives an fp32 model (pass ``dtype=torch.bfloat16`` for half precision).
     """
-    root = Path(__file__).resolve().parent.parent / "assets" / "demo"
+    import os
+
+    # FASTOPD_DEMO_ASSETS: another folder of the same layout (e.g. a rebuild in progress)
+    root = Path(os.environ.get("FASTOPD_DEMO_ASSETS") or Path(__file__).resolve().parent.parent / "assets" / "demo")
     return DemoAssets(teacher=root / "teacher", student=root / "student", tokenizer=root / "tokenizer", root=root)
