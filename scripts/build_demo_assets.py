@@ -252,7 +252,10 @@ def main(argv=None):
                     help="torch threads (1 is the most robust on a shared 2-core CPU)")
     ap.add_argument("--save-dtype", choices=["bfloat16", "float16"], default="bfloat16")
     ap.add_argument("--skip-teacher", action="store_true", help="reuse the teacher (and tokenizer) already in --out")
+    ap.add_argument("--readme-only", action="store_true", help="only rewrite README.md from --out/build.json")
     args = ap.parse_args(argv)
+    if args.readme_only:
+        return readme_only(args.out)
 
     torch.set_num_threads(args.threads)
     random.seed(0)
@@ -356,7 +359,9 @@ def main(argv=None):
 
     sizes = {name: dir_size(out / name) for name in ("tokenizer", "teacher", "student", "data")}
     (out / "build.json").write_text(json.dumps(
-        {"results": {k: v for k, v in results.items() if not k.endswith("samples")}, "sizes_bytes": sizes,
+        {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+         "results": {k: v for k, v in results.items() if not k.endswith("samples") or k.startswith("student")},
+         "sizes_bytes": sizes,
          "timings_s": {k: round(v, 1) for k, v in timings.items()}}, indent=1) + "\n")
     write_readme(out, args, results, timings, sizes, eval_problems)
     print(json.dumps({"results": {k: v for k, v in results.items() if not k.endswith("samples")},
@@ -378,23 +383,33 @@ def write_readme(out: Path, args, results, timings, sizes, eval_problems):
                 f"intermediate {c.intermediate_size}, vocab {c.vocab_size}, tied embeddings, "
                 f"{results.get(name + '_params', 0):,} parameters")
 
+    def curve(key):
+        pts = results.get(key)
+        if not pts:
+            return "reused"
+        return ", ".join(f"{s}: {a:.0%} / {o:.0%}" for s, a, o in pts)
+
     ex = eval_problems[0]
+    arith_ex = make_problems(1, EVAL_SEED, split="eval")[0]
     lines = [
         "# fastopd embedded demo assets",
         "",
-        "Tiny models for the CPU demo of on-policy distillation (OPD) on the synthetic multi-step arithmetic",
-        "task of `fastopd/train/task.py`. Built by `scripts/build_demo_assets.py` (deterministic seeds, CPU).",
+        "Tiny models for the CPU demo of on-policy distillation (OPD), trained on two synthetic tasks: the",
+        "long-response task of `fastopd/train/long_task.py` (the demo's default, in-domain task) and the short",
+        "multi-step arithmetic task of `fastopd/train/task.py` (`fastopd demo --task arithmetic`, and the",
+        "out-of-domain task of the default demo). Built by `scripts/build_demo_assets.py` (deterministic seeds, CPU).",
         "",
         "| folder | what |",
         "|---|---|",
         f"| `tokenizer/` | byte-level BPE (`tokenizers`), vocab {results['vocab']} (asked for at most {args.vocab_size}; "
-        "training stops once every word of the task text is one token), EOS `{EOS}`, PAD `{PAD}`, "
-        f"no BOS; trained on task text. Every number 0..{MAX_VALUE} is one token. |",
+        f"training stops once every word of the task text is one token), EOS `{EOS}`, PAD `{PAD}`, "
+        f"no BOS; trained on the text of both tasks. Every number 0..{MAX_VALUE} is one token. |",
         f"| `teacher/` | {cfg_line('teacher') if (out / 'teacher').exists() else '-'} |",
         f"| `student/` | {cfg_line('student')} |",
-        f"| `data/` | `train.jsonl` ({args.n_train_prompts} train-split prompts for OPD rollouts) and `eval.jsonl` "
-        f"(the {len(eval_problems)} held-out problems below): one JSON object per line with `prompt` (already "
-        "formatted) and `answer` |",
+        f"| `data/` | `long_train.jsonl` / `train.jsonl`: {args.n_train_prompts} train-split prompts of the long / "
+        f"arithmetic task for OPD rollouts; `long_eval.jsonl` / `eval.jsonl`: {len(eval_problems)} held-out "
+        "problems of each; one JSON object per line with `prompt` (already formatted) and `answer` |",
+        "| `build.json` | the numbers below, as the build printed them |",
         "",
         "Both model folders also hold a copy of the tokenizer. Weights are safetensors in "
         f"{args.save_dtype}; `config.json` has `dtype: float32`, so",
@@ -409,55 +424,63 @@ def write_readme(out: Path, args, results, timings, sizes, eval_problems):
         "",
         "loads fp32 models (pass `dtype=torch.bfloat16` for half precision on GPU).",
         "",
-        "## Task and prompt format",
+        "## Tasks and prompt format",
         "",
-        f"Start value 1..{MAX_START}, 2-5 steps of `Add k` / `Subtract k` (k in 1..{MAX_ADD}) / `Multiply by k` "
-        f"(k in 2..{MAX_MUL}); every value stays in 0..{MAX_VALUE}. Prompt (`format_prompt`) and target:",
+        "Long task: add 7-12 numbers from 1..9 (total at most 99) left to right, box the sum, then re-check every "
+        "addition step once in a random order with freely phrased confirmations (16-26 sentences; why the "
+        "teacher's margin fades on it: the docstring of `fastopd/train/long_task.py`):",
         "",
         "```",
         format_prompt(ex["prompt"]) + solution_completion(ex) + EOS,
         "```",
         "",
-        "Graded by `fastopd.train.verify.boxed_match` (last `\\boxed{...}`, numbers compared by value).",
+        f"Arithmetic task: start value 1..{MAX_START}, 2-5 steps of `Add k` / `Subtract k` (k in 1..{MAX_ADD}) / "
+        f"`Multiply by k` (k in 2..{MAX_MUL}); every value stays in 0..{MAX_VALUE}:",
+        "",
+        "```",
+        format_prompt(arith_ex["prompt"]) + solution_completion(arith_ex) + EOS,
+        "```",
+        "",
+        "Both are graded by `fastopd.train.verify.boxed_match` (last `\\boxed{...}`, numbers compared by value).",
         "",
         "## How they were trained",
         "",
-        "SFT, loss on the solution tokens + EOS only (prompt masked), right-padded batches of freshly drawn",
+        f"SFT on a mix of {args.long_fraction:.0%} long-task and {1 - args.long_fraction:.0%} arithmetic problems, "
+        "loss on the solution tokens + EOS only (prompt masked), right-padded batches of freshly drawn",
         "train-split problems, AdamW (betas 0.9/0.98, weight decay 0.01), 50 warmup steps then cosine decay to",
         f"10% of the peak LR, gradient clipping 1.0, fp32 on CPU with {_threads(args.threads)}.",
         "",
         f"- teacher: {args.teacher_steps} steps x batch {args.teacher_batch}, peak LR {args.teacher_lr}. "
-        f"Validation curve (step, acc): {results.get('teacher_val_curve', 'reused')}.",
+        f"Validation curve (step: long / arithmetic greedy accuracy, 100 problems each): {curve('teacher_val_curve')}.",
         f"- student: scheduled for {args.student_steps} steps x batch {args.student_batch}, peak LR "
-        f"{args.student_lr}; validation accuracy (100 held-out problems) every {args.student_eval_every} steps, "
-        f"stopping once it reaches {args.student_stop:.0%}; the checkpoint "
-        f"nearest {args.student_target:.0%} (inside 5-40%) is kept: step {results['student_step']}. "
-        f"Validation curve (step, acc): {results['student_val_curve']}.",
+        f"{args.student_lr}; validated every {args.student_eval_every} steps, stopping once its long-task accuracy "
+        f"reaches {args.student_stop:.0%}; the checkpoint nearest {args.student_target:.0%} (inside 5-40%) is kept: "
+        f"step {results['student_step']}. Validation curve: {curve('student_val_curve')}.",
         "",
         "## Measured accuracy",
         "",
-        f"Greedy decoding, {len(eval_problems)} held-out problems (`make_problems({len(eval_problems)}, "
-        f"EVAL_SEED={EVAL_SEED}, split='eval')`), after reloading the saved files as fp32:",
+        f"Greedy decoding, {len(eval_problems)} held-out problems of each task, after reloading the saved files as fp32:",
         "",
-        "| model | fp32 before saving | reloaded from saved files |",
-        "|---|---|---|",
-        f"| teacher | {results.get('teacher_acc_fp32', float('nan')):.1%} | {results['teacher_acc']:.1%} |",
-        f"| student | {results['student_acc_fp32']:.1%} | {results['student_acc']:.1%} |",
+        "| model | long task (fp32 before saving) | long task (reloaded) | arithmetic task (reloaded) |",
+        "|---|---|---|---|",
+        f"| teacher | {results.get('teacher_acc_fp32', float('nan')):.1%} | {results['teacher_acc']:.1%} | "
+        f"{results['teacher_arith_acc']:.1%} |",
+        f"| student | {results['student_acc_fp32']:.1%} | {results['student_acc']:.1%} | {results['student_arith_acc']:.1%} |",
         "",
-        "Sample greedy completions of the student:",
-        "",
-        "```",
-        *[s.strip() for s in results["student_samples"]],
-        "```",
-        "",
+    ]
+    if results.get("student_samples"):
+        lines += ["Sample greedy completions of the student (long task):", "", "```",
+                  *[s.strip() for s in results["student_samples"]], "```", ""]
+    lines += [
         "## Size and time",
         "",
         f"Sizes: tokenizer {sizes['tokenizer'] / 1e3:.0f} kB, teacher {sizes['teacher'] / 1e6:.2f} MB, "
         f"student {sizes['student'] / 1e6:.2f} MB (each model folder includes its tokenizer copy), "
-        f"data {sizes['data'] / 1e3:.0f} kB; all together {dir_size(out) / 1e6:.2f} MB.",
+        f"data {sizes['data'] / 1e3:.0f} kB; all together {sum(sizes.values()) / 1e6:.2f} MB.",
         "",
-        f"Build time on a shared 2-core CPU ({_threads(args.threads)}): "
-        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f" ({timings['total'] / 60:.1f} min).",
+        f"Build time on a shared 2-core CPU ({_threads(args.threads)}; other jobs were running, so an idle machine "
+        "is faster): " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+        + f" ({timings['total'] / 60:.1f} min).",
         "",
         "## Rebuild",
         "",
@@ -467,6 +490,14 @@ def write_readme(out: Path, args, results, timings, sizes, eval_problems):
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def readme_only(out: Path, argv=None) -> None:
+    """Rewrite README.md from build.json (e.g. after editing the text), without retraining."""
+    build = json.loads((out / "build.json").read_text())
+    args = argparse.Namespace(**build["args"])
+    eval_problems = long_task.make_problems(args.n_eval, long_task.EVAL_SEED, split="eval")
+    write_readme(out, args, build["results"], build["timings_s"], build["sizes_bytes"], eval_problems)
 
 
 if __name__ == "__main__":
