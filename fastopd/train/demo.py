@@ -120,6 +120,7 @@ def baseline_accuracy(cfg: TrainConfig, sched: dict | None = None) -> dict:
             res["time_s"] = time.perf_counter() - t0
             if sched is not None and Path(sched["ood_eval"]).is_file():
                 res["ood"] = eval_accuracy(model, tok, sched["ood_eval"], cfg, sched["ood_max_new_tokens"])
+                res["ood"]["nll"] = reference_nll(model, tok, sched["ood_task"], cfg.eval_size or 200)
             out[role] = res
             del model
     return out
@@ -135,14 +136,53 @@ def eval_accuracy(model, tok, rows_path, cfg: TrainConfig, max_new_tokens: int) 
                     max_new_tokens=max_new_tokens, batch_size=cfg.eval_batch_size)
 
 
-def ood_accuracy(final_dir: Path, cfg: TrainConfig, sched: dict) -> float:
-    """Greedy OOD-task accuracy of a run's final student (``<run>/final``)."""
+def ood_metrics(model_dir, cfg: TrainConfig, sched: dict) -> dict:
+    """OOD-task retention of a model folder (e.g. ``<run>/final``): greedy ``accuracy`` on the OOD task's
+    held-out prompts, and ``nll``, the mean per-token negative log-likelihood of their reference solutions
+    (+ EOS; :func:`reference_nll`), which still moves when the accuracy is near 0 or 1."""
     from fastopd.train.trainer import load_model, load_tokenizer, quiet_transformers
 
+    tok = load_tokenizer(cfg.tokenizer)
     with quiet_transformers():
-        model = load_model(str(final_dir), dtype=torch.float32, attn="sdpa")
-        res = eval_accuracy(model, load_tokenizer(cfg.tokenizer), sched["ood_eval"], cfg, sched["ood_max_new_tokens"])
-    return res["accuracy"]
+        model = load_model(str(model_dir), dtype=torch.float32, attn="sdpa")
+        res = eval_accuracy(model, tok, sched["ood_eval"], cfg, sched["ood_max_new_tokens"])
+        nll = reference_nll(model, tok, sched["ood_task"], cfg.eval_size or 200)
+    return {"accuracy": res["accuracy"], "nll": nll}
+
+
+@torch.no_grad()
+def reference_nll(model, tok, task: str, n: int, batch_size: int = 50) -> float:
+    """Mean per-token NLL (nats) of the reference solutions + EOS of ``task``'s first ``n`` held-out problems
+    (the problems of the shipped eval files, regenerated with their seed), given ``format_prompt``."""
+    import torch.nn.functional as F
+
+    from fastopd.train import long_task, task as arith
+    from fastopd.train.task import format_prompt, solution_completion
+
+    problems = (long_task.make_problems(n, long_task.EVAL_SEED, split="eval") if task == "long"
+                else arith.make_problems(n, arith.EVAL_SEED, split="eval"))
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(problems), batch_size):
+        rows = []
+        for p in problems[i:i + batch_size]:
+            a = tok(format_prompt(p["prompt"]))["input_ids"]
+            b = tok(solution_completion(p))["input_ids"] + [tok.eos_token_id]
+            rows.append((a + b, [-100] * len(a) + b))
+        width = max(len(x) for x, _ in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(rows), width), -100, dtype=torch.long)
+        att = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, (x, y) in enumerate(rows):
+            ids[j, :len(x)], lab[j, :len(y)], att[j, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+        tgt = lab[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum")
+        total += float(nll)
+        count += int((tgt != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 def run_precondition(cfg: TrainConfig, sched: dict, out_dir: Path, progress: bool = True) -> dict:
@@ -242,6 +282,10 @@ def format_table(table: dict) -> str:
                      f"{a['time_per_step']:.2f} s |")
     rel = table["arms"]["release"]
     lines += [""]
+    if table.get("student_ood_nll_before") is not None and "ood_nll_after" in rel:
+        lines += [f"OOD retention, mean NLL of the {ood} task's reference solutions (nats/token, lower is better): "
+                  f"student before {table['student_ood_nll_before']:.4f}, after " + ", ".join(
+                      f"{arm} {table['arms'][arm]['ood_nll_after']:.4f}" for arm, _ in ARMS) + ".", ""]
     if table.get("precondition"):
         from fastopd.train.precondition import format_precondition
 
@@ -303,10 +347,12 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
         run = load_run(out_dir / arm)
         arms[arm] = arm_summary(summary, run, out_dir / arm)
         if Path(sched["ood_eval"]).is_file():
-            arms[arm]["ood_accuracy_after"] = ood_accuracy(out_dir / arm / "final", cfg, sched)
+            ood = ood_metrics(out_dir / arm / "final", cfg, sched)
+            arms[arm]["ood_accuracy_after"], arms[arm]["ood_nll_after"] = ood["accuracy"], ood["nll"]
     table = {
         "task": task, "ood_task": sched["ood_task"],
         "teacher_ood_accuracy": ood_of("teacher"), "student_ood_accuracy_before": ood_of("student"),
+        "student_ood_nll_before": base["student"].get("ood", {}).get("nll"),
         "precondition": pre,
         "quick": quick, "seed": seed, "steps": sched["steps"], "loss": cfg.loss, "lr": cfg.lr,
         "rollouts_per_step": sched["prompts_per_step"] * sched["num_samples"],

@@ -32,8 +32,9 @@ import numpy as np
 
 ARMS = ("release", "full", "fixed_prefix", "random", "shuffled")
 ROW_KEYS = ("seed", "accuracy", "ood_accuracy", "tokens", "tokens_supervised", "accept_rate", "gain_mean",
-            "time_per_step")
+            "time_per_step", "ood_nll")
 METRICS = (("accuracy", "in-domain accuracy"), ("ood_accuracy", "OOD accuracy"),
+           ("ood_nll", "OOD reference NLL (nats/token)"),
            ("tokens_supervised", "tokens supervised"), ("accept_rate", "accept rate"),
            ("time_per_step", "time / step (s)"))
 
@@ -82,8 +83,9 @@ def aggregate(arms: dict[str, list[dict]], *, reference: str = "release", n_boot
         if mode == reference:
             continue
         summary["paired"][mode] = {}
-        for key in ("accuracy", "ood_accuracy"):
-            diffs = [ref[r["seed"]][key] - r[key] for r in rows if r["seed"] in ref]
+        for key in ("accuracy", "ood_accuracy", "ood_nll"):
+            diffs = [ref[r["seed"]][key] - r[key] for r in rows
+                     if r["seed"] in ref and r.get(key) is not None and ref[r["seed"]].get(key) is not None]
             summary["paired"][mode][key] = paired_bootstrap(diffs, n_boot=n_boot) if diffs else None
     return summary
 
@@ -95,6 +97,8 @@ def _fmt(key: str, m: dict) -> str:
         return f"{m['mean']:.1%} ± {m['std']:.1%}"
     if key == "tokens_supervised":
         return f"{m['mean']:,.0f} ± {m['std']:,.0f}"
+    if key == "ood_nll":
+        return f"{m['mean']:.4f} ± {m['std']:.4f}"
     return f"{m['mean']:.2f} ± {m['std']:.2f}"
 
 
@@ -109,7 +113,8 @@ def format_study(study: dict, summary: dict) -> str:
         f"seeds {s.get('seeds', '?')}; every run starts from the same shipped student; accuracy is greedy on "
         f"{s.get('eval_problems', '?')} held-out problems of each task. Student before OPD: "
         f"{_pct(study.get('student_before', {}).get('accuracy'))} in-domain, "
-        f"{_pct(study.get('student_before', {}).get('ood_accuracy'))} OOD.",
+        f"{_pct(study.get('student_before', {}).get('ood_accuracy'))} OOD (reference NLL "
+        f"{study.get('student_before', {}).get('ood_nll') or float('nan'):.4f} nats/token).",
         "",
         "| arm | seeds | " + " | ".join(label for _, label in METRICS) + " |",
         "|---|---|" + "---|" * len(METRICS),
@@ -119,12 +124,18 @@ def format_study(study: dict, summary: dict) -> str:
         lines.append(f"| {mode} | {len(rows)} | " + " | ".join(_fmt(k, a[k]) for k, _ in METRICS) + " |")
     lines += ["", "Paired difference release − control over seeds (mean, 95 % percentile bootstrap interval of the "
               "mean over seeds; with 3 seeds the interval is coarse):", "",
-              "| control | Δ in-domain accuracy | Δ OOD accuracy |", "|---|---|---|"]
+              "| control | Δ in-domain accuracy | Δ OOD accuracy | Δ OOD reference NLL (lower is better) |",
+              "|---|---|---|---|"]
     for mode, p in summary["paired"].items():
         cells = []
-        for key in ("accuracy", "ood_accuracy"):
+        for key in ("accuracy", "ood_accuracy", "ood_nll"):
             b = p.get(key)
-            cells.append("-" if b is None else f"{b['mean']:+.1%} [{b['lo']:+.1%}, {b['hi']:+.1%}] (n={b['n']})")
+            if b is None:
+                cells.append("-")
+            elif key == "ood_nll":
+                cells.append(f"{b['mean']:+.4f} [{b['lo']:+.4f}, {b['hi']:+.4f}] (n={b['n']})")
+            else:
+                cells.append(f"{b['mean']:+.1%} [{b['lo']:+.1%}, {b['hi']:+.1%}] (n={b['n']})")
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     fp = [r.get("fraction") for r in study["arms"].get("fixed_prefix", []) if r.get("fraction") is not None]
     if fp:
@@ -198,14 +209,15 @@ def plot_study(study: dict, out_dir: Path, run_dirs: dict[str, list[Path]] | Non
 
 def _run_one(cfg, sched, run_dir: Path, progress: bool) -> dict:
     """Train one arm (from scratch) and grade it; write and return its result row."""
-    from fastopd.train.demo import arm_summary, ood_accuracy
+    from fastopd.train.demo import arm_summary, ood_metrics
     from fastopd.train.report import load_run
     from fastopd.train.trainer import train
 
     summary = train(dataclasses.replace(cfg, output_dir=str(run_dir), overwrite=True, progress=progress))
     a = arm_summary(summary, load_run(run_dir), run_dir)
-    row = {"seed": cfg.seed, "accuracy": a["accuracy_after"],
-           "ood_accuracy": ood_accuracy(run_dir / "final", cfg, sched) if Path(sched["ood_eval"]).is_file() else None,
+    ood = ood_metrics(run_dir / "final", cfg, sched) if Path(sched["ood_eval"]).is_file() else {}
+    row = {"seed": cfg.seed, "accuracy": a["accuracy_after"], "ood_accuracy": ood.get("accuracy"),
+           "ood_nll": ood.get("nll"),
            "tokens": a["tokens"], "tokens_supervised": a["tokens_supervised"], "accept_rate": a["accept_rate"],
            "gain_mean": a["gain_mean"], "time_per_step": a["time_per_step"], "kept_fraction": a["kept_fraction"],
            "share_rule": a.get("share_rule"), "mode": cfg.mode}
@@ -248,7 +260,8 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
     else:
         b = baseline_accuracy(cfg, sched)
         base = {"student_before": {"accuracy": b["student"]["accuracy"],
-                                   "ood_accuracy": b["student"].get("ood", {}).get("accuracy")},
+                                   "ood_accuracy": b["student"].get("ood", {}).get("accuracy"),
+                                   "ood_nll": b["student"].get("ood", {}).get("nll")},
                 "teacher": {"accuracy": b["teacher"]["accuracy"],
                             "ood_accuracy": b["teacher"].get("ood", {}).get("accuracy")},
                 "eval_problems": b["student"]["total"]}
