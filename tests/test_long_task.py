@@ -97,3 +97,26 @@ def test_bad_arguments_name_the_argument():
         lt.make_problems(3, seed=0, split="test")
     with pytest.raises(ValueError, match="n_terms"):
         lt.make_problem(random.Random(0), 1)
+
+
+def test_shipped_tokenizer_encodes_the_long_task_word_by_word():
+    """Every word of the check is one token, so each free choice is one token choice (asset check)."""
+    from pathlib import Path
+
+    from fastopd.train.task import demo_asset_paths, format_prompt, solution_completion
+
+    paths = demo_asset_paths()
+    if not Path(paths.tokenizer).exists():
+        pytest.skip("demo assets not built")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(paths.tokenizer)
+    for p in lt.make_problems(30, seed=lt.EVAL_SEED, split="eval"):
+        prompt, completion = format_prompt(p["prompt"]), solution_completion(p)
+        ids = tok(prompt + completion, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == prompt + completion
+        assert ids == tok(prompt, add_special_tokens=False)["input_ids"] + tok(completion, add_special_tokens=False)["input_ids"]
+        assert len(ids) - len(tok(prompt, add_special_tokens=False)["input_ids"]) <= 190  # fits max_new_tokens 192
+    for w in (*lt.CHECK_SUBJECTS, *lt.CHECK_VERBS, *lt.CHECK_VERDICTS, *[x for ws in lt.OPEN_WORDS for x in ws],
+              *[x for ws in lt.CLOSE_WORDS for x in ws]):
+        assert len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1, w

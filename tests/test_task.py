@@ -165,13 +165,13 @@ def test_tokenizer_round_trips_task_text():
     assert tok.decode(tok(weird, add_special_tokens=False)["input_ids"]) == weird
 
 
-def _greedy(model, tok, probs):
+def _greedy(model, tok, probs, max_new_tokens=64):
     import torch
 
     tok.padding_side = "left"
     enc = tok([format_prompt(p["prompt"]) for p in probs], return_tensors="pt", padding=True)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=64, do_sample=False,
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -189,14 +189,26 @@ def test_shipped_teacher_solves_held_out_problems_and_student_is_weaker():
     assert student.config.vocab_size == teacher.config.vocab_size == len(tok)
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
 
-    probs = make_problems(20, seed=EVAL_SEED, split="eval")
-    texts = _greedy(teacher, tok, probs)
-    correct = sum(boxed_match(t, p["answer"]) for t, p in zip(texts, probs))
-    assert correct >= 16, f"teacher solved {correct}/20; e.g. {texts[:2]}"
-    assert sum(t.count(". ") >= 3 for t in texts) >= 16  # solutions run over several sentences
+    # the demo's in-domain task: the long one (build: teacher 99.5%, student 16.5% on 200 problems)
+    from fastopd.train import long_task
 
-    s_texts = _greedy(student, tok, probs)
+    probs = long_task.make_problems(20, seed=long_task.EVAL_SEED, split="eval")
+    texts = _greedy(teacher, tok, probs, max_new_tokens=192)
+    correct = sum(boxed_match(t, p["answer"]) for t, p in zip(texts, probs))
+    assert correct >= 18, f"teacher solved {correct}/20; e.g. {texts[:2]}"
+    assert sum(long_task.check_solution(p["prompt"], t)["well_formed"] for t, p in zip(texts, probs)) >= 16
+    assert sum(t.count(". ") >= 15 for t in texts) >= 18  # long answers: 16-26 sentences
+
+    s_texts = _greedy(student, tok, probs, max_new_tokens=192)
     s_correct = sum(boxed_match(t, p["answer"]) for t, p in zip(s_texts, probs))
     assert s_correct < correct, f"student solved {s_correct}/20, teacher {correct}/20"
+
+    # the arithmetic task (the OOD task of the default demo; build: teacher 30.5%, student 3.5%)
+    probs = make_problems(40, seed=EVAL_SEED, split="eval")
+    texts = _greedy(teacher, tok, probs)
+    correct = sum(boxed_match(t, p["answer"]) for t, p in zip(texts, probs))
+    assert sum(t.count(". ") >= 3 for t in texts) >= 32  # solutions run over several sentences
+    s_correct = sum(boxed_match(t, p["answer"]) for t, p in zip(_greedy(student, tok, probs), probs))
+    assert s_correct < correct, f"arithmetic: student solved {s_correct}/40, teacher {correct}/40"
     # the weak student still writes the right format: several sentences and a final boxed answer
     assert sum(extract_boxed(t) is not None and t.count(". ") >= 2 for t in s_texts) >= 14, s_texts[:3]
