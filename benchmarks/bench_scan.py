@@ -1,4 +1,4 @@
-"""Benchmark of the batched BIC release scan (DESIGN.md section 3) on B equal-length rollouts.
+"""Benchmark of the batched BIC release scan (docs/formulas.md §3) on B equal-length rollouts.
 
 Compares
 - the C++ scan ``fastopd._C.bic_scan`` on one thread and on all threads (and through the public

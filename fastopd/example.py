@@ -1,7 +1,7 @@
 """``fastopd example``: the release rule on one built-in rollout, end to end, on a CPU.
 
 The shipped demo student (a tiny Qwen3 model) samples a solution to a built-in arithmetic problem; the
-shipped teacher scores it; fastopd computes the per-token statistics (DESIGN.md section 1), the sentence
+shipped teacher scores it; fastopd computes the per-token statistics (docs/formulas.md §1), the sentence
 segments (section 2), the profiled RSS-BIC release point (section 3) and the weights (section 4), and
 prints, per segment, its text, its mean margin and whether it is kept or released.
 

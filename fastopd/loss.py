@@ -1,4 +1,4 @@
-"""``fastopd.opd_loss`` / ``fastopd.OPDLoss``: the OPD loss of DESIGN.md section 5.
+"""``fastopd.opd_loss`` / ``fastopd.OPDLoss``: the OPD loss of docs/formulas.md §5.
 
 On CUDA tensors (``backend="auto"``) the forward statistics and the gradient w.r.t. the student logits come
 from the Triton kernels; otherwise the loss is the reference's plain autograd (:func:`fastopd.reference.opd_loss`).
@@ -30,7 +30,7 @@ def opd_loss(
     backend: str = "auto",
     inplace_backward: bool = False,
 ) -> OPDOutput:
-    """On-policy distillation loss from logits (DESIGN.md section 5).
+    """On-policy distillation loss from logits (docs/formulas.md §5).
 
     Args:
         student_logits: (..., V) student logits predicting ``target_ids``; the gradient flows into them.

@@ -1,4 +1,4 @@
-"""The release rule: token stats -> segment means -> BIC scan -> weights (DESIGN.md sections 2-4).
+"""The release rule: token stats -> segment means -> BIC scan -> weights (docs/formulas.md §2-4).
 
 :func:`bic_release` runs the C++ scan (``fastopd._C``); :class:`ReleaseRule` is the one object that goes
 from logits (or margins) and segment ids to per-token weights and diagnostics, for the rule itself and for
@@ -25,7 +25,7 @@ __all__ = [
 
 
 def bic_release(values, offsets, *, min_segments: int = 2, min_gain: float = 10.0, num_threads: int = 0) -> ReleaseResult:
-    """Profiled RSS-BIC release point of every rollout of a ragged batch (DESIGN.md section 3), in C++.
+    """Profiled RSS-BIC release point of every rollout of a ragged batch (docs/formulas.md §3), in C++.
 
     O(total n) with prefix sums of the centred series, the GIL released, parallel over rollouts for large
     batches. Same signature and bit-for-bit the same results as :func:`fastopd.reference.bic_release`.
@@ -62,7 +62,7 @@ class ReleaseDecision:
     """What :class:`ReleaseRule` decided for a batch of B rollouts.
 
     Attributes:
-        weights: float32 (B, L) per-token w_t (DESIGN.md section 4, or the control's).
+        weights: float32 (B, L) per-token w_t (docs/formulas.md §4, or the control's).
         scan: the BIC scan's :class:`ReleaseResult` (index r into each rollout's series).
         release_segment: int64 (B,) the first released segment id (segments below it are kept); for a
             rollout that is not accepted, one past its last segment.

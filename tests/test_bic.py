@@ -1,4 +1,4 @@
-"""The profiled RSS-BIC release scan (DESIGN.md section 3): the Python reference against an independent
+"""The profiled RSS-BIC release scan (docs/formulas.md §3): the Python reference against an independent
 brute force, and the C++ scan (``fastopd._C.bic_scan`` behind ``fastopd.bic_release``) against the reference,
 bit for bit.
 
@@ -116,7 +116,7 @@ def random_batch(rng: np.random.Generator, m: int) -> tuple[np.ndarray, np.ndarr
 
 
 def brute_force(x: np.ndarray, m: int, min_gain: float):
-    """(release, gain, accepted, bic1 by tau, ambiguous) straight from DESIGN.md section 3.
+    """(release, gain, accepted, bic1 by tau, ambiguous) straight from docs/formulas.md §3.
 
     ``ambiguous`` is True when some split's two means are so close that the downward test may go either way
     between two correct implementations (the piece means of this brute force and the reference's centred

@@ -1,4 +1,4 @@
-"""The Triton kernels (fastopd.kernels) against the reference oracle (DESIGN.md sections 1, 2, 5).
+"""The Triton kernels (fastopd.kernels) against the reference oracle (docs/formulas.md §1, §2, §5).
 
 On a machine without a GPU the kernels run under the Triton interpreter: this module sets
 ``TRITON_INTERPRET=1`` only while it imports ``fastopd.kernels`` (Triton decides "interpreted or compiled"

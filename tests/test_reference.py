@@ -1,7 +1,7 @@
 """The reference oracle (fastopd.reference) against independent brute-force computations.
 
 Everything else in fastopd is tested against the reference, so the reference itself is checked here
-against the definitions in DESIGN.md, written a second, naive way (loops, sorting, NumPy fp64).
+against the definitions in docs/formulas.md, written a second, naive way (loops, sorting, NumPy fp64).
 """
 
 import math
@@ -16,7 +16,7 @@ import fastopd
 from fastopd import reference as R
 
 # ------------------------------------------------------------------------------------------------------
-# brute force of DESIGN.md section 1, row by row in float64 NumPy
+# brute force of docs/formulas.md §1, row by row in float64 NumPy
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -135,7 +135,7 @@ def test_loss_gradcheck_float64(loss, tau):
 def test_pg_gradient_matches_design_formula(tau):
     """dl_t/dz_S = w_t A_t rho_t (p_S - e_y) / tau, divided by the normaliser (docs/formulas.md section 5).
 
-    DESIGN.md section 5 prints this with a leading minus sign; that is a sign slip: l_t = -w A rho and
+    docs/formulas.md §5 prints this with a leading minus sign; that is a sign slip: l_t = -w A rho and
     d rho / dz = rho (e_y - p) / tau, so the two minus signs cancel. Autograd agrees with this form.
     """
     zs, zt, y, w = _loss_inputs(4)
@@ -356,7 +356,7 @@ def test_bad_options_raise_clear_errors():
 
 
 def test_weights_and_old_logprobs_get_no_gradient():
-    """sg(.) in DESIGN.md section 5: only the student logits are differentiated."""
+    """sg(.) in docs/formulas.md §5: only the student logits are differentiated."""
     zs, zt, y, w = _loss_inputs(9)
     zs.requires_grad_(True)
     w.requires_grad_(True)

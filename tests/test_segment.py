@@ -1,4 +1,4 @@
-"""Tests of fastopd.segment (DESIGN.md section 2): Punkt spans and the token -> segment rule.
+"""Tests of fastopd.segment (docs/formulas.md §2): Punkt spans and the token -> segment rule.
 
 The expected segment of every token is computed here independently of the module: each token's characters
 are found by decoding the prefixes ``ids[:i+1]`` with the tokenizer itself (no byte tables), and the
@@ -130,7 +130,7 @@ class _NoBackend:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Independent brute force of DESIGN.md section 2
+# Independent brute force of docs/formulas.md §2
 # --------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels behind ``fastopd.token_stats`` and ``fastopd.opd_loss`` (DESIGN.md sections 1, 2, 5).
+"""Triton kernels behind ``fastopd.token_stats`` and ``fastopd.opd_loss`` (docs/formulas.md §1, §2, §5).
 
 - :func:`token_stats_triton`: one fused streaming pass per row over the student and teacher logits (online
   log-sum-exp, streaming top-K with ties to the lower index, teacher gathers, optional exact reverse KL).

@@ -8,7 +8,7 @@ A problem is a chain of 2-5 small integer operations::
     answer:   "21"
 
 The solution runs over one sentence per step plus a final-answer sentence, so the release rule of
-DESIGN.md section 2-3 (sentence segments, one change point) has several segments to work with.
+docs/formulas.md §2-3 (sentence segments, one change point) has several segments to work with.
 Every value along the chain (start, operands, intermediate results, answer) is an integer in
 [0, ``MAX_VALUE``]; subtraction never goes below 0 and multiplication never goes above ``MAX_VALUE``,
 which keeps the task learnable by the tiny shipped models.

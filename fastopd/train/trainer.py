@@ -8,7 +8,7 @@ One optimizer step (``train``, at the bottom), repeated ``cfg.steps`` times:
    (``completion_logits``: logits at position t-1 predict token t, completion positions only);
 4. every completion is cut into sentence segments (``fastopd.segment.batch_token_segments``; -1 at padding);
 5. ``fastopd.OPDLoss(rule=fastopd.ReleaseRule(mode=cfg.mode))`` decides the per-token weights (the release
-   rule, or the ``full`` / ``fixed_prefix`` / ``random`` control) and returns the loss (DESIGN.md 1-5);
+   rule, or the ``full`` / ``fixed_prefix`` / ``random`` control) and returns the loss (docs/formulas.md §1-5);
 6. backward; after ``grad_accum_steps`` micro-batches: clip, AdamW step, LR schedule step;
 7. log (JSONL, tqdm, TensorBoard), evaluate (greedy decoding + a verifier), checkpoint.
 
@@ -238,7 +238,7 @@ def generate_completions(model, tokenizer, prompts: list[str], *, eos_ids: list[
 
 
 def add_segments(rollouts: Rollouts, tokenizer) -> Rollouts:
-    """Sentence segment id of every completion token (DESIGN.md section 2), -1 at ignored positions."""
+    """Sentence segment id of every completion token (docs/formulas.md §2), -1 at ignored positions."""
     from fastopd.segment import batch_token_segments
 
     completion = rollouts.input_ids[:, rollouts.prompt_width:].cpu()
