@@ -13,7 +13,8 @@ What is here, each once:
 - the per-token loss of docs/formulas.md §5 and the row factor c_t of its gradient: :func:`weight_mask`,
   :func:`per_token_loss`.
 - the reduction sum_t l_t / normaliser and the loss metrics: :func:`reduce_loss`, :func:`loss_metrics`.
-- release index (into a rollout's series) -> segment id: :func:`release_segment_ids`.
+- (B, S) segment sums and counts -> the ragged series: :func:`series_from_sums`; release index (into a
+  rollout's series) -> segment id: :func:`release_segment_ids`.
 - the rule's diagnostics (accept rate, mean gain, kept fraction, release position), as additive sums and
   their means, so one batch, one trainer step over micro-batches and processes, and the demo's logs all
   use one definition: :func:`release_fractions`, :func:`release_sums`, :func:`release_means`.
@@ -155,6 +156,24 @@ def reduce_loss(per_token: torch.Tensor, stats: TokenStats, weights: torch.Tenso
 # ----------------------------------------------------------------------------------------------------------
 # docs/formulas.md §3-4: from the scan's release index to a segment id, and the rule's diagnostics
 # ----------------------------------------------------------------------------------------------------------
+
+
+def series_from_sums(sums: np.ndarray, counts: np.ndarray) -> SegmentMeans:
+    """The ragged series x_j = sums[b, j] / counts[b, j] of docs/formulas.md §2 from (B, S) sums and counts.
+
+    Segments with ``counts == 0`` are left out; ``SegmentMeans.segment_ids`` records which segment each
+    entry is the mean of. The oracle (:func:`fastopd.reference.segment_means`, NumPy float64 sums) and the
+    CUDA path of :class:`fastopd.ReleaseRule` (:func:`fastopd.kernels.segment_sums_triton`) both end here.
+    """
+    sums = np.asarray(sums, dtype=np.float64)
+    counts = np.asarray(counts)
+    b, width = sums.shape
+    present = counts.reshape(-1) > 0
+    means = sums.reshape(-1)[present] / counts.reshape(-1)[present]
+    seg_of_entry = np.nonzero(present)[0] % max(width, 1)
+    per_row = present.reshape(b, width).sum(1)
+    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
+    return SegmentMeans(means.astype(np.float64), offsets, seg_of_entry.astype(np.int64))
 
 
 def release_segment_ids(series: SegmentMeans, scan: ReleaseResult) -> np.ndarray:

@@ -31,6 +31,7 @@ from fastopd.common import (  # noqa: F401  (LOSSES, CONTROLS, reduce_loss, ... 
     loss_metrics,
     per_token_loss,
     reduce_loss,
+    series_from_sums,
     weight_mask,
 )
 from fastopd.types import OPDOutput, ReleaseResult, SegmentMeans, TokenStats
@@ -198,12 +199,7 @@ def segment_means(values, segment_ids, valid) -> SegmentMeans:
     key = rows[ok].astype(np.int64) * width + seg[ok].astype(np.int64)
     sums = np.bincount(key, weights=vals[ok], minlength=b * width)
     counts = np.bincount(key, minlength=b * width)
-    present = counts > 0
-    means = sums[present] / counts[present]
-    seg_of_entry = np.nonzero(present)[0] % width
-    per_row = present.reshape(b, width).sum(1)
-    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
-    return SegmentMeans(means.astype(np.float64), offsets, seg_of_entry.astype(np.int64))
+    return series_from_sums(sums.reshape(b, width), counts.reshape(b, width))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,7 +208,7 @@ def segment_means(values, segment_ids, valid) -> SegmentMeans:
 
 
 def _scan_one(x: list[float], m: int, min_gain: float) -> tuple[int, float, bool]:
-    """(release_segment, gain, accepted) for one series; the exact operation order of csrc/bic_scan.cpp."""
+    """(release_index, gain, accepted) for one series; the exact operation order of csrc/bic_scan.cpp."""
     n = len(x)
     if any(not math.isfinite(v) for v in x):
         return n, math.nan, False

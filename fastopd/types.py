@@ -41,17 +41,19 @@ class ReleaseResult:
     """Outcome of the profiled RSS-BIC scan (docs/formulas.md §3), one entry per rollout.
 
     Attributes:
-        release_segment: int64; tau* when accepted, else n (the series length): segments ``< r`` are kept.
+        release_index: int64; r = tau* when accepted, else n (the series length): entries ``< r`` of the
+            rollout's series are kept. It indexes the series, not segment ids (a segment with no valid token
+            has no entry); :func:`fastopd.common.release_segment_ids` maps it to a segment id.
         gain: float64; BIC0 - BIC1(tau*); -inf when there is no candidate split, NaN for a non-finite series.
         accepted: bool; a candidate exists and ``gain > min_gain``.
     """
 
-    release_segment: np.ndarray
+    release_index: np.ndarray
     gain: np.ndarray
     accepted: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.release_segment)
+        return len(self.release_index)
 
 
 class SegmentMeans(NamedTuple):
@@ -79,10 +81,13 @@ class OPDOutput:
         per_token: float32 l_t of ``target_ids.shape`` (0 at invalid positions), differentiable too.
         stats: the :class:`TokenStats` the loss was computed from (detached).
         metrics: plain-float diagnostics: ``adv_mean``, ``margin_mean``, ``kept_fraction``, ``num_valid``,
-            ``num_kept`` and, for ``loss="reverse_kl"``, ``reverse_kl_mean``.
+            ``num_kept``, ``loss`` and, for ``loss="reverse_kl"``, ``reverse_kl_mean`` (plus the rule's
+            ``accept_rate``, ``gain_mean``, ``release_position`` when :class:`fastopd.OPDLoss` holds a rule).
+        release: the :class:`fastopd.ReleaseDecision` when :class:`fastopd.OPDLoss` holds a rule, else None.
     """
 
     loss: torch.Tensor
     per_token: torch.Tensor
     stats: TokenStats
     metrics: dict[str, Any] = field(default_factory=dict)
+    release: Any = None

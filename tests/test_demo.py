@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastopd.train.checkpoint import RunLog
+from fastopd.train.runlog import RunLog
 from fastopd.train.report import make_report, margin_profile, release_fraction
 
 ROOT = Path(__file__).resolve().parent.parent

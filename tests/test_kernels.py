@@ -20,6 +20,7 @@ import sys
 import textwrap
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -629,11 +630,29 @@ def test_opdloss_with_rule_on_the_kernels(device):
     results = []
     for backend in ("triton", "reference"):
         leaf = zs.detach().clone().requires_grad_(True)
-        rule = fastopd.ReleaseRule(k=4, min_gain=-float("inf"), min_segments=1)
-        out = fastopd.OPDLoss(k=4, backend=backend, rule=rule)(leaf, zt, y, segment_ids=seg)
+        rule = fastopd.ReleaseRule(k=4, min_gain=-float("inf"), min_segments=1, backend=backend)
+        out = fastopd.OPDLoss(rule=rule)(leaf, zt, y, segment_ids=seg)
+        assert out.loss.device == zs.device and fastopd.OPDLoss(rule=rule).backend == backend
         out.loss.backward()
         results.append((out, leaf.grad))
     (kt, gt), (kr, gr) = results
     assert torch.equal(kt.release.weights, kr.release.weights)
     torch.testing.assert_close(kt.loss, kr.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gt, gr, rtol=1e-4, atol=1e-6)
+
+
+def test_release_rule_takes_segment_sums_from_the_kernel(device):
+    """ReleaseRule on the Triton backend builds its series from segment_sums_triton's (B, S) sums and counts:
+    the same series as the reference's float64 segment_means (to fp32 rounding), the same segment ids."""
+    gen = torch.Generator().manual_seed(31)
+    margins = torch.rand((3, 40), generator=gen).to(device)
+    seg = torch.arange(40).div(5, rounding_mode="floor").repeat(3, 1).to(device)
+    seg[1, 10:20] = 7  # a row whose segment ids skip 2..6
+    valid = (torch.rand((3, 40), generator=gen) > 0.2).to(device)
+    valid[2, 5:10] = False  # segment 1 of row 2 has no valid token: left out of the series
+    got = fastopd.ReleaseRule(backend="triton").segment_series(margins, seg, valid)
+    want = reference.segment_means(margins, seg, valid)
+    np.testing.assert_array_equal(got.offsets, want.offsets)
+    np.testing.assert_array_equal(got.segment_ids, want.segment_ids)
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-6, atol=1e-7)
+

@@ -265,6 +265,10 @@ def test_release_rule_cuts_a_fading_rollout():
     assert dec.metrics["accept_rate"] == 0.5
     full = fastopd.ReleaseRule("full").from_margins(torch.tensor(margins), torch.tensor(seg), torch.tensor(valid))
     assert torch.all(full.weights == 1) and full.scan.accepted.tolist() == [True, False]
+    # a control keeps its own tokens, but the release position is the release point's, in every mode
+    assert full.kept_fraction.tolist() == [1.0, 1.0] and full.release_fraction.tolist() == [0.5, 1.0]
+    assert full.metrics["release_position"] == 0.5 and full.metrics["kept_fraction"] == 1.0
+    assert dec.metrics["release_position"] == 0.5 and dec.metrics["kept_fraction"] == 0.75
 
 
 def test_opdloss_with_rule_equals_opd_loss_with_rule_weights():
@@ -351,8 +355,26 @@ def test_bad_options_raise_clear_errors():
         fastopd.ReleaseRule("suffix")
     with pytest.raises(ValueError, match="segment_ids="):
         fastopd.OPDLoss(k=2, rule=fastopd.ReleaseRule(k=2))(zs, zt, y)
-    with pytest.raises(ValueError, match="rule.k=4 .* must equal OPDLoss's k=2"):
+    with pytest.raises(ValueError, match=r"OPDLoss\(k=2\) differs from rule.k=4"):
         fastopd.OPDLoss(k=2, rule=fastopd.ReleaseRule(k=4))
+    with pytest.raises(ValueError, match=r"OPDLoss\(backend='triton'\) differs from rule.backend='auto'"):
+        fastopd.OPDLoss(backend="triton", rule=fastopd.ReleaseRule())
+
+
+def test_opdloss_takes_k_temperature_backend_from_its_rule():
+    rule = fastopd.ReleaseRule(k=5, temperature=2.0, backend="reference")
+    crit = fastopd.OPDLoss(rule=rule)
+    assert (crit.k, crit.temperature, crit.backend) == (5, 2.0, "reference")
+    plain = fastopd.OPDLoss()
+    assert (plain.k, plain.temperature, plain.backend) == (16, 1.0, "auto")
+    g = torch.Generator().manual_seed(3)
+    zs, zt = torch.randn(2, 6, 9, generator=g), torch.randn(2, 6, 9, generator=g)
+    y = torch.randint(0, 9, (2, 6), generator=g)
+    out = crit(zs, zt, y, segment_ids=torch.zeros(2, 6, dtype=torch.long))
+    # the loss's margins are those of k=5, tau=2 (the rule's), computed independently by token_stats
+    want = fastopd.token_stats(zs, zt, y, k=5, temperature=2.0, backend="reference")
+    torch.testing.assert_close(out.stats.margins, want.margins)
+    assert fastopd.opd_loss(zs, zt, y, k=5).release is None  # declared: None without a rule
 
 
 def test_weights_and_old_logprobs_get_no_gradient():

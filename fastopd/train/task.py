@@ -29,6 +29,8 @@ import zlib
 from pathlib import Path
 from typing import Dict, Iterable, List, Union
 
+from fastopd.train.runlog import read_jsonl
+
 __all__ = [
     "MAX_VALUE",
     "MAX_ADD",
@@ -221,12 +223,6 @@ def write_jsonl(path: Union[str, Path], problems: Iterable[Dict[str, str]], *, f
                 row["solution"] = p["solution"]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
-
-
-def read_jsonl(path: Union[str, Path]) -> List[dict]:
-    """Read a JSONL file written by :func:`write_jsonl` (one dict per non-empty line)."""
-    with Path(path).open("r", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 class DemoAssets(dict):

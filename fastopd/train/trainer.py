@@ -33,12 +33,14 @@ import numpy as np
 import torch
 
 from fastopd.loss import OPDLoss
+from fastopd.common import RELEASE_SUM_KEYS, release_means, release_sums
 from fastopd.release import ReleaseRule
 from fastopd.train.checkpoint import (
-    RunLog, latest_checkpoint, list_checkpoints, load_training_state, read_jsonl, save_checkpoint,
+    latest_checkpoint, list_checkpoints, load_training_state, save_checkpoint,
 )
 from fastopd.train.config import TrainConfig
 from fastopd.train.data import PromptSchedule, load_prompts
+from fastopd.train.runlog import RunLog, read_log
 
 IGNORE_INDEX = -100
 
@@ -359,10 +361,14 @@ def evaluate(model, tokenizer, rows: list[dict], *, verifier, eos_ids: list[int]
 
 
 class StepTotals:
-    """Sums of one step's diagnostics; ``reduce`` adds them up over processes and returns the means."""
+    """Sums of one step's diagnostics; ``reduce`` adds them up over processes and returns the means.
 
-    KEYS = ("loss", "micro", "valid", "kept", "adv", "margin", "rollouts", "accepted", "gain", "gain_n",
-            "release_pos", "length", "stopped", "correct", "answered")
+    The rule's diagnostics are :func:`fastopd.common.release_sums` added over micro-batches (and
+    processes), turned into means by :func:`fastopd.common.release_means`: one definition for a batch,
+    a step and the demo's logs.
+    """
+
+    KEYS = ("loss", "micro", "adv", "margin", "length", "stopped", "correct", "answered") + RELEASE_SUM_KEYS
 
     def __init__(self):
         self.sums = dict.fromkeys(self.KEYS, 0.0)
@@ -372,21 +378,16 @@ class StepTotals:
         s = self.sums
         s["loss"] += float(out.loss.detach())
         s["micro"] += 1
-        s["valid"] += m["num_valid"]
-        s["kept"] += m["num_kept"]
         s["adv"] += m["adv_mean"] * m["num_valid"]
         s["margin"] += m["margin_mean"] * m["num_valid"]
-        s["rollouts"] += len(rollouts.texts)
         s["length"] += float(rollouts.lengths.sum())
         s["stopped"] += float(rollouts.stopped.sum())
         s["correct"] += correct
         s["answered"] += answered
-        if dec is not None:
-            finite = np.isfinite(dec.scan.gain)
-            s["accepted"] += float(dec.scan.accepted.sum())
-            s["gain"] += float(dec.scan.gain[finite].sum())
-            s["gain_n"] += float(finite.sum())
-            s["release_pos"] += float(np.nansum(dec.kept_fraction[dec.scan.accepted]))
+        rule = dec.totals if dec is not None else release_sums([], [], [], m["num_valid"], m["num_kept"])
+        rule = dict(rule, rollouts=float(len(rollouts.texts)))
+        for key in RELEASE_SUM_KEYS:
+            s[key] += rule[key]
 
     def reduce(self, accelerator) -> dict:
         vec = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64)
@@ -394,14 +395,15 @@ class StepTotals:
             vec = accelerator.reduce(vec.to(accelerator.device), reduction="sum").cpu()
         s = dict(zip(self.KEYS, vec.tolist()))
         nan = float("nan")
+        rule = release_means(s)
         return {
             "loss": s["loss"] / max(s["micro"], 1),
             "adv_mean": s["adv"] / max(s["valid"], 1),
             "margin_mean": s["margin"] / max(s["valid"], 1),
-            "kept_fraction": s["kept"] / max(s["valid"], 1),
-            "accept_rate": s["accepted"] / max(s["rollouts"], 1),
-            "gain_mean": s["gain"] / s["gain_n"] if s["gain_n"] else nan,
-            "release_position": s["release_pos"] / s["accepted"] if s["accepted"] else nan,
+            "kept_fraction": rule["kept_fraction"],
+            "accept_rate": rule["accept_rate"],
+            "gain_mean": rule["gain_mean"],
+            "release_position": rule["release_position"],
             "tokens": int(s["valid"]),
             "tokens_supervised": int(s["kept"]),
             "rollouts": int(s["rollouts"]),
@@ -430,6 +432,7 @@ def rollout_records(step: int, out, rollouts: Rollouts, correct: list) -> list[d
             "gain": float(dec.scan.gain[b]),
             "accepted": bool(dec.scan.accepted[b]),
             "release_segment": int(dec.release_segment[b]),
+            "release_fraction": float(dec.release_fraction[b]),
             "kept_fraction": float(dec.kept_fraction[b]),
             "correct": correct[b],
             "text": rollouts.texts[b],
@@ -532,8 +535,7 @@ def _train(cfg: TrainConfig) -> dict:
     rule = ReleaseRule(mode=cfg.mode, k=cfg.k, temperature=cfg.loss_temperature, min_segments=cfg.min_segments,
                        min_gain=cfg.min_gain, fraction=cfg.fraction, seed=cfg.seed + accelerator.process_index,
                        backend=cfg.backend)
-    criterion = OPDLoss(cfg.loss, k=cfg.k, temperature=cfg.loss_temperature, ignore_index=IGNORE_INDEX,
-                        vocab_size=vocab_size, backend=cfg.backend, rule=rule)
+    criterion = OPDLoss(cfg.loss, ignore_index=IGNORE_INDEX, vocab_size=vocab_size, rule=rule)  # k, tau: the rule's
 
     # ---- resume: optimizer, scheduler, RNG, logs
     log = RunLog(cfg.output_dir, enabled=main)
@@ -656,7 +658,7 @@ def _train(cfg: TrainConfig) -> dict:
         if final_ckpt is not None:
             _copy_final(final_ckpt / "student", Path(cfg.output_dir) / "final")
     accelerator.wait_for_everyone()
-    rows = read_jsonl(Path(cfg.output_dir) / "metrics.jsonl") if main else []
+    rows = read_log(Path(cfg.output_dir) / "metrics.jsonl") if main else []
     summary = {
         "output_dir": str(cfg.output_dir),
         "step": final_step,
