@@ -33,6 +33,7 @@ try:
     triton = pytest.importorskip("triton")
     import fastopd
     from fastopd import reference
+    from helpers import ROOT
     from fastopd.kernels import opd_loss_triton, segment_sums_triton, token_stats_triton
     from fastopd.kernels._helpers import is_interpreted
     from fastopd.kernels.token_stats import _token_stats_kernel
@@ -384,7 +385,7 @@ def test_triton_backend_on_cpu_needs_interpreter():
         """
     )
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(ROOT)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
@@ -398,7 +399,7 @@ def test_kernels_compile_for_sm90():
     if not os.path.exists(ptxas):
         pytest.skip("this triton wheel ships no ptxas")
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(ROOT)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     res = subprocess.run([sys.executable, "-m", "fastopd.kernels._aot", "90"], env=env, capture_output=True,

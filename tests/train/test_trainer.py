@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ROOT
+
 from fastopd import reference
 from fastopd.loss import OPDLoss
 from fastopd.release import ReleaseRule
@@ -30,7 +32,6 @@ from fastopd.train.trainer import (
     load_model, load_tokenizer, train,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 DETERMINISTIC_KEYS = ("loss", "adv_mean", "margin_mean", "kept_fraction", "accept_rate", "tokens",
                       "tokens_supervised", "completion_length", "grad_norm")
 
@@ -119,7 +120,11 @@ def test_completion_logits_are_shifted_and_padding_invariant(tiny):
 
 
 def test_trainer_weights_equal_release_weights(tiny):
-    """The weights the trainer's loss applies == fastopd.release_weights recomputed independently."""
+    """The weights the trainer's loss applies == the oracle (fastopd.reference) on each unpadded rollout.
+
+    The oracle path is the reference's token_stats / segment_means / bic_release / release_weights on one
+    rollout at a time (no padding, no batching, no C++ scan); the segments come from token_segments, whose
+    own oracle is tests/test_segment.py. So this checks the trainer's batching and wiring of the rule."""
     from fastopd.train.task import format_prompt, make_problems
 
     tok, student, teacher = models(tiny)
@@ -134,7 +139,7 @@ def test_trainer_weights_equal_release_weights(tiny):
         t_logits = completion_logits(teacher, r)
     out = crit(completion_logits(student, r), t_logits, r.targets, segment_ids=r.segment_ids)
 
-    # independent recomputation, one unpadded rollout at a time
+    # the oracle, one unpadded rollout at a time
     v = len(tok)
     for i in range(len(probs)):
         p = tok(format_prompt(probs[i]["prompt"]))["input_ids"]
