@@ -62,3 +62,14 @@ def resolve_backend(backend: str, device: torch.device, *, dtypes=(), k: int | N
         "under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton); "
         "use backend='auto' or 'reference' otherwise"
     )
+
+
+def cpu_ops():
+    """The CPU backend: :mod:`fastopd.reference`, whose plain PyTorch/NumPy code doubles as the CPU path.
+
+    This is the one entry through which the package (outside tests and benchmarks) reaches the oracle:
+    ``token_stats``, ``opd_loss``, the segment means and the weights on CPU tensors.
+    """
+    from fastopd import reference
+
+    return reference

@@ -2,7 +2,7 @@
 
 On CUDA tensors (``backend="auto"``) the forward statistics and the gradient w.r.t. the student logits come
 from the Triton kernels; otherwise the loss is the reference's plain autograd (:func:`fastopd.reference.opd_loss`,
-imported here as the CPU dispatch ``_cpu``). The per-token formula both use is :func:`fastopd.common.per_token_loss`.
+reached through :func:`fastopd._dispatch.cpu_ops`). The per-token formula both use is :func:`fastopd.common.per_token_loss`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastopd import reference as _cpu  # the CPU dispatch of the loss (plain autograd)
-from fastopd._dispatch import _device, _dtypes, resolve_backend
+from fastopd._dispatch import _device, _dtypes, cpu_ops, resolve_backend
 from fastopd.common import LOSSES, reduce_loss
 from fastopd.types import OPDOutput
 
@@ -68,7 +67,7 @@ def opd_loss(
         from fastopd.kernels import opd_loss_triton
 
         return opd_loss_triton(student_logits, teacher_logits, target_ids, inplace_backward=inplace_backward, **kwargs)
-    return _cpu.opd_loss(student_logits, teacher_logits, target_ids, **kwargs)
+    return cpu_ops().opd_loss(student_logits, teacher_logits, target_ids, **kwargs)
 
 
 class OPDLoss(nn.Module):

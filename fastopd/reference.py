@@ -18,12 +18,11 @@ Sections:
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import numpy as np
 import torch
 
-from fastopd._validate import check_ragged, check_scan_options, check_token_inputs
+from fastopd._validate import check_fraction, check_ragged, check_scan_options, check_token_inputs
 from fastopd.common import (  # noqa: F401  (LOSSES, CONTROLS, reduce_loss, ... re-exported for callers)
     CONTROLS,
     LOSSES,
@@ -342,8 +341,7 @@ def control_weights(
     if kind == "full":
         return valid.to(torch.float32)
     if kind == "fixed_prefix":
-        if not isinstance(fraction, Real) or not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        check_fraction(fraction)
         n_valid = valid.sum(-1, keepdim=True)
         n_keep = torch.ceil(n_valid.double() * float(fraction)).long().clamp(min=1)
         kept = valid & (torch.cumsum(valid.long(), dim=-1) <= n_keep)

@@ -8,7 +8,7 @@ Where each step runs: the segment means are the reference's NumPy bincount on CP
 tensors (backend ``auto``/``triton``), :func:`fastopd.kernels.segment_sums_triton`, so only the (B, S)
 sums and counts cross to the host, not every margin; the scan is C++ on the host. The weights
 (docs/formulas.md §4) are O(B L) masks, and the reference functions compute them on the tensors' own device:
-they are used here as the CPU dispatch of those ops (the one entry :data:`_cpu`), not as a test oracle.
+they are reached through :func:`fastopd._dispatch.cpu_ops` (the CPU dispatch), not used as a test oracle.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fastopd import reference as _cpu  # CPU dispatch of segment_means / release_weights / control_weights
-from fastopd._dispatch import resolve_backend
-from fastopd._validate import check_ragged, check_scan_options
+from fastopd._dispatch import cpu_ops, resolve_backend
+from fastopd._validate import check_fraction, check_ragged, check_scan_options
 from fastopd.common import (
     MODES,
     release_fractions,
@@ -31,6 +30,7 @@ from fastopd.common import (
 )
 from fastopd.types import ReleaseResult, SegmentMeans
 
+_cpu = cpu_ops()
 control_weights = _cpu.control_weights
 release_weights = _cpu.release_weights
 segment_means = _cpu.segment_means
@@ -139,8 +139,7 @@ class ReleaseRule:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         check_scan_options(min_segments, min_gain)
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        check_fraction(fraction)
         self.mode = mode
         self.k = k
         self.temperature = temperature

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastopd import reference
-from fastopd._dispatch import _device, _dtypes, resolve_backend
+from fastopd._dispatch import _device, _dtypes, cpu_ops, resolve_backend
 from fastopd.types import TokenStats
 
 
@@ -52,4 +51,4 @@ def token_stats(
         from fastopd.kernels import token_stats_triton
 
         return token_stats_triton(student_logits, teacher_logits, target_ids, **kwargs)
-    return reference.token_stats(student_logits, teacher_logits, target_ids, **kwargs)
+    return cpu_ops().token_stats(student_logits, teacher_logits, target_ids, **kwargs)
