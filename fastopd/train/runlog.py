@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def read_jsonl(path: str | Path, *, missing_ok: bool = False, skip_torn: bool = False) -> list[dict]:
@@ -93,6 +92,6 @@ def json_default(x):
         return x.item()
     if isinstance(x, np.ndarray):
         return x.tolist()
-    if isinstance(x, torch.Tensor):
+    if type(x).__module__.startswith("torch") and hasattr(x, "tolist"):  # a tensor (torch not imported here)
         return x.tolist()
     return str(x)
