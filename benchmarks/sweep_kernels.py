@@ -46,8 +46,8 @@ def _compiled_resources(kernel) -> tuple[int | None, int | None]:
 def sweep_stats(n, v, k, full_kl, grid, peak, emit):
     import triton.testing
 
-    from fastopd.kernels._helpers import Rows
-    from fastopd.kernels.token_stats import LOG2E, NUM_OUT, _token_stats_kernel, stats_launch_config
+    from fastopd.kernels._helpers import NUM_OUT, Rows
+    from fastopd.kernels.token_stats import LOG2E, _token_stats_kernel, stats_launch_config
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     zs = (torch.randn(n, v, generator=gen, device="cuda") * 3).to(torch.bfloat16)
@@ -57,7 +57,7 @@ def sweep_stats(n, v, k, full_kl, grid, peak, emit):
     ref = None
     default = stats_launch_config(v, k)
     for block, group, warps in grid:
-        out = torch.empty((NUM_OUT, n), dtype=torch.float32, device="cuda")
+        out = torch.empty((NUM_OUT.value, n), dtype=torch.float32, device="cuda")
         cfg = dict(K_PAD=max(2, 1 << (k - 1).bit_length()), BLOCK_G=block // group, GROUP_SIZE=group,
                    BITONIC=True, num_warps=warps)
         if cfg["BLOCK_G"] < cfg["K_PAD"]:
@@ -91,15 +91,16 @@ def sweep_stats(n, v, k, full_kl, grid, peak, emit):
 def sweep_backward(n, v, grid, peak, emit):
     import triton.testing
 
-    from fastopd.kernels._helpers import Rows
+    from fastopd.kernels._helpers import NUM_OUT, OUT_LOGSUM_S, OUT_MAX_S, Rows
     from fastopd.kernels.loss_backward import _loss_backward_kernel
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     zs = (torch.randn(n, v, generator=gen, device="cuda") * 3).to(torch.bfloat16)
     y = torch.randint(0, v, (n,), generator=gen, device="cuda")
     lse = torch.logsumexp(zs.float(), dim=-1)
-    stat = torch.stack([zs.float().amax(-1), (lse - zs.float().amax(-1)), torch.zeros(n, device="cuda"),
-                        torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda")]).contiguous()
+    stat = torch.zeros((NUM_OUT.value, n), dtype=torch.float32, device="cuda")  # the stats kernel's buffer
+    stat[OUT_MAX_S.value] = zs.float().amax(-1)
+    stat[OUT_LOGSUM_S.value] = lse - stat[OUT_MAX_S.value]
     coef = torch.randn(n, generator=gen, device="cuda")
     s = Rows(zs)
     ref = None

@@ -224,14 +224,16 @@ def phase_shares(metrics: list[dict]) -> dict:
 
 def arm_summary(summary: dict, run: dict, run_dir: Path) -> dict:
     """The numbers the table reports for one arm, from the trainer's summary and the run's logs."""
-    from fastopd.train.report import release_fraction
-
+    from fastopd.common import release_means, release_sums
     import math
 
+    from fastopd.train.report import release_fraction
+
     rollouts, metrics = run["rollouts"], run["metrics"]
-    accepted = [r for r in rollouts if r["accepted"]]
-    gains = [r["gain"] for r in rollouts if math.isfinite(r["gain"])]
-    kept = [r["kept_fraction"] for r in rollouts if math.isfinite(r["kept_fraction"])]
+    n_valid = sum(r["length"] for r in rollouts)
+    n_kept = sum(round(r["kept_fraction"] * r["length"]) for r in rollouts if math.isfinite(r["kept_fraction"]))
+    rule = release_means(release_sums([r["gain"] for r in rollouts], [r["accepted"] for r in rollouts],
+                                      [release_fraction(r) for r in rollouts], n_valid, n_kept))
     window = max(1, min(10, len(metrics) // 4))
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     return {
@@ -241,11 +243,11 @@ def arm_summary(summary: dict, run: dict, run_dir: Path) -> dict:
         "tokens_supervised": summary["tokens_supervised"],
         "supervised_fraction": summary["tokens_supervised"] / max(summary["tokens"], 1),
         "time_per_step": summary["time_per_step"],
-        "accept_rate": len(accepted) / max(len(rollouts), 1),
-        "gain_mean": sum(gains) / len(gains) if gains else float("nan"),
-        "kept_fraction": sum(kept) / len(kept) if kept else float("nan"),  # mean over rollouts of L_kept / L
+        "accept_rate": rule["accept_rate"],
+        "release_position": rule["release_position"],
+        "gain_mean": rule["gain_mean"],
+        "kept_fraction": rule["kept_fraction"],  # kept / valid tokens over the arm's logged rollouts
         **phase_shares(metrics),
-        "release_position": (sum(release_fraction(r) for r in accepted) / len(accepted)) if accepted else float("nan"),
         # -mean A_t = the sampled-token estimate of the reverse KL(student || teacher) on the student's rollouts
         "kl_first": -mean(metrics[:window], "adv_mean"),
         "kl_last": -mean(metrics[-window:], "adv_mean"),

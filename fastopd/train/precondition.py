@@ -35,6 +35,7 @@ TARGETS = {"margin_ratio": 1.5, "accept_rate": 0.5}
 
 def summarise_records(records: list[dict], bins: int = 20) -> dict:
     """The precondition figures of a list of per-rollout records (``rollouts.jsonl`` rows)."""
+    from fastopd.common import release_means, release_sums
     from fastopd.train.report import margin_profile, release_fraction
 
     if not records:
@@ -43,19 +44,20 @@ def summarise_records(records: list[dict], bins: int = 20) -> dict:
     x, mean, half = margin_profile(records, bins=bins)
     gains = np.array([r["gain"] for r in records], dtype=np.float64)
     finite = np.isfinite(gains)
-    accepted = [r for r in records if r["accepted"]]
     tokens = sum(r["length"] for r in records)
     kept = sum(round(r["kept_fraction"] * r["length"]) for r in records if math.isfinite(r["kept_fraction"]))
+    rule = release_means(release_sums(gains, [r["accepted"] for r in records],
+                                      [release_fraction(r) for r in records], tokens, kept))
     return {
         "rollouts": len(records),
         "margin_first_quarter": float(quarters[0]),
         "margin_last_quarter": float(quarters[3]),
         "margin_ratio": float(quarters[0] / quarters[3]) if quarters[3] > 0 else float("inf"),
-        "accept_rate": len(accepted) / len(records),
-        "gain_mean": float(gains[finite].mean()) if finite.any() else float("nan"),
+        "accept_rate": rule["accept_rate"],
+        "gain_mean": rule["gain_mean"],
         "gain_median": float(np.median(gains[finite])) if finite.any() else float("nan"),
-        "release_position": float(np.mean([release_fraction(r) for r in accepted])) if accepted else float("nan"),
-        "kept_fraction": kept / max(tokens, 1),
+        "release_position": rule["release_position"],
+        "kept_fraction": rule["kept_fraction"],
         "mean_length": tokens / len(records),
         "mean_segments": float(np.mean([len(r["series"]) for r in records])),
         "profile": {"x": x.round(4).tolist(), "mean": np.round(mean, 4).tolist(), "half": np.round(half, 4).tolist()},
@@ -123,7 +125,8 @@ def measure_precondition(student, teacher, tokenizer, prompts: list[str], *, n_r
                 "segments": seg[b][valid[b]].tolist(),
                 "series": np.round(dec.series.values[offs[b]:offs[b + 1]], 5).tolist(),
                 "gain": float(dec.scan.gain[b]), "accepted": bool(dec.scan.accepted[b]),
-                "release_segment": int(dec.release_segment[b]), "kept_fraction": float(dec.kept_fraction[b]),
+                "release_segment": int(dec.release_segment[b]), "release_fraction": float(dec.release_fraction[b]),
+                "kept_fraction": float(dec.kept_fraction[b]),
                 "correct": correct, "text": ro.texts[b],
             })
         if bar is not None:
