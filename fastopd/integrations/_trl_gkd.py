@@ -40,7 +40,7 @@ class ReleaseGKDTrainer(GKDTrainer):
     """``GKDTrainer`` whose ``compute_loss`` is fastopd's OPD loss under the release rule, from both models' logits.
 
     The completion is ``input_ids[:, P:]`` with P = ``inputs["prompts"].shape[1]`` (the layout GKD's on-policy
-    generation writes); the loss is normalised by ``num_items_in_batch`` exactly as GKD's own loss is (the
+    generation writes); the loss is at temperature 1 like GKD's own, and normalised by ``num_items_in_batch`` exactly as GKD's own loss is (the
     number of valid tokens when None). ``self.last_opd_output`` holds the last :class:`fastopd.OPDOutput`.
     """
 
@@ -48,7 +48,9 @@ class ReleaseGKDTrainer(GKDTrainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, ReleaseGKDConfig):
             raise TypeError(f"args must be a fastopd.integrations.trl.ReleaseGKDConfig, got {type(self.args).__name__}")
-        self.opd_criterion = _make_criterion(self.args)
+        # GKD samples at args.temperature but computes its loss at temperature 1 (compute_loss passes none to
+        # generalized_jsd_loss); the release loss follows the loss.
+        self.opd_criterion = _make_criterion(self.args, 1.0)
         self.last_opd_output = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

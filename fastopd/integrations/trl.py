@@ -73,10 +73,10 @@ def _check_opd_fields(cfg) -> None:
         raise ValueError(f"opd_chunk_size must be a positive int or None, got {cfg.opd_chunk_size!r}")
 
 
-def _make_criterion(args) -> OPDLoss:
-    rule = ReleaseRule(args.opd_mode, k=args.opd_k, temperature=args.temperature, min_gain=args.opd_min_gain,
+def _make_criterion(args, temperature: float) -> OPDLoss:
+    rule = ReleaseRule(args.opd_mode, k=args.opd_k, temperature=temperature, min_gain=args.opd_min_gain,
                        fraction=args.opd_fraction, seed=args.seed)
-    return OPDLoss(args.opd_loss, k=args.opd_k, temperature=args.temperature, rule=rule)
+    return OPDLoss(args.opd_loss, k=args.opd_k, temperature=temperature, rule=rule)
 
 
 def _log_opd_metrics(metrics_store, out) -> None:
@@ -130,7 +130,7 @@ class ReleaseDistillationTrainer(DistillationTrainer):
             raise TypeError(
                 f"args must be a fastopd.integrations.trl.ReleaseDistillationConfig, got {type(self.args).__name__}"
             )
-        self.opd_criterion = _make_criterion(self.args)
+        self.opd_criterion = _make_criterion(self.args, self.args.temperature)
         self.last_opd_output = None
 
     def _segment_tokenizer(self):

@@ -162,3 +162,50 @@ def test_trainer_rejects_a_plain_trl_config(assets, tmp_path):
     with pytest.raises(TypeError, match="ReleaseDistillationConfig"):
         ReleaseDistillationTrainer(model=student, teacher_model=teacher, args=args,
                                    train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok)
+
+
+_CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}"
+         "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_gkd_logits_path_full_reverse_kl_equals_gkd_beta_1(assets, tmp_path):
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDTrainer
+
+    from fastopd.integrations.trl import ReleaseGKDConfig, ReleaseGKDTrainer
+
+    paths, tok, prompts = assets
+    tok = tok.__class__.from_pretrained(paths.tokenizer)
+    tok.padding_side = "left"
+    tok.chat_template = _CHAT  # the demo tokenizer has none; GKD's collator formats messages with one
+    rows = read_jsonl(paths.root / "data" / "eval.jsonl")[:8]
+    data = Dataset.from_dict({"messages": [[{"role": "user", "content": r["prompt"]},
+                                            {"role": "assistant", "content": f"The answer is \\boxed{{{r['answer']}}}."}]
+                                           for r in rows]})
+    student, teacher = _models(paths)
+    args = ReleaseGKDConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
+        save_strategy="no", per_device_train_batch_size=4, max_steps=2, max_new_tokens=40, learning_rate=5e-4,
+        logging_steps=1, lmbda=1.0, beta=1.0, temperature=1.0, seed=0, opd_mode="full", opd_loss="reverse_kl",
+    )
+    trainer = ReleaseGKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tok)
+    pairs = []
+    ours = trainer.compute_loss
+
+    def both(model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = ours(model, inputs, return_outputs, num_items_in_batch)
+        with torch.no_grad():
+            gkd = GKDTrainer.compute_loss(trainer, model, inputs, False, num_items_in_batch)
+        pairs.append((float(loss.detach()), float(gkd), int(trainer.last_opd_output.stats.valid.sum())))
+        return loss
+
+    trainer.compute_loss = both
+    trainer.train()
+    assert len(pairs) == 2
+    for loss, gkd, n_valid in pairs:
+        assert n_valid > 0 and gkd > 0
+        assert math.isclose(loss, gkd, rel_tol=1e-4, abs_tol=1e-6), (loss, gkd)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("opd/kept_fraction" in h and "opd/accept_rate" in h for h in logged)
+    with pytest.raises(ValueError, match="lmbda"):
+        ReleaseGKDConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], lmbda=0.5)
