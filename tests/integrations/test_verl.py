@@ -241,3 +241,27 @@ def test_missing_margins_is_a_clear_error(tok):
 
     with pytest.raises(RuntimeError, match="margin hook"):
         fv.fastopd_release_loss(None, None, {"distillation_losses": torch.zeros(1)}, None)
+
+
+@verl_only
+def test_plugin_import_through_verl_use_external_modules():
+    """What a verl run does: VERL_USE_EXTERNAL_MODULES makes `import verl` import the plugin, which registers."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import verl\n"
+        "from verl.trainer.distillation.losses import DISTILLATION_LOSS_REGISTRY, get_distillation_loss_settings\n"
+        "import verl.trainer.distillation.fsdp.losses as f\n"
+        "assert DISTILLATION_LOSS_REGISTRY['fastopd_release'].__module__ == 'fastopd.integrations.verl'\n"
+        "assert get_distillation_loss_settings('fastopd_release').use_topk\n"
+        "assert f.compute_forward_kl_topk._fastopd_hook\n"
+        "print('registered')\n"
+    )
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="fastopd.integrations.verl")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "registered" in out.stdout
