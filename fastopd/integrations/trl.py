@@ -8,7 +8,8 @@ Switching a TRL distillation run to the release rule is one import and the confi
 - :class:`ReleaseDistillationTrainer` subclasses ``trl.DistillationTrainer`` and replaces only
   ``_compute_loss(unwrapped_student, inputs, num_items_in_batch)``: the same last hidden states and LM heads
   TRL's chunked divergence reads (both models' backbones, logit scale, soft-cap, temperature), into
-  :meth:`fastopd.OPDLoss.linear` with a :class:`fastopd.ReleaseRule` -- no (N, V) logits. Segments come from
+  :meth:`fastopd.OPDLoss.linear` with a :class:`fastopd.ReleaseRule` -- no (N, V) logits (on a fastopd
+  without ``OPDLoss.linear``, the interim logits path of :func:`_opd_from_hidden`). Segments come from
   ``self.processing_class`` on ``completion_ids`` under ``completion_mask`` (times ``tool_mask``). The loss is
   sum_t l_t / ``num_items_in_batch`` as TRL's (mean over the local valid tokens when it is None), and the
   return value is TRL's ``(loss, entropy_sum, n_valid)``; the student's entropy is not computed by fastopd,
@@ -116,6 +117,40 @@ def _logit_scale(config) -> float:
     return 1.0 if scale is None else float(scale)
 
 
+def _opd_from_hidden(criterion: OPDLoss, student_hidden, student_head, teacher_hidden, teacher_head, targets, segments,
+                     *, normalizer, chunk_size, student_head_options, teacher_head_options):
+    """The OPD loss with the release rule from both models' last hidden states and LM heads.
+
+    With :meth:`fastopd.OPDLoss.linear` (the hidden-state path, issue 9) the logits are never materialised.
+    **Interim path**, used only when this fastopd has no ``OPDLoss.linear``: the two heads' logits
+    z = softcap(scale * (h W^T + b)) are formed in full (B, C, V) and passed to ``OPDLoss`` -- the same
+    numbers, more memory. Both paths are tested (tests/integrations/test_trl.py).
+    """
+    s_scale, s_cap = student_head_options["logit_scale"], student_head_options["softcap"]
+    t_scale, t_cap = teacher_head_options["logit_scale"], teacher_head_options["softcap"]
+    if hasattr(criterion, "linear") and not _FORCE_LOGITS_PATH:
+        return criterion.linear(
+            student_hidden, student_head.weight, teacher_hidden, teacher_head.weight, targets,
+            segment_ids=segments, normalizer=normalizer, student_bias=student_head.bias,
+            teacher_bias=teacher_head.bias, chunk_size=chunk_size,
+            student_logit_scale=s_scale, teacher_logit_scale=t_scale,
+            student_final_logit_softcapping=s_cap, teacher_final_logit_softcapping=t_cap,
+        )
+
+    def head(h, lin, scale, cap):
+        z = torch.nn.functional.linear(h, lin.weight, lin.bias) * scale
+        return z if cap is None else cap * torch.tanh(z / cap)
+
+    zs = head(student_hidden, student_head, s_scale, s_cap)
+    with torch.no_grad():
+        zt = head(teacher_hidden, teacher_head, t_scale, t_cap)
+    return criterion(zs, zt, targets, segment_ids=segments, normalizer=normalizer)
+
+
+# Tests set this to check the interim logits path where OPDLoss.linear exists too.
+_FORCE_LOGITS_PATH = False
+
+
 class ReleaseDistillationTrainer(DistillationTrainer):
     """``trl.DistillationTrainer`` whose loss is fastopd's OPD loss under the release rule (or a control).
 
@@ -168,14 +203,11 @@ class ReleaseDistillationTrainer(DistillationTrainer):
         segments = completion_segments(self._segment_tokenizer(), completion_ids, loss_mask).to(device)
         vocab = min(s_head.weight.shape[0], t_head.weight.shape[0])
         self.opd_criterion.vocab_size = vocab if s_head.weight.shape[0] != t_head.weight.shape[0] else None
-        out = self.opd_criterion.linear(
-            student_hidden, s_head.weight, teacher_hidden, t_head.weight,
-            targets, segment_ids=segments, normalizer=num_items_in_batch,
-            student_bias=s_head.bias, teacher_bias=t_head.bias,
-            chunk_size=self.args.opd_chunk_size,
-            student_logit_scale=_logit_scale(s_cfg), teacher_logit_scale=_logit_scale(t_cfg),
-            student_final_logit_softcapping=getattr(s_cfg, "final_logit_softcapping", None),
-            teacher_final_logit_softcapping=getattr(t_cfg, "final_logit_softcapping", None),
+        out = _opd_from_hidden(
+            self.opd_criterion, student_hidden, s_head, teacher_hidden, t_head, targets, segments,
+            normalizer=num_items_in_batch, chunk_size=self.args.opd_chunk_size,
+            student_head_options=dict(logit_scale=_logit_scale(s_cfg), softcap=getattr(s_cfg, "final_logit_softcapping", None)),
+            teacher_head_options=dict(logit_scale=_logit_scale(t_cfg), softcap=getattr(t_cfg, "final_logit_softcapping", None)),
         )
         self.last_opd_output = out
         _log_opd_metrics(self._metrics["train" if self.model.training else "eval"], out)

@@ -85,7 +85,18 @@ def _independent_fastopd_loss(trainer, inputs, num_items_in_batch):
     return crit(zs, zt, targets, segment_ids=seg, normalizer=num_items_in_batch)
 
 
-def test_release_loss_equals_fastopd_on_the_same_rollouts_and_metrics_are_logged(assets, tmp_path):
+@pytest.fixture(params=["linear", "logits"])
+def hidden_path(request, monkeypatch):
+    """The hidden-state path (OPDLoss.linear) where this fastopd has it, and the interim logits path."""
+    import fastopd.integrations.trl as ft
+
+    if request.param == "linear" and not hasattr(fastopd.OPDLoss, "linear"):
+        pytest.skip("this fastopd has no OPDLoss.linear (the hidden-state path of issue 9)")
+    monkeypatch.setattr(ft, "_FORCE_LOGITS_PATH", request.param == "logits")
+    return request.param
+
+
+def test_release_loss_equals_fastopd_on_the_same_rollouts_and_metrics_are_logged(assets, tmp_path, hidden_path):
     trainer = _trainer(assets, tmp_path, opd_mode="release", opd_loss="pg")
     seen = []
     inner = trainer._compute_loss
@@ -118,7 +129,7 @@ def test_release_loss_equals_fastopd_on_the_same_rollouts_and_metrics_are_logged
     assert all(h.get("entropy") is None for h in logged)
 
 
-def test_full_reverse_kl_equals_trl_beta_1(assets, tmp_path):
+def test_full_reverse_kl_equals_trl_beta_1(assets, tmp_path, hidden_path):
     trainer = _trainer(assets, tmp_path, opd_mode="full", opd_loss="reverse_kl", beta=1.0, max_steps=2)
     pairs = []
     ours = trainer._compute_loss
