@@ -158,8 +158,7 @@ def release_weighted_losses(
     weights = decision.weights.to(device=per_token_losses.device, dtype=per_token_losses.dtype)
     metrics = {
         "fastopd/accept_rate": decision.metrics["accept_rate"],
-        # the rule's kept tokens / valid tokens ("kept_fraction_rule" before the restructure of issue 7)
-        "fastopd/kept_fraction": decision.metrics.get("kept_fraction", decision.metrics.get("kept_fraction_rule")),
+        "fastopd/kept_fraction": decision.metrics["kept_fraction"],
         "fastopd/margin_mean": float(margins[valid].float().mean()) if valid.any() else 0.0,
     }
     if decision.metrics["gain_mean"] == decision.metrics["gain_mean"]:  # NaN when no rollout has a split
