@@ -145,9 +145,14 @@ def format_study(study: dict, summary: dict) -> str:
         from fastopd.train.precondition import format_precondition
 
         lines += ["", format_precondition(study["precondition"])]
-    if s.get("total_time_s"):
-        lines += ["", f"Wall time of the runs done by the last invocation: {s['total_time_s'] / 60:.1f} min "
-                  f"({s.get('threads', '?')} torch thread(s), {s.get('cpu_count', '?')} CPUs, shared machine)."]
+    if s.get("runs_trained"):
+        lines += ["", f"Wall time of the last invocation ({s['runs_trained']} runs trained, the others read from "
+                  f"their result.json): {s['total_time_s'] / 60:.1f} min ({s.get('threads', '?')} torch thread(s), "
+                  f"{s.get('cpu_count', '?')} CPUs, shared machine)."]
+    per_step = [r["time_per_step"] for rows in study["arms"].values() for r in rows if r.get("time_per_step")]
+    if per_step:
+        lines += ["", f"Time per OPD step over all runs: {min(per_step):.2f}-{max(per_step):.2f} s (mean "
+                  f"{sum(per_step) / len(per_step):.2f} s) on the shared machine."]
     return "\n".join(lines) + "\n"
 
 
@@ -280,12 +285,14 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
     print(f"fastopd study: {len(arms)} arms x {len(seed_list)} seeds, {sched['steps']} steps x "
           f"{sched['prompts_per_step'] * sched['num_samples']} rollouts per run; {done_before} of {len(jobs)} runs "
           f"already finished -> {out_dir}", flush=True)
+    trained = 0
     for seed, mode in jobs:
         run_dir = out_dir / "runs" / f"{mode}-s{seed}"
         done = run_dir / "result.json"
         if done.is_file():
             row = json.loads(done.read_text())
         else:
+            trained += 1
             run_cfg = dataclasses.replace(cfg, mode=mode, seed=seed)
             if mode == "fixed_prefix":
                 rel = next(r for r in results["release"] if r["seed"] == seed)
@@ -305,7 +312,7 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
                     "rollouts_per_step": sched["prompts_per_step"] * sched["num_samples"], "loss": cfg.loss,
                     "lr": cfg.lr, "seeds": seed_list, "eval_problems": base["eval_problems"],
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                    "total_time_s": time.perf_counter() - t_start},
+                    "total_time_s": time.perf_counter() - t_start, "runs_trained": trained},
     }
     summary = aggregate(study["arms"])
     study["summary"] = summary
