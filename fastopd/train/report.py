@@ -27,7 +27,7 @@ import numpy as np
 from fastopd.common import release_fractions
 from fastopd.train.runlog import read_log
 
-COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 
 
 def load_run(run_dir: str | Path) -> dict:
