@@ -1,12 +1,12 @@
-"""Backend choice shared by every op: ``"auto" | "triton" | "reference"`` (DESIGN.md, Architecture).
+"""Backend choice shared by every op: ``"auto" | "triton" | "reference"`` (README, Layout).
 
 ``auto`` runs the Triton kernels on CUDA tensors and the reference on CPU tensors. ``triton`` on CPU
 tensors needs the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported); without it
 the request is a clear error rather than a crash inside a kernel.
 
-The kernels need Triton >= 3.4 (``TRITON_FLOOR``: ``tl.topk`` on int64 keys; 3.3 does not compile them).
-Under an older Triton, ``triton`` is a clear RuntimeError and ``auto`` runs the reference with one warning
-per process.
+The kernels need Triton >= 3.4 (``fastopd.common.TRITON_FLOOR``: ``tl.topk`` on int64 keys; 3.3.1 does not
+compile them). Under an older Triton, ``triton`` is a clear RuntimeError and ``auto`` runs the reference
+with one warning per process.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import warnings
 
 import torch
 
+from fastopd.common import KERNEL_DTYPES, KERNEL_MAX_K, TRITON_FLOOR
+
 BACKENDS = ("auto", "triton", "reference")
 
-# Oldest Triton the kernels compile with (checked in CI by scripts/ci_triton_matrix.sh; docs/kernels.md).
-TRITON_FLOOR = (3, 4)
-_warned_old_triton = False
+_warned_old_triton = False  # auto's fallback warning is given once per process
 
 
 def triton_available() -> bool:
@@ -91,10 +91,6 @@ def _dtypes(*ts) -> tuple:
     return tuple(t.dtype if isinstance(t, torch.Tensor) else None for t in ts)
 
 
-# The kernels take fp16/bf16/fp32 logits and k <= 256; auto hands anything else to the reference.
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KERNEL_MAX_K = 256
-
 
 def resolve_backend(backend: str, device: torch.device, *, dtypes=(), k: int | None = None) -> str:
     """Return ``"triton"`` or ``"reference"`` for tensors on ``device``, or raise a clear ValueError.
@@ -124,3 +120,14 @@ def resolve_backend(backend: str, device: torch.device, *, dtypes=(), k: int | N
         "under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton); "
         "use backend='auto' or 'reference' otherwise"
     )
+
+
+def cpu_ops():
+    """The CPU backend: :mod:`fastopd.reference`, whose plain PyTorch/NumPy code doubles as the CPU path.
+
+    This is the one entry through which the package (outside tests and benchmarks) reaches the oracle:
+    ``token_stats``, ``opd_loss``, the segment means and the weights on CPU tensors.
+    """
+    from fastopd import reference
+
+    return reference

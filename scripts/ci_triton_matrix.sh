@@ -9,7 +9,7 @@
 #   TRITON_MATRIX_VERSIONS   versions to check (default "3.4.0 3.6.0 3.9.0")
 #   TRITON_MATRIX_VENVS      where the venvs live (default ~/.cache/fastopd-triton)
 #   TRITON_MATRIX_OUT        where the per-version logs and JSON go (default build/triton-matrix)
-#   TRITON_MATRIX_TESTS=1    also run tests/test_kernels.py under each version's interpreter (installs pytest
+#   TRITON_MATRIX_TESTS=1    also run tests/kernels/ under each version's interpreter (installs pytest
 #                            into the venvs; a few minutes per version; off in CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +51,7 @@ PY
     fi
     if [ "${TRITON_MATRIX_TESTS:-0}" = "1" ]; then
         "$venv/bin/python" -m pip install --quiet pytest
-        "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_kernels.py > "$OUT/interp_triton_$v.log" 2>&1 \
+        "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/kernels/ > "$OUT/interp_triton_$v.log" 2>&1 \
             || failed+=("$v (interpreter tests)")
         tail -3 "$OUT/interp_triton_$v.log"
     fi

@@ -89,7 +89,7 @@ class TrainConfig:
     top_p: float = _f(1.0, "Nucleus sampling of the rollouts (1.0: off).")
     top_k: int = _f(0, "Top-k sampling of the rollouts (0: off).")
 
-    # ---- loss and release rule (DESIGN.md sections 1-5)
+    # ---- loss and release rule (docs/formulas.md §1-5)
     mode: str = _f(
         "release", "Which tokens are supervised: release (the Prefix-Teach/Suffix-Fade rule), or a control: full "
         "(every token), fixed_prefix (first `fraction` of the tokens), random (cut at a random sentence boundary).",

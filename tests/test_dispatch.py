@@ -1,7 +1,8 @@
-"""The Triton floor (docs/kernels.md, "Triton versions"): one number in the code, the metadata and the README;
-``backend="triton"`` under an older Triton is a clear RuntimeError, ``backend="auto"`` falls back to the
-reference with one warning per process. The installed Triton is made to look old by monkeypatching its
-version string (and, for the feature test, by removing ``tl.topk``)."""
+"""Tests of fastopd._dispatch: which backend runs for which tensors, and the Triton floor (docs/kernels.md,
+"Triton versions"): one number in the code, the metadata and the README; ``backend="triton"`` under an older
+Triton is a clear RuntimeError, ``backend="auto"`` falls back to the reference with one warning per process.
+The installed Triton is made to look old by monkeypatching its version string (and, for the feature test,
+by removing ``tl.topk``)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,23 @@ import warnings
 import pytest
 import torch
 
+from fastopd import _dispatch
+from fastopd._dispatch import parse_version, resolve_backend
+from fastopd.common import TRITON_FLOOR
+
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from fastopd import _dispatch  # noqa: E402
-from fastopd._dispatch import TRITON_FLOOR, parse_version, resolve_backend  # noqa: E402
+
+def test_auto_backend_choice():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("auto", cpu, dtypes=(torch.bfloat16,)) == "reference"
+    assert resolve_backend("auto", cuda, dtypes=(torch.bfloat16, torch.float32), k=16) == "triton"
+    # the kernels take fp16/bf16/fp32 and k <= 256: auto hands anything else to the reference
+    assert resolve_backend("auto", cuda, dtypes=(torch.float64, torch.float32)) == "reference"
+    assert resolve_backend("auto", cuda, dtypes=(torch.bfloat16,), k=512) == "reference"
+    assert resolve_backend("reference", cuda) == "reference"
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLOOR = ".".join(map(str, TRITON_FLOOR))
