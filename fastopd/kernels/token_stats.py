@@ -26,15 +26,15 @@ Rows whose target is ``ignore_index`` write zeros and exit before reading any lo
 fields the kernel writes M_S, log sum_S, M_T, log sum_T per row (O(N)): the loss backward needs them.
 
 GPU notes (bf16, V = 151936): BLOCK_V = 4096 and, for K_PAD <= 32, GROUP = 128 (32 group keys per chunk
-sort), num_warps = 4. Compiled for sm_90 (``python -m fastopd.kernels._aot``) that is 166-168 registers
-and no spills under Triton 3.6 and at most 168 under 3.4, 3.5 and 3.9 (table per version and variant:
-docs/kernels.md), so 3 CTAs fit on an SM. GROUP = 64 (the earlier default) cost 194 registers for the KL
-variant under 3.6 and made ptxas spill the pg variant to reach 168; it also spilled ~470 B per thread in
-the row-offset and unaligned-row variants under 3.4-3.6, which GROUP = 128 does not. Every element of both
+sort), num_warps = 4. Compiled for sm_90 (``python -m fastopd.kernels._aot``) that is 160-168 registers
+under Triton 3.4-3.6 and 128 / 164 (without / with the KL) under 3.9, no spills, so 3 CTAs fit on an SM
+(table per version and variant: docs/kernels.md). GROUP = 64 (the earlier default) cost 194 registers for
+the KL variant under 3.6 and made ptxas spill the pg variant to stay at 168; it also spilled 408-528 bytes
+in the row-offset and unaligned-row variants under 3.4-3.6, which GROUP = 128 does not. Every element of both
 rows is read exactly once (2 * N * V * itemsize bytes: the bandwidth bound); extra traffic is K * GROUP
 columns (4 KB per row for K = 16 in bf16) and K + 2 scalars per row; temporaries are O(N). The first H200
-run (Triton 3.6, GROUP = 64) reached 30 % of the HBM roofline for the statistics pass: the per-chunk top-K
-branch, not memory, bounds it. Rows whose start is not 16-element aligned (a row stride such as
+run (Triton 3.6, GROUP = 64) reached 30 % of the HBM roofline for the statistics pass (README, Benchmarks);
+GROUP = 128 has not been timed on a GPU yet. Rows whose start is not 16-element aligned (a row stride such as
 V = 50257) lose load vectorisation (more registers); the caller can pad the vocabulary to a multiple of 16.
 """
 
