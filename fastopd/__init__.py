@@ -10,6 +10,7 @@ Public API (formulas in docs/formulas.md; the oracle of each is in :mod:`fastopd
 - :func:`release_weights`, :func:`control_weights`   per-token weights (section 4)
 - :func:`opd_loss`, :class:`OPDLoss`   the loss with its gradient (section 5)
 - :class:`ReleaseRule`       logits + segment ids -> weights and diagnostics
+- :func:`sparse_margins`     margins m_t from a teacher server's top-k log-probs (section 6)
 """
 
 from fastopd.loss import OPDLoss, opd_loss
@@ -22,6 +23,7 @@ from fastopd.release import (
     release_weights,
     segment_means,
 )
+from fastopd.sparse import SparseMargins, sparse_margins
 from fastopd.stats import token_stats
 from fastopd.types import OPDOutput, ReleaseResult, SegmentMeans, TokenStats
 
@@ -39,6 +41,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "MODES", "OPDLoss", "OPDOutput", "ReleaseDecision", "ReleaseResult", "ReleaseRule", "SegmentMeans",
-    "TokenStats", "bic_release", "control_weights", "opd_loss", "release_weights", "segment_means",
-    "sentence_spans", "token_segments", "batch_token_segments", "token_stats",
+    "SparseMargins", "TokenStats", "bic_release", "control_weights", "opd_loss", "release_weights", "segment_means",
+    "sentence_spans", "sparse_margins", "token_segments", "batch_token_segments", "token_stats",
 ]
