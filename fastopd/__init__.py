@@ -9,9 +9,12 @@ Public API (formulas in DESIGN.md / docs/formulas.md; the oracle of each is in :
 - :func:`bic_release`        profiled RSS-BIC release point, C++ (section 3)
 - :func:`release_weights`, :func:`control_weights`   per-token weights (section 4)
 - :func:`opd_loss`, :class:`OPDLoss`   the loss with its gradient (section 5)
+- :func:`linear_token_stats`, :func:`linear_opd_loss`, ``OPDLoss.linear``   the same from final hidden states
+  and LM heads, by token chunks: no (N, V) logits (docs/formulas.md §6)
 - :class:`ReleaseRule`       logits + segment ids -> weights and diagnostics
 """
 
+from fastopd.linear import linear_opd_loss, linear_token_stats
 from fastopd.loss import OPDLoss, opd_loss
 from fastopd.release import (
     MODES,
@@ -39,6 +42,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "MODES", "OPDLoss", "OPDOutput", "ReleaseDecision", "ReleaseResult", "ReleaseRule", "SegmentMeans",
-    "TokenStats", "bic_release", "control_weights", "opd_loss", "release_weights", "segment_means",
+    "TokenStats", "bic_release", "control_weights", "linear_opd_loss", "linear_token_stats", "opd_loss", "release_weights", "segment_means",
     "sentence_spans", "token_segments", "batch_token_segments", "token_stats",
 ]

@@ -445,14 +445,41 @@ def opd_loss(
     dtype = ls.dtype
     zero = torch.zeros((), dtype=dtype, device=ls.device)
     w = valid.to(dtype) if weights is None else torch.where(valid, weights.detach().to(dtype), zero)
+    per_token, adv = per_token_loss(
+        loss, ls, target_ids, valid, w,
+        teacher_logprobs=stats.teacher_logprobs, teacher_lp=lt, old_logprobs=old_logprobs,
+    )
+    if adv is not None:
+        stats.advantages = adv
+    return reduce_loss(per_token, stats, w, loss, normalizer)
+
+
+def per_token_loss(
+    loss: str,
+    ls: torch.Tensor,
+    target_ids: torch.Tensor,
+    valid: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    teacher_logprobs: torch.Tensor | None = None,
+    teacher_lp: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The per-token loss l_t of section 5 from the student's log-probs ``ls`` (..., V), differentiably.
+
+    ``pg``: l_t = -w_t sg(A_t) rho_t, rho_t = exp(s_t - sg(s_old_t)), A_t = u_t - s_old_t, with
+    s_t = ls[y_t], u_t = ``teacher_logprobs`` (...) and s_old = ``old_logprobs`` or sg(s_t); returns
+    (l, A). ``reverse_kl``: l_t = w_t KL_t(ls, ``teacher_lp`` (..., V)); returns (l, None). Zero where not
+    ``valid``. The one copy of these formulas: :func:`opd_loss` and the hidden-state path's backward
+    (:mod:`fastopd.linear`, which autograds it on each recomputed chunk of logits) both call it.
+    """
+    dtype = ls.dtype
+    zero = torch.zeros((), dtype=dtype, device=ls.device)
     if loss == "pg":
         tgt = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long().unsqueeze(-1)
         s = ls.gather(-1, tgt).squeeze(-1)
         s_old = s.detach() if old_logprobs is None else old_logprobs.detach().to(dtype)
-        adv = torch.where(valid, stats.teacher_logprobs - s_old, zero)
-        stats.advantages = adv
+        adv = torch.where(valid, teacher_logprobs.to(dtype) - s_old, zero)
         rho = torch.exp(torch.where(valid, s - s_old, zero))
-        per_token = torch.where(valid, -w * adv * rho, zero)
-    else:
-        per_token = torch.where(valid, w * _reverse_kl(ls, lt), zero)
-    return reduce_loss(per_token, stats, w, loss, normalizer)
+        return torch.where(valid, -w * adv * rho, zero), adv
+    return torch.where(valid, w * _reverse_kl(ls, teacher_lp), zero), None

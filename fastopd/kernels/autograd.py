@@ -34,6 +34,33 @@ from fastopd.reference import check_loss_options, reduce_loss
 from fastopd.types import OPDOutput, TokenStats
 
 
+def loss_terms(out, valid, weights, old_logprobs, reverse_kl: bool):
+    """Per-token loss, backward coefficient c_t, advantage and saved row statistics from the stats buffer.
+
+    ``out`` is the (NUM_OUT, N) fp32 buffer of the stats kernel. ``pg``: l_t = -w A rho with
+    rho = exp(s - s_old), A = u - s_old, c_t = w A rho (dl/dz = c_t (p - e_y) / tau, the kernel adds
+    (p - e_y) / tau); ``reverse_kl``: l_t = w KL_t, c_t = w. ``weights=None`` means w = valid. Returns
+    (per_token, coef, adv, stat) with ``stat`` the (5, N) rows [M_S, log Z_S, M_T, log Z_T, KL] the backward
+    kernel reads. Used by :class:`_OPDLossFunction` and by the hidden-state path on each chunk.
+    """
+    zero = torch.zeros((), dtype=torch.float32, device=out.device)
+    w = valid.float() if weights is None else torch.where(valid, weights.reshape(-1).float(), zero)
+    if reverse_kl:
+        adv = out[OUT_ADV].clone()
+        per_token = torch.where(valid, w * out[OUT_KL], zero)
+        coef = torch.where(valid, w, zero)
+    else:
+        s = out[OUT_S]
+        s_old = s if old_logprobs is None else old_logprobs.reshape(-1).float()
+        adv = torch.where(valid, out[OUT_U] - s_old, zero)
+        rho = torch.exp(torch.where(valid, s - s_old, zero))
+        # l = -w A rho  =>  dl/dz = w A rho (p - e_y) / tau  (the kernel adds (p - e_y) / tau).
+        coef = torch.where(valid, w * adv * rho, zero)
+        per_token = torch.where(valid, -coef, zero)
+    stat = out[[OUT_MAX_S, OUT_LOGSUM_S, OUT_MAX_T, OUT_LOGSUM_T, OUT_KL]].contiguous()
+    return per_token, coef, adv, stat
+
+
 class _OPDLossFunction(torch.autograd.Function):
     """per_token = l_t(z_S) with a kernel backward; teacher logits, weights and old log-probs get no gradient."""
 
@@ -47,21 +74,7 @@ class _OPDLossFunction(torch.autograd.Function):
             block_v=cfg["block_v"], group=cfg["group"], topk_impl=cfg["topk_impl"],
         )
         valid = (target_ids != cfg["ignore_index"]).reshape(-1)
-        zero = torch.zeros((), dtype=torch.float32, device=out.device)
-        w = valid.float() if weights is None else torch.where(valid, weights.reshape(-1).float(), zero)
-        if reverse_kl:
-            adv = out[OUT_ADV].clone()
-            per_token = torch.where(valid, w * out[OUT_KL], zero)
-            coef = torch.where(valid, w, zero)
-        else:
-            s = out[OUT_S]
-            s_old = s if old_logprobs is None else old_logprobs.reshape(-1).float()
-            adv = torch.where(valid, out[OUT_U] - s_old, zero)
-            rho = torch.exp(torch.where(valid, s - s_old, zero))
-            # l = -w A rho  =>  dl/dz = w A rho (p - e_y) / tau  (the kernel adds (p - e_y) / tau).
-            coef = torch.where(valid, w * adv * rho, zero)
-            per_token = torch.where(valid, -coef, zero)
-        stat = out[[OUT_MAX_S, OUT_LOGSUM_S, OUT_MAX_T, OUT_LOGSUM_T, OUT_KL]].contiguous()
+        per_token, coef, adv, stat = loss_terms(out, valid, weights, old_logprobs, reverse_kl)
         ctx.save_for_backward(student.data, teacher.data, student.offsets, teacher.offsets, target_ids, coef, stat)
         ctx.strides = (student.stride, teacher.stride)
         ctx.cfg = cfg
