@@ -20,9 +20,10 @@ Methods (each when installed):
 Every method's loss value is printed: for reverse KL the four must agree (same quantity, same mean over
 tokens). Memory:
 
-- CPU: every (method, loss) runs in a fresh Python process; the extra peak is the process's peak resident
-  set size during one forward + backward (VmHWM, reset through /proc/self/clear_refs just before the call)
-  minus its resident size just before the call (inputs already built). It counts everything the call
+- CPU: every (method, loss) runs in a fresh Python process (after one warm-up call on tiny inputs, so that
+  imports and first-call code are loaded); the extra peak is the process's peak resident set size during
+  one forward + backward at the benchmark shape (VmHWM, reset through /proc/self/clear_refs just before the
+  call) minus its resident size just before the call (inputs already built). It counts everything the call
   touches (allocator caches, oneDNN scratch, the returned gradients of h_S and W_S).
 - GPU: ``torch.cuda.max_memory_allocated`` during one forward + backward (after a warm-up call) minus the
   memory allocated before it; the gradients of h_S and W_S (``grads_mib``, the same for every method) are
@@ -146,6 +147,8 @@ def _status_kib(field: str) -> int:
 def cpu_worker(args) -> dict:
     row = dict(method=args.method, loss=args.loss, N=args.n, V=args.v, H=args.h, dtype=args.dtype)
     dtype = getattr(torch, args.dtype)
+    # Warm-up on tiny inputs: imports and first-call code paths are loaded before the measurement.
+    make_fn(args.method, args.loss, make_inputs(32, 64, 8, dtype, torch.device("cpu")), chunk=args.chunk, k=args.k)()
     inputs = make_inputs(args.n, args.v, args.h, dtype, torch.device("cpu"))
     fn = make_fn(args.method, args.loss, inputs, chunk=args.chunk, k=args.k)
     import gc
@@ -167,7 +170,7 @@ def cpu_worker(args) -> dict:
     return row
 
 
-def run_cpu(args) -> list[dict]:
+def run_cpu(args, save) -> list[dict]:
     rows = []
     for method, loss in plan(args):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--loss", loss,
@@ -182,6 +185,7 @@ def run_cpu(args) -> list[dict]:
             row = json.loads(lines[-1])
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+        save(rows)
     return rows
 
 
@@ -190,7 +194,7 @@ def run_cpu(args) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_gpu(args) -> list[dict]:
+def run_gpu(args, save) -> list[dict]:
     dev = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     rows = []
@@ -226,6 +230,7 @@ def run_gpu(args) -> list[dict]:
             torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+            save(rows)
         del inputs
         torch.cuda.empty_cache()
     return rows
@@ -323,7 +328,7 @@ def main(argv=None):
         args.v = args.v or 151936
         args.h = args.h or 4096
         args.dtype = args.dtype or "bfloat16"
-        args.reps = 5 if args.reps is None else args.reps
+        args.reps = 3 if args.reps is None else args.reps
     else:
         args.v = args.v or 32768
         args.h = args.h or 256
@@ -335,23 +340,28 @@ def main(argv=None):
         return
     if args.gpu and not torch.cuda.is_available():
         sys.exit("--gpu needs a CUDA device")
-    rows = run_gpu(args) if args.gpu else run_cpu(args)
-    add_ratios(rows)
-    table = markdown(rows, args.gpu)
     ver = versions()
     where = ver.get("gpu") if args.gpu else f"CPU ({ver['cpus']} cores, {ver['machine']})"
     title = (f"OPD loss from hidden states, forward + backward, {args.dtype}, V={args.v}, H={args.h}, k={args.k}, "
              f"on {where}; torch {ver['torch']}, triton {ver['triton']}, trl {ver['trl']}, "
              f"liger-kernel {ver['liger_kernel']}")
-    print(title + "\n\n" + table)
     out_dir = args.out_dir or os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "_", (ver.get("gpu") or "cpu").lower()).strip("_") if args.gpu else "cpu"
-    with open(os.path.join(out_dir, f"linear_{slug}.json"), "w") as f:
-        json.dump(dict(title=title, versions=ver, args={k: v for k, v in vars(args).items() if k not in ("worker", "method", "loss")},
-                       rows=rows), f, indent=1)
-    with open(os.path.join(out_dir, f"linear_{slug}.md"), "w") as f:
-        f.write(title + "\n\n" + table + "\n")
+    saved_args = {k: v for k, v in vars(args).items() if k not in ("worker", "method", "loss")}
+
+    def save(rows):
+        """Write the JSON and markdown after every row, so a time limit keeps the rows done."""
+        add_ratios(rows)
+        table = markdown(rows, args.gpu)
+        with open(os.path.join(out_dir, f"linear_{slug}.json"), "w") as f:
+            json.dump(dict(title=title, versions=ver, args=saved_args, rows=rows), f, indent=1)
+        with open(os.path.join(out_dir, f"linear_{slug}.md"), "w") as f:
+            f.write(title + "\n\n" + table + "\n")
+        return table
+
+    rows = run_gpu(args, save) if args.gpu else run_cpu(args, save)
+    print(title + "\n\n" + save(rows))
 
 
 if __name__ == "__main__":
