@@ -182,6 +182,19 @@ class _ReferenceChunks:
         saved["u"][sl] = out.stats.teacher_logprobs
         return out.per_token, out.stats
 
+    def forward_grad(self, zs, zt, tgt, old, saved, sl, g):
+        """:meth:`forward` and, from the same graph, dl/dz for incoming gradient ``g`` (the eager path)."""
+        c = self.cfg
+        with torch.enable_grad():
+            z = zs.detach().requires_grad_(True)
+            out = reference.opd_loss(
+                z, zt, tgt, loss=c["loss"], old_logprobs=old, normalizer=1.0,
+                k=c["k"], temperature=c["temperature"], ignore_index=c["ignore_index"],
+            )
+            (dz,) = torch.autograd.grad(out.per_token, z, g.to(out.per_token.dtype))
+        saved["u"][sl] = out.stats.teacher_logprobs
+        return out.per_token.detach(), out.stats, dz.to(zs.dtype)
+
     def backward(self, zs, zt, tgt, old, saved, sl, g):
         c = self.cfg
         valid = tgt != c["ignore_index"]
@@ -217,20 +230,61 @@ def _slices(n: int, chunk: int):
         yield slice(start, min(start + chunk, n))
 
 
+class _Grads:
+    """The student's gradient buffers, filled chunk by chunk: grad_h rows, grad_W[:V] and grad_b[:V] sums."""
+
+    def __init__(self, sh, sw, sb, v, need):
+        self.v = v
+        self.h = torch.zeros_like(sh) if need[0] else None
+        self.w = torch.zeros_like(sw) if need[1] else None
+        self.b = torch.zeros_like(sb) if (need[2] and sb is not None) else None
+
+    def add(self, sl, h, dz_raw, weight) -> None:
+        """grad_h[sl] = dz_raw @ W[:V], grad_W[:V] += dz_raw^T h, grad_b[:V] += sum_rows dz_raw."""
+        if self.h is not None:
+            torch.mm(dz_raw, weight, out=self.h[sl])
+        if self.w is not None:
+            self.w[:self.v].addmm_(dz_raw.T, h)
+        if self.b is not None:
+            self.b[:self.v] += dz_raw.sum(0)
+
+    def scaled(self, s: float):
+        return tuple(None if t is None else t.mul_(s) for t in (self.h, self.w, self.b))
+
+
 class _LinearOPDFunction(torch.autograd.Function):
     """(h_S, W_S, b_S, h_T, W_T, b_T, y, s_old) -> unit per-token loss l0 (w = valid) and the statistics.
 
     Inputs are flat: hidden (N, H), target (N,). Only l0 is differentiable; the gradient reaches h_S, W_S
     and b_S (teacher tensors, targets and old log-probs get none).
+
+    Two ways to the gradient:
+
+    - recompute (always correct): the backward recomputes the student's tile per chunk (and the teacher's
+      for ``reverse_kl``) and applies the incoming gradient g_t.
+    - eager (``cfg["eager_w"]`` = the per-token weights, when they are known at the forward, as in
+      :func:`linear_opd_loss`): while each chunk's tiles are live, the forward also computes the gradient
+      for g_t = w_t, which is what ``loss = sum_t w_t l0_t / normaliser`` sends back up to one scalar
+      (1 / normaliser times the upstream gradient). The backward checks that the incoming g is
+      sigma * w for one scalar sigma (relative tolerance 1e-6) and returns sigma times the stored gradient;
+      for any other g (a custom reduction of ``per_token``) it falls back to the recompute. No extra matmul
+      then: 4 N x H x V matmuls like the logits path.
     """
 
     @staticmethod
     def forward(ctx, sh, sw, sb, th, tw, tb, tgt, old, cfg):
+        # The tiles are made in the inputs' dtype, whatever autocast region the caller is in.
+        with torch.autocast(device_type=sh.device.type, enabled=False):
+            return _LinearOPDFunction._forward(ctx, sh, sw, sb, th, tw, tb, tgt, old, cfg)
+
+    @staticmethod
+    def _forward(ctx, sh, sw, sb, th, tw, tb, tgt, old, cfg):
         n, dev = tgt.shape[0], tgt.device
         out_dtype = cfg["dtype"]
         impl = _chunk_impl(cfg["backend"], cfg)
-        s_head = Head(sw, sb, cfg["v"], cfg["s_scale"], cfg["s_cap"])
-        t_head = Head(tw, tb, cfg["v"], cfg["t_scale"], cfg["t_cap"])
+        v = cfg["v"]
+        s_head = Head(sw, sb, v, cfg["s_scale"], cfg["s_cap"])
+        t_head = Head(tw, tb, v, cfg["t_scale"], cfg["t_cap"])
         per_token = torch.zeros(n, dtype=out_dtype, device=dev)
         fields = {f: torch.zeros(n, dtype=out_dtype, device=dev)
                   for f in ("student_logprobs", "teacher_logprobs", "advantages", "margins")}
@@ -238,16 +292,26 @@ class _LinearOPDFunction(torch.autograd.Function):
         if reverse_kl:
             fields["reverse_kl"] = torch.zeros(n, dtype=out_dtype, device=dev)
         saved = impl.alloc(n, dev)
+        eager_w = cfg.get("eager_w")
+        need = ctx.needs_input_grad[:3]
+        grads = _Grads(sh, sw, sb, v, need) if (eager_w is not None and any(need)) else None
         for sl in _slices(n, cfg["chunk"]):
             zs = s_head.logits(sh[sl])
             zt = t_head.logits(th[sl])
-            pt, st = impl.forward(zs, zt, tgt[sl], None if old is None else old[sl], saved, sl)
-            del zs, zt
+            o = None if old is None else old[sl]
+            if grads is not None and bool((eager_w[sl] != 0).any()):
+                pt, st, dz = impl.forward_grad(zs, zt, tgt[sl], o, saved, sl, eager_w[sl])
+                grads.add(sl, sh[sl], s_head.raw_grad(zs, dz), s_head.weight)
+                del dz
+            else:
+                pt, st = impl.forward(zs, zt, tgt[sl], o, saved, sl)
             per_token[sl] = pt
             for f in fields:
                 fields[f][sl] = getattr(st, f)
+            del zs, zt
         ctx.cfg = cfg
         ctx.saved = saved
+        ctx.grads = grads
         ctx.save_for_backward(sh, sw, sb, th, tw, tb, tgt, old)
         outs = tuple(fields.values())
         ctx.mark_non_differentiable(*outs)
@@ -257,44 +321,52 @@ class _LinearOPDFunction(torch.autograd.Function):
     def backward(ctx, g, *_):
         sh, sw, sb, th, tw, tb, tgt, old = ctx.saved_tensors
         cfg = ctx.cfg
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if not (need_h or need_w or need_b):
+        need = ctx.needs_input_grad[:3]
+        if not any(need):
             return (None,) * 9
+        g = g.detach()
+        if ctx.grads is not None:
+            sigma = _common_scale(g, cfg["eager_w"])
+            grads, ctx.grads = ctx.grads, None  # a second backward (retain_graph) recomputes
+            if sigma is not None:
+                return (*grads.scaled(sigma), None, None, None, None, None, None)
         v = cfg["v"]
         impl = _chunk_impl(cfg["backend"], cfg)
         s_head = Head(sw, sb, v, cfg["s_scale"], cfg["s_cap"])
         t_head = Head(tw, tb, v, cfg["t_scale"], cfg["t_cap"])
         reverse_kl = cfg["loss"] == "reverse_kl"
-        grad_h = torch.zeros_like(sh) if need_h else None
-        grad_w = torch.zeros_like(sw) if need_w else None
-        grad_b = torch.zeros_like(sb) if need_b and sb is not None else None
-        g = g.detach()
+        grads = _Grads(sh, sw, sb, v, need)
         live = (tgt != cfg["ignore_index"]) & (g != 0)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device_type=sh.device.type, enabled=False):
             for sl in _slices(tgt.shape[0], cfg["chunk"]):
                 if not bool(live[sl].any()):
                     continue  # every row's gradient is zero: no recompute, grad_h rows stay 0
-                h = sh[sl]
-                zs = s_head.logits(h)
+                zs = s_head.logits(sh[sl])
                 zt = t_head.logits(th[sl]) if reverse_kl else None
                 dz = impl.backward(zs, zt, tgt[sl], None if old is None else old[sl], ctx.saved, sl, g[sl])
                 del zt
-                dz = s_head.raw_grad(zs, dz)
-                del zs
-                if grad_h is not None:
-                    torch.mm(dz, s_head.weight, out=grad_h[sl])
-                if grad_w is not None:
-                    grad_w[:v].addmm_(dz.T, h)
-                if grad_b is not None:
-                    grad_b[:v] += dz.sum(0)
-                del dz
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+                grads.add(sl, sh[sl], s_head.raw_grad(zs, dz), s_head.weight)
+                del zs, dz
+        return grads.h, grads.w, grads.b, None, None, None, None, None, None
+
+
+def _common_scale(g: torch.Tensor, w: torch.Tensor) -> float | None:
+    """sigma with g = sigma * w (max deviation <= 1e-6 relative), or None if g is not a multiple of w."""
+    g64, w64 = g.double(), w.double()
+    ww = float((w64 * w64).sum())
+    if ww == 0.0:
+        return None
+    sigma = float((g64 * w64).sum()) / ww
+    scale = float(g64.abs().max())
+    if float((g64 - sigma * w64).abs().max()) <= 1e-6 * scale:
+        return sigma
+    return None
 
 
 def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, target_ids, *, loss, old_logprobs,
          student_bias, teacher_bias, k, temperature, ignore_index, vocab_size, chunk_size, backend,
          student_logit_scale, teacher_logit_scale, student_final_logit_softcapping,
-         teacher_final_logit_softcapping, weights=None):
+         teacher_final_logit_softcapping, weights=None, eager=False):
     v = _check_inputs(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target_ids,
         k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size,
@@ -319,6 +391,11 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, target_
         s_scale=float(student_logit_scale), s_cap=student_final_logit_softcapping,
         t_scale=float(teacher_logit_scale), t_cap=teacher_final_logit_softcapping,
     )
+    if eager and any(t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)):
+        valid = (target_ids != ignore_index).reshape(n)
+        w = valid.to(cfg["dtype"]) if weights is None else torch.where(
+            valid, weights.detach().reshape(n).to(cfg["dtype"]), torch.zeros((), dtype=cfg["dtype"], device=valid.device))
+        cfg["eager_w"] = w
     sh = student_hidden.reshape(n, student_hidden.shape[-1])
     th = teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1])
     old = None if old_logprobs is None else old_logprobs.detach().reshape(n)
@@ -471,7 +548,7 @@ def linear_opd_loss(
         temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size,
         backend=backend, student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
         student_final_logit_softcapping=student_final_logit_softcapping,
-        teacher_final_logit_softcapping=teacher_final_logit_softcapping, weights=weights,
+        teacher_final_logit_softcapping=teacher_final_logit_softcapping, weights=weights, eager=True,
     )
     return weighted_output(per0, stats, weights, loss, normalizer)
 

@@ -51,6 +51,11 @@ class TritonChunks:
         )
         return per_token, stats
 
+    def forward_grad(self, zs, zt, tgt, old, saved, sl, g):
+        """:meth:`forward`, then the backward kernel on the same live tiles (the eager path)."""
+        per_token, stats = self.forward(zs, zt, tgt, old, saved, sl)
+        return per_token, stats, self.backward(zs, zt, tgt, old, saved, sl, g)
+
     def backward(self, zs, zt, tgt, old, saved, sl, g):
         c = self.cfg
         coef = (g.float() * saved["coef"][sl]).contiguous()
