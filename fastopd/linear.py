@@ -19,18 +19,24 @@ How (peak extra memory O(chunk * V), independent of N):
   (w = valid) and l_t = w_t * l0_t, because every l_t of §5 is linear in w_t. So a release rule can decide
   w from the margins of this same forward (:meth:`fastopd.OPDLoss.linear`) and no second statistics pass
   is needed: the gradient arriving at l0_t already carries w_t.
-- backward: per chunk, the student tile z_S is recomputed (one more student matmul; the teacher tile too for
-  ``reverse_kl``, whose gradient reads log p_T -- ``pg`` needs only the saved u_t), dl/dz_S for the tile
-  comes from the single loss definition (reference: autograd of
-  :func:`fastopd.reference.per_token_loss` on the tile; Triton: the loss-backward kernel, written in place
-  into the tile), the head's chain rule is applied (dz_raw = dz * scale * (1 - (z / c)^2)), then
-  grad_h[chunk] = dz_raw @ W[:V], grad_W[:V] += dz_raw^T @ h[chunk], grad_b[:V] += sum_rows dz_raw, and the
-  tile is freed. Rows of W and b beyond V get a zero gradient; teacher tensors get none.
+- gradient, two ways. Eager (:func:`linear_opd_loss`, whose weights are known at the forward): while a
+  chunk's tiles are live, dl/dz_S for g_t = w_t is computed from them, the head's chain rule applied
+  (dz_raw = dz * scale * (1 - (z / c)^2)), and grad_h[chunk] = dz_raw @ W[:V], grad_W[:V] += dz_raw^T
+  @ h[chunk], grad_b[:V] += sum_rows dz_raw accumulated; the backward only checks that the incoming
+  gradient is sigma * w (what ``out.loss`` sends back: sigma = upstream / normaliser) and scales.
+  Recompute (with a release rule, whose weights exist only after the whole forward, or when ``per_token``
+  is reduced some other way): the backward recomputes per chunk the student tile (and the teacher's for
+  ``reverse_kl``, whose gradient reads log p_T -- ``pg`` needs only the saved u_t) and does the same.
+  Either way dl/dz_S comes from the single loss definition (reference: autograd of
+  :func:`fastopd.reference.opd_loss` / :func:`fastopd.reference.per_token_loss` on the tile; Triton: the
+  loss-backward kernel with the coefficient of :func:`fastopd.kernels.autograd.loss_terms`, written in
+  place into the tile). Rows of W and b beyond V get a zero gradient; teacher tensors get none.
 
-Recompute cost: the student's head matmul runs twice (forward and backward), plus the teacher's twice for
-``reverse_kl``: 5 (pg) or 6 (reverse_kl) matmuls of N x H x V instead of the logits path's 4 (two forward,
-grad_h and grad_W). Chunks whose rows are all ignored (or whose incoming gradient is zero) skip the backward
-matmuls. The weight gradient is accumulated in the weight's dtype (one rounding per chunk in bf16).
+Cost: eager, 4 matmuls of N x H x V (two head forwards, grad_h, grad_W) like the logits path. Recompute,
+5 (``pg``) or 6 (``reverse_kl``): the student's head matmul runs again in the backward (and the teacher's
+for ``reverse_kl``), plus the loss's elementwise work on the tile again. Chunks whose rows are all ignored
+(or whose incoming gradient is zero) skip the backward matmuls. The weight gradient is accumulated in the
+weight's dtype (one rounding per chunk in bf16).
 """
 
 from __future__ import annotations

@@ -322,3 +322,19 @@ def test_bad_input_errors():
         f(sh, sw, th, tw, y, loss="reverse_kl", old_logprobs=c["old"])
     with pytest.raises(TypeError, match="teacher_hidden must be a torch.Tensor"):
         fastopd.linear_token_stats(sh, sw, None, tw, y)
+
+
+@pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
+def test_eager_gradient_scaled_and_backward_twice(loss):
+    """The eager gradient (computed in the forward for g = w) is scaled by the upstream gradient, and a
+    second backward through the same graph (retain_graph) recomputes and gives the same gradient."""
+    c = make_case(13, lead=(3, 9), v=30, dtype=torch.float64)
+    want, gwant = truth(c, v=30, loss=loss, weights=c["w"])
+    h, w, b = leaves(c)
+    out = fastopd.linear_opd_loss(h, w, c["th"], c["tw"], c["y"], student_bias=b, teacher_bias=c["tb"], k=4,
+                                  loss=loss, weights=c["w"], chunk_size=4)
+    first = torch.autograd.grad(out.loss * 0.25, [h, w, b], retain_graph=True)
+    second = torch.autograd.grad(out.loss * 3.0, [h, w, b])
+    for a, a2, e in zip(first, second, gwant):
+        assert_close("eager", a, 0.25 * e, atol=1e-12, rtol=1e-10)
+        assert_close("recompute", a2, 3.0 * e, atol=1e-12, rtol=1e-10)
