@@ -29,8 +29,9 @@ tokens). Memory:
   memory allocated before it; the gradients of h_S and W_S (``grads_mib``, the same for every method) are
   part of it, and the table also shows the extra peak without them.
 
-Time: median wall-clock of ``--reps`` calls after the memory call (CPU), or of CUDA-event-timed calls
-after a warm-up (GPU). Results go to ``<out-dir>/linear_<device>.json`` and ``.md`` (``<out-dir>``:
+Time: CPU, after the memory runs, all methods in one process, one warm-up call each, then ``--reps``
+round-robin rounds (every method once per round, so a shared machine's load falls on all of them alike),
+median wall-clock; GPU, median of ``--reps`` CUDA-event-timed calls after a warm-up. Results go to ``<out-dir>/linear_<device>.json`` and ``.md`` (``<out-dir>``:
 ``--out-dir``, else ``$OUT``, else benchmarks/results); the table is printed as markdown.
 """
 
@@ -161,13 +162,25 @@ def cpu_worker(args) -> dict:
     row["loss_value"] = fn()
     first = time.perf_counter() - t0
     row["extra_peak_mib"] = round((_status_kib("VmHWM") - before) / 1024, 1)
-    times = [first] if args.reps == 0 else []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    row["ms"] = round(1e3 * statistics.median(times), 1)
+    row["first_call_ms"] = round(1e3 * first, 1)
     return row
+
+
+def cpu_times(args, pairs) -> dict:
+    """Median ms of every (method, loss), all in this process, round-robin: one warm-up call each, then
+    ``reps`` rounds in which every method runs once, so a shared machine's load falls on all alike."""
+    dtype = getattr(torch, args.dtype)
+    inputs = make_inputs(args.n, args.v, args.h, dtype, torch.device("cpu"))
+    fns = {pair: make_fn(pair[0], pair[1], inputs, chunk=args.chunk, k=args.k) for pair in pairs}
+    times = {pair: [] for pair in pairs}
+    for fn in fns.values():
+        fn()
+    for _ in range(max(1, args.reps)):
+        for pair, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[pair].append(time.perf_counter() - t0)
+    return {pair: round(1e3 * statistics.median(t), 1) for pair, t in times.items()}
 
 
 def run_cpu(args, save) -> list[dict]:
@@ -175,7 +188,7 @@ def run_cpu(args, save) -> list[dict]:
     for method, loss in plan(args):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--loss", loss,
                "--n", str(args.n), "--v", str(args.v), "--h", str(args.h), "--dtype", args.dtype,
-               "--reps", str(args.reps), "--k", str(args.k)] + (["--chunk", str(args.chunk)] if args.chunk else [])
+               "--k", str(args.k)] + (["--chunk", str(args.chunk)] if args.chunk else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
@@ -185,7 +198,12 @@ def run_cpu(args, save) -> list[dict]:
             row = json.loads(lines[-1])
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-        save(rows)
+    ok = [(r["method"], r["loss"]) for r in rows if "error" not in r]
+    ms = cpu_times(args, ok)
+    for r in rows:
+        if (r["method"], r["loss"]) in ms:
+            r["ms"] = ms[(r["method"], r["loss"])]
+    save(rows)
     return rows
 
 
