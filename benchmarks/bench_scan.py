@@ -1,4 +1,4 @@
-"""Benchmark of the batched BIC release scan (DESIGN.md section 3) on B equal-length rollouts.
+"""Benchmark of the batched BIC release scan (docs/formulas.md §3) on B equal-length rollouts.
 
 Compares
 - the C++ scan ``fastopd._C.bic_scan`` on one thread and on all threads (and through the public
@@ -140,7 +140,7 @@ def main() -> None:
         np.testing.assert_array_equal(a, c)
     p = min(args.python_rollouts, b)
     ref = reference.bic_release(values[: p * n], offsets[: p + 1], min_segments=m, min_gain=g)
-    np.testing.assert_array_equal(ref.release_segment, cpp[0][:p])
+    np.testing.assert_array_equal(ref.release_index, cpp[0][:p])
     np.testing.assert_array_equal(ref.gain, cpp[1][:p])
     np.testing.assert_array_equal(ref.accepted, cpp[2][:p])
     npy = numpy_scan(x, m, g)

@@ -86,17 +86,17 @@ def make_fn(op: str, impl: str, zs, zt, y, k: int):
         inplace = impl == "triton_inplace"
 
         def run():
-            # In place, the gradient overwrites the leaf's own storage (which then holds gradients on the next
-            # call: same work, different values).
-            opd_loss_triton(leaf, zt, y, loss=loss, k=k, inplace_backward=inplace).loss.backward()
-            leaf.grad = None
+            # In place, the gradient overwrites the input's own storage (which then holds gradients on the next
+            # call: same work, different values). torch.autograd.grad hands the gradient back as the kernel
+            # wrote it, as the backward of an LM head's matmul receives it in training; ``.backward()`` into a
+            # leaf would add AccumulateGrad's copy (the leaf's .grad may not alias its data).
+            torch.autograd.grad(opd_loss_triton(leaf, zt, y, loss=loss, k=k, inplace_backward=inplace).loss, leaf)
 
         return run
     ref = reference.opd_loss if impl == "eager" else torch.compile(reference.opd_loss, dynamic=True)
 
     def run_ref():
-        ref(leaf, zt, y, loss=loss, k=k).loss.backward()
-        leaf.grad = None
+        torch.autograd.grad(ref(leaf, zt, y, loss=loss, k=k).loss, leaf)
 
     return run_ref
 

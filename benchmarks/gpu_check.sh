@@ -42,7 +42,7 @@ bench_status=${PIPESTATUS[0]}
 echo "bench: exit $bench_status after $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
 
 # 2. correctness on CUDA (~48 kernel specialisations to JIT-compile)
-timeout "$TEST_S" python -m pytest tests/test_kernels.py -q -x -p no:cacheprovider \
+timeout "$TEST_S" python -m pytest tests/kernels/ -q -x -p no:cacheprovider \
     --junitxml="$OUT/test_kernels_cuda.xml" 2>&1 | tee "$OUT/test_kernels_cuda.log"
 test_status=${PIPESTATUS[0]}
 echo "tests: exit $test_status, total $(( $(date +%s) - start )) s" | tee -a "$OUT/test_kernels_cuda.log"

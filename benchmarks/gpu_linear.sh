@@ -15,7 +15,7 @@ start=$(date +%s)
 timeout "${BENCH_S:-140}" python benchmarks/bench_linear.py --gpu --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_linear.log"
 bench_status=${PIPESTATUS[0]}
 echo "bench: exit $bench_status after $(( $(date +%s) - start )) s" | tee -a "$OUT/bench_linear.log"
-timeout "${TEST_S:-40}" python -m pytest -q -x -p no:cacheprovider tests/test_linear_kernels.py 2>&1 | tee "$OUT/test_linear_cuda.log"
+timeout "${TEST_S:-40}" python -m pytest -q -x -p no:cacheprovider tests/kernels/test_linear_chunks.py 2>&1 | tee "$OUT/test_linear_cuda.log"
 test_status=${PIPESTATUS[0]}
 echo "tests: exit $test_status, total $(( $(date +%s) - start )) s" | tee -a "$OUT/test_linear_cuda.log"
 [ "$test_status" -eq 0 ] && [ "$bench_status" -eq 0 ]

@@ -1,4 +1,4 @@
-// fastopd._C: the batched ragged profiled RSS-BIC scan of DESIGN.md section 3.
+// fastopd._C: the batched ragged profiled RSS-BIC scan of docs/formulas.md §3.
 //
 // For one series x_0..x_{n-1} (a rollout's segment means), with prefix sums S1, S2 of the centred series
 // d_i = x_i - c (c = sum(x) / n):
@@ -45,7 +45,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr double kBicEps = 1e-12;         // epsilon of DESIGN.md section 3 (reference.BIC_EPS)
+constexpr double kBicEps = 1e-12;         // epsilon of docs/formulas.md §3 (reference.BIC_EPS)
 constexpr double kSkipFactor = 1.0 + 1e-9;  // see the header comment: the log-skipping margin
 
 // Batches at least this large (rollouts, or values in total) run on several threads.
@@ -314,14 +314,14 @@ PYBIND11_MODULE(_C, mod) {
   py::options options;
   options.disable_function_signatures();  // the docstring below starts with the signature
   mod.doc() =
-      "fastopd._C: the batched ragged profiled RSS-BIC scan (DESIGN.md section 3), bit for bit "
+      "fastopd._C: the batched ragged profiled RSS-BIC scan (docs/formulas.md §3), bit for bit "
       "fastopd.reference.bic_release. Use fastopd.bic_release, which validates its arguments and wraps "
       "the result in a ReleaseResult.";
   mod.def("bic_scan", &bic_scan, py::arg("values"), py::arg("offsets"), py::arg("min_segments"),
           py::arg("min_gain"), py::arg("num_threads") = 0,
           R"doc(bic_scan(values, offsets, min_segments, min_gain, num_threads=0) -> (release, gain, accepted)
 
-Profiled RSS-BIC release point of every rollout of a ragged batch (DESIGN.md section 3).
+Profiled RSS-BIC release point of every rollout of a ragged batch (docs/formulas.md §3).
 
 For each series x = values[offsets[b]:offsets[b+1]] of length n, with prefix sums S1, S2 of the
 centred series x - sum(x)/n:

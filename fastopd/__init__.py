@@ -1,6 +1,6 @@
 """fastopd: kernel-accelerated on-policy distillation with the "Prefix Teach, Suffix Fade" release rule.
 
-Public API (formulas in DESIGN.md / docs/formulas.md; the oracle of each is in :mod:`fastopd.reference`):
+Public API (formulas in docs/formulas.md; the oracle of each is in :mod:`fastopd.reference`):
 
 - :func:`token_stats`        per-token log-probs, reverse-KL advantage, top-K teacher margin (section 1)
 - :func:`sentence_spans`, :func:`token_segments`, :func:`batch_token_segments`   offline sentence

@@ -1,4 +1,4 @@
-"""Backend choice shared by every op: ``"auto" | "triton" | "reference"`` (DESIGN.md, Architecture).
+"""Backend choice shared by every op: ``"auto" | "triton" | "reference"`` (README, Layout).
 
 ``auto`` runs the Triton kernels on CUDA tensors and the reference on CPU tensors. ``triton`` on CPU
 tensors needs the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported); without it
@@ -11,6 +11,8 @@ import importlib.util
 import os
 
 import torch
+
+from fastopd.common import KERNEL_DTYPES, KERNEL_MAX_K
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -34,10 +36,6 @@ def _dtypes(*ts) -> tuple:
     """The dtypes of the tensor arguments (None for a non-tensor, which no kernel takes)."""
     return tuple(t.dtype if isinstance(t, torch.Tensor) else None for t in ts)
 
-
-# The kernels take fp16/bf16/fp32 logits and k <= 256; auto hands anything else to the reference.
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KERNEL_MAX_K = 256
 
 
 def resolve_backend(backend: str, device: torch.device, *, dtypes=(), k: int | None = None) -> str:
@@ -64,3 +62,14 @@ def resolve_backend(backend: str, device: torch.device, *, dtypes=(), k: int | N
         "under the Triton interpreter (set TRITON_INTERPRET=1 before importing triton); "
         "use backend='auto' or 'reference' otherwise"
     )
+
+
+def cpu_ops():
+    """The CPU backend: :mod:`fastopd.reference`, whose plain PyTorch/NumPy code doubles as the CPU path.
+
+    This is the one entry through which the package (outside tests and benchmarks) reaches the oracle:
+    ``token_stats``, ``opd_loss``, the segment means and the weights on CPU tensors.
+    """
+    from fastopd import reference
+
+    return reference

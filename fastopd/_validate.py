@@ -143,8 +143,14 @@ def check_ragged(values, offsets):
 
 
 def check_scan_options(min_segments, min_gain) -> None:
-    """Validate the options of the BIC scan (DESIGN.md section 3)."""
+    """Validate the options of the BIC scan (docs/formulas.md §3)."""
     if isinstance(min_segments, bool) or not isinstance(min_segments, numbers.Integral) or min_segments < 1:
         raise ValueError(f"min_segments must be an int >= 1, got {min_segments!r}")
     if isinstance(min_gain, bool) or not isinstance(min_gain, numbers.Real) or math.isnan(min_gain):
         raise ValueError(f"min_gain must be a number (not NaN), got {min_gain!r}")
+
+
+def check_fraction(fraction) -> None:
+    """Validate the kept fraction of the ``fixed_prefix`` control (docs/formulas.md §4): a number in (0, 1]."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")

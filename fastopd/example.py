@@ -1,7 +1,7 @@
 """``fastopd example``: the release rule on one built-in rollout, end to end, on a CPU.
 
 The shipped demo student (a tiny Qwen3 model) samples a solution to a built-in arithmetic problem; the
-shipped teacher scores it; fastopd computes the per-token statistics (DESIGN.md section 1), the sentence
+shipped teacher scores it; fastopd computes the per-token statistics (docs/formulas.md §1), the sentence
 segments (section 2), the profiled RSS-BIC release point (section 3) and the weights (section 4), and
 prints, per segment, its text, its mean margin and whether it is kept or released.
 
@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 
-import numpy as np
 import torch
 
 DEFAULT_PROBLEM = "Start with 7. Add 5. Multiply by 2. Subtract 3. Add 9. What is the result?"
@@ -69,24 +68,21 @@ def run(args: argparse.Namespace) -> dict:
         zs = student(full).logits[0, p - 1:-1]
         zt = teacher(full).logits[0, p - 1:-1]
     vocab = len(tok)
-    stats = fastopd.token_stats(zs, zt, completion_ids, k=min(args.k, vocab), vocab_size=vocab)
+    rule = fastopd.ReleaseRule(k=min(args.k, vocab), min_segments=args.min_segments, min_gain=args.min_gain)
+    stats = fastopd.token_stats(zs, zt, completion_ids, k=rule.k, vocab_size=vocab)
     seg = fastopd.token_segments(tok, completion_ids.tolist())
-    series = fastopd.segment_means(stats.margins[None], seg[None], stats.valid[None])
-    scan = fastopd.bic_release(
-        series.values, series.offsets, min_segments=args.min_segments, min_gain=args.min_gain,
-    )
-    r = int(scan.release_segment[0])
-    release_seg = int(series.segment_ids[r]) if r < len(series.values) else int(seg.max()) + 1
-    weights = fastopd.release_weights(seg[None], stats.valid[None], np.array([release_seg]))[0]
+    dec = rule.from_margins(stats.margins[None], seg[None], stats.valid[None])
+    series, scan, weights = dec.series, dec.scan, dec.weights[0]
     segments = []
-    for j, (g, x) in enumerate(zip(series.segment_ids.tolist(), series.values.tolist())):
-        ids = completion_ids[torch.as_tensor(seg) == g]
+    for g, x in zip(series.segment_ids.tolist(), series.values.tolist()):
+        in_seg = torch.as_tensor(seg) == g
+        ids = completion_ids[in_seg]
         segments.append({
             "segment": g,
             "text": tok.decode(ids, skip_special_tokens=True).strip(),
             "tokens": int(len(ids)),
             "mean_margin": x,
-            "kept": bool(j < r),
+            "kept": bool((weights[in_seg] > 0).any()),
         })
     result = {
         "problem": args.problem,
@@ -94,7 +90,8 @@ def run(args: argparse.Namespace) -> dict:
         "segments": segments,
         "gain": float(scan.gain[0]),
         "accepted": bool(scan.accepted[0]),
-        "release_segment": r,
+        "release_index": int(scan.release_index[0]),
+        "release_segment": int(dec.release_segment[0]),
         "tokens": int(stats.valid.sum()),
         "tokens_kept": int((weights > 0).sum()),
         "mean_advantage": float(stats.advantages.mean()),

@@ -12,7 +12,7 @@ How (peak extra memory O(chunk * V), independent of N):
 
 - forward: per token chunk of ``chunk_size`` rows, the two logits tiles z_S, z_T (chunk, V) by a matmul, then
   the existing per-chunk statistics and per-token loss on them -- :func:`fastopd.reference.opd_loss` on the
-  reference backend, the fused stats kernel (:mod:`fastopd.kernels.linear`) on the Triton backend -- keeping
+  reference (CPU) backend, the fused stats kernel (:mod:`fastopd.kernels.linear`) on the Triton backend -- keeping
   only per-token vectors (s, u, A, m, KL, and for the kernel the row statistics M, log Z and the
   coefficient c_t); the tiles are freed before the next chunk.
 - the loss's weights w_t enter as a per-token factor: the forward returns the *unit* per-token loss l0_t
@@ -28,8 +28,8 @@ How (peak extra memory O(chunk * V), independent of N):
   is reduced some other way): the backward recomputes per chunk the student tile (and the teacher's for
   ``reverse_kl``, whose gradient reads log p_T -- ``pg`` needs only the saved u_t) and does the same.
   Either way dl/dz_S comes from the single loss definition (reference: autograd of
-  :func:`fastopd.reference.opd_loss` / :func:`fastopd.reference.per_token_loss` on the tile; Triton: the
-  loss-backward kernel with the coefficient of :func:`fastopd.kernels.autograd.loss_terms`, written in
+  :func:`fastopd.reference.opd_loss` / :func:`fastopd.common.per_token_loss` on the tile; Triton: the
+  loss-backward kernel with the coefficient of :func:`fastopd.common.per_token_loss`, written in
   place into the tile). Rows of W and b beyond V get a zero gradient; teacher tensors get none.
 
 Cost: eager, 4 matmuls of N x H x V (two head forwards, grad_h, grad_W) like the logits path. Recompute,
@@ -45,9 +45,9 @@ import math
 
 import torch
 
-from fastopd import reference
-from fastopd._dispatch import resolve_backend
+from fastopd._dispatch import cpu_ops, resolve_backend
 from fastopd._validate import FLOAT_DTYPES, check_token_inputs
+from fastopd.common import check_loss_options, per_token_loss, reduce_loss, weight_mask
 from fastopd.types import OPDOutput, TokenStats
 
 # Default rows per chunk: this many logits elements per tile. The reference holds ~8 fp32 (chunk, V)
@@ -171,50 +171,53 @@ def default_chunk_size(backend: str, v: int) -> int:
 
 
 class _ReferenceChunks:
-    """Per-chunk forward/backward by the reference (the oracle's own functions, no second formula)."""
+    """Per-chunk forward/backward on the CPU backend (the reference's own functions, no second formula)."""
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
+        self.ref = cpu_ops()
 
     def alloc(self, n: int, device) -> dict:
         return {"u": torch.zeros(n, dtype=self.cfg["dtype"], device=device)}
 
-    def forward(self, zs, zt, tgt, old, saved, sl):
+    def _loss(self, z, zt, tgt, old):
         c = self.cfg
-        out = reference.opd_loss(
-            zs, zt, tgt, loss=c["loss"], old_logprobs=old, normalizer=1.0,
+        return self.ref.opd_loss(
+            z, zt, tgt, loss=c["loss"], old_logprobs=old, normalizer=1.0,
             k=c["k"], temperature=c["temperature"], ignore_index=c["ignore_index"],
         )
+
+    def forward(self, zs, zt, tgt, old, saved, sl):
+        out = self._loss(zs, zt, tgt, old)
         saved["u"][sl] = out.stats.teacher_logprobs
         return out.per_token, out.stats
 
     def forward_grad(self, zs, zt, tgt, old, saved, sl, g):
         """:meth:`forward` and, from the same graph, dl/dz for incoming gradient ``g`` (the eager path)."""
-        c = self.cfg
         with torch.enable_grad():
             z = zs.detach().requires_grad_(True)
-            out = reference.opd_loss(
-                z, zt, tgt, loss=c["loss"], old_logprobs=old, normalizer=1.0,
-                k=c["k"], temperature=c["temperature"], ignore_index=c["ignore_index"],
-            )
+            out = self._loss(z, zt, tgt, old)
             (dz,) = torch.autograd.grad(out.per_token, z, g.to(out.per_token.dtype))
         saved["u"][sl] = out.stats.teacher_logprobs
         return out.per_token.detach(), out.stats, dz.to(zs.dtype)
 
     def backward(self, zs, zt, tgt, old, saved, sl, g):
-        c = self.cfg
+        """dl/dz for incoming gradient ``g`` by autograd of common.per_token_loss on the recomputed tile (the
+        log-probs and KL by the reference's own functions; ``pg`` reads the saved u_t, not the teacher)."""
+        c, ref = self.cfg, self.ref
         valid = tgt != c["ignore_index"]
         with torch.enable_grad():
             z = zs.detach().requires_grad_(True)
-            _, ls = reference._logprobs(z, z.shape[-1], c["temperature"])
-            lt = None
-            if zt is not None:
-                _, lt = reference._logprobs(zt, zt.shape[-1], c["temperature"])
-            per_token, _ = reference.per_token_loss(
-                c["loss"], ls, tgt, valid, valid.to(ls.dtype),
-                teacher_logprobs=saved["u"][sl], teacher_lp=lt, old_logprobs=old,
-            )
-            (dz,) = torch.autograd.grad(per_token, z, g.to(per_token.dtype))
+            _, ls = ref._logprobs(z, z.shape[-1], c["temperature"])
+            w = valid.to(ls.dtype)
+            if c["loss"] == "pg":
+                y = torch.where(valid, tgt, torch.zeros_like(tgt)).long().unsqueeze(-1)
+                s = ls.gather(-1, y).squeeze(-1)
+                terms = per_token_loss("pg", valid, w, s=s, u=saved["u"][sl].to(ls.dtype), old_logprobs=old)
+            else:
+                _, lt = ref._logprobs(zt, zt.shape[-1], c["temperature"])
+                terms = per_token_loss("reverse_kl", valid, w, kl=ref._reverse_kl(ls, lt))
+            (dz,) = torch.autograd.grad(terms.per_token, z, g.to(ls.dtype))
         return dz.to(zs.dtype)
 
 
@@ -379,7 +382,7 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, target_
         s_scale=student_logit_scale, s_cap=student_final_logit_softcapping,
         t_scale=teacher_logit_scale, t_cap=teacher_final_logit_softcapping,
     )
-    reference.check_loss_options(loss, weights, old_logprobs, target_ids)
+    check_loss_options(loss, weights, old_logprobs, target_ids)
     chosen = resolve_backend(backend, student_hidden.device,
                              dtypes=(student_hidden.dtype, teacher_hidden.dtype), k=k)
     if chosen == "triton":
@@ -399,9 +402,7 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, target_
     )
     if eager and any(t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)):
         valid = (target_ids != ignore_index).reshape(n)
-        w = valid.to(cfg["dtype"]) if weights is None else torch.where(
-            valid, weights.detach().reshape(n).to(cfg["dtype"]), torch.zeros((), dtype=cfg["dtype"], device=valid.device))
-        cfg["eager_w"] = w
+        cfg["eager_w"] = weight_mask(valid, None if weights is None else weights.reshape(n), cfg["dtype"])
     sh = student_hidden.reshape(n, student_hidden.shape[-1])
     th = teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1])
     old = None if old_logprobs is None else old_logprobs.detach().reshape(n)
@@ -560,8 +561,6 @@ def linear_opd_loss(
 
 
 def weighted_output(per0: torch.Tensor, stats: TokenStats, weights, loss: str, normalizer) -> OPDOutput:
-    """l_t = w_t * l0_t (every l_t of §5 is linear in w_t), reduced by :func:`fastopd.reference.reduce_loss`."""
-    valid = stats.valid
-    zero = torch.zeros((), dtype=per0.dtype, device=per0.device)
-    w = valid.to(per0.dtype) if weights is None else torch.where(valid, weights.detach().to(per0.dtype), zero)
-    return reference.reduce_loss(per0 * w, stats, w, loss, normalizer)
+    """l_t = w_t * l0_t (every l_t of §5 is linear in w_t), reduced by :func:`fastopd.common.reduce_loss`."""
+    w = weight_mask(stats.valid, weights, per0.dtype)
+    return reduce_loss(per0 * w, stats, w, loss, normalizer)

@@ -1,7 +1,8 @@
-"""``fastopd.opd_loss`` / ``fastopd.OPDLoss``: the OPD loss of DESIGN.md section 5.
+"""``fastopd.opd_loss`` / ``fastopd.OPDLoss``: the OPD loss of docs/formulas.md §5.
 
 On CUDA tensors (``backend="auto"``) the forward statistics and the gradient w.r.t. the student logits come
-from the Triton kernels; otherwise the loss is the reference's plain autograd (:func:`fastopd.reference.opd_loss`).
+from the Triton kernels; otherwise the loss is the reference's plain autograd (:func:`fastopd.reference.opd_loss`,
+reached through :func:`fastopd._dispatch.cpu_ops`). The per-token formula both use is :func:`fastopd.common.per_token_loss`.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastopd import reference
-from fastopd._dispatch import _device, _dtypes, resolve_backend
+from fastopd._dispatch import _device, _dtypes, cpu_ops, resolve_backend
+from fastopd.common import LOSSES, reduce_loss
 from fastopd.types import OPDOutput
 
 
@@ -30,7 +31,7 @@ def opd_loss(
     backend: str = "auto",
     inplace_backward: bool = False,
 ) -> OPDOutput:
-    """On-policy distillation loss from logits (DESIGN.md section 5).
+    """On-policy distillation loss from logits (docs/formulas.md §5).
 
     Args:
         student_logits: (..., V) student logits predicting ``target_ids``; the gradient flows into them.
@@ -50,7 +51,8 @@ def opd_loss(
 
     Returns:
         :class:`fastopd.OPDOutput` with the scalar ``loss``, the unreduced ``per_token`` loss, the ``stats``
-        and plain-float ``metrics`` (adv_mean, margin_mean, kept_fraction, num_valid, num_kept, loss).
+        and plain-float ``metrics`` (adv_mean, margin_mean, kept_fraction, num_valid, num_kept, loss);
+        ``release`` is None (it is set by :class:`OPDLoss` with a rule).
 
     Example:
         >>> out = fastopd.opd_loss(student_logits, teacher_logits, completion_ids, weights=rule_weights)
@@ -65,7 +67,7 @@ def opd_loss(
         from fastopd.kernels import opd_loss_triton
 
         return opd_loss_triton(student_logits, teacher_logits, target_ids, inplace_backward=inplace_backward, **kwargs)
-    return reference.opd_loss(student_logits, teacher_logits, target_ids, **kwargs)
+    return cpu_ops().opd_loss(student_logits, teacher_logits, target_ids, **kwargs)
 
 
 class OPDLoss(nn.Module):
@@ -74,12 +76,13 @@ class OPDLoss(nn.Module):
     With a :class:`fastopd.ReleaseRule` as ``rule``, ``forward(..., segment_ids=...)`` decides the per-token
     weights by the rule (or its control) from the margins of the loss's own forward statistics -- one read of
     the logits, not two -- weights the unreduced loss with them, and adds the rule's diagnostics (accept
-    rate, mean gain, ...) to ``metrics``; ``out.release`` then holds the :class:`fastopd.ReleaseDecision`.
-    The rule's ``k`` and ``temperature`` must therefore equal the loss's.
+    rate, mean gain, release position) to ``metrics``; ``out.release`` then holds the
+    :class:`fastopd.ReleaseDecision` (it is None without a rule). With a rule, ``k``, ``temperature`` and
+    ``backend`` are the rule's (set them once, on the rule); passing a different value here is an error.
     The other arguments are those of :func:`opd_loss` (``inplace_backward`` included).
 
     Example:
-        >>> crit = fastopd.OPDLoss(rule=fastopd.ReleaseRule())
+        >>> crit = fastopd.OPDLoss(rule=fastopd.ReleaseRule(k=16))
         >>> out = crit(student_logits, teacher_logits, completion_ids, segment_ids=segment_ids)
         >>> out.loss.backward()
     """
@@ -88,29 +91,37 @@ class OPDLoss(nn.Module):
         self,
         loss: str = "pg",
         *,
-        k: int = 16,
-        temperature: float = 1.0,
+        k: int | None = None,
+        temperature: float | None = None,
         ignore_index: int = -100,
         vocab_size: int | None = None,
-        backend: str = "auto",
+        backend: str | None = None,
         inplace_backward: bool = False,
         rule=None,
     ) -> None:
         super().__init__()
-        if loss not in reference.LOSSES:
-            raise ValueError(f"loss must be one of {reference.LOSSES}, got {loss!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        defaults = {"k": 16, "temperature": 1.0, "backend": "auto"}
+        given = {"k": k, "temperature": temperature, "backend": backend}
+        for name, value in given.items():
+            if rule is None:
+                given[name] = defaults[name] if value is None else value
+            elif value is not None and value != getattr(rule, name):
+                raise ValueError(
+                    f"OPDLoss({name}={value!r}) differs from rule.{name}={getattr(rule, name)!r}: with a rule, "
+                    f"{name} is the rule's (the rule reads its margins from the loss's own statistics); set it "
+                    "on the ReleaseRule only"
+                )
+            else:
+                given[name] = getattr(rule, name)
         self.loss = loss
-        self.k = k
-        self.temperature = temperature
+        self.k = given["k"]
+        self.temperature = given["temperature"]
         self.ignore_index = ignore_index
         self.vocab_size = vocab_size
-        self.backend = backend
+        self.backend = given["backend"]
         self.inplace_backward = inplace_backward
-        if rule is not None and (rule.k != k or rule.temperature != temperature):
-            raise ValueError(
-                f"rule.k={rule.k} and rule.temperature={rule.temperature} must equal OPDLoss's k={k} and "
-                f"temperature={temperature}: the rule reads its margins from the loss's own statistics"
-            )
         self.rule = rule
 
     def extra_repr(self) -> str:
@@ -156,7 +167,7 @@ class OPDLoss(nn.Module):
         decision = self.rule.from_margins(stats.margins, segment_ids, stats.valid)
         w = decision.weights.to(device=per_token_unit.device, dtype=per_token_unit.dtype)
         per_token = per_token_unit * w
-        weighted = reference.reduce_loss(per_token, stats, w, self.loss, normalizer)
+        weighted = reduce_loss(per_token, stats, w, self.loss, normalizer)
         weighted.metrics.update(decision.metrics)
         weighted.release = decision
         return weighted
@@ -185,9 +196,10 @@ class OPDLoss(nn.Module):
 
         z = softcap(scale (h W[:V]^T + b[:V])) per model, by token chunks (:func:`fastopd.linear_opd_loss`).
         With a rule, its weights are decided from the margins of this same chunked forward and multiply the
-        unit per-token loss; the backward then recomputes the student's logits per chunk with those weights in
-        its incoming gradient (no second statistics pass). Gradients reach the student's hidden states,
-        weight and bias only.
+        unit per-token loss; the backward then recomputes the student's logits per chunk (the teacher's too
+        for ``reverse_kl``) with those weights in its incoming gradient -- no second statistics pass.
+        Without a rule it is :func:`fastopd.linear_opd_loss` (gradient computed while the tiles are live).
+        Gradients reach the student's hidden states, weight and bias only.
         """
         from fastopd.linear import _run, weighted_output
 
@@ -200,6 +212,7 @@ class OPDLoss(nn.Module):
             teacher_logit_scale=teacher_logit_scale,
             student_final_logit_softcapping=student_final_logit_softcapping,
             teacher_final_logit_softcapping=teacher_final_logit_softcapping, weights=weights,
+            eager=self.rule is None,
         )
         if self.rule is None:
             return weighted_output(per0, stats, weights, self.loss, normalizer)

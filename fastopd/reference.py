@@ -1,4 +1,4 @@
-"""The pure PyTorch/NumPy oracle of DESIGN.md sections 1, 3, 4 and 5.
+"""The pure PyTorch/NumPy oracle of docs/formulas.md §1, §3, §4 and §5.
 
 Every other implementation in fastopd (the Triton kernels, the C++ scan) is tested against this module, and
 every benchmark uses it as its baseline, so it is written to be read first and to be competent PyTorch
@@ -18,17 +18,24 @@ Sections:
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import numpy as np
 import torch
 
-from fastopd._validate import check_per_token, check_ragged, check_scan_options, check_token_inputs
+from fastopd._validate import check_fraction, check_ragged, check_scan_options, check_token_inputs
+from fastopd.common import (  # noqa: F401  (LOSSES, CONTROLS, reduce_loss, ... re-exported for callers)
+    CONTROLS,
+    LOSSES,
+    check_loss_options,
+    loss_metrics,
+    per_token_loss,
+    reduce_loss,
+    series_from_sums,
+    weight_mask,
+)
 from fastopd.types import OPDOutput, ReleaseResult, SegmentMeans, TokenStats
 
 BIC_EPS = 1e-12
-LOSSES = ("pg", "reverse_kl")
-CONTROLS = ("full", "fixed_prefix", "random")
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -123,7 +130,7 @@ def token_stats(
     full_kl: bool = False,
     return_topk: bool = False,
 ) -> TokenStats:
-    """Per-token statistics of DESIGN.md section 1, computed the plain way (materialises N x V).
+    """Per-token statistics of docs/formulas.md §1, computed the plain way (materialises N x V).
 
     s_t = log p_S(y_t), u_t = log p_T(y_t), A_t = u_t - s_t, m_t = (z_T[a1] - z_T[a2]) / tau over the
     student's top-K candidates C_t (ties to the lower index), and optionally the exact reverse KL_t.
@@ -159,7 +166,7 @@ def _as_numpy(x, name: str) -> np.ndarray:
 
 
 def segment_means(values, segment_ids, valid) -> SegmentMeans:
-    """Per-rollout means x_j of a per-token value over the valid tokens of each segment (DESIGN.md section 2).
+    """Per-rollout means x_j of a per-token value over the valid tokens of each segment (docs/formulas.md §2).
 
     Args:
         values: (B, L) per-token values, e.g. ``TokenStats.margins``.
@@ -191,12 +198,7 @@ def segment_means(values, segment_ids, valid) -> SegmentMeans:
     key = rows[ok].astype(np.int64) * width + seg[ok].astype(np.int64)
     sums = np.bincount(key, weights=vals[ok], minlength=b * width)
     counts = np.bincount(key, minlength=b * width)
-    present = counts > 0
-    means = sums[present] / counts[present]
-    seg_of_entry = np.nonzero(present)[0] % width
-    per_row = present.reshape(b, width).sum(1)
-    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
-    return SegmentMeans(means.astype(np.float64), offsets, seg_of_entry.astype(np.int64))
+    return series_from_sums(sums.reshape(b, width), counts.reshape(b, width))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ def segment_means(values, segment_ids, valid) -> SegmentMeans:
 
 
 def _scan_one(x: list[float], m: int, min_gain: float) -> tuple[int, float, bool]:
-    """(release_segment, gain, accepted) for one series; the exact operation order of csrc/bic_scan.cpp."""
+    """(release_index, gain, accepted) for one series; the exact operation order of csrc/bic_scan.cpp."""
     n = len(x)
     if any(not math.isfinite(v) for v in x):
         return n, math.nan, False
@@ -245,7 +247,7 @@ def _scan_one(x: list[float], m: int, min_gain: float) -> tuple[int, float, bool
 
 
 def bic_release(values, offsets, *, min_segments: int = 2, min_gain: float = 10.0) -> ReleaseResult:
-    """Profiled RSS-BIC release point of every rollout of a ragged batch (DESIGN.md section 3), in Python.
+    """Profiled RSS-BIC release point of every rollout of a ragged batch (docs/formulas.md §3), in Python.
 
     Args:
         values: float64 1-D, the concatenated segment-mean series.
@@ -295,7 +297,7 @@ def _rescale(kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def release_weights(segment_ids, valid_mask, release_segment) -> torch.Tensor:
-    """Per-token weights of DESIGN.md section 4: w_t = valid_t [g_t < r] L / L_kept.
+    """Per-token weights of docs/formulas.md §4: w_t = valid_t [g_t < r] L / L_kept.
 
     Args:
         segment_ids: (B, L) int segment id g_t of every token (ignored where not valid).
@@ -323,7 +325,7 @@ def control_weights(
     fraction: float = 0.5,
     generator: np.random.Generator | int | None = None,
 ) -> torch.Tensor:
-    """The controls of DESIGN.md section 4, each rescaled to keep the loss mass like the release rule.
+    """The controls of docs/formulas.md §4, each rescaled to keep the loss mass like the release rule.
 
     Args:
         kind: ``"full"`` (w = valid), ``"fixed_prefix"`` (keep the first ``ceil(fraction * L)`` valid tokens)
@@ -339,8 +341,7 @@ def control_weights(
     if kind == "full":
         return valid.to(torch.float32)
     if kind == "fixed_prefix":
-        if not isinstance(fraction, Real) or not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        check_fraction(fraction)
         n_valid = valid.sum(-1, keepdim=True)
         n_keep = torch.ceil(n_valid.double() * float(fraction)).long().clamp(min=1)
         kept = valid & (torch.cumsum(valid.long(), dim=-1) <= n_keep)
@@ -359,55 +360,6 @@ def control_weights(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _normaliser(normalizer, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if normalizer is None:
-        return valid.sum().to(dtype).clamp_min(1)
-    n = torch.as_tensor(normalizer, dtype=dtype, device=valid.device)
-    if n.numel() != 1 or not bool(torch.isfinite(n)) or float(n) <= 0:
-        raise ValueError(f"normalizer must be a positive finite scalar or None, got {normalizer!r}")
-    return n.reshape(())
-
-
-def loss_metrics(stats: TokenStats, weights: torch.Tensor, per_token: torch.Tensor, loss: str) -> dict:
-    """Plain-float diagnostics every backend reports with the loss (DESIGN.md section 5)."""
-    valid = stats.valid
-    n_valid = int(valid.sum())
-    n_kept = int((valid & (weights > 0)).sum())
-    denom = max(n_valid, 1)
-    metrics = {
-        "adv_mean": float(stats.advantages.sum()) / denom,
-        "margin_mean": float(stats.margins.sum()) / denom,
-        "kept_fraction": n_kept / denom,
-        "num_valid": n_valid,
-        "num_kept": n_kept,
-    }
-    if loss == "reverse_kl" and stats.reverse_kl is not None:
-        metrics["reverse_kl_mean"] = float(stats.reverse_kl.sum()) / denom
-    return metrics
-
-
-def reduce_loss(per_token: torch.Tensor, stats: TokenStats, weights: torch.Tensor, loss: str, normalizer) -> OPDOutput:
-    """The scalar loss sum_t l_t / normaliser and the metrics, as :class:`OPDOutput` (every backend ends here).
-
-    ``weights`` are the w_t already applied in ``per_token`` (zero at invalid positions); they only feed the
-    metrics.
-    """
-    total = per_token.sum() / _normaliser(normalizer, stats.valid, per_token.dtype)
-    metrics = loss_metrics(stats, weights, per_token, loss)
-    metrics["loss"] = float(total.detach())
-    return OPDOutput(loss=total, per_token=per_token, stats=stats, metrics=metrics)
-
-
-def check_loss_options(loss: str, weights, old_logprobs, target_ids) -> None:
-    """Shared checks of ``opd_loss``'s options (every backend)."""
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    check_per_token("weights", weights, target_ids)
-    check_per_token("old_logprobs", old_logprobs, target_ids)
-    if old_logprobs is not None and loss != "pg":
-        raise ValueError("old_logprobs is only used by loss='pg'")
-
-
 def opd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -422,7 +374,7 @@ def opd_loss(
     ignore_index: int = -100,
     vocab_size: int | None = None,
 ) -> OPDOutput:
-    """The OPD loss of DESIGN.md section 5 by plain autograd (the oracle for the kernels' backward).
+    """The OPD loss of docs/formulas.md §5 by plain autograd (the oracle for the kernels' backward).
 
     ``pg``: l_t = -w_t sg(A_t) rho_t, rho_t = exp(s_t - sg(s_old_t)), A_t = u_t - s_old_t (s_old = sg(s)
     when ``old_logprobs`` is None). ``reverse_kl``: l_t = w_t KL_t. loss = sum_t l_t / normaliser, the
@@ -442,44 +394,12 @@ def opd_loss(
             zs.detach(), zt, ls.detach(), lt, target_ids, valid,
             k=k, temperature=temperature, full_kl=(loss == "reverse_kl"), return_topk=False,
         )
-    dtype = ls.dtype
-    zero = torch.zeros((), dtype=dtype, device=ls.device)
-    w = valid.to(dtype) if weights is None else torch.where(valid, weights.detach().to(dtype), zero)
-    per_token, adv = per_token_loss(
-        loss, ls, target_ids, valid, w,
-        teacher_logprobs=stats.teacher_logprobs, teacher_lp=lt, old_logprobs=old_logprobs,
-    )
-    if adv is not None:
-        stats.advantages = adv
-    return reduce_loss(per_token, stats, w, loss, normalizer)
-
-
-def per_token_loss(
-    loss: str,
-    ls: torch.Tensor,
-    target_ids: torch.Tensor,
-    valid: torch.Tensor,
-    w: torch.Tensor,
-    *,
-    teacher_logprobs: torch.Tensor | None = None,
-    teacher_lp: torch.Tensor | None = None,
-    old_logprobs: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The per-token loss l_t of section 5 from the student's log-probs ``ls`` (..., V), differentiably.
-
-    ``pg``: l_t = -w_t sg(A_t) rho_t, rho_t = exp(s_t - sg(s_old_t)), A_t = u_t - s_old_t, with
-    s_t = ls[y_t], u_t = ``teacher_logprobs`` (...) and s_old = ``old_logprobs`` or sg(s_t); returns
-    (l, A). ``reverse_kl``: l_t = w_t KL_t(ls, ``teacher_lp`` (..., V)); returns (l, None). Zero where not
-    ``valid``. The one copy of these formulas: :func:`opd_loss` and the hidden-state path's backward
-    (:mod:`fastopd.linear`, which autograds it on each recomputed chunk of logits) both call it.
-    """
-    dtype = ls.dtype
-    zero = torch.zeros((), dtype=dtype, device=ls.device)
+    w = weight_mask(valid, weights, ls.dtype)
     if loss == "pg":
         tgt = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long().unsqueeze(-1)
         s = ls.gather(-1, tgt).squeeze(-1)
-        s_old = s.detach() if old_logprobs is None else old_logprobs.detach().to(dtype)
-        adv = torch.where(valid, teacher_logprobs.to(dtype) - s_old, zero)
-        rho = torch.exp(torch.where(valid, s - s_old, zero))
-        return torch.where(valid, -w * adv * rho, zero), adv
-    return torch.where(valid, w * _reverse_kl(ls, teacher_lp), zero), None
+        terms = per_token_loss("pg", valid, w, s=s, u=stats.teacher_logprobs, old_logprobs=old_logprobs)
+        stats.advantages = terms.advantages
+    else:
+        terms = per_token_loss("reverse_kl", valid, w, kl=_reverse_kl(ls, lt))
+    return reduce_loss(terms.per_token, stats, w, loss, normalizer)

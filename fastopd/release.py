@@ -1,8 +1,14 @@
-"""The release rule: token stats -> segment means -> BIC scan -> weights (DESIGN.md sections 2-4).
+"""The release rule: token stats -> segment means -> BIC scan -> weights (docs/formulas.md §2-4).
 
 :func:`bic_release` runs the C++ scan (``fastopd._C``); :class:`ReleaseRule` is the one object that goes
 from logits (or margins) and segment ids to per-token weights and diagnostics, for the rule itself and for
 its controls (``full``, ``fixed_prefix``, ``random``).
+
+Where each step runs: the segment means are the reference's NumPy bincount on CPU tensors and, on CUDA
+tensors (backend ``auto``/``triton``), :func:`fastopd.kernels.segment_sums_triton`, so only the (B, S)
+sums and counts cross to the host, not every margin; the scan is C++ on the host. The weights
+(docs/formulas.md §4) are O(B L) masks, and the reference functions compute them on the tensors' own device:
+they are reached through :func:`fastopd._dispatch.cpu_ops` (the CPU dispatch), not used as a test oracle.
 """
 
 from __future__ import annotations
@@ -12,12 +18,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fastopd import reference
-from fastopd._validate import check_ragged, check_scan_options
-from fastopd.reference import control_weights, release_weights, segment_means
+from fastopd._dispatch import cpu_ops, resolve_backend
+from fastopd._validate import check_fraction, check_ragged, check_scan_options
+from fastopd.common import (
+    MODES,
+    release_fractions,
+    release_means,
+    release_segment_ids,
+    release_sums,
+    series_from_sums,
+)
 from fastopd.types import ReleaseResult, SegmentMeans
 
-MODES = ("release",) + reference.CONTROLS
+_cpu = cpu_ops()
+control_weights = _cpu.control_weights
+release_weights = _cpu.release_weights
+segment_means = _cpu.segment_means
 
 __all__ = [
     "MODES", "ReleaseDecision", "ReleaseRule", "bic_release", "control_weights", "release_weights", "segment_means",
@@ -25,7 +41,7 @@ __all__ = [
 
 
 def bic_release(values, offsets, *, min_segments: int = 2, min_gain: float = 10.0, num_threads: int = 0) -> ReleaseResult:
-    """Profiled RSS-BIC release point of every rollout of a ragged batch (DESIGN.md section 3), in C++.
+    """Profiled RSS-BIC release point of every rollout of a ragged batch (docs/formulas.md §3), in C++.
 
     O(total n) with prefix sums of the centred series, the GIL released, parallel over rollouts for large
     batches. Same signature and bit-for-bit the same results as :func:`fastopd.reference.bic_release`.
@@ -38,7 +54,7 @@ def bic_release(values, offsets, *, min_segments: int = 2, min_gain: float = 10.
         num_threads: threads for large batches (0: OpenMP's default).
 
     Returns:
-        :class:`fastopd.ReleaseResult` (release_segment int64, gain float64, accepted bool).
+        :class:`fastopd.ReleaseResult` (release_index int64, gain float64, accepted bool).
 
     Raises:
         TypeError: values not a float array, offsets not an integer array.
@@ -62,22 +78,30 @@ class ReleaseDecision:
     """What :class:`ReleaseRule` decided for a batch of B rollouts.
 
     Attributes:
-        weights: float32 (B, L) per-token w_t (DESIGN.md section 4, or the control's).
-        scan: the BIC scan's :class:`ReleaseResult` (index r into each rollout's series).
-        release_segment: int64 (B,) the first released segment id (segments below it are kept); for a
-            rollout that is not accepted, one past its last segment.
-        kept_fraction: float64 (B,) L_kept / L per rollout (NaN for a rollout with no valid token).
+        weights: float32 (B, L) per-token w_t (docs/formulas.md §4, or the control's).
+        scan: the BIC scan's :class:`ReleaseResult` (``release_index`` r into each rollout's series).
+        release_segment: int64 (B,) the first released segment id (segments below it are kept by the rule);
+            for a rollout that is not accepted, one past its last segment
+            (:func:`fastopd.common.release_segment_ids`).
+        kept_fraction: float64 (B,) #(valid and w_t > 0) / #valid per rollout (NaN for a rollout with no
+            valid token); in a control mode it is the control's, not the release point's.
+        release_fraction: float64 (B,) the fraction of valid tokens before ``release_segment``
+            (:func:`fastopd.common.release_fractions`); equal to ``kept_fraction`` in mode ``release``.
         series: the :class:`SegmentMeans` the scan ran on.
-        metrics: plain floats: ``accept_rate``, ``gain_mean`` (over rollouts with a candidate),
+        totals: :func:`fastopd.common.release_sums` of this batch (a trainer adds these over micro-batches
+            and processes, then calls :func:`fastopd.common.release_means`).
+        metrics: ``release_means(totals)``: ``accept_rate``, ``gain_mean`` (over rollouts with a candidate),
             ``kept_fraction`` (tokens kept / valid tokens over the batch), ``release_position`` (mean
-            kept fraction of the accepted rollouts, NaN if none).
+            ``release_fraction`` of the accepted rollouts, NaN if none).
     """
 
     weights: torch.Tensor
     scan: ReleaseResult
     release_segment: np.ndarray
     kept_fraction: np.ndarray
+    release_fraction: np.ndarray
     series: SegmentMeans
+    totals: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
 
 
@@ -115,8 +139,7 @@ class ReleaseRule:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         check_scan_options(min_segments, min_gain)
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        check_fraction(fraction)
         self.mode = mode
         self.k = k
         self.temperature = temperature
@@ -159,35 +182,40 @@ class ReleaseRule:
 
     def from_margins(self, margins, segment_ids, valid) -> ReleaseDecision:
         """Decide the weights from per-token margins m_t (B, L), segment ids (B, L) and the valid mask."""
-        series = segment_means(margins, segment_ids, valid)
-        scan = bic_release(series.values, series.offsets, min_segments=self.min_segments, min_gain=self.min_gain)
-        release_segment = self._segment_ids_of(series, scan)
         seg = segment_ids if isinstance(segment_ids, torch.Tensor) else torch.as_tensor(np.asarray(segment_ids))
         valid = valid if isinstance(valid, torch.Tensor) else torch.as_tensor(np.asarray(valid))
+        series = self.segment_series(margins, seg, valid)
+        scan = bic_release(series.values, series.offsets, min_segments=self.min_segments, min_gain=self.min_gain)
+        release_segment = release_segment_ids(series, scan)
         if self.mode == "release":
             weights = release_weights(seg, valid, release_segment)
         else:
             weights = control_weights(self.mode, seg, valid, fraction=self.fraction, generator=self._rng)
-        n_valid = valid.sum(-1).cpu().numpy().astype(np.float64)
-        n_kept = ((weights > 0) & valid.to(weights.device)).sum(-1).cpu().numpy().astype(np.float64)
+        valid_dev = valid.to(weights.device)
+        n_valid = valid_dev.sum(-1).cpu().numpy().astype(np.float64)
+        n_kept = ((weights > 0) & valid_dev).sum(-1).cpu().numpy().astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             kept_fraction = n_kept / n_valid
-        has_candidate = np.isfinite(scan.gain)
-        metrics = {
-            "accept_rate": float(scan.accepted.mean()) if len(scan) else 0.0,
-            "gain_mean": float(scan.gain[has_candidate].mean()) if has_candidate.any() else float("nan"),
-            "kept_fraction_rule": float(n_kept.sum() / max(n_valid.sum(), 1.0)),
-            "release_position": float(kept_fraction[scan.accepted].mean()) if scan.accepted.any() else float("nan"),
-        }
-        return ReleaseDecision(weights, scan, release_segment, kept_fraction, series, metrics)
+        release_fraction = release_fractions(seg, valid, release_segment)
+        totals = release_sums(scan.gain, scan.accepted, release_fraction, n_valid.sum(), n_kept.sum())
+        return ReleaseDecision(weights, scan, release_segment, kept_fraction, release_fraction, series, totals,
+                               release_means(totals))
 
-    @staticmethod
-    def _segment_ids_of(series: SegmentMeans, scan: ReleaseResult) -> np.ndarray:
-        """Map each rollout's release index r (into its series) back to a segment id."""
-        offs = series.offsets
-        out = np.empty(len(scan), dtype=np.int64)
-        for b in range(len(scan)):
-            ids = series.segment_ids[offs[b]:offs[b + 1]]
-            r = int(scan.release_segment[b])
-            out[b] = ids[r] if r < len(ids) else (int(ids[-1]) + 1 if len(ids) else 0)
-        return out
+    def segment_series(self, margins, segment_ids: torch.Tensor, valid: torch.Tensor) -> SegmentMeans:
+        """The segment-mean series x_j (docs/formulas.md §2) of a (B, L) batch.
+
+        On CUDA tensors (and on CPU tensors with ``backend="triton"`` under the Triton interpreter) the sums
+        and counts come from :func:`fastopd.kernels.segment_sums_triton` (fp32 atomics: the last bits of a
+        sum depend on the order of the adds), so only the (B, S) sums and counts cross to the host;
+        otherwise the reference's float64 NumPy bincount.
+        """
+        if isinstance(margins, torch.Tensor) and margins.dim() == 2 and segment_ids.shape == margins.shape:
+            dtypes = (margins.dtype,) if margins.dtype in (torch.float16, torch.bfloat16, torch.float32) else (None,)
+            if resolve_backend(self.backend, margins.device, dtypes=dtypes) == "triton":
+                from fastopd.kernels import segment_sums_triton
+
+                if bool((valid.to(margins.device) & (segment_ids.to(margins.device) < 0)).any()):
+                    raise ValueError("segment_ids must be >= 0 at every valid position")
+                sums, counts = segment_sums_triton(margins, segment_ids.to(margins.device), valid.to(margins.device))
+                return series_from_sums(sums.cpu().numpy(), counts.cpu().numpy())
+        return segment_means(margins, segment_ids, valid)

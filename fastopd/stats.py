@@ -1,11 +1,10 @@
-"""``fastopd.token_stats``: per-token statistics of DESIGN.md section 1, dispatched to a backend."""
+"""``fastopd.token_stats``: per-token statistics of docs/formulas.md §1, dispatched to a backend."""
 
 from __future__ import annotations
 
 import torch
 
-from fastopd import reference
-from fastopd._dispatch import _device, _dtypes, resolve_backend
+from fastopd._dispatch import _device, _dtypes, cpu_ops, resolve_backend
 from fastopd.types import TokenStats
 
 
@@ -22,7 +21,7 @@ def token_stats(
     return_topk: bool = False,
     backend: str = "auto",
 ) -> TokenStats:
-    """Per-token OPD statistics straight from logits (DESIGN.md section 1).
+    """Per-token OPD statistics straight from logits (docs/formulas.md §1).
 
     Args:
         student_logits, teacher_logits: (..., V) logits that predict ``target_ids`` (already shifted);
@@ -52,4 +51,4 @@ def token_stats(
         from fastopd.kernels import token_stats_triton
 
         return token_stats_triton(student_logits, teacher_logits, target_ids, **kwargs)
-    return reference.token_stats(student_logits, teacher_logits, target_ids, **kwargs)
+    return cpu_ops().token_stats(student_logits, teacher_logits, target_ids, **kwargs)

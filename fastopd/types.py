@@ -1,4 +1,4 @@
-"""Result containers shared by every backend (see DESIGN.md for the quantities they hold)."""
+"""Result containers shared by every backend (docs/formulas.md defines the quantities they hold)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 @dataclass
 class TokenStats:
-    """Per-token statistics of DESIGN.md section 1, each float32 of ``target_ids.shape``.
+    """Per-token statistics of docs/formulas.md §1, each float32 of ``target_ids.shape``.
 
     Positions with ``valid == False`` (``target_ids == ignore_index``) hold 0 in every field.
 
@@ -38,27 +38,29 @@ class TokenStats:
 
 @dataclass
 class ReleaseResult:
-    """Outcome of the profiled RSS-BIC scan (DESIGN.md section 3), one entry per rollout.
+    """Outcome of the profiled RSS-BIC scan (docs/formulas.md §3), one entry per rollout.
 
     Attributes:
-        release_segment: int64; tau* when accepted, else n (the series length): segments ``< r`` are kept.
+        release_index: int64; r = tau* when accepted, else n (the series length): entries ``< r`` of the
+            rollout's series are kept. It indexes the series, not segment ids (a segment with no valid token
+            has no entry); :func:`fastopd.common.release_segment_ids` maps it to a segment id.
         gain: float64; BIC0 - BIC1(tau*); -inf when there is no candidate split, NaN for a non-finite series.
         accepted: bool; a candidate exists and ``gain > min_gain``.
     """
 
-    release_segment: np.ndarray
+    release_index: np.ndarray
     gain: np.ndarray
     accepted: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.release_segment)
+        return len(self.release_index)
 
 
 class SegmentMeans(NamedTuple):
     """Ragged per-rollout series of segment means, ready for :func:`fastopd.bic_release`.
 
     Attributes:
-        values: float64 1-D, the concatenated series x_j of every rollout (DESIGN.md section 2).
+        values: float64 1-D, the concatenated series x_j of every rollout (docs/formulas.md §2).
         offsets: int64 of length B+1; rollout b's series is ``values[offsets[b]:offsets[b+1]]``.
         segment_ids: int64 1-D aligned with ``values``: the segment id each entry is the mean of. Segments
             with no valid token are left out of the series, so entry j need not be segment j; use this to
@@ -75,14 +77,17 @@ class OPDOutput:
     """What :func:`fastopd.opd_loss` returns.
 
     Attributes:
-        loss: scalar, sum_t l_t / normaliser (DESIGN.md section 5); differentiable w.r.t. the student logits.
+        loss: scalar, sum_t l_t / normaliser (docs/formulas.md §5); differentiable w.r.t. the student logits.
         per_token: float32 l_t of ``target_ids.shape`` (0 at invalid positions), differentiable too.
         stats: the :class:`TokenStats` the loss was computed from (detached).
         metrics: plain-float diagnostics: ``adv_mean``, ``margin_mean``, ``kept_fraction``, ``num_valid``,
-            ``num_kept`` and, for ``loss="reverse_kl"``, ``reverse_kl_mean``.
+            ``num_kept``, ``loss`` and, for ``loss="reverse_kl"``, ``reverse_kl_mean`` (plus the rule's
+            ``accept_rate``, ``gain_mean``, ``release_position`` when :class:`fastopd.OPDLoss` holds a rule).
+        release: the :class:`fastopd.ReleaseDecision` when :class:`fastopd.OPDLoss` holds a rule, else None.
     """
 
     loss: torch.Tensor
     per_token: torch.Tensor
     stats: TokenStats
     metrics: dict[str, Any] = field(default_factory=dict)
+    release: Any = None

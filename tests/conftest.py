@@ -3,7 +3,7 @@
 Triton decides "interpreted or compiled" when a function is decorated with ``@triton.jit``, including its
 own library (tl.max, tl.topk, ...) at ``import triton``. On a machine without a GPU, triton is therefore
 imported here, before any test module, with ``TRITON_INTERPRET=1`` set for the duration of the import only,
-so that tests/test_kernels.py can run the kernels under the interpreter whatever the collection order.
+so that tests/kernels/ can run the kernels under the interpreter whatever the collection order.
 The variable is restored right away: other tests see the environment they were started with.
 """
 
@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+
+# tests/helpers.py (shared helpers) is importable from every test folder as ``helpers``.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):
@@ -18,8 +22,6 @@ def pytest_configure(config):
 
     if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
         return
-    import sys
-
     if "triton" in sys.modules:
         return
     prev = os.environ.get("TRITON_INTERPRET")

@@ -1,4 +1,4 @@
-"""The profiled RSS-BIC release scan (DESIGN.md section 3): the Python reference against an independent
+"""The profiled RSS-BIC release scan (docs/formulas.md §3): the Python reference against an independent
 brute force, and the C++ scan (``fastopd._C.bic_scan`` behind ``fastopd.bic_release``) against the reference,
 bit for bit.
 
@@ -47,8 +47,8 @@ def ragged(series: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def assert_same(got, want) -> None:
     """Exact equality of two scan results ((release, gain, accepted) tuples or ReleaseResults)."""
-    g_rel, g_gain, g_acc = (got.release_segment, got.gain, got.accepted) if hasattr(got, "gain") else got
-    w_rel, w_gain, w_acc = (want.release_segment, want.gain, want.accepted) if hasattr(want, "gain") else want
+    g_rel, g_gain, g_acc = (got.release_index, got.gain, got.accepted) if hasattr(got, "gain") else got
+    w_rel, w_gain, w_acc = (want.release_index, want.gain, want.accepted) if hasattr(want, "gain") else want
     assert g_rel.dtype == np.int64 and g_gain.dtype == np.float64 and g_acc.dtype == np.bool_
     np.testing.assert_array_equal(g_rel, w_rel)
     np.testing.assert_array_equal(g_acc, w_acc)
@@ -116,7 +116,7 @@ def random_batch(rng: np.random.Generator, m: int) -> tuple[np.ndarray, np.ndarr
 
 
 def brute_force(x: np.ndarray, m: int, min_gain: float):
-    """(release, gain, accepted, bic1 by tau, ambiguous) straight from DESIGN.md section 3.
+    """(release, gain, accepted, bic1 by tau, ambiguous) straight from docs/formulas.md §3.
 
     ``ambiguous`` is True when some split's two means are so close that the downward test may go either way
     between two correct implementations (the piece means of this brute force and the reference's centred
@@ -275,13 +275,13 @@ def test_ties_pick_the_smallest_tau():
     want = reference.bic_release(x, np.array([0, 8]), min_segments=2, min_gain=-math.inf)
     got = fastopd.bic_release(x, np.array([0, 8]), min_segments=2, min_gain=-math.inf)
     assert_same(got, want)
-    assert got.release_segment[0] == 3
+    assert got.release_index[0] == 3
     bic0 = 8 * math.log((6.0 - 0.0 * 0.0 / 8) / 8 + EPS) + 2.0 * math.log(8)
     bic1 = 8 * math.log((0.0 + (3.0 - 9.0 / 5)) / 8 + EPS) + 4.0 * math.log(8)
     assert got.gain[0] == bic0 - bic1
     # an affine copy (x 4, - 7: the centred values are still exact integers) ties the same way
     y = np.array([2.0, 2.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0]) * 4.0 - 7.0
-    assert fastopd.bic_release(y, np.array([0, 8]), min_gain=-math.inf).release_segment[0] == 3
+    assert fastopd.bic_release(y, np.array([0, 8]), min_gain=-math.inf).release_index[0] == 3
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def test_constant_series_has_zero_rss_and_no_split(const):
     """
     x = np.full(50, const)
     got = fastopd.bic_release(x, np.array([0, 50]), min_segments=2, min_gain=10.0)
-    assert got.gain[0] == -math.inf and got.release_segment[0] == 50 and not got.accepted[0]
+    assert got.gain[0] == -math.inf and got.release_index[0] == 50 and not got.accepted[0]
     if const == 0.1:
         assert naive_uncentred_candidates(x, 2) > 0  # the noise that the centring removes
 
@@ -324,7 +324,7 @@ def test_two_level_series_gain_by_hand(hi, lo, k, n):
     bic1 = n * math.log(EPS) + 4 * math.log(n)
     hand = bic0 - bic1
     assert got.gain[0] == pytest.approx(hand, rel=1e-13)
-    assert got.accepted[0] and got.release_segment[0] == k
+    assert got.accepted[0] and got.release_index[0] == k
 
 
 def test_clean_downward_step_is_accepted_at_the_step():
@@ -334,7 +334,7 @@ def test_clean_downward_step_is_accepted_at_the_step():
         series.append(np.where(np.arange(n) < cut, 5.0, 1.0) + rng.normal(size=n) * 0.1)
     values, offsets = ragged(series)
     got = fastopd.bic_release(values, offsets)
-    np.testing.assert_array_equal(got.release_segment, [17, 5, 30, 2])
+    np.testing.assert_array_equal(got.release_index, [17, 5, 30, 2])
     assert got.accepted.all() and (got.gain > 10.0).all()
 
 
@@ -344,7 +344,7 @@ def test_upward_step_has_no_candidate():
     values, offsets = ragged([x, ramp])
     got = fastopd.bic_release(values, offsets, min_gain=-math.inf)
     np.testing.assert_array_equal(got.gain, [-math.inf, -math.inf])
-    np.testing.assert_array_equal(got.release_segment, [40, 30])
+    np.testing.assert_array_equal(got.release_index, [40, 30])
     assert not got.accepted.any()
 
 
@@ -356,8 +356,8 @@ def test_short_series_have_no_candidate(m):
     values, offsets = ragged(series)
     got = fastopd.bic_release(values, offsets, min_segments=m, min_gain=-math.inf)
     np.testing.assert_array_equal(got.gain[:-1], -math.inf)
-    np.testing.assert_array_equal(got.release_segment[:-1], np.arange(0, 2 * m))
-    assert got.accepted[-1] and got.release_segment[-1] == m and np.isfinite(got.gain[-1])
+    np.testing.assert_array_equal(got.release_index[:-1], np.arange(0, 2 * m))
+    assert got.accepted[-1] and got.release_index[-1] == m and np.isfinite(got.gain[-1])
 
 
 def test_min_gain_threshold_is_strict():
@@ -365,13 +365,13 @@ def test_min_gain_threshold_is_strict():
     gain = fastopd.bic_release(x, np.array([0, 40]), min_gain=-math.inf).gain[0]
     at = fastopd.bic_release(x, np.array([0, 40]), min_gain=float(gain))
     below = fastopd.bic_release(x, np.array([0, 40]), min_gain=float(np.nextafter(gain, -np.inf)))
-    assert not at.accepted[0] and at.release_segment[0] == 40 and at.gain[0] == gain
-    assert below.accepted[0] and below.release_segment[0] == 10
+    assert not at.accepted[0] and at.release_index[0] == 40 and at.gain[0] == gain
+    assert below.accepted[0] and below.release_index[0] == 10
 
 
 def test_empty_batch():
     got = fastopd.bic_release(np.zeros(0), np.array([0]))
-    assert len(got) == 0 and got.gain.dtype == np.float64 and got.release_segment.dtype == np.int64
+    assert len(got) == 0 and got.gain.dtype == np.float64 and got.release_index.dtype == np.int64
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -390,10 +390,10 @@ def test_non_finite_rollout_is_isolated(bad):
     values, offsets = ragged(series)
     got = fastopd.bic_release(values, offsets)
     assert np.isnan(got.gain[[1, 3, 4]]).all()
-    np.testing.assert_array_equal(got.release_segment[[1, 3, 4]], [30, 30, 1])
+    np.testing.assert_array_equal(got.release_index[[1, 3, 4]], [30, 30, 1])
     assert not got.accepted[[1, 3, 4]].any()
     alone = fastopd.bic_release(*ragged([clean[0], clean[2]]))
-    assert_same((got.release_segment[[0, 2]], got.gain[[0, 2]], got.accepted[[0, 2]]), alone)
+    assert_same((got.release_index[[0, 2]], got.gain[[0, 2]], got.accepted[[0, 2]]), alone)
     assert alone.accepted.all()
     assert_same(got, reference.bic_release(values, offsets))
 

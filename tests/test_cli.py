@@ -6,14 +6,14 @@ import dataclasses
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import yaml
+
+from helpers import ROOT
 
 from fastopd import cli
 from fastopd.train.config import TrainConfig, field_docs
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(argv, capsys):

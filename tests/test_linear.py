@@ -1,6 +1,6 @@
 """The hidden-state path (fastopd.linear, docs/formulas.md §6) on the reference backend.
 
-Ground truth: the reference loss (fastopd.reference.opd_loss) on fp64 logits made by a plain fp64 head
+Ground truth (helpers in tests/helpers.py): the reference loss (fastopd.reference.opd_loss) on fp64 logits made by a plain fp64 head
 z = softcap(scale (h W^T + b)), differentiated by autograd through the head. The chunked path must match it
 (fp64 inputs: to rounding; fp32 inputs: within a few times the logits path's own fp32 error), must match the
 logits path on the same fp32 logits, and must never create a tensor of N x V elements.
@@ -18,67 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastopd
 from fastopd import reference
-
-
-def plain_head(h, w, b, v, scale=1.0, cap=None):
-    """The head written out directly (test oracle): softcap(scale (h W[:v]^T + b[:v]))."""
-    z = h @ w[:v].T
-    if b is not None:
-        z = z + b[:v]
-    z = z * scale
-    if cap is not None:
-        z = cap * torch.tanh(z / cap)
-    return z
-
-
-def make_case(seed, *, lead=(3, 7), v=40, vp=None, hs=8, ht=6, ignore_frac=0.2, bias=True, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    vp = v if vp is None else vp
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    case = dict(
-        sh=r(*lead, hs), sw=r(vp, hs) * 0.7, sb=r(vp) if bias else None,
-        th=r(*lead, ht), tw=r(vp, ht) * 0.7, tb=r(vp) if bias else None,
-    )
-    case = {k: (x.to(dtype) if x is not None else None) for k, x in case.items()}
-    y = torch.randint(0, v, lead, generator=g)
-    y = torch.where(torch.rand(lead, generator=g) < ignore_frac, torch.full_like(y, -100), y)
-    case["y"] = y
-    case["old"] = (-torch.rand(lead, generator=g, dtype=torch.float64) * 5).to(torch.float32)
-    case["w"] = torch.rand(lead, generator=g, dtype=torch.float64).to(torch.float32) * 2
-    return case
-
-
-def leaves(c):
-    """Fresh leaves requiring grad: student hidden, weight, (bias)."""
-    out = [c["sh"].detach().clone().requires_grad_(), c["sw"].detach().clone().requires_grad_()]
-    out.append(None if c["sb"] is None else c["sb"].detach().clone().requires_grad_())
-    return out
-
-
-def grads(loss, ts):
-    ts_ = [t for t in ts if t is not None]
-    gs = iter(torch.autograd.grad(loss, ts_))
-    return [None if t is None else next(gs) for t in ts]
-
-
-def truth(c, *, v, loss, scale=1.0, cap=None, t_scale=1.0, t_cap=None, weights=None, old=None, normalizer=None, k=4):
-    """fp64 loss and grads wrt (h, W, b) by autograd of the reference on plain fp64 logits."""
-    h, w, b = (None if t is None else t.detach().double().requires_grad_() for t in (c["sh"], c["sw"], c["sb"]))
-    zs = plain_head(h, w, b, v, scale, cap)
-    zt = plain_head(c["th"].double(), c["tw"].double(), None if c["tb"] is None else c["tb"].double(), v, t_scale, t_cap)
-    out = reference.opd_loss(zs, zt, c["y"], loss=loss, weights=weights, old_logprobs=old, normalizer=normalizer, k=k)
-    return out, grads(out.loss, [h, w, b])
-
-
-def assert_close(name, got, want, *, atol, rtol):
-    if want is None:
-        assert got is None, name
-        return
-    got, want = got.detach().double(), want.detach().double()
-    assert got.shape == want.shape, f"{name}: {tuple(got.shape)} != {tuple(want.shape)}"
-    err = (got - want).abs().max().item() if want.numel() else 0.0
-    tol = atol + rtol * (want.abs().max().item() if want.numel() else 0.0)
-    assert err <= tol, f"{name}: max |error| {err:.3g} > {tol:.3g}"
+from helpers import assert_close, grads, leaves, linear_segments, make_case, plain_head, truth
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,19 +148,11 @@ def test_token_stats_equal_logits_path(chunk):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _segments(shape, seed):
-    g = torch.Generator().manual_seed(seed)
-    b, l = shape
-    steps = (torch.rand(b, l, generator=g) < 0.35).long()
-    steps[:, 0] = 0
-    return torch.cumsum(steps, dim=1)
-
-
 @pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
 def test_opdloss_linear_with_rule_equals_logits_forward(loss):
     """The rule decides from the chunked forward's margins: same weights, loss and gradients as forward()."""
     c = make_case(7, lead=(4, 24), v=60, dtype=torch.float64, ignore_frac=0.1)
-    seg = _segments((4, 24), 7)
+    seg = linear_segments((4, 24), 7)
     # min_gain far below zero: every rollout with a downward split is released, so the weights are not trivial
     crit = fastopd.OPDLoss(loss, k=4, rule=fastopd.ReleaseRule(k=4, min_gain=-1e9))
     h, w, b = leaves(c)
@@ -243,7 +175,7 @@ def test_opdloss_linear_rule_arguments():
     with pytest.raises(ValueError, match="segment_ids"):
         crit.linear(c["sh"], c["sw"], c["th"], c["tw"], c["y"])
     with pytest.raises(ValueError, match="not both"):
-        crit.linear(c["sh"], c["sw"], c["th"], c["tw"], c["y"], weights=c["w"], segment_ids=_segments((3, 7), 0))
+        crit.linear(c["sh"], c["sw"], c["th"], c["tw"], c["y"], weights=c["w"], segment_ids=linear_segments((3, 7), 0))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,7 +207,7 @@ def test_no_tensor_of_n_by_v(loss):
     crit = fastopd.OPDLoss(loss, k=4, rule=fastopd.ReleaseRule(k=4))
     with _LargestTensor() as mode:
         out = crit.linear(h.view(8, 64, hdim), w, c["th"].view(8, 64, hdim), c["tw"], c["y"].view(8, 64),
-                          segment_ids=_segments((8, 64), 9), student_bias=b, chunk_size=chunk)
+                          segment_ids=linear_segments((8, 64), 9), student_bias=b, chunk_size=chunk)
         out.loss.backward()
     bound = max(chunk * v, v * hdim, n * hdim)
     assert mode.largest <= bound < n * v // 4, f"largest tensor {mode.largest} elements > chunk*V bound {bound}"

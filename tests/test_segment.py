@@ -1,4 +1,4 @@
-"""Tests of fastopd.segment (DESIGN.md section 2): Punkt spans and the token -> segment rule.
+"""Tests of fastopd.segment (docs/formulas.md §2): Punkt spans and the token -> segment rule.
 
 The expected segment of every token is computed here independently of the module: each token's characters
 are found by decoding the prefixes ``ids[:i+1]`` with the tokenizer itself (no byte tables), and the
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from fastopd import segment
+from fastopd import segment, token_chars
 from fastopd.segment import (
     PunktFallbackWarning,
     batch_token_segments,
@@ -130,7 +130,7 @@ class _NoBackend:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Independent brute force of DESIGN.md section 2
+# Independent brute force of docs/formulas.md §2
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -307,27 +307,33 @@ def test_generic_path_equals_fast_path(any_tok, text):
 def test_generic_prefix_fallback_is_exact(sp_llama, monkeypatch):
     # with no context window, single-token decodes drop SentencePiece's leading space, the windowed
     # characters do not reproduce the text, and the O(L^2) prefix path must take over
-    monkeypatch.setattr(segment, "_GENERIC_WINDOW", 0)
+    monkeypatch.setattr(token_chars, "_GENERIC_WINDOW", 0)
     ids = sp_llama.encode("Dr. Smith went home. He was 😀 tired.\nNew line.", add_special_tokens=False)
     wrapped = _NoBackend(sp_llama)
-    assert segment._held_windowed(wrapped, ids, sp_llama.decode(ids, **DECODE)) is None
-    assert token_segments(wrapped, ids).tolist() == brute_segments(sp_llama, ids)
+    assert token_chars._held_windowed(wrapped, ids, sp_llama.decode(ids, **DECODE)) is None
+    # oracle: the byte-table path (a different algorithm: per-vocabulary byte tables, no prefix decoding)
+    assert token_chars._table_for(sp_llama).family == "sentencepiece"
+    assert token_segments(wrapped, ids).tolist() == token_segments(sp_llama, ids).tolist()
 
 
 def test_unknown_family_wordpiece_is_exact(wordpiece):
-    assert segment._table_for(wordpiece).family == "generic"
+    assert token_chars._table_for(wordpiece).family == "generic"
     text = "Dr. Smith went home. He was tired.\nNew line here. Another paragraph."
-    ids = wordpiece.encode(text, add_special_tokens=False) + [wordpiece.eos_token_id]
+    enc = wordpiece(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"] + [wordpiece.eos_token_id]
     seg = token_segments(wordpiece, ids)
     check_invariants(seg, len(ids))
-    assert seg.tolist() == brute_segments(wordpiece, ids)
-    assert seg[-1] == seg[-2] == 3
+    # oracle independent of any decoding: the tokenizer's own offsets into the *input* text, and the four
+    # sentences of that text written out by hand; the EOS joins the last sentence
+    starts = [0, text.index("He was"), text.index("New line"), text.index("Another")]
+    want = [max(j for j, s0 in enumerate(starts) if s0 <= a) for a, _ in enc["offset_mapping"]] + [3]
+    assert seg.tolist() == want
 
 
 def test_families_detected(byte_bpe, sp_llama, sp_metaspace):
-    assert segment._table_for(byte_bpe).family == "byte_level"
-    assert segment._table_for(sp_llama).family == "sentencepiece"
-    assert segment._table_for(sp_metaspace).family == "sentencepiece"
+    assert token_chars._table_for(byte_bpe).family == "byte_level"
+    assert token_chars._table_for(sp_llama).family == "sentencepiece"
+    assert token_chars._table_for(sp_metaspace).family == "sentencepiece"
 
 
 def test_eos_and_other_special_tokens_join_previous_segment(any_tok):

@@ -1,10 +1,11 @@
-"""Triton kernels behind ``fastopd.token_stats`` and ``fastopd.opd_loss`` (DESIGN.md sections 1, 2, 5).
+"""Triton kernels behind ``fastopd.token_stats`` and ``fastopd.opd_loss`` (docs/formulas.md §1, §2, §5).
 
 - :func:`token_stats_triton`: one fused streaming pass per row over the student and teacher logits (online
   log-sum-exp, streaming top-K with ties to the lower index, teacher gathers, optional exact reverse KL).
 - :func:`opd_loss_triton`: the loss as a ``torch.autograd.Function`` (stats kernel forward, per-row
   gradient kernel backward, optional in-place gradient).
-- :func:`segment_sums_triton`: per-(rollout, segment) sums and counts of a per-token value by atomics.
+- :func:`segment_sums_triton`: per-(rollout, segment) sums and counts of a per-token value by atomics
+  (:class:`fastopd.ReleaseRule` builds its segment means from them on CUDA tensors).
 
 They run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before ``triton`` and this
 package were imported (Triton decides "interpreted or compiled" when a function is decorated; that is how

@@ -1,6 +1,6 @@
 """Shared pieces of the Triton kernels: packed top-K keys, row addressing, launch checks.
 
-Top-K keys (DESIGN.md section 1, "ties go to the lower vocabulary index"): a logit z at column i becomes the
+Top-K keys (docs/formulas.md §1, "ties go to the lower vocabulary index"): a logit z at column i becomes the
 int64 ``ord(z) << 32 | (2**31 - 1 - i)``, where ``ord`` maps the fp32 bits to an int32 whose signed order is
 the float order (``-0.0`` is first made ``+0.0`` so that it ties with ``+0.0`` as in PyTorch). A larger key is
 a larger logit, and among equal logits the lower index, so ``tl.topk`` on keys is the reference's top-K with
@@ -20,9 +20,19 @@ import torch
 import triton
 import triton.language as tl
 
+from fastopd.common import KERNEL_DTYPES, KERNEL_MAX_K
+
 SENTINEL = tl.constexpr(-(2**63))
 # Largest power-of-two K the streaming top-K supports (the chunk must hold >= K groups of GROUP columns).
-MAX_K_PAD = 256
+MAX_K_PAD = KERNEL_MAX_K
+
+# Rows of the (NUM_OUT, N) fp32 buffer that the stats kernel writes and the backward kernel reads. They are
+# tl.constexpr so that the kernels may name them (a plain int global does not compile); host code indexes
+# the buffer with ``out[OUT_S.value]``.
+OUT_S, OUT_U, OUT_ADV, OUT_MARGIN, OUT_KL, OUT_MAX_S, OUT_LOGSUM_S, OUT_MAX_T, OUT_LOGSUM_T = (
+    tl.constexpr(i) for i in range(9)
+)
+NUM_OUT = tl.constexpr(9)
 
 
 @triton.jit
@@ -104,7 +114,7 @@ def use_bitonic(kernel, topk_impl: str) -> bool:
 
 def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
     """The kernels read fp16/bf16/fp32 logits (fp32 arithmetic); fp64 goes to the reference."""
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if t.dtype not in KERNEL_DTYPES:
         raise TypeError(
             f"{name} must be float16, bfloat16 or float32 for the Triton backend, got {t.dtype}; "
             "use backend='reference' for float64 (the fp64 ground truth)"
@@ -119,15 +129,12 @@ class Rows:
             the last dim is not contiguous, in which case ``data`` is a contiguous copy).
         stride: element stride between consecutive rows when ``offsets`` is None.
         offsets: int64 (N,) element offset of every row, for leading dims that do not merge into one stride.
-        copied: True when ``data`` is a copy (last-dim stride != 1).
     """
 
     def __init__(self, x: torch.Tensor) -> None:
-        self.copied = False
         if x.dim() >= 1 and x.shape[-1] > 1 and x.stride(-1) != 1:
             # The kernels load runs of contiguous columns; a strided last dim is copied once (documented).
             x = x.contiguous()
-            self.copied = True
         self.data = x
         self.width = x.shape[-1]
         self.offsets = None
@@ -149,7 +156,6 @@ class Rows:
     def from_parts(cls, data: torch.Tensor, stride: int, offsets: torch.Tensor | None) -> "Rows":
         """Rebuild a Rows from what was saved for backward (no new view or offset table is made)."""
         rows = cls.__new__(cls)
-        rows.copied = False
         rows.data, rows.width, rows.stride, rows.offsets = data, data.shape[-1], stride, offsets
         rows.n = math.prod(data.shape[:-1])
         return rows

@@ -1,8 +1,9 @@
-"""``opd_loss_triton``: the OPD loss of DESIGN.md section 5 over the fused kernels, as an autograd Function.
+"""``opd_loss_triton``: the OPD loss of docs/formulas.md §5 over the fused kernels, as an autograd Function.
 
 Forward: the stats kernel (one streaming pass per row over both models), then O(N) arithmetic for the
 per-token loss. Backward: the per-row gradient kernel of :mod:`fastopd.kernels.loss_backward`. Between the
-two only O(N) fp32 tensors are kept (M_S, log Z_S, M_T, log Z_T, KL_t and the per-row factor c_t) plus
+two only O(N) fp32 tensors are kept (the stats kernel's (NUM_OUT, N) buffer, whose rows M_S, log Z_S, M_T,
+log Z_T and KL_t the backward reads, and the per-row factor c_t) plus
 references to the logits themselves; no N x V softmax is ever stored.
 
 The Function returns the *per-token* loss l_t, so both ``out.per_token`` and ``out.loss`` (their sum over
@@ -16,56 +17,18 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastopd._validate import check_token_inputs
-from fastopd.kernels._helpers import Rows, check_kernel_dtype
+from fastopd.common import check_loss_options, per_token_loss, reduce_loss, weight_mask
+from fastopd.kernels._helpers import OUT_ADV, OUT_KL, OUT_MARGIN, OUT_S, OUT_U, Rows, check_kernel_dtype
 from fastopd.kernels.loss_backward import launch_loss_backward
-from fastopd.kernels.token_stats import (
-    OUT_ADV,
-    OUT_KL,
-    OUT_LOGSUM_S,
-    OUT_LOGSUM_T,
-    OUT_MARGIN,
-    OUT_MAX_S,
-    OUT_MAX_T,
-    OUT_S,
-    OUT_U,
-    launch_token_stats,
-)
-from fastopd.reference import check_loss_options, reduce_loss
+from fastopd.kernels.token_stats import launch_token_stats
 from fastopd.types import OPDOutput, TokenStats
-
-
-def loss_terms(out, valid, weights, old_logprobs, reverse_kl: bool):
-    """Per-token loss, backward coefficient c_t, advantage and saved row statistics from the stats buffer.
-
-    ``out`` is the (NUM_OUT, N) fp32 buffer of the stats kernel. ``pg``: l_t = -w A rho with
-    rho = exp(s - s_old), A = u - s_old, c_t = w A rho (dl/dz = c_t (p - e_y) / tau, the kernel adds
-    (p - e_y) / tau); ``reverse_kl``: l_t = w KL_t, c_t = w. ``weights=None`` means w = valid. Returns
-    (per_token, coef, adv, stat) with ``stat`` the (5, N) rows [M_S, log Z_S, M_T, log Z_T, KL] the backward
-    kernel reads. Used by :class:`_OPDLossFunction` and by the hidden-state path on each chunk.
-    """
-    zero = torch.zeros((), dtype=torch.float32, device=out.device)
-    w = valid.float() if weights is None else torch.where(valid, weights.reshape(-1).float(), zero)
-    if reverse_kl:
-        adv = out[OUT_ADV].clone()
-        per_token = torch.where(valid, w * out[OUT_KL], zero)
-        coef = torch.where(valid, w, zero)
-    else:
-        s = out[OUT_S]
-        s_old = s if old_logprobs is None else old_logprobs.reshape(-1).float()
-        adv = torch.where(valid, out[OUT_U] - s_old, zero)
-        rho = torch.exp(torch.where(valid, s - s_old, zero))
-        # l = -w A rho  =>  dl/dz = w A rho (p - e_y) / tau  (the kernel adds (p - e_y) / tau).
-        coef = torch.where(valid, w * adv * rho, zero)
-        per_token = torch.where(valid, -coef, zero)
-    stat = out[[OUT_MAX_S, OUT_LOGSUM_S, OUT_MAX_T, OUT_LOGSUM_T, OUT_KL]].contiguous()
-    return per_token, coef, adv, stat
 
 
 class _OPDLossFunction(torch.autograd.Function):
     """per_token = l_t(z_S) with a kernel backward; teacher logits, weights and old log-probs get no gradient."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, target_ids, weights, old_logprobs, cfg):
+    def forward(ctx, student_logits, teacher_logits, target_ids, w, old_logprobs, cfg):
         student, teacher = Rows(student_logits), Rows(teacher_logits)
         reverse_kl = cfg["loss"] == "reverse_kl"
         out, _ = launch_token_stats(
@@ -74,8 +37,17 @@ class _OPDLossFunction(torch.autograd.Function):
             block_v=cfg["block_v"], group=cfg["group"], topk_impl=cfg["topk_impl"],
         )
         valid = (target_ids != cfg["ignore_index"]).reshape(-1)
-        per_token, coef, adv, stat = loss_terms(out, valid, weights, old_logprobs, reverse_kl)
-        ctx.save_for_backward(student.data, teacher.data, student.offsets, teacher.offsets, target_ids, coef, stat)
+        w = w.reshape(-1)
+        if reverse_kl:
+            terms = per_token_loss("reverse_kl", valid, w, kl=out[OUT_KL.value])
+            adv = out[OUT_ADV.value].clone()
+        else:
+            old = None if old_logprobs is None else old_logprobs.reshape(-1)
+            terms = per_token_loss("pg", valid, w, s=out[OUT_S.value], u=out[OUT_U.value], old_logprobs=old)
+            adv = terms.advantages
+        # The backward kernel scales row t's gradient vector by c_t (common.PerTokenLoss).
+        per_token, coef = terms.per_token, terms.coef
+        ctx.save_for_backward(student.data, teacher.data, student.offsets, teacher.offsets, target_ids, coef, out)
         ctx.strides = (student.stride, teacher.stride)
         ctx.cfg = cfg
         shape = target_ids.shape
@@ -86,13 +58,13 @@ class _OPDLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_per_token, _grad_out, _grad_adv):
-        zs, zt, s_offs, t_offs, target_ids, coef, stat = ctx.saved_tensors
+        zs, zt, s_offs, t_offs, target_ids, coef, out = ctx.saved_tensors
         cfg = ctx.cfg
         student = Rows.from_parts(zs, ctx.strides[0], s_offs)
         teacher = Rows.from_parts(zt, ctx.strides[1], t_offs)
         c = (grad_per_token.reshape(-1).float() * coef).contiguous()
         grad = launch_loss_backward(
-            student, teacher, target_ids, c, stat, v=cfg["v"], temperature=cfg["temperature"],
+            student, teacher, target_ids, c, out, v=cfg["v"], temperature=cfg["temperature"],
             reverse_kl=cfg["loss"] == "reverse_kl", inplace=cfg["inplace_backward"], block_v=cfg["block_v"],
         )
         return grad, None, None, None, None, None
@@ -116,11 +88,12 @@ def opd_loss_triton(
     group: int | None = None,
     topk_impl: str = "auto",
 ) -> OPDOutput:
-    """The OPD loss of DESIGN.md section 5 with fused Triton forward statistics and a Triton backward.
+    """The OPD loss of docs/formulas.md §5 with fused Triton forward statistics and a Triton backward.
 
     Same arguments and result as :func:`fastopd.reference.opd_loss`: ``pg`` l_t = -w_t sg(A_t) rho_t with
     rho_t = exp(s_t - sg(s_old_t)) and A_t = u_t - s_old_t; ``reverse_kl`` l_t = w_t KL_t; loss = sum_t l_t /
-    normaliser. The reduction and metrics are :func:`fastopd.reference.reduce_loss`'s. The gradient w.r.t. the
+    normaliser. The per-token loss and its gradient factor are
+    :func:`fastopd.common.per_token_loss`'s, the reduction and metrics :func:`fastopd.common.reduce_loss`'s. The gradient w.r.t. the
     student logits is in their dtype (the sampled-token column p - 1 is formed in fp32); columns at or
     beyond ``vocab_size`` get 0; teacher logits, ``weights`` and ``old_logprobs`` get no gradient; the
     backward supports one differentiation (no double backward).
@@ -145,22 +118,20 @@ def opd_loss_triton(
         v=v, k=k, temperature=float(temperature), ignore_index=ignore_index, loss=loss,
         inplace_backward=bool(inplace_backward), block_v=block_v, group=group, topk_impl=topk_impl,
     )
+    valid = target_ids != ignore_index
+    w = weight_mask(valid, weights, torch.float32)
     per_token, out, adv = _OPDLossFunction.apply(
-        student_logits, teacher_logits.detach(), target_ids,
-        None if weights is None else weights.detach(),
+        student_logits, teacher_logits.detach(), target_ids, w,
         None if old_logprobs is None else old_logprobs.detach(), cfg,
     )
     shape = target_ids.shape
-    valid = target_ids != ignore_index
     stats = TokenStats(
-        student_logprobs=out[OUT_S].view(shape),
-        teacher_logprobs=out[OUT_U].view(shape),
+        student_logprobs=out[OUT_S.value].view(shape),
+        teacher_logprobs=out[OUT_U.value].view(shape),
         advantages=adv,
-        margins=out[OUT_MARGIN].view(shape),
+        margins=out[OUT_MARGIN.value].view(shape),
         valid=valid,
     )
     if loss == "reverse_kl":
-        stats.reverse_kl = out[OUT_KL].view(shape)
-    zero = torch.zeros((), dtype=torch.float32, device=valid.device)
-    w = valid.float() if weights is None else torch.where(valid, weights.float(), zero)
+        stats.reverse_kl = out[OUT_KL.value].view(shape)
     return reduce_loss(per_token, stats, w, loss, normalizer)

@@ -1,4 +1,4 @@
-"""Backward kernel of the OPD loss: dloss/dz_S written in one streaming pass per row (DESIGN.md section 5).
+"""Backward kernel of the OPD loss: dloss/dz_S written in one streaming pass per row (docs/formulas.md §5).
 
 Row t gets a per-row coefficient c_t (the incoming gradient of the per-token loss times the loss's own
 factor, computed by :mod:`fastopd.kernels.autograd`) and the saved O(N) statistics of the forward pass:
@@ -27,7 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
-from fastopd.kernels._helpers import Rows, is_interpreted, next_pow2, row_base
+from fastopd.kernels._helpers import (
+    OUT_KL,
+    OUT_LOGSUM_S,
+    OUT_LOGSUM_T,
+    OUT_MAX_S,
+    OUT_MAX_T,
+    Rows,
+    is_interpreted,
+    next_pow2,
+    row_base,
+)
 
 @triton.jit
 def _backward_chunk(
@@ -78,11 +88,11 @@ def _loss_backward_kernel(
 
     zs_row = zs_ptr + row_base(row, s_stride, s_offs_ptr, S_OFFS)
     zt_row = zt_ptr + row_base(row, t_stride, t_offs_ptr, T_OFFS)
-    m_s = tl.load(stat_ptr + 0 * N + row)
-    log_s = tl.load(stat_ptr + 1 * N + row)
-    m_t = tl.load(stat_ptr + 2 * N + row)
-    log_t = tl.load(stat_ptr + 3 * N + row)
-    kl = tl.load(stat_ptr + 4 * N + row)
+    m_s = tl.load(stat_ptr + OUT_MAX_S * N + row)
+    log_s = tl.load(stat_ptr + OUT_LOGSUM_S * N + row)
+    m_t = tl.load(stat_ptr + OUT_MAX_T * N + row)
+    log_t = tl.load(stat_ptr + OUT_LOGSUM_T * N + row)
+    kl = tl.load(stat_ptr + OUT_KL * N + row)
     y = tl.load(tgt_ptr + row).to(tl.int32)
     scale = coef * inv_tau
     # Full chunks without masks (vectorised loads and stores whatever V is), then the masked tail up to W.
@@ -116,7 +126,8 @@ def launch_loss_backward(
 ) -> torch.Tensor:
     """dloss/dz_S for every row, shaped like the student logits, in their dtype.
 
-    ``coef`` is the fp32 (N,) c_t, ``stat`` the fp32 (5, N) rows [M_S, log Z_S, M_T, log Z_T, KL]. With
+    ``coef`` is the fp32 (N,) c_t, ``stat`` the stats kernel's fp32 (NUM_OUT, N) buffer, of which the
+    rows OUT_MAX_S, OUT_LOGSUM_S, OUT_MAX_T, OUT_LOGSUM_T and OUT_KL are read. With
     ``inplace`` the result is written into (and returned as) ``student.data``.
     """
     x = student.data

@@ -1,4 +1,4 @@
-"""Fused token-statistics kernel (DESIGN.md section 1) and per-segment margin sums (section 2).
+"""Fused token-statistics kernel (docs/formulas.md §1) and per-segment margin sums (section 2).
 
 One program per row streams the student row and the teacher row *together*, once each, in chunks of
 ``BLOCK_V = BLOCK_G * GROUP`` columns loaded as a (BLOCK_G, GROUP) tile of each. Per chunk, in fp32:
@@ -47,6 +47,16 @@ import triton.language as tl
 
 from fastopd.kernels._helpers import (
     MAX_K_PAD,
+    NUM_OUT,
+    OUT_ADV,
+    OUT_KL,
+    OUT_LOGSUM_S,
+    OUT_LOGSUM_T,
+    OUT_MARGIN,
+    OUT_MAX_S,
+    OUT_MAX_T,
+    OUT_S,
+    OUT_U,
     SENTINEL,
     Rows,
     check_kernel_dtype,
@@ -63,9 +73,6 @@ from fastopd.types import TokenStats
 
 LOG2E = 1.4426950408889634
 
-# Rows of the (NUM_OUT, N) fp32 output buffer.
-OUT_S, OUT_U, OUT_ADV, OUT_MARGIN, OUT_KL, OUT_MAX_S, OUT_LOGSUM_S, OUT_MAX_T, OUT_LOGSUM_T = range(9)
-NUM_OUT = 9
 
 
 @triton.jit
@@ -130,7 +137,7 @@ def _token_stats_kernel(
     y = tl.load(tgt_ptr + row).to(tl.int64)
     j = tl.arange(0, K_PAD)
     if y == ignore_index:
-        for o in tl.static_range(9):
+        for o in tl.static_range(NUM_OUT):
             tl.store(out_ptr + o * N + row, 0.0)
         if RETURN_TOPK:
             tl.store(ids_ptr + row * k + j, tl.zeros([K_PAD], tl.int64), mask=j < k)
@@ -191,15 +198,15 @@ def _token_stats_kernel(
     if FULL_KL:
         kl = acc / sum_s * 0.6931471805599453 - log_s + log_t
 
-    tl.store(out_ptr + 0 * N + row, s)
-    tl.store(out_ptr + 1 * N + row, u)
-    tl.store(out_ptr + 2 * N + row, u - s)
-    tl.store(out_ptr + 3 * N + row, margin)
-    tl.store(out_ptr + 4 * N + row, kl)
-    tl.store(out_ptr + 5 * N + row, m_s)
-    tl.store(out_ptr + 6 * N + row, log_s)
-    tl.store(out_ptr + 7 * N + row, m_t)
-    tl.store(out_ptr + 8 * N + row, log_t)
+    tl.store(out_ptr + OUT_S * N + row, s)
+    tl.store(out_ptr + OUT_U * N + row, u)
+    tl.store(out_ptr + OUT_ADV * N + row, u - s)
+    tl.store(out_ptr + OUT_MARGIN * N + row, margin)
+    tl.store(out_ptr + OUT_KL * N + row, kl)
+    tl.store(out_ptr + OUT_MAX_S * N + row, m_s)
+    tl.store(out_ptr + OUT_LOGSUM_S * N + row, log_s)
+    tl.store(out_ptr + OUT_MAX_T * N + row, m_t)
+    tl.store(out_ptr + OUT_LOGSUM_T * N + row, log_t)
     if RETURN_TOPK:
         tl.store(ids_ptr + row * k + j, ids.to(tl.int64), mask=cand)
 
@@ -245,7 +252,7 @@ def launch_token_stats(
     check_triton()
     n = student.n
     device = student.data.device
-    out = torch.empty((NUM_OUT, n), dtype=torch.float32, device=device)
+    out = torch.empty((NUM_OUT.value, n), dtype=torch.float32, device=device)
     ids = torch.empty((n, k), dtype=torch.int64, device=device) if return_topk else None
     if n == 0:
         return out, ids
@@ -277,7 +284,7 @@ def token_stats_triton(
     group: int | None = None,
     topk_impl: str = "auto",
 ) -> TokenStats:
-    """Per-token statistics of DESIGN.md section 1 by one fused streaming pass per row (no N x V temporary).
+    """Per-token statistics of docs/formulas.md §1 by one fused streaming pass per row (no N x V temporary).
 
     Same arguments and result as :func:`fastopd.reference.token_stats` (s_t, u_t, A_t = u_t - s_t, the margin
     m_t = (z_T[a1] - z_T[a2]) / tau over the student's top-k candidates with ties to the lower index, and
@@ -308,21 +315,21 @@ def token_stats_triton(
         )
     shape = target_ids.shape
     stats = TokenStats(
-        student_logprobs=out[OUT_S].view(shape),
-        teacher_logprobs=out[OUT_U].view(shape),
-        advantages=out[OUT_ADV].view(shape),
-        margins=out[OUT_MARGIN].view(shape),
+        student_logprobs=out[OUT_S.value].view(shape),
+        teacher_logprobs=out[OUT_U.value].view(shape),
+        advantages=out[OUT_ADV.value].view(shape),
+        margins=out[OUT_MARGIN.value].view(shape),
         valid=target_ids != ignore_index,
     )
     if full_kl:
-        stats.reverse_kl = out[OUT_KL].view(shape)
+        stats.reverse_kl = out[OUT_KL.value].view(shape)
     if return_topk:
         stats.topk_ids = ids.view(*shape, k)
     return stats
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Per-(rollout, segment) sums and counts of a per-token value (the numerators of DESIGN.md section 2's x_j)
+# Per-(rollout, segment) sums and counts of a per-token value (the numerators of docs/formulas.md §2's x_j)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -345,7 +352,7 @@ def segment_sums_triton(
     valid: torch.Tensor,
     num_segments: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(rollout, segment) sums and counts of ``values`` over valid tokens, by atomics (DESIGN.md section 2).
+    """Per-(rollout, segment) sums and counts of ``values`` over valid tokens, by atomics (docs/formulas.md §2).
 
     x_j = sums[b, j] / counts[b, j] is the segment mean of :func:`fastopd.reference.segment_means` (which drops
     the segments with counts 0). Float atomics make the sums' last bits depend on the scheduling order.

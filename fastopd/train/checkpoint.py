@@ -1,4 +1,4 @@
-"""Atomic checkpoints, exact resume, and the run's JSONL logs.
+"""Atomic checkpoints and exact resume (the run's JSONL logs are :mod:`fastopd.train.runlog`).
 
 A checkpoint is a folder ``<output_dir>/checkpoints/step-XXXXXXXX/`` holding
 
@@ -15,7 +15,7 @@ process killed mid-write leaves only a ``.tmp-*`` folder, which the next save or
 last ``keep_last`` checkpoints are kept.
 
 Resume (:func:`latest_checkpoint`, :func:`load_training_state`) restores all of the above and continues at
-step s + 1; :class:`RunLog` drops the log rows of steps > s written after the checkpoint, so every step
+step s + 1; :class:`fastopd.train.runlog.RunLog` drops the log rows of steps > s written after the checkpoint, so every step
 appears exactly once in ``metrics.jsonl``.
 """
 
@@ -174,69 +174,3 @@ def load_training_state(accelerator, path: str | Path, *, student, optimizer, sc
         accelerator.print(f"warning: {rng_file.name} missing (the run had {meta.get('num_processes')} processes); "
                           "random streams of this process are reseeded, so sampling will not match exactly")
     return int(meta["step"])
-
-
-class RunLog:
-    """The run's JSONL logs (main process): one row per training step, one per evaluation, rollouts.
-
-    Files in ``output_dir``: ``metrics.jsonl`` (``{"step": s, ...}`` for s = 1, 2, ...), ``eval.jsonl``
-    (``{"step": s, "accuracy": ...}``, s = 0 before training), ``rollouts.jsonl`` (when enabled). On resume
-    at step s, :meth:`truncate` keeps only rows with step <= s (and drops a torn last line), so the logs
-    of a resumed run have every step exactly once.
-    """
-
-    FILES = ("metrics.jsonl", "eval.jsonl", "rollouts.jsonl")
-
-    def __init__(self, output_dir: str | Path, enabled: bool = True):
-        self.dir = Path(output_dir)
-        self.enabled = enabled
-
-    def truncate(self, step: int) -> None:
-        if not self.enabled:
-            return
-        for name in self.FILES:
-            path = self.dir / name
-            if not path.is_file():
-                continue
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a kill
-                if int(row.get("step", 0)) <= step:
-                    kept.append(line)
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(s + "\n" for s in kept))
-            os.replace(tmp, path)
-
-    def write(self, name: str, row: dict) -> None:
-        if not self.enabled:
-            return
-        with (self.dir / name).open("a") as f:
-            f.write(json.dumps(row, default=_json_default) + "\n")
-            f.flush()
-
-
-def _json_default(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    return str(x)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL log (torn lines skipped); [] when the file is missing."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows

@@ -94,10 +94,12 @@ def baseline_accuracy(cfg: TrainConfig) -> dict:
 
 def arm_summary(summary: dict, run: dict, run_dir: Path) -> dict:
     """The numbers the table reports for one arm, from the trainer's summary and the run's logs."""
+    from fastopd.common import release_means, release_sums
     from fastopd.train.report import release_fraction
 
     rollouts, metrics = run["rollouts"], run["metrics"]
-    accepted = [r for r in rollouts if r["accepted"]]
+    rule = release_means(release_sums([r["gain"] for r in rollouts], [r["accepted"] for r in rollouts],
+                                      [release_fraction(r) for r in rollouts], 0, 0))
     window = max(1, min(10, len(metrics) // 4))
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     return {
@@ -107,8 +109,8 @@ def arm_summary(summary: dict, run: dict, run_dir: Path) -> dict:
         "tokens_supervised": summary["tokens_supervised"],
         "supervised_fraction": summary["tokens_supervised"] / max(summary["tokens"], 1),
         "time_per_step": summary["time_per_step"],
-        "accept_rate": len(accepted) / max(len(rollouts), 1),
-        "release_position": (sum(release_fraction(r) for r in accepted) / len(accepted)) if accepted else float("nan"),
+        "accept_rate": rule["accept_rate"],
+        "release_position": rule["release_position"],
         # -mean A_t = the sampled-token estimate of the reverse KL(student || teacher) on the student's rollouts
         "kl_first": -mean(metrics[:window], "adv_mean"),
         "kl_last": -mean(metrics[-window:], "adv_mean"),

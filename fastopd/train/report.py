@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastopd.train.checkpoint import read_jsonl
+from fastopd.common import release_fractions
+from fastopd.train.runlog import read_log
 
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 
@@ -32,7 +33,7 @@ COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 def load_run(run_dir: str | Path) -> dict:
     """``{"metrics": [...], "eval": [...], "rollouts": [...]}`` of a run folder."""
     run_dir = Path(run_dir)
-    return {name: read_jsonl(run_dir / f"{name}.jsonl") for name in ("metrics", "eval", "rollouts")}
+    return {name: read_log(run_dir / f"{name}.jsonl") for name in ("metrics", "eval", "rollouts")}
 
 
 def _pyplot():
@@ -45,9 +46,10 @@ def _pyplot():
 
 
 def release_fraction(rec: dict) -> float:
-    """Fraction of a rollout's valid tokens before its release segment (1.0 when not accepted)."""
-    seg = np.asarray(rec["segments"])
-    return float(np.mean(seg < rec["release_segment"])) if seg.size else float("nan")
+    """A ``rollouts.jsonl`` record's release position: :func:`fastopd.common.release_fractions` of its valid
+    tokens (``rec["segments"]``) and ``rec["release_segment"]`` (1.0 when not accepted, NaN when empty)."""
+    seg = np.asarray(rec["segments"], dtype=np.int64)[None]
+    return float(release_fractions(seg, np.ones(seg.shape, dtype=bool), [rec["release_segment"]])[0])
 
 
 def margin_profile(rollouts: list[dict], bins: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ A problem is a chain of 2-5 small integer operations::
     answer:   "21"
 
 The solution runs over one sentence per step plus a final-answer sentence, so the release rule of
-DESIGN.md section 2-3 (sentence segments, one change point) has several segments to work with.
+docs/formulas.md §2-3 (sentence segments, one change point) has several segments to work with.
 Every value along the chain (start, operands, intermediate results, answer) is an integer in
 [0, ``MAX_VALUE``]; subtraction never goes below 0 and multiplication never goes above ``MAX_VALUE``,
 which keeps the task learnable by the tiny shipped models.
@@ -28,6 +28,8 @@ import random
 import zlib
 from pathlib import Path
 from typing import Dict, Iterable, List, Union
+
+from fastopd.train.runlog import read_jsonl
 
 __all__ = [
     "MAX_VALUE",
@@ -221,12 +223,6 @@ def write_jsonl(path: Union[str, Path], problems: Iterable[Dict[str, str]], *, f
                 row["solution"] = p["solution"]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
-
-
-def read_jsonl(path: Union[str, Path]) -> List[dict]:
-    """Read a JSONL file written by :func:`write_jsonl` (one dict per non-empty line)."""
-    with Path(path).open("r", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 class DemoAssets(dict):

@@ -1,14 +1,17 @@
 """On-policy distillation of a Hugging Face causal LM, with the release rule. The whole loop is in this file.
 
-One optimizer step (``train``, at the bottom), repeated ``cfg.steps`` times:
+One optimizer step (:func:`train_step`, steps 1-6 in :func:`micro_step`, step 7 in :func:`finish_step`),
+repeated ``cfg.steps`` times by ``train`` (at the bottom; :func:`setup` builds everything a step needs):
 
 1. take ``prompts_per_step`` prompts (:class:`fastopd.train.data.PromptSchedule`);
 2. the student samples ``num_samples`` completions of each with HF ``generate`` (``generate_completions``);
-3. the teacher scores prompt + completion under ``no_grad``; the student runs forward with gradients
-   (``completion_logits``: logits at position t-1 predict token t, completion positions only);
-4. every completion is cut into sentence segments (``fastopd.segment.batch_token_segments``; -1 at padding);
+3. every completion is cut into sentence segments (``fastopd.segment.batch_token_segments``; -1 at padding);
+4. the teacher scores prompt + completion under ``no_grad``; the student runs forward with gradients
+   (``completion_loss``: by default both models' final hidden states at the positions that predict the
+   completion tokens plus their LM heads, ``fastopd.train.hidden``, so that no (N, C, V) logits exist;
+   ``loss_from="logits"``: ``completion_logits``, logits at position t-1 predict token t);
 5. ``fastopd.OPDLoss(rule=fastopd.ReleaseRule(mode=cfg.mode))`` decides the per-token weights (the release
-   rule, or the ``full`` / ``fixed_prefix`` / ``random`` control) and returns the loss (DESIGN.md 1-5);
+   rule, or the ``full`` / ``fixed_prefix`` / ``random`` control) and returns the loss (docs/formulas.md §1-5);
 6. backward; after ``grad_accum_steps`` micro-batches: clip, AdamW step, LR schedule step;
 7. log (JSONL, tqdm, TensorBoard), evaluate (greedy decoding + a verifier), checkpoint.
 
@@ -33,12 +36,15 @@ import numpy as np
 import torch
 
 from fastopd.loss import OPDLoss
+from fastopd.common import RELEASE_SUM_KEYS, release_means, release_sums
 from fastopd.release import ReleaseRule
 from fastopd.train.checkpoint import (
-    RunLog, latest_checkpoint, list_checkpoints, load_training_state, read_jsonl, save_checkpoint,
+    latest_checkpoint, list_checkpoints, load_training_state, save_checkpoint,
 )
 from fastopd.train.config import TrainConfig
 from fastopd.train.data import PromptSchedule, load_prompts
+from fastopd.train.hidden import hidden_loss
+from fastopd.train.runlog import RunLog, read_log
 
 IGNORE_INDEX = -100
 
@@ -238,7 +244,7 @@ def generate_completions(model, tokenizer, prompts: list[str], *, eos_ids: list[
 
 
 def add_segments(rollouts: Rollouts, tokenizer) -> Rollouts:
-    """Sentence segment id of every completion token (DESIGN.md section 2), -1 at ignored positions."""
+    """Sentence segment id of every completion token (docs/formulas.md §2), -1 at ignored positions."""
     from fastopd.segment import batch_token_segments
 
     completion = rollouts.input_ids[:, rollouts.prompt_width:].cpu()
@@ -359,10 +365,14 @@ def evaluate(model, tokenizer, rows: list[dict], *, verifier, eos_ids: list[int]
 
 
 class StepTotals:
-    """Sums of one step's diagnostics; ``reduce`` adds them up over processes and returns the means."""
+    """Sums of one step's diagnostics; ``reduce`` adds them up over processes and returns the means.
 
-    KEYS = ("loss", "micro", "valid", "kept", "adv", "margin", "rollouts", "accepted", "gain", "gain_n",
-            "release_pos", "length", "stopped", "correct", "answered")
+    The rule's diagnostics are :func:`fastopd.common.release_sums` added over micro-batches (and
+    processes), turned into means by :func:`fastopd.common.release_means`: one definition for a batch,
+    a step and the demo's logs.
+    """
+
+    KEYS = ("loss", "micro", "adv", "margin", "length", "stopped", "correct", "answered") + RELEASE_SUM_KEYS
 
     def __init__(self):
         self.sums = dict.fromkeys(self.KEYS, 0.0)
@@ -372,21 +382,16 @@ class StepTotals:
         s = self.sums
         s["loss"] += float(out.loss.detach())
         s["micro"] += 1
-        s["valid"] += m["num_valid"]
-        s["kept"] += m["num_kept"]
         s["adv"] += m["adv_mean"] * m["num_valid"]
         s["margin"] += m["margin_mean"] * m["num_valid"]
-        s["rollouts"] += len(rollouts.texts)
         s["length"] += float(rollouts.lengths.sum())
         s["stopped"] += float(rollouts.stopped.sum())
         s["correct"] += correct
         s["answered"] += answered
-        if dec is not None:
-            finite = np.isfinite(dec.scan.gain)
-            s["accepted"] += float(dec.scan.accepted.sum())
-            s["gain"] += float(dec.scan.gain[finite].sum())
-            s["gain_n"] += float(finite.sum())
-            s["release_pos"] += float(np.nansum(dec.kept_fraction[dec.scan.accepted]))
+        rule = dec.totals if dec is not None else release_sums([], [], [], m["num_valid"], m["num_kept"])
+        rule = dict(rule, rollouts=float(len(rollouts.texts)))
+        for key in RELEASE_SUM_KEYS:
+            s[key] += rule[key]
 
     def reduce(self, accelerator) -> dict:
         vec = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64)
@@ -394,14 +399,15 @@ class StepTotals:
             vec = accelerator.reduce(vec.to(accelerator.device), reduction="sum").cpu()
         s = dict(zip(self.KEYS, vec.tolist()))
         nan = float("nan")
+        rule = release_means(s)
         return {
             "loss": s["loss"] / max(s["micro"], 1),
             "adv_mean": s["adv"] / max(s["valid"], 1),
             "margin_mean": s["margin"] / max(s["valid"], 1),
-            "kept_fraction": s["kept"] / max(s["valid"], 1),
-            "accept_rate": s["accepted"] / max(s["rollouts"], 1),
-            "gain_mean": s["gain"] / s["gain_n"] if s["gain_n"] else nan,
-            "release_position": s["release_pos"] / s["accepted"] if s["accepted"] else nan,
+            "kept_fraction": rule["kept_fraction"],
+            "accept_rate": rule["accept_rate"],
+            "gain_mean": rule["gain_mean"],
+            "release_position": rule["release_position"],
             "tokens": int(s["valid"]),
             "tokens_supervised": int(s["kept"]),
             "rollouts": int(s["rollouts"]),
@@ -430,6 +436,7 @@ def rollout_records(step: int, out, rollouts: Rollouts, correct: list) -> list[d
             "gain": float(dec.scan.gain[b]),
             "accepted": bool(dec.scan.accepted[b]),
             "release_segment": int(dec.release_segment[b]),
+            "release_fraction": float(dec.release_fraction[b]),
             "kept_fraction": float(dec.kept_fraction[b]),
             "correct": correct[b],
             "text": rollouts.texts[b],
@@ -478,7 +485,35 @@ def train(cfg: TrainConfig) -> dict:
         return _train(cfg)
 
 
-def _train(cfg: TrainConfig) -> dict:
+@dataclass
+class Run:
+    """Everything one training step needs, built once by :func:`setup`."""
+
+    cfg: TrainConfig
+    accelerator: object
+    tokenizer: object
+    student: object
+    teacher: object
+    optimizer: object
+    scheduler: object
+    rule: ReleaseRule
+    criterion: OPDLoss
+    schedule: PromptSchedule
+    train_rows: list
+    eval_rows: list
+    eos_ids: list
+    verify: object
+    log: RunLog
+    start: int = 0
+    last_eval: dict | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Accelerator, models, data, optimizer, loss with the rule, and (on resume) the saved state."""
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -489,7 +524,6 @@ def _train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         prepare_output_dir(cfg)
     accelerator.wait_for_everyone()
-    main = accelerator.is_main_process
     device = accelerator.device
     resume_from = latest_checkpoint(cfg.output_dir) if cfg.resume else None
 
@@ -521,6 +555,11 @@ def _train(cfg: TrainConfig) -> dict:
     schedule = PromptSchedule(len(train_rows), seed=cfg.seed, batch=cfg.prompts_per_step,
                               accum=cfg.grad_accum_steps, world=accelerator.num_processes,
                               rank=accelerator.process_index)
+    verify = None
+    if any(r["answer"] is not None for r in train_rows):
+        from fastopd.train.verify import get_verifier
+
+        verify = get_verifier(cfg.verifier)
 
     # ---- optimizer, schedule, loss with the release rule (or a control)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -532,135 +571,164 @@ def _train(cfg: TrainConfig) -> dict:
     rule = ReleaseRule(mode=cfg.mode, k=cfg.k, temperature=cfg.loss_temperature, min_segments=cfg.min_segments,
                        min_gain=cfg.min_gain, fraction=cfg.fraction, seed=cfg.seed + accelerator.process_index,
                        backend=cfg.backend)
-    criterion = OPDLoss(cfg.loss, k=cfg.k, temperature=cfg.loss_temperature, ignore_index=IGNORE_INDEX,
-                        vocab_size=vocab_size, backend=cfg.backend, rule=rule)
+    criterion = OPDLoss(cfg.loss, ignore_index=IGNORE_INDEX, vocab_size=vocab_size, rule=rule)  # k, tau: the rule's
 
     # ---- resume: optimizer, scheduler, RNG, logs
-    log = RunLog(cfg.output_dir, enabled=main)
-    start = 0
+    run = Run(cfg, accelerator, tokenizer, student, teacher, optimizer, scheduler, rule, criterion, schedule,
+              train_rows, eval_rows, eos_ids, verify, RunLog(cfg.output_dir, enabled=accelerator.is_main_process))
     if resume_from is not None:
-        start = load_training_state(accelerator, resume_from, student=student, optimizer=optimizer,
-                                    scheduler=scheduler, rule=rule)
-        log.truncate(start)
-        accelerator.print(f"resumed from {resume_from} at step {start}")
+        run.start = load_training_state(accelerator, resume_from, student=student, optimizer=optimizer,
+                                        scheduler=scheduler, rule=rule)
+        run.log.truncate(run.start)
+        accelerator.print(f"resumed from {resume_from} at step {run.start}")
     else:
         set_seed(cfg.seed, device_specific=True)  # seed + process index
-        log.truncate(0)
-    if main:
+        run.log.truncate(0)
+    if run.main:
         (Path(cfg.output_dir) / "config.yaml").write_text(cfg.to_yaml())
     if accelerator.trackers == [] and accelerator.log_with:
         accelerator.init_trackers("fastopd", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                      for k, v in cfg.to_dict().items()})
+    return run
 
-    def run_eval(step: int) -> dict | None:
-        if not eval_rows:
-            return None
-        with generation_model(accelerator, student) as model:
-            res = evaluate(model, tokenizer, eval_rows, verifier=cfg.verifier, eos_ids=eos_ids,
-                           max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                           batch_size=cfg.eval_batch_size, chat_template=cfg.chat_template,
-                           max_prompt_tokens=cfg.max_prompt_tokens, accelerator=accelerator)
-        row = {"step": step, **{k: v for k, v in res.items() if k != "samples"}, "samples": res["samples"]}
-        log.write("eval.jsonl", row)
-        accelerator.log({"eval/accuracy": res["accuracy"]}, step=step)
-        return row
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint(accelerator, step=step, output_dir=cfg.output_dir, student=student, tokenizer=tokenizer,
-                        optimizer=optimizer, scheduler=scheduler, rule=rule, keep_last=cfg.keep_last,
-                        extra={"mode": cfg.mode, "seed": cfg.seed})
+def micro_step(run: Run, step: int, micro: int, totals: StepTotals) -> tuple[float, float]:
+    """Steps 1-6 of the module docstring on one micro-batch; returns (generation seconds, grad norm or NaN)."""
+    cfg, accelerator, student = run.cfg, run.accelerator, run.student
+    # 1. this micro-batch's prompts, each num_samples times
+    rows = [run.train_rows[i] for i in run.schedule.indices(step, micro)]
+    prompts = [r["prompt"] for r in rows for _ in range(cfg.num_samples)]
+    answers = [r["answer"] for r in rows for _ in range(cfg.num_samples)]
+    # 2. the student samples completions (eval mode, no grad, unwrapped)
+    t0 = time.perf_counter()
+    with generation_model(accelerator, student) as model:
+        rollouts = generate_completions(
+            model, run.tokenizer, prompts, eos_ids=run.eos_ids, max_new_tokens=cfg.max_new_tokens,
+            do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            chat_template=cfg.chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
+            synced_gpus=needs_synced_generation(accelerator))
+    t_gen = time.perf_counter() - t0
+    # 3. sentence segments per completion token
+    add_segments(rollouts, run.tokenizer)
+    grad_norm = float("nan")
+    with accelerator.accumulate(student):
+        # 4-5. teacher scores (no grad), student forward (grad), completion positions only; release rule ->
+        # weights -> loss (on-policy: old_logprobs = None)
+        out = completion_loss(run, rollouts)
+        # 6. backward; the optimizer acts once per grad_accum_steps micro-batches
+        accelerator.backward(out.loss)
+        if accelerator.sync_gradients:
+            norm = accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf"))
+            grad_norm = float(norm) if norm is not None else float("nan")
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+    # diagnostics of this micro-batch (for step 7)
+    verify = run.verify
+    correct = [bool(verify(t, a)) if (verify and a is not None) else None for t, a in zip(rollouts.texts, answers)]
+    totals.add(out, rollouts, sum(c is True for c in correct), sum(c is not None for c in correct))
+    if cfg.log_rollouts and run.main:
+        for rec in rollout_records(step, out, rollouts, correct):
+            run.log.write("rollouts.jsonl", rec)
+    return t_gen, grad_norm
 
-    verify = None
-    if any(r["answer"] is not None for r in train_rows):
-        from fastopd.train.verify import get_verifier
 
-        verify = get_verifier(cfg.verifier)
+def completion_loss(run: Run, rollouts: Rollouts):
+    """Steps 4-5: both models score the completions, the rule decides the weights, the loss is returned.
 
-    last_eval = run_eval(0) if (start == 0 and cfg.eval_at_start) else None
-    step_times = []
+    ``loss_from="hidden"`` (default): final hidden states + LM heads (:func:`fastopd.train.hidden.hidden_loss`),
+    in token chunks, so no (N, C, V) tensor exists; ``"logits"``: both models' completion logits.
+    """
+    cfg, accelerator = run.cfg, run.accelerator
+    if cfg.loss_from == "hidden":
+        return hidden_loss(run.criterion, run.student, run.teacher, rollouts, autocast=accelerator.autocast,
+                           chunk_size=cfg.loss_chunk_size or None)
+    with torch.no_grad(), accelerator.autocast():
+        teacher_logits = completion_logits(run.teacher, rollouts)
+    student_logits = completion_logits(run.student, rollouts)
+    return run.criterion(student_logits, teacher_logits, rollouts.targets, segment_ids=rollouts.segment_ids)
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step: ``grad_accum_steps`` micro-batches (steps 1-6), then their metrics (step 7)."""
+    t_step = time.perf_counter()
+    totals = StepTotals()
+    t_gen, grad_norm = 0.0, float("nan")
+    for micro in range(run.cfg.grad_accum_steps):
+        t, norm = micro_step(run, step, micro, totals)
+        t_gen += t
+        grad_norm = norm if not math.isnan(norm) else grad_norm
+    metrics = totals.reduce(run.accelerator)
+    step_time = time.perf_counter() - t_step  # rollouts + scoring + update; evaluation and saving excluded
+    metrics.update(lr=run.scheduler.get_last_lr()[0], grad_norm=grad_norm, time_generate=t_gen, time_step=step_time)
+    return metrics
+
+
+def run_eval(run: Run, step: int) -> dict | None:
+    """Greedy evaluation on the eval rows, written to ``eval.jsonl``; None without eval data."""
+    cfg, accelerator = run.cfg, run.accelerator
+    if not run.eval_rows:
+        return None
+    with generation_model(accelerator, run.student) as model:
+        res = evaluate(model, run.tokenizer, run.eval_rows, verifier=cfg.verifier, eos_ids=run.eos_ids,
+                       max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                       batch_size=cfg.eval_batch_size, chat_template=cfg.chat_template,
+                       max_prompt_tokens=cfg.max_prompt_tokens, accelerator=accelerator)
+    row = {"step": step, **{k: v for k, v in res.items() if k != "samples"}, "samples": res["samples"]}
+    run.log.write("eval.jsonl", row)
+    accelerator.log({"eval/accuracy": res["accuracy"]}, step=step)
+    return row
+
+
+def finish_step(run: Run, step: int, metrics: dict, bar) -> None:
+    """Step 7: evaluate when due, log the step (JSONL, trackers, tqdm), checkpoint when due."""
+    cfg = run.cfg
+    if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+        run.last_eval = run_eval(run, step)
+        if run.last_eval is not None:
+            metrics["eval_accuracy"] = run.last_eval["accuracy"]
+    run.log.write("metrics.jsonl", {"step": step, **metrics})
+    run.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+    if bar is not None:
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", adv=f"{metrics['adv_mean']:.3f}",
+                        kept=f"{metrics['kept_fraction']:.2f}", accept=f"{metrics['accept_rate']:.2f}",
+                        refresh=False)
+        bar.update(1)
+    if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        save_checkpoint(run.accelerator, step=step, output_dir=cfg.output_dir, student=run.student,
+                        tokenizer=run.tokenizer, optimizer=run.optimizer, scheduler=run.scheduler, rule=run.rule,
+                        keep_last=cfg.keep_last, extra={"mode": cfg.mode, "seed": cfg.seed})
+
+
+def _train(cfg: TrainConfig) -> dict:
+    run = setup(cfg)
+    accelerator = run.accelerator
+    if run.start == 0 and cfg.eval_at_start:
+        run.last_eval = run_eval(run, 0)
     bar = None
-    if main and cfg.progress:
+    if run.main and cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"OPD ({cfg.mode})", dynamic_ncols=True)
-
-    for step in range(start + 1, cfg.steps + 1):
-        t_step = time.perf_counter()
-        totals = StepTotals()
-        t_gen = 0.0
-        grad_norm = float("nan")
-        for micro in range(cfg.grad_accum_steps):
-            rows = [train_rows[i] for i in schedule.indices(step, micro)]
-            prompts = [r["prompt"] for r in rows for _ in range(cfg.num_samples)]
-            answers = [r["answer"] for r in rows for _ in range(cfg.num_samples)]
-
-            # 1-2. the student samples completions (eval mode, no grad, unwrapped)
-            t0 = time.perf_counter()
-            with generation_model(accelerator, student) as model:
-                rollouts = generate_completions(
-                    model, tokenizer, prompts, eos_ids=eos_ids, max_new_tokens=cfg.max_new_tokens,
-                    do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                    chat_template=cfg.chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
-                    synced_gpus=needs_synced_generation(accelerator))
-            t_gen += time.perf_counter() - t0
-            add_segments(rollouts, tokenizer)  # 4. sentence segments per completion token
-
-            with accelerator.accumulate(student):
-                # 3. teacher scores (no grad), student forward (grad), completion positions only
-                with torch.no_grad(), accelerator.autocast():
-                    teacher_logits = completion_logits(teacher, rollouts)
-                student_logits = completion_logits(student, rollouts)
-                # 5. release rule -> weights -> loss (on-policy: old_logprobs = None)
-                out = criterion(student_logits, teacher_logits, rollouts.targets, segment_ids=rollouts.segment_ids)
-                # 6. backward; the optimizer acts once per grad_accum_steps micro-batches
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
-                    norm = accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf"))
-                    grad_norm = float(norm) if norm is not None else float("nan")
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-
-            correct = [bool(verify(t, a)) if (verify and a is not None) else None
-                       for t, a in zip(rollouts.texts, answers)]
-            totals.add(out, rollouts, sum(c is True for c in correct), sum(c is not None for c in correct))
-            if cfg.log_rollouts and main:
-                for rec in rollout_records(step, out, rollouts, correct):
-                    log.write("rollouts.jsonl", rec)
-            del teacher_logits, student_logits, out
-
-        # 7. log, evaluate, checkpoint
-        metrics = totals.reduce(accelerator)
-        step_time = time.perf_counter() - t_step  # rollouts + scoring + update; evaluation and saving excluded
-        step_times.append(step_time)
-        metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, time_generate=t_gen, time_step=step_time)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            last_eval = run_eval(step)
-            if last_eval is not None:
-                metrics["eval_accuracy"] = last_eval["accuracy"]
-        log.write("metrics.jsonl", {"step": step, **metrics})
-        accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-        if bar is not None:
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", adv=f"{metrics['adv_mean']:.3f}",
-                            kept=f"{metrics['kept_fraction']:.2f}", accept=f"{metrics['accept_rate']:.2f}",
-                            refresh=False)
-            bar.update(1)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            checkpoint(step)
-
+        bar = tqdm(total=cfg.steps, initial=run.start, desc=f"OPD ({cfg.mode})", dynamic_ncols=True)
+    step_times = []
+    for step in range(run.start + 1, cfg.steps + 1):
+        metrics = train_step(run, step)
+        step_times.append(metrics["time_step"])
+        finish_step(run, step, metrics, bar)
     if bar is not None:
         bar.close()
-    final_step = max(start, cfg.steps)
-    if main:
+
+    final_step = max(run.start, cfg.steps)
+    if run.main:
         final_ckpt = latest_checkpoint(cfg.output_dir)
         if final_ckpt is not None:
             _copy_final(final_ckpt / "student", Path(cfg.output_dir) / "final")
     accelerator.wait_for_everyone()
-    rows = read_jsonl(Path(cfg.output_dir) / "metrics.jsonl") if main else []
+    rows = read_log(Path(cfg.output_dir) / "metrics.jsonl") if run.main else []
     summary = {
         "output_dir": str(cfg.output_dir),
         "step": final_step,
-        "eval": last_eval,
+        "eval": run.last_eval,
         "time_per_step": float(np.mean(step_times)) if step_times else float("nan"),
         "tokens": int(sum(r.get("tokens", 0) for r in rows)),
         "tokens_supervised": int(sum(r.get("tokens_supervised", 0) for r in rows)),

@@ -8,18 +8,22 @@ the gradient of every student parameter must agree within fp32 tolerance; and no
 
 from __future__ import annotations
 
+import contextlib
 import json
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fastopd.loss import OPDLoss
+from helpers import ROOT
 from fastopd.release import ReleaseRule
-from fastopd.train.hidden import hidden_loss, lm_head
-from fastopd.train.trainer import add_segments, completion_logits, generate_completions, load_model, load_tokenizer
+from fastopd.train.hidden import hidden_loss
+from fastopd.train.trainer import (
+    add_segments, completion_logits, completion_loss, generate_completions, load_model, load_tokenizer,
+)
 
-DEMO = Path(__file__).resolve().parents[1] / "fastopd" / "assets" / "demo"
+DEMO = ROOT / "fastopd" / "assets" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +51,11 @@ def test_hidden_loss_equals_logits_path(demo, loss):
     # min_gain far below zero: rollouts with a downward split are released, so the weights are not trivial
     crit = OPDLoss(loss, k=8, vocab_size=v, rule=ReleaseRule(k=8, min_gain=-1e9))
 
+    def run(loss_from):  # what the trainer's step calls (fastopd.train.trainer.completion_loss)
+        cfg = SimpleNamespace(loss_from=loss_from, loss_chunk_size=7)
+        return SimpleNamespace(cfg=cfg, accelerator=SimpleNamespace(autocast=contextlib.nullcontext),
+                               student=student, teacher=teacher, criterion=crit)
+
     student.zero_grad(set_to_none=True)
     with torch.no_grad():
         tl = completion_logits(teacher, rollouts)
@@ -55,9 +64,13 @@ def test_hidden_loss_equals_logits_path(demo, loss):
     g_ref = _grads(student)
 
     student.zero_grad(set_to_none=True)
-    out = hidden_loss(crit, student, teacher, rollouts, chunk_size=7)
+    out = completion_loss(run("hidden"), rollouts)
     out.loss.backward()
     g = _grads(student)
+
+    student.zero_grad(set_to_none=True)
+    again = completion_loss(run("logits"), rollouts)  # the trainer's logits option is the logits path
+    assert again.loss.item() == ref.loss.item()
 
     assert torch.equal(out.release.weights, ref.release.weights)
     assert out.metrics["num_kept"] < out.metrics["num_valid"]  # the rule cut something

@@ -1,55 +1,23 @@
 """The hidden-state path on the Triton backend (fastopd.kernels.linear) against the fp64 ground truth.
 
 Runs the kernels on CUDA when there is a GPU, else under the Triton interpreter on CPU tensors at small V
-(the same import dance as tests/test_kernels.py: TRITON_INTERPRET=1 while fastopd.kernels is imported and
-while each test runs). The truth is the reference loss on fp64 logits from a plain fp64 head, by autograd;
+(tests/kernels/kernel_setup.py: TRITON_INTERPRET=1 while fastopd.kernels is imported and while each test
+runs). The truth is the reference loss on fp64 logits from a plain fp64 head, by autograd;
 the Triton path's error must stay within twice the fp32 reference path's error plus a small tolerance.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-_CUDA = torch.cuda.is_available()
-_PREV = os.environ.get("TRITON_INTERPRET")
-_WANT_INTERPRET = (not _CUDA) or _PREV == "1"
-if _WANT_INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton = pytest.importorskip("triton")
-    import fastopd
-    from fastopd.kernels._helpers import is_interpreted
-    from fastopd.kernels.token_stats import _token_stats_kernel
-finally:
-    if _PREV is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREV
+from kernel_setup import *  # noqa: F401,F403  (the interpreter setup, fixtures and helpers)
 
-from test_linear import _segments, assert_close, grads, leaves, make_case, plain_head, truth  # noqa: E402
+import fastopd  # noqa: E402
+from helpers import assert_close, grads, leaves, linear_segments, make_case, plain_head, truth  # noqa: E402
 
-_INTERPRETED = is_interpreted(_token_stats_kernel)
-if _INTERPRETED and not is_interpreted(triton.language.standard.max):
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
-DEVICE = "cpu" if _INTERPRETED else ("cuda" if _CUDA else None)
-if DEVICE is None:
-    pytest.skip("fastopd.kernels was compiled (no interpreter) and there is no GPU", allow_module_level=True)
-
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning"),
-]
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_env(monkeypatch):
-    if _INTERPRETED:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    yield
+pytestmark = KERNEL_MARKS
+DEVICE = DEVICES[0]
 
 
 def _on(c, dtype):
@@ -93,11 +61,11 @@ def test_triton_matches_fp64_truth(loss, cap, use_old, chunk, bias):
 def test_triton_rule_and_stats():
     v = 256
     c = _on(make_case(12, lead=(3, 16), v=v, hs=8, ht=8, dtype=torch.float64), torch.float32)
-    seg = _segments((3, 16), 12).to(DEVICE)
-    crit = fastopd.OPDLoss(k=4, backend="triton", rule=fastopd.ReleaseRule(k=4, min_gain=-1e9))
+    seg = linear_segments((3, 16), 12).to(DEVICE)
+    crit = fastopd.OPDLoss(rule=fastopd.ReleaseRule(k=4, min_gain=-1e9, backend="triton"))
     h, w, b = leaves(c)
     got = crit.linear(h, w, c["th"], c["tw"], c["y"], segment_ids=seg, student_bias=b, chunk_size=10)
-    ref = fastopd.OPDLoss(k=4, backend="reference", rule=fastopd.ReleaseRule(k=4, min_gain=-1e9)).linear(
+    ref = fastopd.OPDLoss(rule=fastopd.ReleaseRule(k=4, min_gain=-1e9, backend="reference")).linear(
         h, w, c["th"], c["tw"], c["y"], segment_ids=seg, student_bias=b, chunk_size=10)
     assert torch.equal(got.release.weights.cpu(), ref.release.weights.cpu())
     assert_close("loss", got.loss, ref.loss, atol=1e-5, rtol=1e-5)

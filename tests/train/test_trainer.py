@@ -17,11 +17,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ROOT
+
 from fastopd import reference
 from fastopd.loss import OPDLoss
 from fastopd.release import ReleaseRule
 from fastopd.segment import token_segments
-from fastopd.train.checkpoint import RunLog, list_checkpoints, read_jsonl
+from fastopd.train.checkpoint import list_checkpoints
+from fastopd.train.runlog import RunLog, read_log
 from fastopd.train.config import TrainConfig
 from fastopd.train.data import PromptSchedule, load_prompts
 from fastopd.train.trainer import (
@@ -29,7 +32,6 @@ from fastopd.train.trainer import (
     load_model, load_tokenizer, train,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 DETERMINISTIC_KEYS = ("loss", "adv_mean", "margin_mean", "kept_fraction", "accept_rate", "tokens",
                       "tokens_supervised", "completion_length", "grad_norm")
 
@@ -118,7 +120,11 @@ def test_completion_logits_are_shifted_and_padding_invariant(tiny):
 
 
 def test_trainer_weights_equal_release_weights(tiny):
-    """The weights the trainer's loss applies == fastopd.release_weights recomputed independently."""
+    """The weights the trainer's loss applies == the oracle (fastopd.reference) on each unpadded rollout.
+
+    The oracle path is the reference's token_stats / segment_means / bic_release / release_weights on one
+    rollout at a time (no padding, no batching, no C++ scan); the segments come from token_segments, whose
+    own oracle is tests/test_segment.py. So this checks the trainer's batching and wiring of the rule."""
     from fastopd.train.task import format_prompt, make_problems
 
     tok, student, teacher = models(tiny)
@@ -133,7 +139,7 @@ def test_trainer_weights_equal_release_weights(tiny):
         t_logits = completion_logits(teacher, r)
     out = crit(completion_logits(student, r), t_logits, r.targets, segment_ids=r.segment_ids)
 
-    # independent recomputation, one unpadded rollout at a time
+    # the oracle, one unpadded rollout at a time
     v = len(tok)
     for i in range(len(probs)):
         p = tok(format_prompt(probs[i]["prompt"]))["input_ids"]
@@ -147,7 +153,7 @@ def test_trainer_weights_equal_release_weights(tiny):
         ones = np.ones((1, len(c)), dtype=bool)
         series = reference.segment_means(st.margins[None].numpy(), seg[None], ones)
         scan = reference.bic_release(series.values, series.offsets, min_segments=1, min_gain=0.0)
-        r_idx = int(scan.release_segment[0])
+        r_idx = int(scan.release_index[0])
         r_seg = series.segment_ids[r_idx] if r_idx < len(series.values) else seg.max() + 1
         w = reference.release_weights(seg[None], ones, [r_seg])[0]
         n = len(c)
@@ -207,11 +213,11 @@ def test_one_training_step_changes_the_student_and_logs(tiny, tmp_path):
     final = load_file(tmp_path / "run" / "final" / "model.safetensors")
     assert set(init) == set(final)
     assert any(not torch.equal(init[k], final[k]) for k in init)
-    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    rows = read_log(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1]
     assert rows[0]["rollouts"] == 4 and rows[0]["tokens_supervised"] <= rows[0]["tokens"]
-    assert [e["step"] for e in read_jsonl(tmp_path / "run" / "eval.jsonl")] == [0, 1]
-    recs = read_jsonl(tmp_path / "run" / "rollouts.jsonl")
+    assert [e["step"] for e in read_log(tmp_path / "run" / "eval.jsonl")] == [0, 1]
+    recs = read_log(tmp_path / "run" / "rollouts.jsonl")
     assert len(recs) == 4
     # the logged per-rollout decisions add up to the step's supervised tokens
     kept = sum(round(r["kept_fraction"] * r["length"]) for r in recs)
@@ -225,7 +231,7 @@ def test_fixed_prefix_control_and_accumulation(tiny, tmp_path):
     cfg = tiny_config(tiny, tmp_path / "run", steps=2, mode="fixed_prefix", fraction=0.5, grad_accum_steps=2,
                       max_new_tokens=10)
     train(cfg)
-    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    rows = read_log(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["rollouts"] == 2 * 2 * 2  # prompts x samples x micro-batches
@@ -284,7 +290,7 @@ def test_runlog_truncate_drops_later_and_torn_rows(tmp_path):
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "lo')  # a line torn by a kill
     log.truncate(2)
-    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in read_log(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------ kill and resume
@@ -333,14 +339,14 @@ def test_kill_and_resume_has_no_gap_no_duplicate_and_matches_uninterrupted(tiny,
     assert proc.returncode == -signal.SIGKILL
     last = list_checkpoints(run)[-1][0]
     total = last + 3
-    before = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
+    before = [r["step"] for r in read_log(run / "metrics.jsonl")]
     assert before[:last] == list(range(1, last + 1))  # a step's row is written before its checkpoint
 
     res = subprocess.run(_train_cmd(tiny, run, total, "--resume"), env=_env(), capture_output=True, text=True,
                          cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout + res.stderr
-    resumed = read_jsonl(run / "metrics.jsonl")
+    resumed = read_log(run / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, total + 1))  # no gap, no duplicate
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert len(list_checkpoints(run)) == 2  # keep_last
@@ -349,7 +355,7 @@ def test_kill_and_resume_has_no_gap_no_duplicate_and_matches_uninterrupted(tiny,
     cfg = tiny_config(tiny, tmp_path / "straight", steps=total, max_new_tokens=12, lr_scheduler="constant",
                       seed=3, save_every=2, keep_last=2, mode="random")
     train(cfg)
-    straight = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    straight = read_log(tmp_path / "straight" / "metrics.jsonl")
     assert len(straight) == total
     for a, b in zip(resumed, straight):
         for key in DETERMINISTIC_KEYS:
@@ -380,10 +386,10 @@ def test_two_process_cpu_run(tiny, tmp_path):
     env = {**_env(), "ACCELERATE_USE_CPU": "true"}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=240)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    rows = read_jsonl(out / "metrics.jsonl")
+    rows = read_log(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]  # written once, by the main process
     assert all(r["rollouts"] == 2 * 2 * 2 for r in rows)  # summed over the two processes
     ckpt = list_checkpoints(out)[-1][1]
     assert (ckpt / "rng-rank0.pt").is_file() and (ckpt / "rng-rank1.pt").is_file()
-    ev = read_jsonl(out / "eval.jsonl")
+    ev = read_log(out / "eval.jsonl")
     assert ev[-1]["total"] == 4  # the eval set split over the processes and summed back

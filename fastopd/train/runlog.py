@@ -1,0 +1,97 @@
+"""The run's JSONL logs, and the one JSONL reader of the package.
+
+:class:`RunLog` writes ``metrics.jsonl``, ``eval.jsonl`` and ``rollouts.jsonl`` (main process only) and
+truncates them on resume; :func:`read_jsonl` reads any JSONL file (the trainer's logs, the data files of
+:mod:`fastopd.train.task` and :mod:`fastopd.train.data`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def read_jsonl(path: str | Path, *, missing_ok: bool = False, skip_torn: bool = False) -> list[dict]:
+    """The rows (dicts) of a JSONL file, one per non-empty line.
+
+    Args:
+        missing_ok: return [] when the file does not exist (a log not written yet) instead of raising
+            FileNotFoundError.
+        skip_torn: skip lines that are not valid JSON (the last line of a log torn by a kill) instead of
+            raising ``json.JSONDecodeError``. Data files are read strictly; logs with both flags.
+    """
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return []
+    rows = []
+    with path.open("r", encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if not skip_torn:
+                    raise
+    return rows
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """Rows of a run log: ``read_jsonl(path, missing_ok=True, skip_torn=True)``."""
+    return read_jsonl(path, missing_ok=True, skip_torn=True)
+
+
+class RunLog:
+    """The run's JSONL logs (main process): one row per training step, one per evaluation, rollouts.
+
+    Files in ``output_dir``: ``metrics.jsonl`` (``{"step": s, ...}`` for s = 1, 2, ...), ``eval.jsonl``
+    (``{"step": s, "accuracy": ...}``, s = 0 before training), ``rollouts.jsonl`` (when enabled). On resume
+    at step s, :meth:`truncate` keeps only rows with step <= s (and drops a torn last line), so the logs
+    of a resumed run have every step exactly once.
+    """
+
+    FILES = ("metrics.jsonl", "eval.jsonl", "rollouts.jsonl")
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True):
+        self.dir = Path(output_dir)
+        self.enabled = enabled
+
+    def truncate(self, step: int) -> None:
+        if not self.enabled:
+            return
+        for name in self.FILES:
+            path = self.dir / name
+            if not path.is_file():
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill
+                if int(row.get("step", 0)) <= step:
+                    kept.append(line)
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(s + "\n" for s in kept))
+            os.replace(tmp, path)
+
+    def write(self, name: str, row: dict) -> None:
+        if not self.enabled:
+            return
+        with (self.dir / name).open("a") as f:
+            f.write(json.dumps(row, default=json_default) + "\n")
+            f.flush()
+
+
+def json_default(x):
+    """JSON form of numpy scalars/arrays and tensors (anything else: its str)."""
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if type(x).__module__.startswith("torch") and hasattr(x, "tolist"):  # a tensor (torch not imported here)
+        return x.tolist()
+    return str(x)
