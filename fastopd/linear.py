@@ -400,7 +400,8 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, target_
         s_scale=float(student_logit_scale), s_cap=student_final_logit_softcapping,
         t_scale=float(teacher_logit_scale), t_cap=teacher_final_logit_softcapping,
     )
-    if eager and any(t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)):
+    if eager and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)):
         valid = (target_ids != ignore_index).reshape(n)
         cfg["eager_w"] = weight_mask(valid, None if weights is None else weights.reshape(n), cfg["dtype"])
     sh = student_hidden.reshape(n, student_hidden.shape[-1])
