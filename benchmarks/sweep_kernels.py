@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         with open(stem + ".json", "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
-    stats_grid = list(itertools.product([2048, 4096, 8192], [32, 64], [4, 8]))
+    stats_grid = list(itertools.product([2048, 4096, 8192], [32, 64, 128], [4, 8]))
     sweep_stats(args.n, args.v, args.k, False, stats_grid, peak, emit)
     best = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])[:4]
     sweep_stats(args.n, args.v, args.k, True, [(r["block_v"], r["group"], r["num_warps"]) for r in best], peak, emit)

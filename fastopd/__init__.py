@@ -12,6 +12,7 @@ Public API (formulas in docs/formulas.md; the oracle of each is in :mod:`fastopd
 - :func:`linear_token_stats`, :func:`linear_opd_loss`, ``OPDLoss.linear``   the same from final hidden states
   and LM heads, by token chunks: no (N, V) logits (docs/formulas.md §6)
 - :class:`ReleaseRule`       logits + segment ids -> weights and diagnostics
+- :func:`sparse_margins`     margins m_t from a teacher server's top-k log-probs (section 6)
 """
 
 from fastopd.linear import linear_opd_loss, linear_token_stats
@@ -25,6 +26,7 @@ from fastopd.release import (
     release_weights,
     segment_means,
 )
+from fastopd.sparse import SparseMargins, sparse_margins
 from fastopd.stats import token_stats
 from fastopd.types import OPDOutput, ReleaseResult, SegmentMeans, TokenStats
 
@@ -42,6 +44,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "MODES", "OPDLoss", "OPDOutput", "ReleaseDecision", "ReleaseResult", "ReleaseRule", "SegmentMeans",
-    "TokenStats", "bic_release", "control_weights", "linear_opd_loss", "linear_token_stats", "opd_loss", "release_weights", "segment_means",
-    "sentence_spans", "token_segments", "batch_token_segments", "token_stats",
+    "SparseMargins", "TokenStats", "bic_release", "control_weights", "linear_opd_loss", "linear_token_stats",
+    "opd_loss", "release_weights", "segment_means", "sentence_spans", "sparse_margins", "token_segments",
+    "batch_token_segments", "token_stats",
 ]

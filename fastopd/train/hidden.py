@@ -5,9 +5,9 @@
   former ``completion_logits``. The model runs through its wrapper (DDP/FSDP hooks fire) with
   ``output_hidden_states=True`` and ``logits_to_keep=1``, so its own head projects one position per row: an
   (N, 1, V) tensor, never (N, C, V).
-- :func:`lm_head`: the model's output-embedding weight and bias, and the logit scale and final-logit
-  soft-cap from its config (Cohere ``logit_scale``, Granite ``logits_scaling`` = 1 / scale, Gemma
-  ``final_logit_softcapping``), as :class:`LMHead`.
+- :func:`lm_head`: the model's output-embedding weight and bias, and the logit scale (:func:`logit_scale`,
+  TRL's rules) and final-logit soft-cap (Gemma ``final_logit_softcapping``) from its config, as
+  :class:`LMHead`.
 
 FSDP: the head weight outside the wrapped forward is a shard. Under FSDP2 it is a DTensor and
 :func:`lm_head` gathers it with ``full_tensor()`` (differentiable: the gradient is reduce-scattered back to
@@ -92,12 +92,22 @@ def lm_head(model, dtype: torch.dtype | None = None) -> LMHead:
         weight = weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     cfg = getattr(base, "config", None)
-    scale = float(getattr(cfg, "logit_scale", None) or 1.0)
-    scaling = getattr(cfg, "logits_scaling", None)
-    if scaling:
-        scale /= float(scaling)
     softcap = getattr(cfg, "final_logit_softcapping", None)
-    return LMHead(weight, bias, scale, float(softcap) if softcap else None)
+    return LMHead(weight, bias, logit_scale(cfg), float(softcap) if softcap else None)
+
+
+def logit_scale(config) -> float:
+    """The multiplier a model applies to its logits, by the rules of TRL's ``DistillationTrainer._compute_loss``
+    (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``); 1.0 when none is set."""
+    scale = getattr(config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(config, "lm_head_multiplier", None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        ls = config.logits_scaling
+        scale = ls if getattr(config, "model_type", None) == "hyperclovax" else 1 / ls
+    return 1.0 if scale is None else float(scale)
 
 
 def hidden_loss(criterion, student, teacher, rollouts, *, autocast=None, chunk_size: int | None = None):

@@ -1,0 +1,222 @@
+"""fastopd.integrations.trl: real TRL (>= 1.16) training steps on CPU with the shipped tiny demo models.
+
+- the loss TRL optimises (ReleaseDistillationTrainer._compute_loss, hidden-state path) equals fastopd's
+  OPDLoss with the release rule on the same rollouts, recomputed independently from full logits;
+- with opd_mode="full", opd_loss="reverse_kl" it equals TRL's own beta=1 loss (DistillationTrainer's
+  _compute_loss) on the same tensors;
+- the rule's metrics reach trainer.state.log_history; the student's weights move;
+- the GKDTrainer logits path (lmbda=1) equals GKD's own beta=1 loss with opd_mode="full", "reverse_kl".
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", minversion="1.16")
+
+import fastopd  # noqa: E402
+from fastopd.train.task import demo_asset_paths, read_jsonl  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def assets():
+    from transformers import AutoTokenizer
+
+    paths = demo_asset_paths()
+    tok = AutoTokenizer.from_pretrained(paths.tokenizer)
+    tok.padding_side = "left"
+    prompts = [r["prompt"] for r in read_jsonl(paths.root / "data" / "eval.jsonl")[:16]]
+    return paths, tok, prompts
+
+
+def _models(paths):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(paths.student), AutoModelForCausalLM.from_pretrained(paths.teacher)
+
+
+def _config(tmp_path, **kw):
+    from fastopd.integrations.trl import ReleaseDistillationConfig
+
+    base = dict(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=4, max_steps=3, max_completion_length=48, learning_rate=5e-4,
+        logging_steps=1, report_to=[], save_strategy="no", seed=0, dataloader_num_workers=0,
+    )
+    base.update(kw)
+    return ReleaseDistillationConfig(**base)
+
+
+def _trainer(assets, tmp_path, **kw):
+    from datasets import Dataset
+
+    from fastopd.integrations.trl import ReleaseDistillationTrainer
+
+    paths, tok, prompts = assets
+    student, teacher = _models(paths)
+    return ReleaseDistillationTrainer(
+        model=student, teacher_model=teacher, args=_config(tmp_path, **kw),
+        train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,
+    )
+
+
+def _independent_fastopd_loss(trainer, inputs, num_items_in_batch):
+    """fastopd's OPDLoss + ReleaseRule on full logits of the same rollouts, segments by fastopd.token_segments."""
+    tok = trainer.processing_class
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    c = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        zs = trainer.model(input_ids=ids, attention_mask=am).logits[:, -c - 1:-1]
+        zt = trainer.teacher_model(input_ids=ids, attention_mask=am).logits[:, -c - 1:-1]
+    mask = inputs["completion_mask"].bool()
+    targets = inputs["completion_ids"].masked_fill(~mask, -100)
+    seg = torch.full_like(targets, -1)
+    for b in range(targets.shape[0]):
+        n = int(mask[b].sum())
+        seg[b, :n] = torch.as_tensor(fastopd.token_segments(tok, inputs["completion_ids"][b, :n].tolist()))
+    a = trainer.args
+    rule = fastopd.ReleaseRule(a.opd_mode, k=a.opd_k, min_gain=a.opd_min_gain, temperature=a.temperature)
+    crit = fastopd.OPDLoss(a.opd_loss, k=a.opd_k, temperature=a.temperature, rule=rule)
+    return crit(zs, zt, targets, segment_ids=seg, normalizer=num_items_in_batch)
+
+
+@pytest.fixture(params=["linear", "logits"])
+def hidden_path(request, monkeypatch):
+    """The hidden-state path (OPDLoss.linear) where this fastopd has it, and the interim logits path."""
+    import fastopd.integrations.trl as ft
+
+    if request.param == "linear" and not hasattr(fastopd.OPDLoss, "linear"):
+        pytest.skip("this fastopd has no OPDLoss.linear (the hidden-state path of issue 9)")
+    monkeypatch.setattr(ft, "_FORCE_LOGITS_PATH", request.param == "logits")
+    return request.param
+
+
+def test_release_loss_equals_fastopd_on_the_same_rollouts_and_metrics_are_logged(assets, tmp_path, hidden_path):
+    trainer = _trainer(assets, tmp_path, opd_mode="release", opd_loss="pg")
+    seen = []
+    inner = trainer._compute_loss
+
+    def spy(unwrapped_student, inputs, num_items_in_batch):
+        loss, entropy_sum, n_valid = inner(unwrapped_student, inputs, num_items_in_batch)
+        ref = _independent_fastopd_loss(trainer, inputs, num_items_in_batch)
+        seen.append((float(loss.detach()), float(ref.loss), int(n_valid), int(ref.stats.valid.sum()), entropy_sum,
+                     trainer.last_opd_output, ref))
+        return loss, entropy_sum, n_valid
+
+    trainer._compute_loss = spy
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert len(seen) == 3  # 3 optimizer steps, one micro-batch each
+    for loss, ref_loss, n_valid, ref_valid, entropy_sum, out, ref in seen:
+        assert n_valid == ref_valid > 0
+        assert math.isclose(loss, ref_loss, rel_tol=1e-4, abs_tol=1e-6), (loss, ref_loss)
+        torch.testing.assert_close(out.release.weights, ref.release.weights)
+        torch.testing.assert_close(out.stats.margins, ref.stats.margins, rtol=1e-4, atol=1e-4)
+        assert math.isnan(float(entropy_sum))  # not computed: TRL's log drops it
+    moved = any(not torch.equal(p0, p.detach()) for p0, p in zip(before, trainer.model.parameters()))
+    assert moved
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3
+    for key in ("opd/accept_rate", "opd/kept_fraction", "opd/margin_mean", "opd/adv_mean"):
+        assert all(key in h and h[key] is not None for h in logged), key
+    assert all(0.0 <= h["opd/kept_fraction"] <= 1.0 and 0.0 <= h["opd/accept_rate"] <= 1.0 for h in logged)
+    assert any(h.get("opd/gain_mean") is not None for h in logged)  # the demo's rollouts have candidate splits
+    assert all(h.get("entropy") is None for h in logged)
+
+
+def test_full_reverse_kl_equals_trl_beta_1(assets, tmp_path, hidden_path):
+    trainer = _trainer(assets, tmp_path, opd_mode="full", opd_loss="reverse_kl", beta=1.0, max_steps=2)
+    pairs = []
+    ours = trainer._compute_loss
+
+    def both(unwrapped_student, inputs, num_items_in_batch):
+        loss, entropy_sum, n_valid = ours(unwrapped_student, inputs, num_items_in_batch)
+        with torch.no_grad():
+            trl_loss, _, trl_valid = trl.DistillationTrainer._compute_loss(trainer, unwrapped_student, inputs, num_items_in_batch)
+        pairs.append((float(loss), float(trl_loss), int(n_valid), int(trl_valid)))
+        return loss, entropy_sum, n_valid
+
+    trainer._compute_loss = both
+    trainer.train()
+    assert len(pairs) == 2
+    for loss, trl_loss, n, trl_n in pairs:
+        assert n == trl_n
+        assert trl_loss > 0
+        assert math.isclose(loss, trl_loss, rel_tol=1e-4, abs_tol=1e-6), (loss, trl_loss)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(h["opd/kept_fraction"] == 1.0 for h in logged)  # the full control keeps every token
+
+
+def test_config_rejects_bad_options(tmp_path):
+    from fastopd.integrations.trl import ReleaseDistillationConfig
+
+    for kw, match in ((dict(opd_mode="suffix"), "opd_mode"), (dict(opd_loss="jsd"), "opd_loss"),
+                      (dict(opd_k=1), "opd_k"), (dict(opd_min_gain=float("nan")), "opd_min_gain"),
+                      (dict(opd_fraction=0.0), "opd_fraction"), (dict(opd_chunk_size=0), "opd_chunk_size")):
+        with pytest.raises(ValueError, match=match):
+            ReleaseDistillationConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], **kw)
+
+
+def test_trainer_rejects_a_plain_trl_config(assets, tmp_path):
+    from datasets import Dataset
+
+    from fastopd.integrations.trl import ReleaseDistillationTrainer
+
+    paths, tok, prompts = assets
+    student, teacher = _models(paths)
+    args = trl.DistillationConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[])
+    with pytest.raises(TypeError, match="ReleaseDistillationConfig"):
+        ReleaseDistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                   train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok)
+
+
+_CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}"
+         "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_gkd_logits_path_full_reverse_kl_equals_gkd_beta_1(assets, tmp_path):
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDTrainer
+
+    from fastopd.integrations.trl import ReleaseGKDConfig, ReleaseGKDTrainer
+
+    paths, tok, prompts = assets
+    tok = tok.__class__.from_pretrained(paths.tokenizer)
+    tok.padding_side = "left"
+    tok.chat_template = _CHAT  # the demo tokenizer has none; GKD's collator formats messages with one
+    rows = read_jsonl(paths.root / "data" / "eval.jsonl")[:8]
+    data = Dataset.from_dict({"messages": [[{"role": "user", "content": r["prompt"]},
+                                            {"role": "assistant", "content": f"The answer is \\boxed{{{r['answer']}}}."}]
+                                           for r in rows]})
+    student, teacher = _models(paths)
+    args = ReleaseGKDConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[],
+        save_strategy="no", per_device_train_batch_size=4, max_steps=2, max_new_tokens=40, learning_rate=5e-4,
+        logging_steps=1, lmbda=1.0, beta=1.0, temperature=1.0, seed=0, opd_mode="full", opd_loss="reverse_kl",
+    )
+    trainer = ReleaseGKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tok)
+    pairs = []
+    ours = trainer.compute_loss
+
+    def both(model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = ours(model, inputs, return_outputs, num_items_in_batch)
+        with torch.no_grad():
+            gkd = GKDTrainer.compute_loss(trainer, model, inputs, False, num_items_in_batch)
+        pairs.append((float(loss.detach()), float(gkd), int(trainer.last_opd_output.stats.valid.sum())))
+        return loss
+
+    trainer.compute_loss = both
+    trainer.train()
+    assert len(pairs) == 2
+    for loss, gkd, n_valid in pairs:
+        assert n_valid > 0 and gkd > 0
+        assert math.isclose(loss, gkd, rel_tol=1e-4, abs_tol=1e-6), (loss, gkd)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("opd/kept_fraction" in h and "opd/accept_rate" in h for h in logged)
+    with pytest.raises(ValueError, match="lmbda"):
+        ReleaseGKDConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], lmbda=0.5)
