@@ -296,7 +296,7 @@ def markdown(rows, gpu: bool) -> str:
     lines = [head, sep]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['loss']} | {r['N']} | {r['method']} | {r['error']} |" + " |" * (6 if gpu else 5))
+            lines.append(f"| {r['loss']} | {r['N']} | {r['method']} | {r['error']} |" + " |" * (5 if gpu else 4))
             continue
         line = (f"| {r['loss']} | {r['N']} | {r['method']} | {r['ms']:.1f} | {r.get('time_ratio', float('nan')):.2f} | "
                 f"{r['extra_peak_mib']:.1f} | {r.get('mem_ratio', float('nan')):.3f} |")
