@@ -5,9 +5,15 @@
 #
 #   bash benchmarks/gpu_check.sh            # or: OUT=/some/dir bash benchmarks/gpu_check.sh
 #
-# Another Triton than the installed one: install its wheel into a folder and put it first on the path, e.g.
+# Another Triton than the installed one (fastopd needs >= 3.4): install its wheel into a folder and put that
+# folder on PYTHONPATH, which Python searches before site-packages (this script prepends only the checkout):
 #   pip install --no-deps --target /tmp/tri triton==3.9.0 && PYTHONPATH=/tmp/tri bash benchmarks/gpu_check.sh
-# (on a machine without network, carry the wheel and `pip install --no-index --no-deps --target ...` it).
+# versions.txt then shows the Triton actually imported. On a machine without network, download the wheel
+# elsewhere for that machine's Python (e.g. `pip download --no-deps --only-binary=:all: --python-version 3.12
+# triton==3.9.0`; the 3.6.0 and 3.8.0 wheels are 188 and 248 MB) and install it there with
+# `pip install --no-index --no-deps --target /tmp/tri triton-*.whl`.
+# torch.compile (the "compile" rows) runs torch's own Triton code against that Triton too, which torch was
+# not built for: if those rows fail, add BENCH_ARGS="--impls triton,triton_inplace,eager".
 # Every result file records the Triton, torch, CUDA and driver versions it was measured with.
 #
 # Files: versions.txt, nvidia_smi.txt, token_stats_<device>.json / .md (written after every row, so a time

@@ -3,23 +3,77 @@
 ``auto`` runs the Triton kernels on CUDA tensors and the reference on CPU tensors. ``triton`` on CPU
 tensors needs the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported); without it
 the request is a clear error rather than a crash inside a kernel.
+
+The kernels need Triton >= 3.4 (``fastopd.common.TRITON_FLOOR``: ``tl.topk`` on int64 keys; 3.3.1 does not
+compile them). Under an older Triton, ``triton`` is a clear RuntimeError and ``auto`` runs the reference
+with one warning per process.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import warnings
 
 import torch
 
-from fastopd.common import KERNEL_DTYPES, KERNEL_MAX_K
+from fastopd.common import KERNEL_DTYPES, KERNEL_MAX_K, TRITON_FLOOR
 
 BACKENDS = ("auto", "triton", "reference")
+
+_warned_old_triton = False  # auto's fallback warning is given once per process
 
 
 def triton_available() -> bool:
     """True when the ``triton`` package can be imported."""
     return importlib.util.find_spec("triton") is not None
+
+
+def parse_version(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as ``"3.6.0"``, ``"3.5.0+git1a2b"`` or ``"3.4.0rc1"``."""
+    m = re.match(r"\s*(\d+)\.(\d+)", str(version))
+    if not m:
+        raise ValueError(f"version must look like 'MAJOR.MINOR[...]', got {version!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def triton_problem() -> str | None:
+    """None when the installed Triton can run the kernels, else why not (a sentence naming the version)."""
+    import triton
+    import triton.language as tl
+
+    floor = ".".join(map(str, TRITON_FLOOR))
+    try:
+        too_old = parse_version(triton.__version__) < TRITON_FLOOR
+    except ValueError:
+        too_old = False  # an unparsable (development) version is judged by the feature test alone
+    if too_old or not hasattr(tl, "topk") or not hasattr(tl, "join"):
+        return (
+            f"fastopd's Triton kernels need Triton >= {floor} (tl.topk on int64 keys); found triton "
+            f"{triton.__version__}"
+        )
+    return None
+
+
+def check_triton() -> None:
+    """Raise a clear RuntimeError when the installed Triton cannot run the kernels (older than TRITON_FLOOR)."""
+    problem = triton_problem()
+    if problem is not None:
+        raise RuntimeError(f"{problem}. Upgrade triton or use backend='reference'.")
+
+
+def _triton_ok_for_auto() -> bool:
+    """``auto``'s test: True when Triton is usable; else False after warning once per process."""
+    global _warned_old_triton
+    problem = triton_problem()
+    if problem is None:
+        return True
+    if not _warned_old_triton:
+        _warned_old_triton = True
+        warnings.warn(f"{problem}: backend='auto' runs the PyTorch reference instead (same formulas; slower, with N x V temporaries). "
+                      "Upgrade triton to use the kernels.", RuntimeWarning, stacklevel=4)
+    return False
 
 
 def interpreter_enabled() -> bool:
@@ -42,7 +96,9 @@ def resolve_backend(backend: str, device: torch.device, *, dtypes=(), k: int | N
     """Return ``"triton"`` or ``"reference"`` for tensors on ``device``, or raise a clear ValueError.
 
     ``auto`` picks Triton for CUDA tensors whose ``dtypes`` the kernels take and ``k <= 256``, the
-    reference otherwise (fp64 logits, CPU tensors, no triton installed).
+    reference otherwise (fp64 logits, CPU tensors, no triton installed, or a Triton older than
+    ``TRITON_FLOOR``: then with one RuntimeWarning per process). ``triton`` under a Triton older than the
+    floor raises RuntimeError.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -50,9 +106,11 @@ def resolve_backend(backend: str, device: torch.device, *, dtypes=(), k: int | N
         return "reference"
     if backend == "auto":
         kernel_ok = all(d in KERNEL_DTYPES for d in dtypes) and (k is None or (isinstance(k, int) and k <= KERNEL_MAX_K))
-        return "triton" if device.type == "cuda" and kernel_ok and triton_available() else "reference"
+        wants = device.type == "cuda" and kernel_ok and triton_available()
+        return "triton" if wants and _triton_ok_for_auto() else "reference"
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package (pip install triton); use backend='reference'")
+    check_triton()
     if device.type == "cuda":
         return "triton"
     if device.type == "cpu" and interpreter_enabled():

@@ -9,7 +9,7 @@ the oracle never compares a formula with itself. Argument validation lives next 
 What is here, each once:
 
 - option names: :data:`LOSSES`, :data:`CONTROLS`, :data:`MODES`; the kernels' limits :data:`KERNEL_DTYPES`,
-  :data:`KERNEL_MAX_K`; :func:`check_loss_options`.
+  :data:`KERNEL_MAX_K`, :data:`TRITON_FLOOR`; :func:`check_loss_options`.
 - the per-token loss of docs/formulas.md §5 and the row factor c_t of its gradient: :func:`weight_mask`,
   :func:`per_token_loss`.
 - the reduction sum_t l_t / normaliser and the loss metrics: :func:`reduce_loss`, :func:`loss_metrics`.
@@ -38,6 +38,9 @@ MODES = ("release",) + CONTROLS
 # holds at most 256 candidates); backend="auto" hands anything else to the reference.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_MAX_K = 256
+# Oldest Triton the kernels compile with (3.3.1 lacks tl.topk); pyproject.toml and the README state the same,
+# fastopd._dispatch enforces it, scripts/ci_triton_matrix.sh compiles the kernels under it (docs/kernels.md).
+TRITON_FLOOR = (3, 4)
 
 
 def check_loss_options(loss: str, weights, old_logprobs, target_ids) -> None:

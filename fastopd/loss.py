@@ -142,11 +142,7 @@ class OPDLoss(nn.Module):
         normalizer=None,
     ) -> OPDOutput:
         """Compute the loss; see :func:`opd_loss`. ``segment_ids`` (B, L) is needed when a rule is set."""
-        if self.rule is not None:
-            if weights is not None:
-                raise ValueError("pass either weights= or a rule (OPDLoss(rule=...)) with segment_ids=, not both")
-            if segment_ids is None:
-                raise ValueError("OPDLoss(rule=...) needs segment_ids= (B, L) from fastopd.token_segments")
+        self._check_rule_args(weights, segment_ids)
         out = opd_loss(
             student_logits, teacher_logits, target_ids,
             weights=weights, loss=self.loss, old_logprobs=old_logprobs, normalizer=normalizer,
@@ -155,13 +151,69 @@ class OPDLoss(nn.Module):
         )
         if self.rule is None:
             return out
+        return self._apply_rule(out.per_token, out.stats, segment_ids, normalizer)
+
+    def _check_rule_args(self, weights, segment_ids) -> None:
+        if self.rule is not None:
+            if weights is not None:
+                raise ValueError("pass either weights= or a rule (OPDLoss(rule=...)) with segment_ids=, not both")
+            if segment_ids is None:
+                raise ValueError("OPDLoss(rule=...) needs segment_ids= (B, L) from fastopd.token_segments")
+
+    def _apply_rule(self, per_token_unit: torch.Tensor, stats, segment_ids, normalizer) -> OPDOutput:
+        """The rule's weights from ``stats.margins``, applied to the unit (w = valid) per-token loss."""
         # weights=None gave l_t with w = valid; weighting that per-token loss afterwards is l_t with the rule's
         # w (every l_t is linear in w_t), and its gradient flows through per_token on either backend.
-        stats = out.stats
         decision = self.rule.from_margins(stats.margins, segment_ids, stats.valid)
-        w = decision.weights.to(device=out.per_token.device, dtype=out.per_token.dtype)
-        per_token = out.per_token * w
+        w = decision.weights.to(device=per_token_unit.device, dtype=per_token_unit.dtype)
+        per_token = per_token_unit * w
         weighted = reduce_loss(per_token, stats, w, self.loss, normalizer)
         weighted.metrics.update(decision.metrics)
         weighted.release = decision
         return weighted
+
+    def linear(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        target_ids: torch.Tensor,
+        *,
+        segment_ids=None,
+        weights: torch.Tensor | None = None,
+        old_logprobs: torch.Tensor | None = None,
+        normalizer=None,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+        student_logit_scale: float = 1.0,
+        teacher_logit_scale: float = 1.0,
+        student_final_logit_softcapping: float | None = None,
+        teacher_final_logit_softcapping: float | None = None,
+    ) -> OPDOutput:
+        """:meth:`forward` from final hidden states and LM heads (docs/formulas.md §6): no (N, V) logits.
+
+        z = softcap(scale (h W[:V]^T + b[:V])) per model, by token chunks (:func:`fastopd.linear_opd_loss`).
+        With a rule, its weights are decided from the margins of this same chunked forward and multiply the
+        unit per-token loss; the backward then recomputes the student's logits per chunk (the teacher's too
+        for ``reverse_kl``) with those weights in its incoming gradient -- no second statistics pass.
+        Without a rule it is :func:`fastopd.linear_opd_loss` (gradient computed while the tiles are live).
+        Gradients reach the student's hidden states, weight and bias only.
+        """
+        from fastopd.linear import _run, weighted_output
+
+        self._check_rule_args(weights, segment_ids)
+        per0, stats = _run(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target_ids, loss=self.loss,
+            old_logprobs=old_logprobs, student_bias=student_bias, teacher_bias=teacher_bias, k=self.k,
+            temperature=self.temperature, ignore_index=self.ignore_index, vocab_size=self.vocab_size,
+            chunk_size=chunk_size, backend=self.backend, student_logit_scale=student_logit_scale,
+            teacher_logit_scale=teacher_logit_scale,
+            student_final_logit_softcapping=student_final_logit_softcapping,
+            teacher_final_logit_softcapping=teacher_final_logit_softcapping, weights=weights,
+            eager=self.rule is None,
+        )
+        if self.rule is None:
+            return weighted_output(per0, stats, weights, self.loss, normalizer)
+        return self._apply_rule(per0, stats, segment_ids, normalizer)

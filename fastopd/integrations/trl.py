@@ -44,6 +44,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from fastopd.integrations import completion_segments
 from fastopd.loss import OPDLoss
+from fastopd.train.hidden import logit_scale
 from fastopd.reference import LOSSES
 from fastopd.release import MODES, ReleaseRule
 
@@ -103,18 +104,8 @@ class ReleaseDistillationConfig(DistillationConfig):
         _check_opd_fields(self)
 
 
-def _logit_scale(config) -> float:
-    """The multiplier TRL's ``DistillationTrainer._compute_loss`` applies to a model's logits, by the same rules
-    (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``); 1.0 when none is set."""
-    scale = getattr(config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(config, "lm_head_multiplier", None)
-    if scale is None and getattr(config, "logits_scaling", None) is not None:
-        ls = config.logits_scaling
-        scale = ls if config.model_type == "hyperclovax" else 1 / ls
-    return 1.0 if scale is None else float(scale)
+# The model's logit multiplier, one definition for the trainer and this adapter (fastopd/train/hidden.py).
+_logit_scale = logit_scale
 
 
 def _opd_from_hidden(criterion: OPDLoss, student_hidden, student_head, teacher_hidden, teacher_head, targets, segments,

@@ -40,22 +40,28 @@ def _compile(fn, sig: dict, const: dict, aligned: list[str], num_warps: int, arc
 
 
 def _usage(compiled) -> dict:
-    """Registers / spill stores / stack of a compiled kernel, from cuobjdump of its cubin."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    """Registers, stack, shared and local bytes of a compiled kernel (``cuobjdump --dump-resource-usage`` of
+    its cubin), and its spill instructions: the count of STL (local store) and LDL (local load) in the SASS."""
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    tool = os.path.join(bindir, "cuobjdump")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", out)
     if not m:
         return {}
-    return dict(regs=int(m.group(1)), stack=int(m.group(2)), shared=int(m.group(3)), local=int(m.group(4)))
+    return dict(regs=int(m.group(1)), stack=int(m.group(2)), shared=int(m.group(3)), local=int(m.group(4)),
+                spill_stores=len(re.findall(r"\bSTL(?:\.\w+)*\s", sass)),
+                spill_loads=len(re.findall(r"\bLDL(?:\.\w+)*\s", sass)))
 
 
-def stats_variant(dt="bf16", k=16, v=151936, full_kl=True, topk=True, offsets=0, arch=90):
-    """offsets: 0 row stride, 1 offset table, 2 offset table of 16-aligned offsets (USE_OFFS)."""
-    cfg = stats_launch_config(v, k)
+def stats_variant(dt="bf16", k=16, v=151936, full_kl=True, topk=True, offsets=0, arch=90, **override):
+    """offsets: 0 row stride, 1 offset table, 2 offset table of 16-aligned offsets (USE_OFFS). ``override``
+    replaces entries of :func:`stats_launch_config`'s result (e.g. ``num_warps=8``) to try a configuration."""
+    cfg = dict(stats_launch_config(v, k), **override)
     num_warps = cfg.pop("num_warps")
     sig = {
         "zs_ptr": f"*{_DT[dt]}", "zt_ptr": f"*{_DT[dt]}", "tgt_ptr": "*i64", "out_ptr": "*fp32", "ids_ptr": "*i64",
@@ -92,40 +98,129 @@ def segment_variant(arch=90):
     return _compile(_segment_sums_kernel, sig, {"BLOCK": 1024}, ["val_ptr", "seg_ptr", "sums_ptr"], 4, arch), {}
 
 
-VARIANTS = [
-    ("token_stats bf16 k=16 full_kl topk", stats_variant, dict(dt="bf16", k=16, full_kl=True, topk=True)),
-    ("token_stats bf16 k=16 (loss pg)", stats_variant, dict(dt="bf16", k=16, full_kl=False, topk=False)),
-    ("token_stats fp32 k=64", stats_variant, dict(dt="fp32", k=64, full_kl=True)),
-    ("token_stats bf16 k=16 row-offsets", stats_variant, dict(dt="bf16", k=16, full_kl=False, offsets=1)),
-    ("token_stats bf16 k=16 aligned row-offsets", stats_variant, dict(dt="bf16", k=16, full_kl=True, offsets=2)),
-    ("token_stats fp16 k=2 V=50257 (unaligned rows)", stats_variant, dict(dt="fp16", k=2, v=50257, full_kl=False)),
-    ("token_stats bf16 k=16 V=50257 (unaligned rows)", stats_variant, dict(dt="bf16", k=16, v=50257, full_kl=True)),
-    ("loss_backward bf16 pg", backward_variant, dict(dt="bf16", reverse_kl=False)),
-    ("loss_backward bf16 reverse_kl", backward_variant, dict(dt="bf16", reverse_kl=True)),
-    ("loss_backward fp32 pg row-offsets", backward_variant, dict(dt="fp32", offsets=1)),
-    ("segment_sums", segment_variant, {}),
-]
+# (name, builder, kwargs, hot). Hot = a variant that a default call takes: fp16/bf16/fp32 rows addressed by an
+# aligned row stride (V a multiple of 16), k = 16, for token_stats / the pg loss (no KL) and the reverse-KL
+# loss (FULL_KL), and the backward of both losses. `--check` fails on any spill in these.
+HOT_DTYPES = ("bf16", "fp16", "fp32")
+VARIANTS = (
+    [(f"token_stats {dt} k=16", stats_variant, dict(dt=dt, k=16, full_kl=False, topk=False), True)
+     for dt in HOT_DTYPES]
+    + [(f"token_stats {dt} k=16 full_kl", stats_variant, dict(dt=dt, k=16, full_kl=True, topk=False), True)
+       for dt in HOT_DTYPES]
+    + [(f"loss_backward {dt} {loss}", backward_variant, dict(dt=dt, reverse_kl=loss == "reverse_kl"), True)
+       for dt in HOT_DTYPES for loss in ("pg", "reverse_kl")]
+    + [
+        ("token_stats bf16 k=16 full_kl topk", stats_variant, dict(dt="bf16", k=16, full_kl=True, topk=True), False),
+        ("token_stats fp32 k=64 full_kl topk", stats_variant, dict(dt="fp32", k=64, full_kl=True, topk=True), False),
+        ("token_stats bf16 k=16 row-offsets", stats_variant, dict(dt="bf16", k=16, full_kl=False, offsets=1), False),
+        ("token_stats bf16 k=16 full_kl aligned row-offsets", stats_variant,
+         dict(dt="bf16", k=16, full_kl=True, offsets=2), False),
+        ("token_stats fp16 k=2 V=50257 (unaligned rows)", stats_variant,
+         dict(dt="fp16", k=2, v=50257, full_kl=False), False),
+        ("token_stats bf16 k=16 full_kl V=50257 (unaligned rows)", stats_variant,
+         dict(dt="bf16", k=16, v=50257, full_kl=True), False),
+        ("loss_backward fp32 pg row-offsets", backward_variant, dict(dt="fp32", offsets=1), False),
+        ("segment_sums", segment_variant, {}, False),
+    ]
+)
 
 
-def compile_all(arch: int = 90, variants=VARIANTS) -> list[dict]:
-    """Compile each variant for sm_<arch>; raise on the first compile error. Returns one dict per variant."""
+def compile_all(arch: int = 90, variants=VARIANTS, *, stop_on_error: bool = True) -> list[dict]:
+    """Compile each variant for sm_<arch>; returns one dict per variant (name, hot, launch config, usage).
+
+    With ``stop_on_error`` (the default) the first compile error is raised; otherwise it is recorded in the
+    row's ``error`` field and the other variants are still compiled.
+    """
     from fastopd.kernels._helpers import is_interpreted
 
     if is_interpreted(_token_stats_kernel):
         raise RuntimeError("AOT compilation needs the compiled kernels: run without TRITON_INTERPRET=1")
     rows = []
-    for name, fn, kw in variants:
+    for name, fn, kw, hot in variants:
         t0 = time.perf_counter()
-        compiled, cfg = fn(arch=arch, **kw)
-        rows.append(dict(variant=name, seconds=round(time.perf_counter() - t0, 1), **cfg, **_usage(compiled)))
+        try:
+            compiled, cfg = fn(arch=arch, **kw)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure is a finding to report
+            if stop_on_error:
+                raise
+            msg = f"{type(exc).__name__}: {exc}".strip().splitlines()
+            rows.append(dict(variant=name, hot=hot, seconds=round(time.perf_counter() - t0, 1),
+                             error=msg[-1][:300] if msg else type(exc).__name__))
+            continue
+        rows.append(dict(variant=name, hot=hot, seconds=round(time.perf_counter() - t0, 1), **cfg, **_usage(compiled)))
     return rows
 
 
+def problems(rows: list[dict]) -> list[str]:
+    """What ``--check`` fails on: a compile error in any variant, or spills (stack, local memory or STL/LDL
+    instructions) in a hot variant. Empty when the check passes."""
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['variant']}: compile error: {r['error']}")
+        elif "regs" not in r:
+            out.append(f"{r['variant']}: no resource usage from cuobjdump")
+        elif r["hot"] and spills(r):
+            out.append(f"{r['variant']}: hot variant spills (stack {r['stack']} B, local {r['local']} B, "
+                       f"{r['spill_stores']} STL / {r['spill_loads']} LDL)")
+    return out
+
+
+def spills(row: dict) -> bool:
+    """True when a compiled variant uses local memory (register spills: STACK/LOCAL bytes or STL/LDL)."""
+    return any(row.get(key, 0) for key in ("stack", "local", "spill_stores", "spill_loads"))
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of the rows (one line per variant)."""
+    lines = ["| variant | hot | num_warps | regs | stack B | local B | STL/LDL | compile s |",
+             "|---|:-:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        hot = "yes" if r["hot"] else ""
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {hot} | | compile error: {r['error']} | | | | {r['seconds']} |")
+            continue
+        lines.append(f"| {r['variant']} | {hot} | {r.get('num_warps', '')} | {r.get('regs', '?')} | "
+                     f"{r.get('stack', '?')} | {r.get('local', '?')} | {r.get('spill_stores', '?')}/"
+                     f"{r.get('spill_loads', '?')} | {r['seconds']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    arch = int((argv or sys.argv[1:] or ["90"])[0])
-    for row in compile_all(arch):
-        print(row)
-    return 0
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(
+        prog="python -m fastopd.kernels._aot",
+        description="Compile every fastopd kernel variant for sm_<arch> without a GPU and report registers/spills.",
+    )
+    ap.add_argument("arch", nargs="?", type=int, default=90, help="CUDA compute capability as an int (default 90)")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 on any compile error or on any spill in a hot variant (CI)")
+    ap.add_argument("--hot-only", action="store_true", help="compile only the hot variants")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows (with the triton version) as JSON")
+    args = ap.parse_args(argv)
+    if args.arch < 50:
+        ap.error(f"arch must be a CUDA compute capability such as 80 or 90, got {args.arch}")
+    variants = [v for v in VARIANTS if v[3]] if args.hot_only else VARIANTS
+    t0 = time.perf_counter()
+    rows = compile_all(args.arch, variants, stop_on_error=not args.check)
+    total = round(time.perf_counter() - t0, 1)
+    print(f"triton {triton.__version__}, sm_{args.arch}, {len(rows)} variants in {total} s")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(triton=triton.__version__, arch=args.arch, seconds=total, rows=rows), f, indent=1)
+    if not args.check:
+        return 0
+    found = problems(rows)
+    cold = [r["variant"] for r in rows if not r["hot"] and "error" not in r and spills(r)]
+    if cold:
+        print(f"note: {len(cold)} non-hot variant(s) spill (allowed, documented in docs/kernels.md): {', '.join(cold)}")
+    for p in found:
+        print(f"FAIL {p}")
+    print(f"check: {'FAILED' if found else 'ok'} (triton {triton.__version__})")
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

@@ -87,13 +87,11 @@ def row_base(row, stride, offs_ptr, USE_OFFS: tl.constexpr):
 
 
 def check_triton() -> None:
-    """Raise a clear error when the installed Triton lacks what the kernels need (tl.topk, Triton >= 3.4)."""
-    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2] if p.isdigit())
-    if not hasattr(tl, "topk") or not hasattr(tl, "join") or version < (3, 4):
-        raise RuntimeError(
-            f"fastopd's Triton kernels need Triton >= 3.4 (tl.topk on int64 keys); found triton "
-            f"{triton.__version__}. Upgrade triton or use backend='reference'."
-        )
+    """Raise a clear RuntimeError when the installed Triton lacks what the kernels need (tl.topk, Triton >= 3.4):
+    :func:`fastopd._dispatch.check_triton`, the one place that knows the floor."""
+    from fastopd._dispatch import check_triton as _check
+
+    _check()
 
 
 def is_interpreted(kernel) -> bool:

@@ -13,8 +13,9 @@ cast to the logits' dtype at the store, so the sampled-token column p - 1 is for
 Columns in [V, W) of a student buffer wider than ``vocab_size`` get exactly 0, and rows with c_t == 0
 (ignored tokens, or tokens a release rule dropped) write zeros without reading the logits.
 
-GPU notes: BLOCK = 4096, num_warps = 8 (32 registers for bf16 on sm_90); full chunks run without masks so
-the loads and stores vectorise whatever V is, and one masked tail loop covers [V_full, W). Traffic is one
+GPU notes: BLOCK = 4096, num_warps = 8 (32-40 registers for bf16 on sm_90 under Triton 3.4-3.9, no spills;
+docs/kernels.md); full chunks run without masks so the loads and stores vectorise whatever V is, and one
+masked tail loop covers [V_full, W). Traffic is one
 read of the student row (plus one of the teacher row for ``reverse_kl``) and one write of the gradient row;
 with the forward's two reads, the loss costs 4 (pg) or 5 (reverse_kl) passes over N x V elements. With
 ``inplace`` the gradient row overwrites the student row it was computed from (each program reads a chunk
@@ -80,10 +81,14 @@ def _loss_backward_kernel(
     coef = tl.load(coef_ptr + row)
     g_row = grad_ptr + row_base(row, g_stride, g_offs_ptr, G_OFFS)
     offs = tl.arange(0, BLOCK)
+    # While loops, not range(): the interpreter of Triton < 3.8 turns a runtime range bound into an int with
+    # int(ndarray of shape (1,)), which NumPy >= 2.4 rejects (docs/kernels.md, "Triton versions").
     if coef == 0.0:
-        for start in range(0, W, BLOCK):
+        start = 0
+        while start < W:
             cols = start + offs
             tl.store(g_row + cols, tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty), mask=cols < W)
+            start += BLOCK
         return
 
     zs_row = zs_ptr + row_base(row, s_stride, s_offs_ptr, S_OFFS)
@@ -97,12 +102,15 @@ def _loss_backward_kernel(
     scale = coef * inv_tau
     # Full chunks without masks (vectorised loads and stores whatever V is), then the masked tail up to W.
     v_full = (V // BLOCK) * BLOCK
-    for start in range(0, v_full, BLOCK):
+    start = 0
+    while start < v_full:
         _backward_chunk(zs_row, zt_row, g_row, start + offs, V, W, y, m_s, log_s, m_t, log_t, kl, scale,
                         inv_tau, False, REVERSE_KL)
-    for start in range(v_full, W, BLOCK):
+        start += BLOCK
+    while start < W:
         _backward_chunk(zs_row, zt_row, g_row, start + offs, V, W, y, m_s, log_s, m_t, log_t, kl, scale,
                         inv_tau, True, REVERSE_KL)
+        start += BLOCK
 
 
 def backward_launch_config(width: int, block_v: int | None = None) -> dict:

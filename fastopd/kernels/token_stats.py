@@ -25,18 +25,17 @@ One program per row streams the student row and the teacher row *together*, once
 Rows whose target is ``ignore_index`` write zeros and exit before reading any logits. Besides the TokenStats
 fields the kernel writes M_S, log sum_S, M_T, log sum_T per row (O(N)): the loss backward needs them.
 
-GPU notes (H100, bf16, V = 151936; checked by compiling for sm_90 with ``fastopd.kernels._aot``, no GPU was
-available to time it): BLOCK_V = 4096, GROUP = 64, num_warps = 4 -> 160 registers (126 without the KL), no
-spills, 3 CTAs per SM. Every element of both rows is read exactly once (2 * N * V * itemsize bytes: the
-bandwidth bound); extra traffic is K * GROUP columns and K + 2 scalars per row; temporaries are O(N).
-Static SASS count per 4096-column chunk and CTA: ~3.2k warp-instructions (~2.5k without the KL), plus
-~2.8k when the top-K branch fires (every chunk that holds one of the running top-K groups: for random
-logits ~16 + 16 ln(chunks / 16) of the 37 chunks). The issue budget at the H100's 3.35 TB/s is ~4.5k per
-chunk per SM, so the loop is near the roofline without the branch and ~1.2-1.6x over it with it: expect
-~60-85 % of the memory roofline, to be confirmed by benchmarks/gpu_check.sh. With 8 warps the same chunk
-costs more instructions (cross-warp reductions and the sort's layout conversions scale with the warps).
-Rows whose start is not 16-element aligned (a row stride such as V = 50257) lose load vectorisation
-(230 registers); the caller can pad the vocabulary to a multiple of 16 to avoid it.
+GPU notes (bf16, V = 151936): BLOCK_V = 4096 and, for K_PAD <= 32, GROUP = 128 (32 group keys per chunk
+sort), num_warps = 4. Compiled for sm_90 (``python -m fastopd.kernels._aot``) that is 160-168 registers
+under Triton 3.4-3.6 and 128 / 164 (without / with the KL) under 3.9, no spills, so 3 CTAs fit on an SM
+(table per version and variant: docs/kernels.md). GROUP = 64 (the earlier default) cost 194 registers for
+the KL variant under 3.6 and made ptxas spill the pg variant to stay at 168; it also spilled 408-528 bytes
+in the row-offset and unaligned-row variants under 3.4-3.6, which GROUP = 128 does not. Every element of both
+rows is read exactly once (2 * N * V * itemsize bytes: the bandwidth bound); extra traffic is K * GROUP
+columns (4 KB per row for K = 16 in bf16) and K + 2 scalars per row; temporaries are O(N). The first H200
+run (Triton 3.6, GROUP = 64) reached 30 % of the HBM roofline for the statistics pass (README, Benchmarks);
+GROUP = 128 has not been timed on a GPU yet. Rows whose start is not 16-element aligned (a row stride such as
+V = 50257) lose load vectorisation (more registers); the caller can pad the vocabulary to a multiple of 16.
 """
 
 from __future__ import annotations
@@ -158,12 +157,16 @@ def _token_stats_kernel(
     # them, so elements are resolved once, after the loop.
     run = tl.full([K_PAD], SENTINEL, tl.int64)
     # Full chunks without a mask (so that the loads vectorise whatever V is), then one masked tail chunk.
+    # A while loop, not range(): the interpreter of Triton < 3.8 turns a runtime range bound into an int with
+    # int(ndarray of shape (1,)), which NumPy >= 2.4 rejects (docs/kernels.md, "Triton versions").
     v_full = (V // BLOCK) * BLOCK
-    for start in range(0, v_full, BLOCK):
+    start = 0
+    while start < v_full:
         m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
             zs_row, zt_row, start, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
             False, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
         )
+        start += BLOCK
     if v_full < V:
         m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
             zs_row, zt_row, v_full, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
@@ -215,16 +218,17 @@ def stats_launch_config(v: int, k: int, block_v: int | None = None, group: int |
                         bitonic: bool = True) -> dict:
     """Constexprs and num_warps of the stats kernel.
 
-    K_PAD = next power of two >= k. GROUP (columns per top-K group) = 64 for K_PAD <= 64 on the GPU path
-    (the per-chunk ``tl.topk`` then sorts only BLOCK_V / 64 group keys), 16 under the interpreter (its
-    O(n^2) selection runs over K_PAD * GROUP keys). BLOCK_V = 4096 by default, at least K_PAD * GROUP (a
+    K_PAD = next power of two >= k. GROUP (columns per top-K group) = min(128, 4096 / K_PAD), at least 16,
+    on the GPU path (128 for K_PAD <= 32: the per-chunk ``tl.topk`` then sorts only BLOCK_V / 128 group
+    keys, and the kernel stays at <= 168 registers without spills on Triton 3.4-3.9, docs/kernels.md), 16
+    under the interpreter (its O(n^2) selection runs over K_PAD * GROUP keys). BLOCK_V = 4096 by default, at least K_PAD * GROUP (a
     chunk must hold K_PAD groups), at most the next power of two >= V.
     """
     k_pad = max(2, next_pow2(k))
     if k_pad > MAX_K_PAD:
         raise ValueError(f"k must be <= {MAX_K_PAD} on the Triton backend, got k={k}; use backend='reference'")
     if group is None:
-        group = max(16, min(64, 4096 // k_pad)) if bitonic else 16
+        group = max(16, min(128, 4096 // k_pad)) if bitonic else 16
     if group < 1 or group & (group - 1):
         raise ValueError(f"group must be a power of two, got {group}")
     target = 4096 if block_v is None else int(block_v)

@@ -30,6 +30,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
 LOG_WITH = ("auto", "none", "tensorboard")
 BACKENDS = ("auto", "triton", "reference")
+LOSS_FROM = ("hidden", "logits")
 # Names used by other trainers (TRL, HF Trainer) -> the field here; only used to suggest the right name.
 ALIASES = {
     "learning_rate": "lr", "max_steps": "steps", "num_train_steps": "steps", "batch_size": "prompts_per_step",
@@ -103,6 +104,11 @@ class TrainConfig:
     min_gain: float = _f(10.0, "Release only when the BIC gain exceeds this (10: very strong evidence).")
     fraction: float = _f(0.5, "Kept fraction of the fixed_prefix control.")
     backend: str = _f("auto", "Loss backend: auto (Triton on CUDA, reference on CPU), triton, reference.", BACKENDS)
+    loss_from: str = _f("hidden", "hidden: the loss from both models' final hidden states and LM heads in token "
+                        "chunks, no (N, C, V) logits (docs/formulas.md §6); logits: materialise both models' "
+                        "completion logits (FSDP1, or models without logits_to_keep).", LOSS_FROM)
+    loss_chunk_size: int = _f(0, "Token rows per logits tile of the hidden-state loss; 0: its default (2^26 / V on "
+                              "Triton, 2^23 / V on the reference).")
 
     # ---- optimisation
     steps: int = _f(100, "Optimizer steps to train for (may be raised when resuming).")
@@ -154,7 +160,7 @@ class TrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"config field `{name}` must be >= 1, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "eval_every", "eval_size", "save_every", "num_threads", "top_k",
-                     "eval_max_new_tokens"):
+                     "eval_max_new_tokens", "loss_chunk_size"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"config field `{name}` must be >= 0, got {getattr(self, name)!r}")
         if self.k < 2:

@@ -7,7 +7,9 @@ repeated ``cfg.steps`` times by ``train`` (at the bottom; :func:`setup` builds e
 2. the student samples ``num_samples`` completions of each with HF ``generate`` (``generate_completions``);
 3. every completion is cut into sentence segments (``fastopd.segment.batch_token_segments``; -1 at padding);
 4. the teacher scores prompt + completion under ``no_grad``; the student runs forward with gradients
-   (``completion_logits``: logits at position t-1 predict token t, completion positions only);
+   (``completion_loss``: by default both models' final hidden states at the positions that predict the
+   completion tokens plus their LM heads, ``fastopd.train.hidden``, so that no (N, C, V) logits exist;
+   ``loss_from="logits"``: ``completion_logits``, logits at position t-1 predict token t);
 5. ``fastopd.OPDLoss(rule=fastopd.ReleaseRule(mode=cfg.mode))`` decides the per-token weights (the release
    rule, or the ``full`` / ``fixed_prefix`` / ``random`` / ``shuffled`` control) and returns the loss
    (docs/formulas.md §1-5);
@@ -42,6 +44,7 @@ from fastopd.train.checkpoint import (
 )
 from fastopd.train.config import TrainConfig
 from fastopd.train.data import PromptSchedule, load_prompts
+from fastopd.train.hidden import hidden_loss
 from fastopd.train.runlog import RunLog, read_log
 
 IGNORE_INDEX = -100
@@ -616,19 +619,16 @@ def micro_step(run: Run, step: int, micro: int, totals: StepTotals, phase: dict 
     phase["time_rule"] += _now(device) - t0
     grad_norm = float("nan")
     with accelerator.accumulate(student):
-        # 4. teacher scores (no grad), student forward (grad), completion positions only
+        # 4-5. teacher scores (no grad), student forward (grad), completion positions only; release rule ->
+        # weights -> loss (on-policy: old_logprobs = None)
         t0 = _now(device)
-        with torch.no_grad(), accelerator.autocast():
-            teacher_logits = completion_logits(run.teacher, rollouts)
-        t1 = _now(device)
-        student_logits = completion_logits(student, rollouts)
-        # 5. release rule -> weights -> loss (on-policy: old_logprobs = None)
-        out = run.criterion(student_logits, teacher_logits, rollouts.targets, segment_ids=rollouts.segment_ids)
+        times: dict = {}
+        out = completion_loss(run, rollouts, times=times)
         t2 = _now(device)
         rule_s = out.release.elapsed_s if out.release is not None else 0.0
-        phase["time_teacher"] += t1 - t0
+        phase["time_teacher"] += times.get("teacher", 0.0)
         phase["time_rule"] += rule_s
-        phase["time_student_forward"] += t2 - t1 - rule_s  # student logits + loss forward
+        phase["time_student_forward"] += t2 - t0 - times.get("teacher", 0.0) - rule_s  # student + loss forward
         # 6. backward; the optimizer acts once per grad_accum_steps micro-batches
         accelerator.backward(out.loss)
         t3 = _now(device)
@@ -648,6 +648,26 @@ def micro_step(run: Run, step: int, micro: int, totals: StepTotals, phase: dict 
         for rec in rollout_records(step, out, rollouts, correct):
             run.log.write("rollouts.jsonl", rec)
     return t_gen, grad_norm
+
+
+def completion_loss(run: Run, rollouts: Rollouts, times: dict | None = None):
+    """Steps 4-5: both models score the completions, the rule decides the weights, the loss is returned.
+
+    ``loss_from="hidden"`` (default): final hidden states + LM heads (:func:`fastopd.train.hidden.hidden_loss`),
+    in token chunks, so no (N, C, V) tensor exists; ``"logits"``: both models' completion logits.
+    ``times``: a dict that receives ``"teacher"``, the seconds of the teacher's forward.
+    """
+    cfg, accelerator = run.cfg, run.accelerator
+    if cfg.loss_from == "hidden":
+        return hidden_loss(run.criterion, run.student, run.teacher, rollouts, autocast=accelerator.autocast,
+                           chunk_size=cfg.loss_chunk_size or None, times=times)
+    t0 = _now(accelerator.device)
+    with torch.no_grad(), accelerator.autocast():
+        teacher_logits = completion_logits(run.teacher, rollouts)
+    if times is not None:
+        times["teacher"] = _now(accelerator.device) - t0
+    student_logits = completion_logits(run.student, rollouts)
+    return run.criterion(student_logits, teacher_logits, rollouts.targets, segment_ids=rollouts.segment_ids)
 
 
 def train_step(run: Run, step: int) -> dict:

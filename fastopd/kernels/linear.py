@@ -1,0 +1,72 @@
+"""Per-chunk Triton forward/backward of the hidden-state OPD loss (docs/formulas.md §6; driver: fastopd.linear).
+
+For one token chunk of logits tiles z_S, z_T (chunk, V), already produced by the head matmuls:
+
+- forward: the fused stats kernel (:func:`fastopd.kernels.token_stats.launch_token_stats`) on the tiles, then
+  :func:`fastopd.common.per_token_loss` (the same per-token loss and coefficient c_t as
+  :func:`fastopd.kernels.opd_loss_triton`) with w = valid; only the per-token vectors and the (NUM_OUT, chunk) row
+  statistics (M, log Z of both models, KL) that the backward kernel reads are kept.
+- backward: the loss-backward kernel on the recomputed student tile (and teacher tile for ``reverse_kl``),
+  with c_t times the incoming gradient; it writes dl/dz_S into the student tile itself (no third tile)
+  unless the head soft-caps, whose chain rule still reads z.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastopd.common import per_token_loss
+from fastopd.kernels._helpers import NUM_OUT, OUT_ADV, OUT_KL, OUT_MARGIN, OUT_S, OUT_U, Rows
+from fastopd.kernels.loss_backward import launch_loss_backward
+from fastopd.kernels.token_stats import launch_token_stats
+from fastopd.types import TokenStats
+
+
+class TritonChunks:
+    """The Triton backend of :class:`fastopd.linear._LinearOPDFunction`, one chunk at a time."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.reverse_kl = cfg["loss"] == "reverse_kl"
+
+    def alloc(self, n: int, device) -> dict:
+        return {
+            "coef": torch.zeros(n, dtype=torch.float32, device=device),
+            "out": torch.zeros((int(NUM_OUT), n), dtype=torch.float32, device=device),
+        }
+
+    def forward(self, zs, zt, tgt, old, saved, sl):
+        c = self.cfg
+        out, _ = launch_token_stats(
+            Rows(zs), Rows(zt), tgt, v=c["v"], k=c["k"], temperature=c["temperature"],
+            ignore_index=c["ignore_index"], full_kl=self.reverse_kl, return_topk=False,
+        )
+        valid = tgt != c["ignore_index"]
+        w = valid.float()
+        # The same per-token loss and row factor c_t as fastopd.kernels.opd_loss_triton (common.per_token_loss).
+        if self.reverse_kl:
+            terms = per_token_loss("reverse_kl", valid, w, kl=out[OUT_KL.value])
+            adv = out[OUT_ADV.value].clone()
+        else:
+            terms = per_token_loss("pg", valid, w, s=out[OUT_S.value], u=out[OUT_U.value], old_logprobs=old)
+            adv = terms.advantages
+        saved["coef"][sl] = terms.coef
+        saved["out"][:, sl] = out
+        stats = TokenStats(
+            student_logprobs=out[OUT_S.value], teacher_logprobs=out[OUT_U.value], advantages=adv,
+            margins=out[OUT_MARGIN.value], valid=valid, reverse_kl=out[OUT_KL.value] if self.reverse_kl else None,
+        )
+        return terms.per_token, stats
+
+    def forward_grad(self, zs, zt, tgt, old, saved, sl, g):
+        """:meth:`forward`, then the backward kernel on the same live tiles (the eager path)."""
+        per_token, stats = self.forward(zs, zt, tgt, old, saved, sl)
+        return per_token, stats, self.backward(zs, zt, tgt, old, saved, sl, g)
+
+    def backward(self, zs, zt, tgt, old, saved, sl, g):
+        c = self.cfg
+        coef = (g.float() * saved["coef"][sl]).contiguous()
+        return launch_loss_backward(
+            Rows(zs), Rows(zt if zt is not None else zs), tgt, coef, saved["out"][:, sl].contiguous(), v=c["v"],
+            temperature=c["temperature"], reverse_kl=self.reverse_kl, inplace=c["s_cap"] is None,
+        )

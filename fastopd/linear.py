@@ -1,0 +1,567 @@
+"""The OPD statistics and loss from hidden states (docs/formulas.md §6): no (N, V) logits on any backend.
+
+Every quantity of §1 and §5 is computed on z = head(h) per model, where
+
+    head(h) = softcap(scale * (h @ W[:V].T + b[:V])),   softcap(x) = c * tanh(x / c)  (or x when c is None),
+
+W is the (V', H) LM-head weight (V' >= V: padded heads are cut to the shared vocabulary V), ``scale`` the
+model's logit scale (Cohere-style; 1.0 by default) and ``c`` its final-logit soft-cap (Gemma-style; none by
+default), in that order, as TRL's ``_chunked_divergence_loss`` takes them; the temperature divides after.
+
+How (peak extra memory O(chunk * V), independent of N):
+
+- forward: per token chunk of ``chunk_size`` rows, the two logits tiles z_S, z_T (chunk, V) by a matmul, then
+  the existing per-chunk statistics and per-token loss on them -- :func:`fastopd.reference.opd_loss` on the
+  reference (CPU) backend, the fused stats kernel (:mod:`fastopd.kernels.linear`) on the Triton backend -- keeping
+  only per-token vectors (s, u, A, m, KL, and for the kernel the row statistics M, log Z and the
+  coefficient c_t); the tiles are freed before the next chunk.
+- the loss's weights w_t enter as a per-token factor: the forward returns the *unit* per-token loss l0_t
+  (w = valid) and l_t = w_t * l0_t, because every l_t of §5 is linear in w_t. So a release rule can decide
+  w from the margins of this same forward (:meth:`fastopd.OPDLoss.linear`) and no second statistics pass
+  is needed: the gradient arriving at l0_t already carries w_t.
+- gradient, two ways. Eager (:func:`linear_opd_loss`, whose weights are known at the forward): while a
+  chunk's tiles are live, dl/dz_S for g_t = w_t is computed from them, the head's chain rule applied
+  (dz_raw = dz * scale * (1 - (z / c)^2)), and grad_h[chunk] = dz_raw @ W[:V], grad_W[:V] += dz_raw^T
+  @ h[chunk], grad_b[:V] += sum_rows dz_raw accumulated; the backward only checks that the incoming
+  gradient is sigma * w (what ``out.loss`` sends back: sigma = upstream / normaliser) and scales.
+  Recompute (with a release rule, whose weights exist only after the whole forward, or when ``per_token``
+  is reduced some other way): the backward recomputes per chunk the student tile (and the teacher's for
+  ``reverse_kl``, whose gradient reads log p_T -- ``pg`` needs only the saved u_t) and does the same.
+  Either way dl/dz_S comes from the single loss definition (reference: autograd of
+  :func:`fastopd.reference.opd_loss` / :func:`fastopd.common.per_token_loss` on the tile; Triton: the
+  loss-backward kernel with the coefficient of :func:`fastopd.common.per_token_loss`, written in
+  place into the tile). Rows of W and b beyond V get a zero gradient; teacher tensors get none.
+
+Cost: eager, 4 matmuls of N x H x V (two head forwards, grad_h, grad_W) like the logits path. Recompute,
+5 (``pg``) or 6 (``reverse_kl``): the student's head matmul runs again in the backward (and the teacher's
+for ``reverse_kl``), plus the loss's elementwise work on the tile again. Chunks whose rows are all ignored
+(or whose incoming gradient is zero) skip the backward matmuls. The weight gradient is accumulated in the
+weight's dtype (one rounding per chunk in bf16).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastopd._dispatch import cpu_ops, resolve_backend
+from fastopd._validate import FLOAT_DTYPES, check_token_inputs
+from fastopd.common import check_loss_options, per_token_loss, reduce_loss, weight_mask
+from fastopd.types import OPDOutput, TokenStats
+
+# Default rows per chunk: this many logits elements per tile. The reference holds ~8 fp32 (chunk, V)
+# temporaries at once (log-softmax, top-K masks, ...); the kernels hold the two tiles and nothing else.
+REFERENCE_TILE_ELEMENTS = 1 << 23
+TRITON_TILE_ELEMENTS = 1 << 26
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The LM head of one model
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Head:
+    """z = softcap(scale * (h @ W[:v].T + b[:v])) for one model, and the chain rule back to the raw product."""
+
+    def __init__(self, weight, bias, v: int, scale: float, softcap: float | None) -> None:
+        self.weight = weight[:v]
+        self.bias = None if bias is None else bias[:v]
+        self.scale = float(scale)
+        self.softcap = None if softcap is None else float(softcap)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(rows, v) logits of ``h`` (rows, H), in ``h``'s dtype."""
+        if self.bias is None:
+            z = h @ self.weight.T
+        else:
+            z = torch.addmm(self.bias, h, self.weight.T)
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.softcap is not None:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
+
+    def raw_grad(self, z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        """dL/d(h W^T + b) from dL/dz and the head's output z: dz * scale * (1 - (z / c)^2) (in place on dz)."""
+        if self.softcap is not None:
+            # 1 - tanh^2 in at least fp32 (bf16 loses it near saturation), then one cast back.
+            t = (z.to(torch.promote_types(z.dtype, torch.float32)) / self.softcap).square_().neg_().add_(1.0)
+            dz = dz.mul_(t) if dz.dtype == t.dtype else (dz.to(t.dtype) * t).to(dz.dtype)
+        if self.scale != 1.0:
+            dz = dz.mul_(self.scale)
+        return dz
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_model(role: str, hidden, weight, bias, target_ids, scale, softcap) -> None:
+    h, w, b = f"{role}_hidden", f"{role}_weight", f"{role}_bias"
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"{h} must be a torch.Tensor of shape target_ids.shape + (H,), got {type(hidden).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{w} must be a torch.Tensor of shape (V', H), got {type(weight).__name__}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{h} must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{w} must have {h}'s dtype {hidden.dtype}, got {weight.dtype}")
+    if isinstance(target_ids, torch.Tensor) and hidden.shape[:-1] != target_ids.shape:
+        raise ValueError(
+            f"{h} must have shape target_ids.shape + (H,) = {tuple(target_ids.shape)} + (H,), got {tuple(hidden.shape)}"
+        )
+    if hidden.dim() < 1:
+        raise ValueError(f"{h} must have shape (..., H), got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{w} must have shape (V', H) with H = {h}.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{w} must be on {h}'s device {hidden.device}, got {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{b} must be a torch.Tensor of shape (V',) or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{b} must have shape (V',) = ({weight.shape[0]},) like {w}'s rows, got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(f"{b} must have {h}'s dtype {hidden.dtype} and device {hidden.device}, got {bias.dtype} on {bias.device}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+        raise ValueError(f"{role}_logit_scale must be a finite nonzero number, got {scale!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"{role}_final_logit_softcapping must be None or a finite number > 0, got {softcap!r}")
+
+
+def _check_inputs(sh, sw, sb, th, tw, tb, target_ids, *, k, temperature, ignore_index, vocab_size, chunk_size,
+                  s_scale, s_cap, t_scale, t_cap) -> int:
+    """Validate the hidden-state inputs and return the shared vocabulary size V."""
+    if not isinstance(target_ids, torch.Tensor):
+        raise TypeError(f"target_ids must be a torch.Tensor of integer ids, got {type(target_ids).__name__}")
+    _check_model("student", sh, sw, sb, target_ids, s_scale, s_cap)
+    _check_model("teacher", th, tw, tb, target_ids, t_scale, t_cap)
+    vs, vt = sw.shape[0], tw.shape[0]
+    if vocab_size is None:
+        if vs != vt:
+            raise ValueError(
+                f"student_weight has {vs} rows but teacher_weight has {vt}; pass vocab_size= the shared vocabulary "
+                "size to cut both heads to their first vocab_size rows"
+            )
+    elif not isinstance(vocab_size, bool) and isinstance(vocab_size, int) and vocab_size > min(vs, vt):
+        raise ValueError(f"vocab_size={vocab_size} exceeds the heads' rows (student_weight {vs}, teacher_weight {vt})")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    # The remaining checks (k, temperature, ignore_index, vocab_size, target range, devices) are the logits
+    # path's own, run on zero-storage stand-ins of the logits' shapes.
+    fake_s = torch.empty((), dtype=sh.dtype, device=sh.device).expand(*target_ids.shape, vs)
+    fake_t = torch.empty((), dtype=th.dtype, device=th.device).expand(*target_ids.shape, vt)
+    return check_token_inputs(fake_s, fake_t, target_ids, k=k, temperature=temperature,
+                              ignore_index=ignore_index, vocab_size=vocab_size)
+
+
+def default_chunk_size(backend: str, v: int) -> int:
+    """Rows per chunk when ``chunk_size=None``: 2^23 (reference) or 2^26 (Triton) logits elements per tile."""
+    budget = REFERENCE_TILE_ELEMENTS if backend == "reference" else TRITON_TILE_ELEMENTS
+    rows = max(1, budget // max(v, 1))
+    return max(16, rows // 16 * 16) if rows >= 16 else rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-chunk backends
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _ReferenceChunks:
+    """Per-chunk forward/backward on the CPU backend (the reference's own functions, no second formula)."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.ref = cpu_ops()
+
+    def alloc(self, n: int, device) -> dict:
+        return {"u": torch.zeros(n, dtype=self.cfg["dtype"], device=device)}
+
+    def _loss(self, z, zt, tgt, old):
+        c = self.cfg
+        return self.ref.opd_loss(
+            z, zt, tgt, loss=c["loss"], old_logprobs=old, normalizer=1.0,
+            k=c["k"], temperature=c["temperature"], ignore_index=c["ignore_index"],
+        )
+
+    def forward(self, zs, zt, tgt, old, saved, sl):
+        out = self._loss(zs, zt, tgt, old)
+        saved["u"][sl] = out.stats.teacher_logprobs
+        return out.per_token, out.stats
+
+    def forward_grad(self, zs, zt, tgt, old, saved, sl, g):
+        """:meth:`forward` and, from the same graph, dl/dz for incoming gradient ``g`` (the eager path)."""
+        with torch.enable_grad():
+            z = zs.detach().requires_grad_(True)
+            out = self._loss(z, zt, tgt, old)
+            (dz,) = torch.autograd.grad(out.per_token, z, g.to(out.per_token.dtype))
+        saved["u"][sl] = out.stats.teacher_logprobs
+        return out.per_token.detach(), out.stats, dz.to(zs.dtype)
+
+    def backward(self, zs, zt, tgt, old, saved, sl, g):
+        """dl/dz for incoming gradient ``g`` by autograd of common.per_token_loss on the recomputed tile (the
+        log-probs and KL by the reference's own functions; ``pg`` reads the saved u_t, not the teacher)."""
+        c, ref = self.cfg, self.ref
+        valid = tgt != c["ignore_index"]
+        with torch.enable_grad():
+            z = zs.detach().requires_grad_(True)
+            _, ls = ref._logprobs(z, z.shape[-1], c["temperature"])
+            w = valid.to(ls.dtype)
+            if c["loss"] == "pg":
+                y = torch.where(valid, tgt, torch.zeros_like(tgt)).long().unsqueeze(-1)
+                s = ls.gather(-1, y).squeeze(-1)
+                terms = per_token_loss("pg", valid, w, s=s, u=saved["u"][sl].to(ls.dtype), old_logprobs=old)
+            else:
+                _, lt = ref._logprobs(zt, zt.shape[-1], c["temperature"])
+                terms = per_token_loss("reverse_kl", valid, w, kl=ref._reverse_kl(ls, lt))
+            (dz,) = torch.autograd.grad(terms.per_token, z, g.to(ls.dtype))
+        return dz.to(zs.dtype)
+
+
+def _chunk_impl(backend: str, cfg):
+    if backend == "triton":
+        from fastopd.kernels.linear import TritonChunks
+
+        return TritonChunks(cfg)
+    return _ReferenceChunks(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The autograd Function
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _slices(n: int, chunk: int):
+    for start in range(0, n, chunk):
+        yield slice(start, min(start + chunk, n))
+
+
+class _Grads:
+    """The student's gradient buffers, filled chunk by chunk: grad_h rows, grad_W[:V] and grad_b[:V] sums."""
+
+    def __init__(self, sh, sw, sb, v, need):
+        self.v = v
+        self.h = torch.zeros_like(sh) if need[0] else None
+        self.w = torch.zeros_like(sw) if need[1] else None
+        self.b = torch.zeros_like(sb) if (need[2] and sb is not None) else None
+
+    def add(self, sl, h, dz_raw, weight) -> None:
+        """grad_h[sl] = dz_raw @ W[:V], grad_W[:V] += dz_raw^T h, grad_b[:V] += sum_rows dz_raw."""
+        if self.h is not None:
+            torch.mm(dz_raw, weight, out=self.h[sl])
+        if self.w is not None:
+            self.w[:self.v].addmm_(dz_raw.T, h)
+        if self.b is not None:
+            self.b[:self.v] += dz_raw.sum(0)
+
+    def scaled(self, s: float):
+        return tuple(None if t is None else t.mul_(s) for t in (self.h, self.w, self.b))
+
+
+class _LinearOPDFunction(torch.autograd.Function):
+    """(h_S, W_S, b_S, h_T, W_T, b_T, y, s_old) -> unit per-token loss l0 (w = valid) and the statistics.
+
+    Inputs are flat: hidden (N, H), target (N,). Only l0 is differentiable; the gradient reaches h_S, W_S
+    and b_S (teacher tensors, targets and old log-probs get none).
+
+    Two ways to the gradient:
+
+    - recompute (always correct): the backward recomputes the student's tile per chunk (and the teacher's
+      for ``reverse_kl``) and applies the incoming gradient g_t.
+    - eager (``cfg["eager_w"]`` = the per-token weights, when they are known at the forward, as in
+      :func:`linear_opd_loss`): while each chunk's tiles are live, the forward also computes the gradient
+      for g_t = w_t, which is what ``loss = sum_t w_t l0_t / normaliser`` sends back up to one scalar
+      (1 / normaliser times the upstream gradient). The backward checks that the incoming g is
+      sigma * w for one scalar sigma (relative tolerance 1e-6) and returns sigma times the stored gradient;
+      for any other g (a custom reduction of ``per_token``) it falls back to the recompute. No extra matmul
+      then: 4 N x H x V matmuls like the logits path.
+    """
+
+    @staticmethod
+    def forward(ctx, sh, sw, sb, th, tw, tb, tgt, old, cfg):
+        # The tiles are made in the inputs' dtype, whatever autocast region the caller is in.
+        with torch.autocast(device_type=sh.device.type, enabled=False):
+            return _LinearOPDFunction._forward(ctx, sh, sw, sb, th, tw, tb, tgt, old, cfg)
+
+    @staticmethod
+    def _forward(ctx, sh, sw, sb, th, tw, tb, tgt, old, cfg):
+        n, dev = tgt.shape[0], tgt.device
+        out_dtype = cfg["dtype"]
+        impl = _chunk_impl(cfg["backend"], cfg)
+        v = cfg["v"]
+        s_head = Head(sw, sb, v, cfg["s_scale"], cfg["s_cap"])
+        t_head = Head(tw, tb, v, cfg["t_scale"], cfg["t_cap"])
+        per_token = torch.zeros(n, dtype=out_dtype, device=dev)
+        fields = {f: torch.zeros(n, dtype=out_dtype, device=dev)
+                  for f in ("student_logprobs", "teacher_logprobs", "advantages", "margins")}
+        reverse_kl = cfg["loss"] == "reverse_kl"
+        if reverse_kl:
+            fields["reverse_kl"] = torch.zeros(n, dtype=out_dtype, device=dev)
+        saved = impl.alloc(n, dev)
+        eager_w = cfg.get("eager_w")
+        need = ctx.needs_input_grad[:3]
+        grads = _Grads(sh, sw, sb, v, need) if (eager_w is not None and any(need)) else None
+        for sl in _slices(n, cfg["chunk"]):
+            zs = s_head.logits(sh[sl])
+            zt = t_head.logits(th[sl])
+            o = None if old is None else old[sl]
+            if grads is not None and bool((eager_w[sl] != 0).any()):
+                pt, st, dz = impl.forward_grad(zs, zt, tgt[sl], o, saved, sl, eager_w[sl])
+                grads.add(sl, sh[sl], s_head.raw_grad(zs, dz), s_head.weight)
+                del dz
+            else:
+                pt, st = impl.forward(zs, zt, tgt[sl], o, saved, sl)
+            per_token[sl] = pt
+            for f in fields:
+                fields[f][sl] = getattr(st, f)
+            del zs, zt
+        ctx.cfg = cfg
+        ctx.saved = saved
+        ctx.grads = grads
+        ctx.save_for_backward(sh, sw, sb, th, tw, tb, tgt, old)
+        outs = tuple(fields.values())
+        ctx.mark_non_differentiable(*outs)
+        return (per_token, *outs)
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        sh, sw, sb, th, tw, tb, tgt, old = ctx.saved_tensors
+        cfg = ctx.cfg
+        need = ctx.needs_input_grad[:3]
+        if not any(need):
+            return (None,) * 9
+        g = g.detach()
+        if ctx.grads is not None:
+            sigma = _common_scale(g, cfg["eager_w"])
+            grads, ctx.grads = ctx.grads, None  # a second backward (retain_graph) recomputes
+            if sigma is not None:
+                return (*grads.scaled(sigma), None, None, None, None, None, None)
+        v = cfg["v"]
+        impl = _chunk_impl(cfg["backend"], cfg)
+        s_head = Head(sw, sb, v, cfg["s_scale"], cfg["s_cap"])
+        t_head = Head(tw, tb, v, cfg["t_scale"], cfg["t_cap"])
+        reverse_kl = cfg["loss"] == "reverse_kl"
+        grads = _Grads(sh, sw, sb, v, need)
+        live = (tgt != cfg["ignore_index"]) & (g != 0)
+        with torch.no_grad(), torch.autocast(device_type=sh.device.type, enabled=False):
+            for sl in _slices(tgt.shape[0], cfg["chunk"]):
+                if not bool(live[sl].any()):
+                    continue  # every row's gradient is zero: no recompute, grad_h rows stay 0
+                zs = s_head.logits(sh[sl])
+                zt = t_head.logits(th[sl]) if reverse_kl else None
+                dz = impl.backward(zs, zt, tgt[sl], None if old is None else old[sl], ctx.saved, sl, g[sl])
+                del zt
+                grads.add(sl, sh[sl], s_head.raw_grad(zs, dz), s_head.weight)
+                del zs, dz
+        return grads.h, grads.w, grads.b, None, None, None, None, None, None
+
+
+def _common_scale(g: torch.Tensor, w: torch.Tensor) -> float | None:
+    """sigma with g = sigma * w (max deviation <= 1e-6 relative), or None if g is not a multiple of w."""
+    g64, w64 = g.double(), w.double()
+    ww = float((w64 * w64).sum())
+    if ww == 0.0:
+        return None
+    sigma = float((g64 * w64).sum()) / ww
+    scale = float(g64.abs().max())
+    if float((g64 - sigma * w64).abs().max()) <= 1e-6 * scale:
+        return sigma
+    return None
+
+
+def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, target_ids, *, loss, old_logprobs,
+         student_bias, teacher_bias, k, temperature, ignore_index, vocab_size, chunk_size, backend,
+         student_logit_scale, teacher_logit_scale, student_final_logit_softcapping,
+         teacher_final_logit_softcapping, weights=None, eager=False):
+    v = _check_inputs(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target_ids,
+        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size,
+        s_scale=student_logit_scale, s_cap=student_final_logit_softcapping,
+        t_scale=teacher_logit_scale, t_cap=teacher_final_logit_softcapping,
+    )
+    check_loss_options(loss, weights, old_logprobs, target_ids)
+    chosen = resolve_backend(backend, student_hidden.device,
+                             dtypes=(student_hidden.dtype, teacher_hidden.dtype), k=k)
+    if chosen == "triton":
+        from fastopd.kernels._helpers import check_kernel_dtype
+
+        check_kernel_dtype("student_hidden", student_hidden)
+        check_kernel_dtype("teacher_hidden", teacher_hidden)
+    shape = target_ids.shape
+    n = target_ids.numel()
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(chosen, v)
+    fp64 = student_hidden.dtype == torch.float64 and chosen == "reference"
+    cfg = dict(
+        v=v, k=k, temperature=float(temperature), ignore_index=ignore_index, loss=loss, backend=chosen,
+        chunk=max(1, min(chunk, max(n, 1))), dtype=torch.float64 if fp64 else torch.float32,
+        s_scale=float(student_logit_scale), s_cap=student_final_logit_softcapping,
+        t_scale=float(teacher_logit_scale), t_cap=teacher_final_logit_softcapping,
+    )
+    if eager and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)):
+        valid = (target_ids != ignore_index).reshape(n)
+        cfg["eager_w"] = weight_mask(valid, None if weights is None else weights.reshape(n), cfg["dtype"])
+    sh = student_hidden.reshape(n, student_hidden.shape[-1])
+    th = teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1])
+    old = None if old_logprobs is None else old_logprobs.detach().reshape(n)
+    per0, s, u, adv, m, *kl = _LinearOPDFunction.apply(
+        sh, student_weight, student_bias, th, teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(), target_ids.reshape(n), old, cfg,
+    )
+    valid = target_ids != ignore_index
+    stats = TokenStats(
+        student_logprobs=s.view(shape), teacher_logprobs=u.view(shape), advantages=adv.view(shape),
+        margins=m.view(shape), valid=valid,
+    )
+    if kl:
+        stats.reverse_kl = kl[0].view(shape)
+    return per0.view(shape), stats
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+
+
+def linear_token_stats(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    k: int = 16,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+    full_kl: bool = False,
+    return_topk: bool = False,
+) -> TokenStats:
+    """:func:`fastopd.token_stats` on z = softcap(scale (h W[:V]^T + b[:V])) per model, by token chunks.
+
+    Same result as ``token_stats(head_S(student_hidden), head_T(teacher_hidden), target_ids, ...)``: s_t, u_t,
+    A_t = u_t - s_t, the margin m_t (teacher top-1 minus top-2 over the student's top-k, / tau) and optionally
+    KL_t and the candidate ids (docs/formulas.md §1, §6), without ever holding more than ``chunk_size`` rows
+    of logits per model.
+
+    Args:
+        student_hidden, teacher_hidden: (..., H_S), (..., H_T) final hidden states aligned with ``target_ids``
+            (already shifted). fp16/bf16/fp32 (fp64 on the reference backend).
+        student_weight, teacher_weight: (V'_S, H_S), (V'_T, H_T) LM-head weights in the hidden states'
+            dtype; V' >= V (padded heads): only the first V = ``vocab_size`` rows are used.
+        student_bias, teacher_bias: optional (V',) head biases.
+        student_logit_scale, teacher_logit_scale: multiply the logits (before the soft-cap).
+        student_final_logit_softcapping, teacher_final_logit_softcapping: c in z = c tanh(z / c), or None.
+        chunk_size: token rows per tile (default: 2^23 / V rows on the reference, 2^26 / V on Triton).
+        k, temperature, ignore_index, vocab_size, full_kl, return_topk, backend: as in :func:`fastopd.token_stats`.
+    """
+    v = _check_inputs(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target_ids,
+        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size,
+        s_scale=student_logit_scale, s_cap=student_final_logit_softcapping,
+        t_scale=teacher_logit_scale, t_cap=teacher_final_logit_softcapping,
+    )
+    from fastopd.stats import token_stats
+
+    chosen = resolve_backend(backend, student_hidden.device,
+                             dtypes=(student_hidden.dtype, teacher_hidden.dtype), k=k)
+    n = target_ids.numel()
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(chosen, v)
+    s_head = Head(student_weight.detach(), None if student_bias is None else student_bias.detach(), v,
+                  student_logit_scale, student_final_logit_softcapping)
+    t_head = Head(teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), v,
+                  teacher_logit_scale, teacher_final_logit_softcapping)
+    sh = student_hidden.detach().reshape(n, student_hidden.shape[-1])
+    th = teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1])
+    tgt = target_ids.reshape(n)
+    parts = []
+    with torch.no_grad():
+        for sl in _slices(n, max(1, chunk)):
+            parts.append(token_stats(
+                s_head.logits(sh[sl]), t_head.logits(th[sl]), tgt[sl], k=k, temperature=temperature,
+                ignore_index=ignore_index, full_kl=full_kl, return_topk=return_topk, backend=chosen,
+            ))
+    shape = target_ids.shape
+    if not parts:  # N = 0: the logits path on empty (0, V) stand-ins gives the empty result
+        z = torch.zeros((0, v), dtype=student_hidden.dtype, device=student_hidden.device)
+        parts.append(token_stats(z, z, tgt, k=k, temperature=temperature, ignore_index=ignore_index,
+                                 full_kl=full_kl, return_topk=return_topk, backend=chosen))
+
+    def cat(f):
+        vals = [getattr(p, f) for p in parts]
+        return None if vals[0] is None else torch.cat(vals)
+
+    stats = TokenStats(
+        student_logprobs=cat("student_logprobs").view(shape), teacher_logprobs=cat("teacher_logprobs").view(shape),
+        advantages=cat("advantages").view(shape), margins=cat("margins").view(shape), valid=target_ids != ignore_index,
+    )
+    if full_kl:
+        stats.reverse_kl = cat("reverse_kl").view(shape)
+    if return_topk:
+        stats.topk_ids = cat("topk_ids").view(*shape, k)
+    return stats
+
+
+def linear_opd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    loss: str = "pg",
+    old_logprobs: torch.Tensor | None = None,
+    normalizer=None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    k: int = 16,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+) -> OPDOutput:
+    """:func:`fastopd.opd_loss` on z = softcap(scale (h W[:V]^T + b[:V])) per model, by token chunks (§5, §6).
+
+    ``pg``: l_t = -w_t sg(A_t) rho_t with rho_t = exp(s_t - sg(s_old_t)), A_t = u_t - s_old_t; ``reverse_kl``:
+    l_t = w_t KL_t; loss = sum_t l_t / normaliser (default: the number of valid tokens). The gradient flows
+    into ``student_hidden``, ``student_weight`` and ``student_bias`` (rows >= V get 0); the teacher's tensors,
+    ``weights`` and ``old_logprobs`` get none. Peak extra memory is O(chunk_size * V), independent of N; the
+    backward recomputes the student's logits tile per chunk (and the teacher's for ``reverse_kl``).
+    Arguments as in :func:`linear_token_stats` and :func:`fastopd.opd_loss`; returns :class:`fastopd.OPDOutput`.
+
+    Example:
+        >>> out = fastopd.linear_opd_loss(h_s, lm_head_s.weight, h_t, lm_head_t.weight, completion_ids)
+        >>> out.loss.backward()   # grads in h_s (and the student's graph behind it) and lm_head_s.weight
+    """
+    per0, stats = _run(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, target_ids, loss=loss,
+        old_logprobs=old_logprobs, student_bias=student_bias, teacher_bias=teacher_bias, k=k,
+        temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size,
+        backend=backend, student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_final_logit_softcapping=student_final_logit_softcapping,
+        teacher_final_logit_softcapping=teacher_final_logit_softcapping, weights=weights, eager=True,
+    )
+    return weighted_output(per0, stats, weights, loss, normalizer)
+
+
+def weighted_output(per0: torch.Tensor, stats: TokenStats, weights, loss: str, normalizer) -> OPDOutput:
+    """l_t = w_t * l0_t (every l_t of §5 is linear in w_t), reduced by :func:`fastopd.common.reduce_loss`."""
+    w = weight_mask(stats.valid, weights, per0.dtype)
+    return reduce_loss(per0 * w, stats, w, loss, normalizer)

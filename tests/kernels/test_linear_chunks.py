@@ -1,0 +1,80 @@
+"""The hidden-state path on the Triton backend (fastopd.kernels.linear) against the fp64 ground truth.
+
+Runs the kernels on CUDA when there is a GPU, else under the Triton interpreter on CPU tensors at small V
+(tests/kernels/kernel_setup.py: TRITON_INTERPRET=1 while fastopd.kernels is imported and while each test
+runs). The truth is the reference loss on fp64 logits from a plain fp64 head, by autograd;
+the Triton path's error must stay within twice the fp32 reference path's error plus a small tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_setup import *  # noqa: F401,F403  (the interpreter setup, fixtures and helpers)
+
+import fastopd  # noqa: E402
+from helpers import assert_close, grads, leaves, linear_segments, make_case, plain_head, truth  # noqa: E402
+
+pytestmark = KERNEL_MARKS
+DEVICE = DEVICES[0]
+
+
+def _on(c, dtype):
+    return {k: (x.to(DEVICE, dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else
+                (x.to(DEVICE) if isinstance(x, torch.Tensor) else x)) for k, x in c.items()}
+
+
+@pytest.mark.parametrize(
+    "loss,cap,use_old,chunk,bias",
+    [("pg", None, False, 7, True), ("pg", 8.0, True, 64, False), ("reverse_kl", None, False, 5, True),
+     ("reverse_kl", 8.0, False, 13, True)],
+)
+def test_triton_matches_fp64_truth(loss, cap, use_old, chunk, bias):
+    v, vp = 300, 307
+    c = make_case(11, lead=(2, 13), v=v, vp=vp, hs=16, ht=12, bias=bias, dtype=torch.float64)
+    old = c["old"] if use_old else None
+    want, gwant = truth(c, v=v, loss=loss, scale=0.8, cap=cap, weights=c["w"], old=old, k=4)
+    errs = {}
+    for backend in ("reference", "triton"):
+        d = _on(c, torch.float32)
+        h, w, b = leaves(d)
+        out = fastopd.linear_opd_loss(
+            h, w, d["th"], d["tw"], d["y"], student_bias=b, teacher_bias=d["tb"], loss=loss, weights=d["w"],
+            old_logprobs=None if old is None else d["old"], k=4, vocab_size=v, chunk_size=chunk, backend=backend,
+            student_logit_scale=0.8, student_final_logit_softcapping=cap,
+        )
+        gs = grads(out.loss, [h, w, b])
+        errs[backend] = (out, gs)
+    (rt, grt), (tr, gtr) = errs["reference"], errs["triton"]
+    for name, got, ref, want_ in [("loss", tr.loss, rt.loss, want.loss), ("margins", tr.stats.margins, rt.stats.margins, want.stats.margins)] + [
+        (f"grad{i}", a, r, e) for i, (a, r, e) in enumerate(zip(gtr, grt, gwant))
+    ]:
+        if want_ is None:
+            assert got is None
+            continue
+        ref_err = (ref.double().cpu() - want_).abs().max().item()
+        assert_close(name, got.cpu(), want_, atol=2 * ref_err + 1e-5, rtol=1e-5)
+    assert torch.all(gtr[1][v:] == 0)  # padded head rows
+
+
+def test_triton_rule_and_stats():
+    v = 256
+    c = _on(make_case(12, lead=(3, 16), v=v, hs=8, ht=8, dtype=torch.float64), torch.float32)
+    seg = linear_segments((3, 16), 12).to(DEVICE)
+    crit = fastopd.OPDLoss(rule=fastopd.ReleaseRule(k=4, min_gain=-1e9, backend="triton"))
+    h, w, b = leaves(c)
+    got = crit.linear(h, w, c["th"], c["tw"], c["y"], segment_ids=seg, student_bias=b, chunk_size=10)
+    ref = fastopd.OPDLoss(rule=fastopd.ReleaseRule(k=4, min_gain=-1e9, backend="reference")).linear(
+        h, w, c["th"], c["tw"], c["y"], segment_ids=seg, student_bias=b, chunk_size=10)
+    assert torch.equal(got.release.weights.cpu(), ref.release.weights.cpu())
+    assert_close("loss", got.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    for a, e in zip(grads(got.loss, [h, w, b]), grads(ref.loss, [h, w, b])):
+        assert_close("grad", a, e, atol=1e-5, rtol=1e-4)
+    st = fastopd.linear_token_stats(c["sh"], c["sw"], c["th"], c["tw"], c["y"], k=4, chunk_size=9, backend="triton",
+                                    full_kl=True, return_topk=True)
+    zs, zt = plain_head(c["sh"], c["sw"], None, v), plain_head(c["th"], c["tw"], None, v)
+    want = fastopd.token_stats(zs, zt, c["y"], k=4, full_kl=True, return_topk=True, backend="reference")
+    for name in ("student_logprobs", "teacher_logprobs", "margins", "reverse_kl"):
+        assert_close(name, getattr(st, name), getattr(want, name), atol=1e-4, rtol=1e-4)
+    assert torch.equal(st.topk_ids.cpu(), want.topk_ids.cpu())
