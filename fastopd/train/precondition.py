@@ -158,4 +158,7 @@ def format_precondition(p: dict) -> str:
             f"accept rate at min_gain {p['min_gain']:g} {p['accept_rate']:.1%} (target >= "
             f"{TARGETS['accept_rate']:.0%}: {ok(p['accept_rate'], TARGETS['accept_rate'])}); mean BIC gain "
             f"{p['gain_mean']:.1f} (median {p['gain_median']:.1f}); mean release position "
-            f"{p['release_position']:.2f} of the response; the rule keeps {p['kept_fraction']:.0%} of the tokens.")
+            f"{p['release_position']:.2f} of the response; the rule keeps {p['kept_fraction']:.0%} of the tokens."
+            + (f" Normalised margin profile, {len(p['profile']['mean'])} bins from the start to the end of the "
+               "response: "
+               + " ".join(f"{v:.2f}" for v in p["profile"]["mean"]) + "." if p.get("profile") else ""))

@@ -31,6 +31,9 @@ def test_summary_of_hand_made_records():
     text = format_precondition({**s, "min_gain": 10.0})
     assert "= 1.67" in text and f"target >= {TARGETS['margin_ratio']}: meets" in text
     assert "accept rate at min_gain 10 50.0%" in text and "meets" in text
+    assert "4 bins from the start" in text and "bins" not in format_precondition({**s, "min_gain": 10.0, "profile": None})
+    s20 = summarise_records([a, b], bins=20)
+    assert len(s20["profile"]["mean"]) == 20 and "20 bins from the start" in format_precondition({**s20, "min_gain": 10})
 
 
 def test_summary_rejects_no_records():
