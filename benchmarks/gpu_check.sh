@@ -26,6 +26,9 @@ unset TRITON_INTERPRET                    # compiled kernels on CUDA tensors
 export TRITON_DEFAULT_FP_FUSION=1         # Triton 3.9's default, stated to silence its warning
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# The C++ scan (fastopd._C) is not built on a fresh machine; build it in place (pybind11 is enough).
+python -c "import fastopd._C" 2>/dev/null || python setup.py -q build_ext --inplace > "$OUT/build_ext.log" 2>&1 \
+    || echo "could not build fastopd._C (see $OUT/build_ext.log); tests of the release rule will fail"
 BENCH_S="${BENCH_S:-200}"
 TEST_S="${TEST_S:-150}"
 
