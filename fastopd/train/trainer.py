@@ -661,11 +661,12 @@ def completion_loss(run: Run, rollouts: Rollouts, times: dict | None = None):
     if cfg.loss_from == "hidden":
         return hidden_loss(run.criterion, run.student, run.teacher, rollouts, autocast=accelerator.autocast,
                            chunk_size=cfg.loss_chunk_size or None, times=times)
-    t0 = _now(accelerator.device)
+    device = getattr(accelerator, "device", None)
+    t0 = _now(device)
     with torch.no_grad(), accelerator.autocast():
         teacher_logits = completion_logits(run.teacher, rollouts)
     if times is not None:
-        times["teacher"] = _now(accelerator.device) - t0
+        times["teacher"] = _now(device) - t0
     student_logits = completion_logits(run.student, rollouts)
     return run.criterion(student_logits, teacher_logits, rollouts.targets, segment_ids=rollouts.segment_ids)
 
