@@ -1,21 +1,26 @@
 #!/usr/bin/env python
 """Rebuild the embedded CPU demo assets of fastopd from scratch: tokenizer, teacher, student.
 
-    python scripts/build_demo_assets.py            # writes fastopd/assets/demo/{tokenizer,teacher,student,README.md}
+    python scripts/build_demo_assets.py            # writes fastopd/assets/demo/{tokenizer,teacher,student,data,...}
+    python scripts/build_demo_assets.py --readme-only   # rewrite README.md from build.json
 
-Everything is deterministic given the seeds below and runs on CPU (1 torch thread by default) in under 25 minutes:
+Everything is deterministic given the seeds below (two builds wrote byte-identical files) and runs on CPU with
+1 torch thread: 15.7 min on the project's shared 2-core machine at load average ~2-3, 38.6 min at 6-7.
 
-1. a byte-level BPE tokenizer (``tokenizers``) trained on task text, saved as a
+1. a byte-level BPE tokenizer (``tokenizers``) trained on the text of both tasks, saved as a
    ``PreTrainedTokenizerFast`` with ``<|endoftext|>`` (EOS) and ``<|pad|>`` (PAD);
-2. a tiny Qwen3 teacher trained by SFT (loss on the solution tokens + EOS only) to high greedy accuracy;
-3. a smaller Qwen3 student trained by the same SFT for far fewer steps; of its checkpoints the one whose
-   validation accuracy is nearest ``--student-target`` is kept, so it writes well-formed multi-sentence
+2. a tiny Qwen3 teacher trained by SFT (loss on the solution tokens + EOS only) on a mix of the long task
+   (:mod:`fastopd.train.long_task`, ``--long-fraction`` 0.75) and the arithmetic task (:mod:`fastopd.train.task`);
+3. a smaller Qwen3 student trained by the same SFT for fewer steps; of its checkpoints the one whose
+   long-task validation accuracy is nearest ``--student-target`` is kept, so it writes well-formed long
    solutions but gets few answers right;
 4. both models saved with ``save_pretrained(safe_serialization=True)`` with weights in bf16 (a few MB) and
    ``config.dtype = "float32"``, so that a plain ``AutoModelForCausalLM.from_pretrained(path)`` gives an
-   fp32 CPU model; the script re-loads them that way and re-measures accuracy on 200 held-out problems.
+   fp32 CPU model; the script re-loads them that way and re-measures accuracy on 200 held-out problems of
+   each task;
+5. the prompt files of both tasks (``data/``) and ``build.json`` / ``README.md`` with the numbers.
 
-The task is :mod:`fastopd.train.task` and the grader :func:`fastopd.train.verify.boxed_match`.
+Both tasks are graded by :func:`fastopd.train.verify.boxed_match`.
 """
 from __future__ import annotations
 
