@@ -70,9 +70,11 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher-k", type=int, nargs="+", default=[5, 20, 32, 64])
     ap.add_argument("--student-k", type=int, default=16, help="K, the student's candidates (the rule's k)")
-    ap.add_argument("--prompts", type=int, default=200, help="held-out demo prompts (eval.jsonl has 200)")
+    ap.add_argument("--task", choices=["long", "arithmetic"], default="long",
+                    help="the demo task whose held-out prompts the student answers (long_eval.jsonl / eval.jsonl)")
+    ap.add_argument("--prompts", type=int, default=200, help="held-out demo prompts (each eval file has 200)")
     ap.add_argument("--samples", type=int, default=4, help="sampled completions per prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=72)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 192 (long), 72 (arithmetic)")
     ap.add_argument("--batch", type=int, default=200, help="rollouts per generate call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results here")
@@ -86,7 +88,10 @@ def main(argv=None) -> dict:
     student = AutoModelForCausalLM.from_pretrained(paths.student).eval()
     teacher = AutoModelForCausalLM.from_pretrained(paths.teacher).eval()
     eos = eos_ids_of(tok, student)
-    rows = read_jsonl(paths.root / "data" / "eval.jsonl")[: args.prompts]
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 192 if args.task == "long" else 72
+    eval_file = "long_eval.jsonl" if args.task == "long" else "eval.jsonl"
+    rows = read_jsonl(paths.root / "data" / eval_file)[: args.prompts]
     prompts = [r["prompt"] for r in rows for _ in range(args.samples)]
 
     t0 = time.perf_counter()
@@ -144,7 +149,7 @@ def main(argv=None) -> dict:
         "benchmark": "sparse_margins_demo",
         "what": "sparse (teacher top-k) vs exact release margins on the shipped demo models",
         "rollouts": int(valid.shape[0]), "valid_tokens": n_valid, "student_k": args.student_k,
-        "prompts": args.prompts, "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
+        "task": args.task, "prompts": args.prompts, "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens,
         "seed": args.seed, "accept_rate_exact": accept_exact,
         "rollout_and_scoring_seconds": round(t_roll, 1),
         "assets": _assets_version(paths.root),
