@@ -49,7 +49,7 @@ import random
 import re
 from typing import Dict, List
 
-from fastopd.train.task import format_prompt, split_of  # noqa: F401  (re-exported for the demo)
+from fastopd.train.task import draw_problems, format_prompt, split_of  # noqa: F401  (re-exported for the demo)
 
 __all__ = [
     "MIN_TERMS", "MAX_TERMS", "MAX_TERM", "MAX_TOTAL", "TRAIN_SEED", "EVAL_SEED", "DEMO_VERIFIER",
@@ -77,7 +77,6 @@ CHECK_VERBS = ("is", "looks")
 CHECK_VERDICTS = ("right", "correct", "fine", "good")
 CLOSE_WORDS = (("So", "Thus"), ("the", "our"), ("sum", "total"), CHECK_VERBS, CHECK_VERDICTS)
 
-_SPLITS = ("train", "eval")
 
 
 def _list_text(terms: List[int]) -> str:
@@ -119,25 +118,8 @@ def make_problems(n: int, seed: int, min_terms: int = MIN_TERMS, max_terms: int 
     if not isinstance(min_terms, int) or not isinstance(max_terms, int) or not 2 <= min_terms <= max_terms:
         raise ValueError(f"need 2 <= min_terms <= max_terms (ints), got min_terms={min_terms!r}, "
                          f"max_terms={max_terms!r}")
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     rng = random.Random(f"fastopd-long-task/{seed}/{min_terms}/{max_terms}/{split}")
-    out: List[Dict[str, str]] = []
-    seen = set()
-    attempts = 0
-    while len(out) < n:
-        attempts += 1
-        if attempts > 100 * n + 10_000:
-            raise RuntimeError(f"could not draw {n} distinct {split!r} problems; ask for fewer or pass unique=False")
-        p = make_problem(rng, rng.randint(min_terms, max_terms))
-        if split_of(p["prompt"]) != split:
-            continue
-        if unique:
-            if p["prompt"] in seen:
-                continue
-            seen.add(p["prompt"])
-        out.append(p)
-    return out
+    return draw_problems(n, lambda: make_problem(rng, rng.randint(min_terms, max_terms)), split, unique)
 
 
 _PROMPT = re.compile(r"^Find the sum of ((?:\d+, )*\d+) and (\d+), then check every step\.$")

@@ -160,18 +160,26 @@ def make_problems(n: int, seed: int, min_steps: int = 2, max_steps: int = 5, spl
     if not isinstance(min_steps, int) or not isinstance(max_steps, int) or not 1 <= min_steps <= max_steps:
         raise ValueError(f"need 1 <= min_steps <= max_steps (ints), got min_steps={min_steps!r}, "
                          f"max_steps={max_steps!r}")
+    rng = random.Random(f"fastopd-task/{seed}/{min_steps}/{max_steps}/{split}")
+    return draw_problems(n, lambda: make_problem(rng, rng.randint(min_steps, max_steps)), split, unique,
+                         what=f"with {min_steps}-{max_steps} steps")
+
+
+def draw_problems(n: int, draw, split: str, unique: bool = True, what: str = "") -> List[Dict[str, str]]:
+    """The first ``n`` problems from ``draw()`` that hash to ``split`` (:func:`split_of`), distinct by prompt
+    when ``unique``; shared by every task's ``make_problems``. Gives up with a RuntimeError after
+    100 n + 10,000 draws (too few distinct problems exist)."""
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
-    rng = random.Random(f"fastopd-task/{seed}/{min_steps}/{max_steps}/{split}")
     out: List[Dict[str, str]] = []
     seen = set()
     attempts = 0
     while len(out) < n:
         attempts += 1
         if attempts > 100 * n + 10_000:
-            raise RuntimeError(f"could not draw {n} distinct {split!r} problems with "
-                               f"{min_steps}-{max_steps} steps; ask for fewer or pass unique=False")
-        p = make_problem(rng, rng.randint(min_steps, max_steps))
+            raise RuntimeError(f"could not draw {n} distinct {split!r} problems{' ' + what if what else ''}; "
+                               "ask for fewer or pass unique=False")
+        p = draw()
         if split_of(p["prompt"]) != split:
             continue
         if unique:
