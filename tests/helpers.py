@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastopd import reference
 
@@ -94,3 +95,22 @@ def linear_segments(shape, seed):
     steps = (torch.rand(b, l, generator=g) < 0.35).long()
     steps[:, 0] = 0
     return torch.cumsum(steps, dim=1)
+
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest storage, in elements, behind any tensor an op returns (views count their base,
+    zero-storage expanded stand-ins count 1); with ``last_dim``, only tensors whose last dimension has that
+    size count."""
+
+    def __init__(self, last_dim: int | None = None):
+        super().__init__()
+        self.last_dim = last_dim
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and (self.last_dim is None or (t.dim() >= 1 and t.shape[-1] == self.last_dim)):
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out

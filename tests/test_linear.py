@@ -14,11 +14,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastopd
 from fastopd import reference
-from helpers import assert_close, grads, leaves, linear_segments, make_case, plain_head, truth
+from helpers import LargestTensor, assert_close, grads, leaves, linear_segments, make_case, plain_head, truth
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,36 +182,20 @@ def test_opdloss_linear_rule_arguments():
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest storage (in elements) behind any tensor an op returns (views count their base;
-    zero-storage expanded stand-ins count 1)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
-
-
 @pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
 def test_no_tensor_of_n_by_v(loss):
     n, v, hdim, chunk = 512, 1000, 4, 16
     c = make_case(9, lead=(n,), v=v, hs=hdim, ht=hdim, dtype=torch.float32)
     h, w, b = leaves(c)
     crit = fastopd.OPDLoss(loss, k=4, rule=fastopd.ReleaseRule(k=4))
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         out = crit.linear(h.view(8, 64, hdim), w, c["th"].view(8, 64, hdim), c["tw"], c["y"].view(8, 64),
                           segment_ids=linear_segments((8, 64), 9), student_bias=b, chunk_size=chunk)
         out.loss.backward()
     bound = max(chunk * v, v * hdim, n * hdim)
     assert mode.largest <= bound < n * v // 4, f"largest tensor {mode.largest} elements > chunk*V bound {bound}"
     # and the logits path, as a check that this measure sees N x V tensors
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         fastopd.opd_loss(plain_head(h, w, b, v), plain_head(c["th"], c["tw"], None, v), c["y"], k=4, loss=loss).loss.backward()
     assert mode.largest >= n * v
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastopd.loss import OPDLoss
-from helpers import ROOT
+from helpers import ROOT, LargestTensor
 from fastopd.release import ReleaseRule
 from fastopd.train.hidden import hidden_loss
 from fastopd.train.trainer import (
@@ -87,27 +87,13 @@ def test_hidden_loss_equals_logits_path(demo, loss):
 def test_hidden_loss_builds_no_n_c_v_tensor(demo):
     """No op of a training step's loss (forward + backward) returns a V-wide tensor backed by N*C*V elements
     (storage counted, so views of the weights count as the weights, and expanded stand-ins as 1)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     _, student, teacher, rollouts = demo
     n, c = rollouts.targets.shape
     v = student.get_output_embeddings().weight.shape[0]
     chunk = 8
 
-    class Largest(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == v:
-                    self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-            return out
-
     crit = OPDLoss("pg", k=8, vocab_size=v, rule=ReleaseRule(k=8))
-    with Largest() as mode:
+    with LargestTensor(last_dim=v) as mode:
         hidden_loss(crit, student, teacher, rollouts, chunk_size=chunk).loss.backward()
     widest = max(student.get_output_embeddings().weight.numel(), teacher.get_output_embeddings().weight.numel())
     bound = max(chunk * v, n * v, widest)  # a tile, the models' own (N, 1, V) last-position logits, a head
