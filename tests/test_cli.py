@@ -110,3 +110,22 @@ def test_docs_document_every_config_field():
     doc = (ROOT / "docs" / "training.md").read_text()
     missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`{f.name}`" not in doc]
     assert not missing, f"docs/training.md does not document: {missing}"
+
+
+def test_demo_and_study_pass_their_flags_through(monkeypatch, capsys):
+    import fastopd.train.demo
+    import fastopd.train.study
+
+    seen = {}
+    monkeypatch.setattr(fastopd.train.demo, "run_demo", lambda out, **kw: seen.update(demo=(out, kw)))
+    monkeypatch.setattr(fastopd.train.study, "run_study", lambda out, **kw: seen.update(study=(out, kw)))
+    code, _, _ = run_cli(["demo", "--task", "arithmetic", "--quick", "--out", "d"], capsys)
+    assert code == 0 and seen["demo"][0] == "d"
+    assert seen["demo"][1]["task"] == "arithmetic" and seen["demo"][1]["quick"] is True
+    code, _, _ = run_cli(["study", "--seeds", "2", "--steps", "5", "--arms", "release", "shuffled", "--out", "s"],
+                         capsys)
+    assert code == 0 and seen["study"][0] == "s"
+    kw = seen["study"][1]
+    assert (kw["seeds"], kw["steps"], kw["task"], kw["arms"]) == (2, 5, "long", ("release", "shuffled"))
+    code, _, err = run_cli(["demo", "--task", "nope"], capsys)
+    assert code == 2 and "--task" in err
