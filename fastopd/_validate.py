@@ -9,9 +9,46 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scalar options. A bool is never a number here: ``True`` is refused where a temperature, a k or a gain is
+# expected (Python would otherwise take it as 1).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def is_real(value) -> bool:
+    """True for a real number (int, float, NumPy scalar) that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def is_int(value) -> bool:
+    """True for an integer (int, NumPy integer) that is not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_temperature(temperature, name: str = "temperature") -> None:
+    """tau of the margin and the log-probs: a finite number > 0 (not a bool)."""
+    if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {temperature!r}")
+
+
+def check_k(k, name: str = "k") -> None:
+    """K, the student's candidates for the margin: an int >= 2 (not a bool)."""
+    if not is_int(k):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if k < 2:
+        raise ValueError(f"{name} must be >= 2 (the margin needs a top-1 and a top-2 candidate), got {name}={k}")
+
+
+def check_seed(seed, name: str = "seed") -> None:
+    """A generator seed: None or an int >= 0 (not a bool)."""
+    if seed is not None and (not is_int(seed) or seed < 0):
+        raise ValueError(f"{name} must be None or an int >= 0, got {seed!r}")
 
 
 def check_token_inputs(
@@ -71,14 +108,10 @@ def check_token_inputs(
                 f"vocab_size={vocab_size} exceeds the logits' widths (student {vs}, teacher {vt})"
             )
         v = vocab_size
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k < 2:
-        raise ValueError(f"k must be >= 2 (the margin needs a top-1 and a top-2 candidate), got k={k}")
+    check_k(k)
     if k > v:
         raise ValueError(f"k must be <= the vocabulary size V={v}, got k={k}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_temperature(temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if target_ids.numel():
@@ -114,8 +147,6 @@ def check_ragged(values, offsets):
     ``values`` must be 1-D float64 (any float array is converted), ``offsets`` 1-D integer of length B+1 with
     ``0 <= offsets[0] <= offsets[1] <= ... <= offsets[-1] <= len(values)``.
     """
-    import numpy as np
-
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
     if isinstance(offsets, torch.Tensor):
@@ -144,13 +175,13 @@ def check_ragged(values, offsets):
 
 def check_scan_options(min_segments, min_gain) -> None:
     """Validate the options of the BIC scan (docs/formulas.md §3)."""
-    if isinstance(min_segments, bool) or not isinstance(min_segments, numbers.Integral) or min_segments < 1:
+    if not is_int(min_segments) or min_segments < 1:
         raise ValueError(f"min_segments must be an int >= 1, got {min_segments!r}")
-    if isinstance(min_gain, bool) or not isinstance(min_gain, numbers.Real) or math.isnan(min_gain):
+    if not is_real(min_gain) or math.isnan(min_gain):
         raise ValueError(f"min_gain must be a number (not NaN), got {min_gain!r}")
 
 
 def check_fraction(fraction) -> None:
     """Validate the kept fraction of the ``fixed_prefix`` control (docs/formulas.md §4): a number in (0, 1]."""
-    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
+    if not is_real(fraction) or not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")

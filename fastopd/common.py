@@ -116,6 +116,8 @@ def normaliser(normalizer, valid: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     """The loss's divisor: the number of valid tokens (at least 1), or the caller's positive scalar."""
     if normalizer is None:
         return valid.sum().to(dtype).clamp_min(1)
+    if isinstance(normalizer, (bool, np.bool_)) or (isinstance(normalizer, torch.Tensor) and normalizer.dtype == torch.bool):
+        raise ValueError(f"normalizer must be a positive finite scalar or None, got {normalizer!r} (a bool is not a number)")
     n = torch.as_tensor(normalizer, dtype=dtype, device=valid.device)
     if n.numel() != 1 or not bool(torch.isfinite(n)) or float(n) <= 0:
         raise ValueError(f"normalizer must be a positive finite scalar or None, got {normalizer!r}")

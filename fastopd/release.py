@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from fastopd._dispatch import cpu_ops, resolve_backend
-from fastopd._validate import check_fraction, check_ragged, check_scan_options
+from fastopd._dispatch import BACKENDS, cpu_ops, resolve_backend
+from fastopd._validate import check_fraction, check_k, check_ragged, check_scan_options, check_seed, check_temperature
 from fastopd.common import (
     MODES,
     release_fractions,
@@ -119,8 +119,12 @@ class ReleaseRule:
         temperature: tau of the margin.
         min_segments, min_gain: options of the scan (:func:`bic_release`).
         fraction: kept fraction for ``fixed_prefix``.
-        seed: seed of the ``random`` and ``shuffled`` controls' generator.
+        seed: seed of the ``random`` and ``shuffled`` controls' generator (None or an int >= 0).
         backend: backend of :func:`fastopd.token_stats` when called on logits.
+
+    Every option is checked at construction (``ValueError``/``TypeError`` naming it): k an int >= 2,
+    temperature a finite number > 0, min_segments an int >= 1, min_gain a number (not NaN; -inf accepts every
+    candidate split), fraction in (0, 1], mode and backend from their sets. A bool is not a number.
 
     Example:
         >>> rule = fastopd.ReleaseRule()
@@ -140,16 +144,22 @@ class ReleaseRule:
         seed: int | None = None,
         backend: str = "auto",
     ) -> None:
-        if mode not in MODES:
+        # Every option is checked here, so a bad rule fails where it is built, not at its first batch.
+        if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_k(k)
+        check_temperature(temperature)
         check_scan_options(min_segments, min_gain)
         check_fraction(fraction)
+        check_seed(seed)
         self.mode = mode
-        self.k = k
-        self.temperature = temperature
-        self.min_segments = min_segments
-        self.min_gain = min_gain
-        self.fraction = fraction
+        self.k = int(k)
+        self.temperature = float(temperature)
+        self.min_segments = int(min_segments)
+        self.min_gain = float(min_gain)
+        self.fraction = float(fraction)
         self.backend = backend
         self._rng = np.random.default_rng(seed)
 

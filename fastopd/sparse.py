@@ -16,10 +16,11 @@ least two of the student's candidates lie in the teacher's top-k, and a bound ot
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import NamedTuple
 
 import torch
+
+from fastopd._validate import check_temperature
 
 __all__ = ["SparseMargins", "sparse_margins"]
 
@@ -72,10 +73,7 @@ def _check(student_topk_ids, teacher_topk_ids, teacher_topk_logprobs, temperatur
     devices = {student_topk_ids.device, teacher_topk_ids.device, teacher_topk_logprobs.device}
     if len(devices) != 1:
         raise ValueError(f"student_topk_ids, teacher_topk_ids and teacher_topk_logprobs must be on one device, got {devices}")
-    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not (
-        math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_temperature(temperature)
 
 
 def sparse_margins(

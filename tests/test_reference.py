@@ -287,3 +287,25 @@ def test_bad_inputs_raise_clear_errors(fn):
 
 
 
+
+
+@pytest.mark.parametrize("fn", ["token_stats", "opd_loss"])
+def test_bool_is_not_a_temperature_or_k(fn):
+    """temperature=True used to be taken as 1.0 (issue 14): every public option check refuses bools."""
+    zs, zt, y = torch.randn(3, 20), torch.randn(3, 20), torch.tensor([1, 2, 3])
+    f = getattr(R, fn)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got True"):
+        f(zs, zt, y, temperature=True)
+    with pytest.raises(TypeError, match="k must be an int, got bool"):
+        f(zs, zt, y, k=True)
+    with pytest.raises(ValueError, match="temperature must be"):
+        fastopd.token_stats(zs, zt, y, temperature=True)
+    with pytest.raises(ValueError, match="temperature must be"):
+        fastopd.sparse_margins(torch.tensor([[0, 1]]), torch.tensor([[0]]), torch.tensor([[-0.1]]), temperature=True)
+
+
+@pytest.mark.parametrize("normalizer", [True, torch.tensor(True)])
+def test_bool_is_not_a_normalizer(normalizer):
+    zs, zt, y = torch.randn(3, 20), torch.randn(3, 20), torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="normalizer must be a positive finite scalar"):
+        R.opd_loss(zs, zt, y, normalizer=normalizer)

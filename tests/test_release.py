@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 import torch
 
 import fastopd
@@ -28,3 +31,52 @@ def test_release_rule_cuts_a_fading_rollout():
     assert full.kept_fraction.tolist() == [1.0, 1.0] and full.release_fraction.tolist() == [0.5, 1.0]
     assert full.metrics["release_position"] == 0.5 and full.metrics["kept_fraction"] == 1.0
     assert dec.metrics["release_position"] == 0.5 and dec.metrics["kept_fraction"] == 0.75
+
+
+# ------------------------------------------------------------------------------------------------------
+# construction-time checks (issue 14): a bad rule fails where it is built, not at its first batch
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(k=1), ValueError, "k must be >= 2"),
+        (dict(k=True), TypeError, "k must be an int"),
+        (dict(k=4.0), TypeError, "k must be an int"),
+        (dict(temperature=0), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=-1.0), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=math.inf), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=math.nan), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=True), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature="1"), ValueError, "temperature must be a finite number > 0"),
+        (dict(backend="bogus"), ValueError, "backend must be one of"),
+        (dict(backend=None), ValueError, "backend must be one of"),
+        (dict(mode="bogus"), ValueError, "mode must be one of"),
+        (dict(mode=["release"]), ValueError, "mode must be one of"),
+        (dict(min_segments=0), ValueError, "min_segments must be an int >= 1"),
+        (dict(min_segments=True), ValueError, "min_segments must be an int >= 1"),
+        (dict(min_gain=math.nan), ValueError, "min_gain must be a number"),
+        (dict(min_gain=False), ValueError, "min_gain must be a number"),
+        (dict(fraction=0.0), ValueError, r"fraction must be in \(0, 1\]"),
+        (dict(fraction=1.5), ValueError, r"fraction must be in \(0, 1\]"),
+        (dict(fraction=True), ValueError, r"fraction must be in \(0, 1\]"),
+        (dict(seed=1.5), ValueError, "seed must be None or an int >= 0"),
+        (dict(seed=-1), ValueError, "seed must be None or an int >= 0"),
+        (dict(seed=True), ValueError, "seed must be None or an int >= 0"),
+    ],
+)
+def test_release_rule_checks_every_option_at_construction(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        fastopd.ReleaseRule(**kwargs)
+
+
+def test_release_rule_issue_example_and_good_options_construct():
+    with pytest.raises(ValueError):
+        fastopd.ReleaseRule(k=1, temperature=0, backend="bogus")
+    # numbers of other types than int/float are still numbers; -inf min_gain means "take the best split"
+    rule = fastopd.ReleaseRule(
+        "fixed_prefix", k=np.int64(4), temperature=np.float32(0.5), min_segments=np.int32(1), min_gain=-math.inf,
+        fraction=1, seed=np.uint8(3), backend="reference",
+    )
+    assert rule.k == 4 and type(rule.k) is int and rule.temperature == 0.5 and rule.min_gain == -math.inf
