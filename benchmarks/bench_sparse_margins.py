@@ -41,8 +41,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import fastopd  # noqa: E402
-from fastopd.train.task import demo_asset_paths, read_jsonl  # noqa: E402
-from fastopd.train.trainer import add_segments, completion_logits, eos_ids_of, generate_completions  # noqa: E402
+from fastopd.demo.task import demo_asset_paths, read_jsonl  # noqa: E402
+from fastopd.train.rollouts import add_segments, completion_logits, eos_ids_of, generate_completions  # noqa: E402
 
 
 def _assets_version(root) -> dict:

@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fastopd.train.demo import run_demo
+    from fastopd.demo.demo import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed, steps=args.steps, progress=not args.no_progress,
              num_threads=args.threads, loss=args.loss, lr=args.lr, task=args.task)
@@ -122,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from fastopd.train.study import run_study
+    from fastopd.demo.study import run_study
 
     run_study(args.out, seeds=args.seeds, steps=args.steps, task=args.task, arms=tuple(args.arms),
               progress=not args.no_progress, num_threads=args.threads)
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    from fastopd.train.study import ARMS
+    from fastopd.demo.study import ARMS
 
     p = sub.add_parser("study", help="the release rule against every control, several seeds (resumable)",
                        description="Trains every arm (release, full, fixed_prefix at the release arm's kept "

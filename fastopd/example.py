@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> dict:
     from transformers.utils import logging as hf_logging
 
     import fastopd
-    from fastopd.train.task import demo_asset_paths, format_prompt
+    from fastopd.demo.task import demo_asset_paths, format_prompt
 
     paths = demo_asset_paths()
     for name in ("teacher", "student", "tokenizer"):

@@ -10,7 +10,7 @@ Everything is deterministic given the seeds below (two builds wrote byte-identic
 1. a byte-level BPE tokenizer (``tokenizers``) trained on the text of both tasks, saved as a
    ``PreTrainedTokenizerFast`` with ``<|endoftext|>`` (EOS) and ``<|pad|>`` (PAD);
 2. a tiny Qwen3 teacher trained by SFT (loss on the solution tokens + EOS only) on a mix of the long task
-   (:mod:`fastopd.train.long_task`, ``--long-fraction`` 0.75) and the arithmetic task (:mod:`fastopd.train.task`);
+   (:mod:`fastopd.demo.long_task`, ``--long-fraction`` 0.75) and the arithmetic task (:mod:`fastopd.demo.task`);
 3. a smaller Qwen3 student trained by the same SFT for fewer steps; of its checkpoints the one whose
    long-task validation accuracy is nearest ``--student-target`` is kept, so it writes well-formed long
    solutions but gets few answers right;
@@ -41,11 +41,11 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fastopd.train.task import (  # noqa: E402
+from fastopd.demo.task import (  # noqa: E402
     EVAL_SEED, TRAIN_SEED, MAX_ADD, MAX_MUL, MAX_START, MAX_VALUE,
     format_prompt, make_problems, solution_completion, write_jsonl,
 )
-from fastopd.train import long_task  # noqa: E402
+from fastopd.demo import long_task  # noqa: E402
 from fastopd.train.verify import boxed_match  # noqa: E402
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -84,8 +84,8 @@ def train_tokenizer(vocab_size: int, seed: int):
 
 # ----------------------------------------------------------------------------------------- data
 def mixed_problems(n: int, seed: int, *, split: str, long_fraction: float):
-    """``n`` training problems: a ``long_fraction`` of the long task (fastopd.train.long_task), the rest of the
-    arithmetic task (fastopd.train.task), shuffled together deterministically."""
+    """``n`` training problems: a ``long_fraction`` of the long task (fastopd.demo.long_task), the rest of the
+    arithmetic task (fastopd.demo.task), shuffled together deterministically."""
     n_long = int(round(n * long_fraction))
     rows = (long_task.make_problems(n_long, seed, split=split, unique=False)
             + make_problems(n - n_long, seed, split=split, unique=False))
@@ -400,8 +400,8 @@ def write_readme(out: Path, args, results, timings, sizes, eval_problems):
         "# fastopd embedded demo assets",
         "",
         "Tiny models for the CPU demo of on-policy distillation (OPD), trained on two synthetic tasks: the",
-        "long-response task of `fastopd/train/long_task.py` (the demo's default, in-domain task) and the short",
-        "multi-step arithmetic task of `fastopd/train/task.py` (`fastopd demo --task arithmetic`, and the",
+        "long-response task of `fastopd/demo/long_task.py` (the demo's default, in-domain task) and the short",
+        "multi-step arithmetic task of `fastopd/demo/task.py` (`fastopd demo --task arithmetic`, and the",
         "out-of-domain task of the default demo). Built by `scripts/build_demo_assets.py` (deterministic seeds, CPU).",
         "",
         "| folder | what |",
@@ -421,7 +421,7 @@ def write_readme(out: Path, args, results, timings, sizes, eval_problems):
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "from fastopd.train.task import demo_asset_paths",
+        "from fastopd.demo.task import demo_asset_paths",
         "paths = demo_asset_paths()",
         "teacher = AutoModelForCausalLM.from_pretrained(paths.teacher)   # fp32 on CPU",
         "tok = AutoTokenizer.from_pretrained(paths.tokenizer)",
@@ -433,7 +433,7 @@ def write_readme(out: Path, args, results, timings, sizes, eval_problems):
         "",
         "Long task: add 7-12 numbers from 1..9 (total at most 99) left to right, box the sum, then re-check every "
         "addition step once in a random order with freely phrased confirmations (16-26 sentences; why the "
-        "teacher's margin fades on it: the docstring of `fastopd/train/long_task.py`):",
+        "teacher's margin fades on it: the docstring of `fastopd/demo/long_task.py`):",
         "",
         "```",
         format_prompt(ex["prompt"]) + solution_completion(ex) + EOS,

@@ -113,12 +113,12 @@ def test_docs_document_every_config_field():
 
 
 def test_demo_and_study_pass_their_flags_through(monkeypatch, capsys):
-    import fastopd.train.demo
-    import fastopd.train.study
+    import fastopd.demo.demo
+    import fastopd.demo.study
 
     seen = {}
-    monkeypatch.setattr(fastopd.train.demo, "run_demo", lambda out, **kw: seen.update(demo=(out, kw)))
-    monkeypatch.setattr(fastopd.train.study, "run_study", lambda out, **kw: seen.update(study=(out, kw)))
+    monkeypatch.setattr(fastopd.demo.demo, "run_demo", lambda out, **kw: seen.update(demo=(out, kw)))
+    monkeypatch.setattr(fastopd.demo.study, "run_study", lambda out, **kw: seen.update(study=(out, kw)))
     code, _, _ = run_cli(["demo", "--task", "arithmetic", "--quick", "--out", "d"], capsys)
     assert code == 0 and seen["demo"][0] == "d"
     assert seen["demo"][1]["task"] == "arithmetic" and seen["demo"][1]["quick"] is True

@@ -9,7 +9,7 @@ import pytest
 import fastopd
 from fastopd import reference
 from fastopd import example
-from fastopd.train.task import demo_asset_paths
+from fastopd.demo.task import demo_asset_paths
 
 pytestmark = pytest.mark.skipif(not demo_asset_paths()["teacher"].exists(), reason="demo assets not built")
 

@@ -111,7 +111,7 @@ def test_shuffled_errors_name_the_argument():
 def test_trainer_runs_the_shuffled_control_and_logs_phase_timings(tmp_path):
     from fastopd.train.runlog import read_jsonl
     from fastopd.train.config import TrainConfig
-    from fastopd.train.tiny import make_tiny_run
+    from tiny import make_tiny_run
     from fastopd.train.trainer import PHASES, train
 
     old = torch.get_num_threads()

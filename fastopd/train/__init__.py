@@ -1,18 +1,22 @@
-"""Thin Hugging Face trainer for on-policy distillation, plus the embedded CPU demo task (task.py, verify.py).
+"""Thin Hugging Face trainer for on-policy distillation: what a user distilling their own models imports.
 
 - :class:`TrainConfig` (config.py): every option, documented; YAML + command-line flags.
 - :func:`train` (trainer.py): the whole OPD loop (rollouts, teacher scoring, release rule, AdamW, accelerate).
-- :func:`evaluate` (trainer.py): greedy accuracy of a model on prompt/answer rows, graded by a verifier.
-- :func:`run_demo` (demo.py): ``fastopd demo``; :func:`make_report` (report.py): the figures of finished runs.
+- models.py: model and tokenizer loading, the vocabulary check; rollouts.py: sampling, segments, logits;
+  hidden.py: the loss from final hidden states; data.py, checkpoint.py, runlog.py: prompts, checkpoints, logs.
+- :func:`evaluate` (rollouts.py): greedy accuracy of a model on prompt/answer rows, graded by a verifier
+  (verify.py).
+- :func:`make_report` (report.py): the figures of finished runs (``fastopd report``).
 
-Names are imported on first use, so ``import fastopd.train.task`` stays light.
+The paper's embedded experiment (``fastopd demo``, ``fastopd study``) is :mod:`fastopd.demo`, built on this
+package; nothing here imports it. Names are imported on first use, so ``import fastopd.train.config`` stays
+light.
 """
 
 _LAZY = {
     "TrainConfig": "fastopd.train.config",
     "train": "fastopd.train.trainer",
-    "evaluate": "fastopd.train.trainer",
-    "run_demo": "fastopd.train.demo",
+    "evaluate": "fastopd.train.rollouts",
     "make_report": "fastopd.train.report",
 }
 

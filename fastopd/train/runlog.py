@@ -2,7 +2,7 @@
 
 :class:`RunLog` writes ``metrics.jsonl``, ``eval.jsonl`` and ``rollouts.jsonl`` (main process only) and
 truncates them on resume; :func:`read_jsonl` reads any JSONL file (the trainer's logs, the data files of
-:mod:`fastopd.train.task` and :mod:`fastopd.train.data`).
+:mod:`fastopd.demo.task` and :mod:`fastopd.train.data`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import torch
 trl = pytest.importorskip("trl", minversion="1.16")
 
 import fastopd  # noqa: E402
-from fastopd.train.task import demo_asset_paths, read_jsonl  # noqa: E402
+from fastopd.demo.task import demo_asset_paths, read_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module")

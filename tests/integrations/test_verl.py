@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastopd
-from fastopd.train.task import demo_asset_paths
+from fastopd.demo.task import demo_asset_paths
 
 HAS_VERL = importlib.util.find_spec("verl") is not None
 V = 516  # the demo tokenizer's vocabulary

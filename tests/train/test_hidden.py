@@ -19,9 +19,9 @@ from fastopd.loss import OPDLoss
 from helpers import ROOT, LargestTensor
 from fastopd.release import ReleaseRule
 from fastopd.train.hidden import hidden_loss
-from fastopd.train.trainer import (
-    add_segments, completion_logits, completion_loss, generate_completions, load_model, load_tokenizer,
-)
+from fastopd.train.models import load_model, load_tokenizer
+from fastopd.train.rollouts import add_segments, completion_logits, generate_completions
+from fastopd.train.trainer import completion_loss
 
 DEMO = ROOT / "fastopd" / "assets" / "demo"
 

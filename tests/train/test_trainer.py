@@ -1,6 +1,6 @@
 """Tests of the Hugging Face OPD trainer (fastopd/train/trainer.py, checkpoint.py, data.py, config.py).
 
-Tiny random Qwen3 models (fastopd.train.tiny), CPU, one torch thread. About a minute on a 2-core CPU; the
+Tiny random Qwen3 models (tests/tiny.py), CPU, one torch thread. About a minute on a 2-core CPU; the
 kill-and-resume and the two-process tests start subprocesses.
 """
 
@@ -27,10 +27,9 @@ from fastopd.train.checkpoint import list_checkpoints
 from fastopd.train.runlog import RunLog, read_log
 from fastopd.train.config import TrainConfig
 from fastopd.train.data import PromptSchedule, load_prompts
-from fastopd.train.trainer import (
-    IGNORE_INDEX, Rollouts, add_segments, check_same_vocabulary, completion_logits, generate_completions,
-    load_model, load_tokenizer, train,
-)
+from fastopd.train.models import check_same_vocabulary, load_model, load_tokenizer
+from fastopd.train.rollouts import IGNORE_INDEX, Rollouts, add_segments, completion_logits, generate_completions
+from fastopd.train.trainer import train
 
 DETERMINISTIC_KEYS = ("loss", "adv_mean", "margin_mean", "kept_fraction", "accept_rate", "tokens",
                       "tokens_supervised", "completion_length", "grad_norm")
@@ -38,7 +37,7 @@ DETERMINISTIC_KEYS = ("loss", "adv_mean", "margin_mean", "kept_fraction", "accep
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from fastopd.train.tiny import make_tiny_run
+    from tiny import make_tiny_run
 
     return make_tiny_run(tmp_path_factory.mktemp("tiny"), n_train=32, n_eval=4, teacher_extra_vocab=8)
 
@@ -87,7 +86,7 @@ def text_rollouts(tok, prompts: list[str], completions: list[str]) -> Rollouts:
 
 # ------------------------------------------------------------------------------------------ vocabulary
 def test_vocabulary_check_allows_padded_heads_and_rejects_other_tokenizers(tiny, tmp_path):
-    from fastopd.train.tiny import make_model, make_tokenizer
+    from tiny import make_model, make_tokenizer
 
     tok = load_tokenizer(tiny["tokenizer"])
     assert check_same_vocabulary(tok, tok, len(tok), len(tok) + 8) == len(tok)
@@ -125,7 +124,7 @@ def test_trainer_weights_equal_release_weights(tiny):
     The oracle path is the reference's token_stats / segment_means / bic_release / release_weights on one
     rollout at a time (no padding, no batching, no C++ scan); the segments come from token_segments, whose
     own oracle is tests/test_segment.py. So this checks the trainer's batching and wiring of the rule."""
-    from fastopd.train.task import format_prompt, make_problems
+    from fastopd.demo.task import format_prompt, make_problems
 
     tok, student, teacher = models(tiny)
     probs = make_problems(6, 11, min_steps=3, max_steps=5)

@@ -1,4 +1,4 @@
-"""Tests of the long-response demo task (fastopd/train/long_task.py): generator, verifier, why the margin fades."""
+"""Tests of the long-response demo task (fastopd/demo/long_task.py): generator, verifier, why the margin fades."""
 from __future__ import annotations
 
 import random
@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from fastopd.segment import sentence_spans
-from fastopd.train import long_task as lt
-from fastopd.train.task import split_of
+from fastopd.demo import long_task as lt
+from fastopd.demo.task import split_of
 from fastopd.train.verify import boxed_match
 
 
@@ -103,7 +103,7 @@ def test_shipped_tokenizer_encodes_the_long_task_word_by_word():
     """Every word of the check is one token, so each free choice is one token choice (asset check)."""
     from pathlib import Path
 
-    from fastopd.train.task import demo_asset_paths, format_prompt, solution_completion
+    from fastopd.demo.task import demo_asset_paths, format_prompt, solution_completion
 
     paths = demo_asset_paths()
     if not Path(paths.tokenizer).exists():

@@ -1,4 +1,4 @@
-"""Tests of the embedded demo (fastopd/train/demo.py) and its report (fastopd/train/report.py).
+"""Tests of the embedded demo (fastopd/demo/demo.py) and its report (fastopd/train/report.py).
 
 The end-to-end test (marked slow) runs ``fastopd demo --quick`` on the long task in a subprocess on the shipped
 models (about 90 s on an idle 2-core CPU); it is skipped when the demo assets have not been built.
@@ -70,7 +70,7 @@ def test_make_report_writes_the_four_figures(tmp_path):
 
 
 def test_format_table_prints_every_row():
-    from fastopd.train.demo import format_table
+    from fastopd.demo.demo import format_table
 
     arm = {"accuracy_after": 0.5, "tokens": 1000, "tokens_supervised": 600, "supervised_fraction": 0.6,
            "time_per_step": 1.25, "accept_rate": 0.4, "release_position": 0.55, "kl_first": 1.5, "kl_last": 0.75,
@@ -85,7 +85,7 @@ def test_format_table_prints_every_row():
 
 
 def _assets_built() -> bool:
-    from fastopd.train.task import demo_asset_paths
+    from fastopd.demo.task import demo_asset_paths
 
     paths = demo_asset_paths()
     return all(Path(paths[k]).exists() for k in ("teacher", "student", "tokenizer"))

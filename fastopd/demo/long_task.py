@@ -38,10 +38,10 @@ asserts that a named step of the derivation holds, every phrasing is correct, an
 verifiable (:func:`check_solution` checks the whole text; the trainer's ``boxed`` verifier grades the
 answer). Every number the task writes is at most ``MAX_TOTAL`` = 99, one token of the demo tokenizer.
 
-Both models see :func:`fastopd.train.task.format_prompt` (``"Q: <problem>\\nA:"``) and continue with
-``" " + solution`` + EOS, as on the arithmetic task of :mod:`fastopd.train.task`, which the shipped
+Both models see :func:`fastopd.demo.task.format_prompt` (``"Q: <problem>\\nA:"``) and continue with
+``" " + solution`` + EOS, as on the arithmetic task of :mod:`fastopd.demo.task`, which the shipped
 models were also trained on (the out-of-domain task of ``fastopd demo`` and ``fastopd study``).
-Train and eval problems are disjoint by content (CRC32 of the prompt, as in :mod:`fastopd.train.task`).
+Train and eval problems are disjoint by content (CRC32 of the prompt, as in :mod:`fastopd.demo.task`).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ import random
 import re
 from typing import Dict, List
 
-from fastopd.train.task import draw_problems, format_prompt, split_of  # noqa: F401  (re-exported for the demo)
+from fastopd.demo.task import draw_problems, format_prompt, split_of  # noqa: F401  (re-exported for the demo)
 
 __all__ = [
     "MIN_TERMS", "MAX_TERMS", "MAX_TERM", "MAX_TOTAL", "TRAIN_SEED", "EVAL_SEED", "DEMO_VERIFIER",
@@ -86,7 +86,7 @@ def _list_text(terms: List[int]) -> str:
 def make_problem(rng: random.Random, n_terms: int) -> Dict[str, str]:
     """One problem with ``n_terms`` numbers drawn from ``rng`` (total at most ``MAX_TOTAL``).
 
-    Returns ``{"prompt", "answer", "solution"}`` like :func:`fastopd.train.task.make_problem`.
+    Returns ``{"prompt", "answer", "solution"}`` like :func:`fastopd.demo.task.make_problem`.
     """
     if not isinstance(n_terms, int) or not 2 <= n_terms <= MAX_TOTAL:
         raise ValueError(f"n_terms must be an int in [2, {MAX_TOTAL}], got {n_terms!r}")
@@ -112,7 +112,7 @@ def make_problem(rng: random.Random, n_terms: int) -> Dict[str, str]:
 
 def make_problems(n: int, seed: int, min_terms: int = MIN_TERMS, max_terms: int = MAX_TERMS, split: str = "train",
                   unique: bool = True) -> List[Dict[str, str]]:
-    """``n`` problems of ``split``, deterministic given the arguments (as :func:`fastopd.train.task.make_problems`)."""
+    """``n`` problems of ``split``, deterministic given the arguments (as :func:`fastopd.demo.task.make_problems`)."""
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     if not isinstance(min_terms, int) or not isinstance(max_terms, int) or not 2 <= min_terms <= max_terms:

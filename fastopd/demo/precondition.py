@@ -72,13 +72,13 @@ def measure_precondition(student, teacher, tokenizer, prompts: list[str], *, n_r
     """Sample ``n_rollouts`` rollouts of the student (cycling over ``prompts``), score them, summarise.
 
     ``student``/``teacher`` are loaded models (eval mode is set here), ``tokenizer`` their shared tokenizer
-    (:func:`fastopd.train.trainer.load_tokenizer`). With ``out_dir`` the records go to
+    (:func:`fastopd.train.models.load_tokenizer`). With ``out_dir`` the records go to
     ``out_dir/rollouts.jsonl`` and the summary to ``out_dir/precondition.json``. Returns the summary of
     :func:`summarise_records` plus ``time_s`` and the settings.
     """
     from fastopd.release import ReleaseRule
     from fastopd.stats import token_stats
-    from fastopd.train.trainer import add_segments, completion_logits, eos_ids_of, generate_completions
+    from fastopd.train.rollouts import add_segments, completion_logits, eos_ids_of, generate_completions
 
     if not isinstance(n_rollouts, int) or n_rollouts < 1:
         raise ValueError(f"n_rollouts must be a positive int, got {n_rollouts!r}")

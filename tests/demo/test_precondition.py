@@ -1,11 +1,11 @@
-"""fastopd/train/precondition.py: the precondition's figures from per-rollout records (hand-checked values)."""
+"""fastopd/demo/precondition.py: the precondition's figures from per-rollout records (hand-checked values)."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from fastopd.train.precondition import TARGETS, format_precondition, summarise_records
+from fastopd.demo.precondition import TARGETS, format_precondition, summarise_records
 
 
 def _rec(margins, segments, gain, accepted, release_segment, kept_fraction):

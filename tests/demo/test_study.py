@@ -1,4 +1,4 @@
-"""Tests of ``fastopd study``'s statistics, table and plots on a tiny fake study (fastopd/train/study.py)."""
+"""Tests of ``fastopd study``'s statistics, table and plots on a tiny fake study (fastopd/demo/study.py)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from fastopd.train.study import ARMS, ROW_KEYS, aggregate, format_study, paired_bootstrap, plot_study
+from fastopd.demo.study import ARMS, ROW_KEYS, aggregate, format_study, paired_bootstrap, plot_study
 
 
 def _row(seed, acc, ood, sup=500):
@@ -74,7 +74,7 @@ def test_format_study_and_plots(tmp_path):
 
 
 def test_study_rejects_bad_arms(tmp_path):
-    from fastopd.train.study import run_study
+    from fastopd.demo.study import run_study
 
     with pytest.raises(ValueError, match="arms"):
         run_study(tmp_path, arms=("full",))
@@ -85,8 +85,8 @@ def test_study_rejects_bad_arms(tmp_path):
 
 def test_a_finished_run_is_not_rerun(tmp_path, monkeypatch):
     """Resumable: runs with a result.json are read back; only the missing ones train (fake training here)."""
-    import fastopd.train.demo as demo
-    import fastopd.train.study as st
+    import fastopd.demo.demo as demo
+    import fastopd.demo.study as st
 
     calls = []
 

@@ -3,13 +3,13 @@
 Arms (``ReleaseRule`` modes): ``release``, ``full``, ``fixed_prefix`` (its fraction set to the release arm's
 measured mean kept fraction of the same seed), ``random`` and ``shuffled``. Every arm of every seed starts from
 the same shipped student; the seed changes the rollouts' sampling and the prompt order. Each run is the
-demo's configuration (:func:`fastopd.train.demo.demo_config`) with ``mode`` and ``seed`` set; after it the
+demo's configuration (:func:`fastopd.demo.demo.demo_config`) with ``mode`` and ``seed`` set; after it the
 final student is graded greedily on held-out problems of the task (in-domain) and of the other task (OOD).
 
 Output folder::
 
     runs/<mode>-s<seed>/          the trainer's run folder, plus result.json once the run is finished
-    precondition/                 the precondition on the initial student (fastopd.train.precondition)
+    precondition/                 the precondition on the initial student (fastopd.demo.precondition)
     study.json                    {"arms": {"<mode>": [{"seed", "accuracy", "ood_accuracy", "tokens",
                                   "tokens_supervised", "accept_rate", "gain_mean", "time_per_step"}, ...]}, ...}
     study.md                      mean ± std per arm; paired difference release - control over seeds, 95 %
@@ -142,7 +142,7 @@ def format_study(study: dict, summary: dict) -> str:
         lines += ["", "fixed_prefix fractions (the release arm's mean kept fraction of the same seed): "
                   + ", ".join(f"{f:.3f}" for f in fp) + "."]
     if study.get("precondition"):
-        from fastopd.train.precondition import format_precondition
+        from fastopd.demo.precondition import format_precondition
 
         lines += ["", format_precondition(study["precondition"])]
     if s.get("runs_trained"):
@@ -214,7 +214,7 @@ def plot_study(study: dict, out_dir: Path, run_dirs: dict[str, list[Path]] | Non
 
 def _run_one(cfg, sched, run_dir: Path, progress: bool) -> dict:
     """Train one arm (from scratch) and grade it; write and return its result row."""
-    from fastopd.train.demo import arm_summary, ood_metrics
+    from fastopd.demo.demo import arm_summary, ood_metrics
     from fastopd.train.report import load_run
     from fastopd.train.trainer import train
 
@@ -243,7 +243,7 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
 
     import torch
 
-    from fastopd.train.demo import DEFAULT_THREADS, baseline_accuracy, demo_config, run_precondition
+    from fastopd.demo.demo import DEFAULT_THREADS, baseline_accuracy, demo_config, run_precondition
 
     bad = [a for a in arms if a not in ARMS]
     if bad or "release" not in arms:

@@ -1,6 +1,6 @@
 """Tiny random Qwen3 teacher/student pairs and prompt files, for tests and smoke runs (no download).
 
-    from fastopd.train.tiny import make_tiny_run
+    from tiny import make_tiny_run           # tests/ is on sys.path (tests/conftest.py)
     paths = make_tiny_run("/tmp/tiny")   # tokenizer + teacher + student folders, train/eval JSONL
 
 The tokenizer is a byte-level BPE trained in a second on the synthetic arithmetic task's text; the models
@@ -21,7 +21,7 @@ def make_tokenizer(vocab_size: int = 320, extra_tokens: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from fastopd.train.task import format_prompt, make_problems, solution_completion
+    from fastopd.demo.task import format_prompt, make_problems, solution_completion
 
     texts = [format_prompt(p["prompt"]) + solution_completion(p) for p in make_problems(300, 0, unique=False)]
     tok = Tokenizer(models.BPE())
@@ -58,7 +58,7 @@ def make_tiny_run(root: str | Path, *, n_train: int = 64, n_eval: int = 8, teach
     The teacher is a little wider than the student and, with ``teacher_extra_vocab``, has that many padding
     rows in its embedding (the case the trainer handles with ``vocab_size``). Returns the paths as strings.
     """
-    from fastopd.train.task import EVAL_SEED, make_problems, write_jsonl
+    from fastopd.demo.task import EVAL_SEED, make_problems, write_jsonl
 
     root = Path(root)
     tok = make_tokenizer()

@@ -2,12 +2,12 @@
 
 Uses the shipped tiny Qwen3 teacher and student (``fastopd/assets/demo``, built by
 ``scripts/build_demo_assets.py``, trained on both tasks) on the long-response task
-(:mod:`fastopd.train.long_task`, the default) or the short arithmetic task (``--task arithmetic``,
-:mod:`fastopd.train.task`):
+(:mod:`fastopd.demo.long_task`, the default) or the short arithmetic task (``--task arithmetic``,
+:mod:`fastopd.demo.task`):
 
 1. greedy accuracy of the teacher and of the student on held-out problems of both tasks (the other task is
    the out-of-domain one);
-2. the precondition (:mod:`fastopd.train.precondition`): 256 of the student's own rollouts scored by the
+2. the precondition (:mod:`fastopd.demo.precondition`): 256 of the student's own rollouts scored by the
    teacher before OPD: first/last-quarter margin ratio, accept rate, mean gain, release position;
 3. two OPD runs from the same student, the same prompts and the same seed: the ``full`` control (every
    token supervised) and the release rule (``release``: prefix kept, suffix released);
@@ -69,7 +69,7 @@ def demo_config(out_dir: Path, *, quick: bool, seed: int = 0, steps: int | None 
 
     The schedule dict also holds ``task``, ``ood_task`` and ``ood_eval`` (the OOD task's held-out prompt file).
     """
-    from fastopd.train.task import DEMO_VERIFIER, EVAL_SEED, TRAIN_SEED, demo_asset_paths, make_problems, write_jsonl
+    from fastopd.demo.task import DEMO_VERIFIER, EVAL_SEED, TRAIN_SEED, demo_asset_paths, make_problems, write_jsonl
 
     if task not in TASKS:
         raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
@@ -112,7 +112,7 @@ def baseline_accuracy(cfg: TrainConfig, sched: dict | None = None) -> dict:
 
     With a demo ``sched`` (:func:`demo_config`), also on the OOD task: ``out[role]["ood"]``.
     """
-    from fastopd.train.trainer import load_model, load_tokenizer, quiet_transformers
+    from fastopd.train.models import load_model, load_tokenizer, quiet_transformers
 
     tok = load_tokenizer(cfg.tokenizer)
     out = {}
@@ -133,7 +133,7 @@ def baseline_accuracy(cfg: TrainConfig, sched: dict | None = None) -> dict:
 def eval_accuracy(model, tok, rows_path, cfg: TrainConfig, max_new_tokens: int) -> dict:
     """Greedy accuracy of a loaded model on the first ``cfg.eval_size`` rows of a prompt file."""
     from fastopd.train.data import load_prompts
-    from fastopd.train.trainer import eos_ids_of, evaluate
+    from fastopd.train.rollouts import eos_ids_of, evaluate
 
     rows = load_prompts(str(rows_path))[:cfg.eval_size or None]
     return evaluate(model, tok, rows, verifier=cfg.verifier, eos_ids=eos_ids_of(tok, model),
@@ -144,7 +144,7 @@ def ood_metrics(model_dir, cfg: TrainConfig, sched: dict) -> dict:
     """OOD-task retention of a model folder (e.g. ``<run>/final``): greedy ``accuracy`` on the OOD task's
     held-out prompts, and ``nll``, the mean per-token negative log-likelihood of their reference solutions
     (+ EOS; :func:`reference_nll`), which still moves when the accuracy is near 0 or 1."""
-    from fastopd.train.trainer import load_model, load_tokenizer, quiet_transformers
+    from fastopd.train.models import load_model, load_tokenizer, quiet_transformers
 
     tok = load_tokenizer(cfg.tokenizer)
     with quiet_transformers():
@@ -160,8 +160,8 @@ def reference_nll(model, tok, task: str, n: int, batch_size: int = 50) -> float:
     (the problems of the shipped eval files, regenerated with their seed), given ``format_prompt``."""
     import torch.nn.functional as F
 
-    from fastopd.train import long_task, task as arith
-    from fastopd.train.task import format_prompt, solution_completion
+    from fastopd.demo import long_task, task as arith
+    from fastopd.demo.task import format_prompt, solution_completion
 
     problems = (long_task.make_problems(n, long_task.EVAL_SEED, split="eval") if task == "long"
                 else arith.make_problems(n, arith.EVAL_SEED, split="eval"))
@@ -190,11 +190,11 @@ def reference_nll(model, tok, task: str, n: int, batch_size: int = 50) -> float:
 
 
 def run_precondition(cfg: TrainConfig, sched: dict, out_dir: Path, progress: bool = True) -> dict:
-    """:func:`fastopd.train.precondition.measure_precondition` on ``sched["precondition"]`` rollouts of the
+    """:func:`fastopd.demo.precondition.measure_precondition` on ``sched["precondition"]`` rollouts of the
     initial student over the training prompts (records in ``out_dir``)."""
     from fastopd.train.data import load_prompts
-    from fastopd.train.precondition import measure_precondition
-    from fastopd.train.trainer import load_model, load_tokenizer, quiet_transformers
+    from fastopd.demo.precondition import measure_precondition
+    from fastopd.train.models import load_model, load_tokenizer, quiet_transformers
 
     rows = load_prompts(cfg.train_data)
     tok = load_tokenizer(cfg.tokenizer)
@@ -293,7 +293,7 @@ def format_table(table: dict) -> str:
                   f"student before {table['student_ood_nll_before']:.4f}, after " + ", ".join(
                       f"{arm} {table['arms'][arm]['ood_nll_after']:.4f}" for arm, _ in ARMS) + ".", ""]
     if table.get("precondition"):
-        from fastopd.train.precondition import format_precondition
+        from fastopd.demo.precondition import format_precondition
 
         lines += [format_precondition(table["precondition"]), ""]
     if "share_rule" in rel:
@@ -341,7 +341,7 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
           f"{_pct(ood_of('teacher'))}, student {_pct(ood_of('student'))}", flush=True)
     pre = None
     if sched.get("precondition"):
-        from fastopd.train.precondition import format_precondition
+        from fastopd.demo.precondition import format_precondition
 
         pre = run_precondition(cfg, sched, out_dir / "precondition", progress=progress)
         print(format_precondition(pre), flush=True)
