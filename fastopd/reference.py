@@ -91,6 +91,10 @@ def _stats(
     a1, a2 = top2[..., 0], top2[..., 1]
     # a1 == a2 (including two -inf candidates) is a zero margin, not inf - inf = NaN.
     m = torch.where(a1 == a2, zero, (a1 - a2) / temperature)
+    # A row with a NaN or +inf logit, or no finite one, has no log-softmax (its loss is NaN): its margin is NaN
+    # too, so the release rule sees it (docs/formulas.md §1) instead of a plausible 0.
+    finite = torch.isfinite(zs.amax(-1)) & torch.isfinite(zt.amax(-1))
+    m = torch.where(finite, m, torch.full_like(m, math.nan))
     stats = TokenStats(
         student_logprobs=s,
         teacher_logprobs=u,

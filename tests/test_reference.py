@@ -309,3 +309,30 @@ def test_bool_is_not_a_normalizer(normalizer):
     zs, zt, y = torch.randn(3, 20), torch.randn(3, 20), torch.tensor([1, 2, 3])
     with pytest.raises(ValueError, match="normalizer must be a positive finite scalar"):
         R.opd_loss(zs, zt, y, normalizer=normalizer)
+
+
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("bad", ["nan", "+inf", "all -inf"])
+def test_non_finite_row_gives_nan_margin(side, bad):
+    """A row whose log-softmax does not exist (a NaN or +inf logit, or no finite logit) has a NaN loss; its
+    margin is NaN too, never a plausible 0 (issue 14, docs/formulas.md §1). Other rows are untouched."""
+    g = torch.Generator().manual_seed(7)
+    zs, zt = torch.randn(4, 12, generator=g), torch.randn(4, 12, generator=g)
+    y = torch.tensor([1, 2, -100, 4])
+    clean = R.token_stats(zs, zt, y, k=4)
+    z = zs if side == "student" else zt
+    if bad == "nan":
+        z[1, 5] = math.nan
+        z[2, 5] = math.nan  # an ignored row: stays 0
+    elif bad == "+inf":
+        z[1, 0] = math.inf
+    else:
+        z[1, :] = -math.inf
+    s = R.token_stats(zs, zt, y, k=4)
+    assert math.isnan(s.margins[1].item())
+    assert s.margins[2].item() == 0.0
+    keep = torch.tensor([True, False, True, True])
+    assert torch.equal(s.margins[keep], clean.margins[keep])
+    out = R.opd_loss(zs, zt, y, k=4)
+    assert not math.isfinite(out.loss.item())  # the loss is not finite either: the two agree
+    assert math.isnan(out.stats.margins[1].item())

@@ -80,3 +80,60 @@ def test_release_rule_issue_example_and_good_options_construct():
         fraction=1, seed=np.uint8(3), backend="reference",
     )
     assert rule.k == 4 and type(rule.k) is int and rule.temperature == 0.5 and rule.min_gain == -math.inf
+
+
+# ------------------------------------------------------------------------------------------------------
+# a NaN margin (non-finite logits or hidden states) never lets the rule release that rollout (issue 14)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _fading(b: int = 3):
+    rng = np.random.default_rng(2)
+    seg = np.repeat(np.arange(10), 3)[None].repeat(b, 0)
+    margins = np.where(seg < 5, 4.0, 0.05) + rng.normal(0, 0.01, seg.shape)
+    return torch.tensor(margins), torch.tensor(seg), torch.ones(seg.shape, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("where", [0, 20])
+def test_nan_margin_keeps_the_rollout_whole(where):
+    margins, seg, valid = _fading()
+    assert fastopd.ReleaseRule().from_margins(margins, seg, valid).scan.accepted.tolist() == [True] * 3
+    margins[1, where] = math.nan
+    valid[2, where] = False
+    margins[2, where] = math.nan  # at an invalid position: ignored
+    dec = fastopd.ReleaseRule().from_margins(margins, seg, valid)
+    assert dec.scan.accepted.tolist() == [True, False, True]
+    assert math.isnan(dec.scan.gain[1])  # the flag: gain NaN (docs/formulas.md §3)
+    assert torch.equal(dec.weights[1], torch.ones(30))  # w = valid
+    assert dec.release_segment.tolist() == [5, 10, 5]
+    assert dec.metrics["accept_rate"] == 2 / 3
+
+
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_nan_hidden_state_gives_nan_margin_and_no_release(path):
+    """NaN in one valid token's hidden state: NaN loss, NaN margin at that token, and the rule keeps that
+    rollout whole (before: margin 0 there, and the rule released as if nothing had happened)."""
+    g = torch.Generator().manual_seed(0)
+    b, length, h, v = 2, 12, 6, 16
+    sh, th = torch.randn(b, length, h, generator=g), torch.randn(b, length, h, generator=g)
+    sw, tw = torch.randn(v, h, generator=g), torch.randn(v, h, generator=g)
+    y = torch.randint(0, v, (b, length), generator=g)
+    seg = torch.arange(length).repeat(b, 1) // 2
+    crit = fastopd.OPDLoss(rule=fastopd.ReleaseRule(k=4, min_gain=-math.inf, min_segments=1, backend="reference"))
+
+    def run():
+        if path == "logits":
+            return crit(sh @ sw.T, th @ tw.T, y, segment_ids=seg)
+        return crit.linear(sh, sw, th, tw, y, segment_ids=seg)
+
+    clean = run()
+    assert clean.release.scan.accepted[1]  # min_gain=-inf: the best downward split is taken
+    sh[1, 7, 3] = math.nan
+    out = run()
+    assert math.isnan(out.loss.item())
+    m = out.stats.margins
+    assert math.isnan(m[1, 7].item()) and int(torch.isnan(m).sum()) == 1
+    assert torch.equal(m[0], clean.stats.margins[0])
+    assert not out.release.scan.accepted[1] and math.isnan(out.release.scan.gain[1])
+    assert torch.equal(out.release.weights[1], torch.ones(length))
+    assert torch.equal(out.release.weights[0], clean.release.weights[0])

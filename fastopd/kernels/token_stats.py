@@ -14,7 +14,8 @@ One program per row streams the student row and the teacher row *together*, once
   does not beat the running K-th group max (equal values lose: their indices are higher). After the loop
   the K candidate groups (K * GROUP columns, 2 KB for K = 16 in bf16) are read again and one ``tl.topk``
   picks the K elements. Then the teacher is gathered at those K ids (a1, a2 and m_t = (a1 - a2) / tau, or
-  0 when a1 == a2, exactly as the reference) and both models at the sampled token;
+  0 when a1 == a2, or NaN when either row's log-sum-exp is not finite, exactly as the reference) and both
+  models at the sampled token;
 - optionally the exact reverse KL, online with both rescalings: with x = (z - M) * log2(e) / tau relative to
   the *current* maxima and e = 2^x_S, the kernel keeps acc = sum_v e_v (x_S(v) - x_T(v)); when the maxima
   move (shift = dx_S - dx_T) it becomes alpha_S * (acc - shift * sum_S). At the end
@@ -196,6 +197,9 @@ def _token_stats_kernel(
     i1 = tl.argmax(tz, axis=0)
     a2 = tl.max(tl.where(j == i1, -float("inf"), tz), axis=0)
     margin = tl.where(a1 == a2, 0.0, (a1 - a2) / tau)
+    # A row with a NaN or +inf logit, or no finite one, has no log-sum-exp: NaN margin, as the reference.
+    finite = (tl.abs(log_s) < float("inf")) & (tl.abs(log_t) < float("inf"))
+    margin = tl.where(finite, margin, float("nan"))
 
     kl = 0.0
     if FULL_KL:

@@ -210,6 +210,54 @@ def test_gpu_topk_path_and_group_size(device):
         _check_stats(got, ref, truth, full_kl=True, return_topk=True)
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+def test_non_finite_rows_give_nan_margin(device):
+    """A NaN or +inf logit, or a row with no finite logit, on either side: NaN margin (not 0), as the
+    reference; finite rows are unchanged and ignored rows stay 0 (issue 14, docs/formulas.md §1)."""
+    gen = torch.Generator().manual_seed(11)
+    v = 70
+    zs = torch.randn(8, v, generator=gen) * 2
+    zt = torch.randn(8, v, generator=gen) * 2
+    zs[0, 33] = float("nan")  # no candidate survives a NaN comparison: the reference used to give 0
+    zt[1, 5] = float("nan")
+    zs[2, 50] = float("inf")
+    zt[3, 2] = float("inf")
+    zs[4, :] = -float("inf")
+    zt[5, :] = -float("inf")
+    zs[6, 1] = float("nan")  # an ignored row: 0
+    y = torch.tensor([1, 2, 3, 4, 5, 6, -100, 9])
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = zs.to(dtype).to(device), zt.to(dtype).to(device)
+        got = token_stats_triton(a, b, y.to(device), k=16, block_v=32)
+        ref = reference.token_stats(a, b, y.to(device), k=16)
+        m, mr = got.margins.cpu(), ref.margins.cpu()
+        assert torch.isnan(m[:6]).all() and torch.isnan(mr[:6]).all(), m
+        assert m[6].item() == 0.0 and torch.isfinite(m[7])
+        torch.testing.assert_close(m[7], mr[7], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+def test_nan_hidden_state_margin_and_rule_on_triton(device):
+    """The hidden-state path and the rule's segment sums on the Triton backend: NaN in one valid token's
+    hidden state gives a NaN margin there and keeps that rollout whole."""
+    gen = torch.Generator().manual_seed(5)
+    b, length, h, v = 2, 10, 8, 48
+    sh = torch.randn(b, length, h, generator=gen).to(device)
+    th = torch.randn(b, length, h, generator=gen).to(device)
+    sw, tw = torch.randn(v, h, generator=gen).to(device), torch.randn(v, h, generator=gen).to(device)
+    y = torch.randint(0, v, (b, length), generator=gen).to(device)
+    sh[1, 4, 0] = float("nan")
+    st_ = fastopd.linear_token_stats(sh, sw, th, tw, y, k=4, backend="triton")
+    assert torch.isnan(st_.margins[1, 4]) and int(torch.isnan(st_.margins).sum()) == 1
+    seg = (torch.arange(length, device=device) // 2).repeat(b, 1)
+    margins = torch.linspace(3.0, 0.0, length, device=device).repeat(b, 1)  # fading: released when finite
+    margins[1, 4] = st_.margins[1, 4]
+    dec = fastopd.ReleaseRule(k=4, min_segments=1, min_gain=-float("inf"), backend="triton").from_margins(
+        margins, seg, torch.ones(b, length, dtype=torch.bool, device=device))
+    assert dec.scan.accepted.tolist() == [True, False]
+    assert torch.equal(dec.weights[1].cpu(), torch.ones(length))
+
+
 def test_dispatch_triton_backend(device):
     gen = torch.Generator().manual_seed(2)
     zs, zt = _logits(gen, (2, 3, 64), torch.bfloat16, device), _logits(gen, (2, 3, 64), torch.bfloat16, device)
