@@ -141,6 +141,55 @@ def check_per_token(name: str, t: torch.Tensor | None, target_ids: torch.Tensor)
         raise ValueError(f"{name} must be on {target_ids.device} like target_ids, got {t.device}")
 
 
+def check_segment_ids(segment_ids: torch.Tensor, valid: torch.Tensor) -> None:
+    """Segment ids g_t (B, L) where they are read, i.e. at valid positions (docs/formulas.md §2).
+
+    Each must lie in [0, L) -- L the row length: ids are 0..n-1 over the row's segments and every segment
+    holds a token, so an id >= L cannot come from a segmentation (and would size the per-segment sums) -- and
+    they must never decrease along a row's valid tokens (segments are in text order; reversed ids would
+    make the rule keep the end of a rollout instead of a prefix). Invalid positions are not read (padding:
+    -1). One check for every entry: the segment means, the rule and the weights. ``segment_ids`` is an
+    integer tensor of the shape of ``valid`` (the callers check both).
+    """
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
+        raise TypeError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
+    if segment_ids.numel() == 0:
+        return
+    seg = segment_ids.long()
+    ok = valid.to(device=seg.device, dtype=torch.bool)
+    length = seg.shape[-1]
+    negative = ok & (seg < 0)
+    too_big = ok & (seg >= length)
+    # running max of the ids seen so far along the row's valid tokens; an id below it went backwards
+    running = torch.cummax(torch.where(ok, seg, torch.full_like(seg, -1)), dim=-1).values
+    backwards = ok & (seg < running)
+    if not bool((negative | too_big | backwards).any()):
+        return
+
+    def first(mask):
+        idx = mask.reshape(-1, length).nonzero()[0].tolist()
+        return idx[0], idx[1], int(seg.reshape(-1, length)[idx[0], idx[1]])
+
+    if bool(negative.any()):
+        b, t, g = first(negative)
+        raise ValueError(
+            f"segment_ids must be >= 0 at every valid position (-1 marks padding, which must not be valid); "
+            f"found {g} at row {b}, position {t}"
+        )
+    if bool(too_big.any()):
+        b, t, g = first(too_big)
+        raise ValueError(
+            f"segment_ids must be < {length} (the row length L: ids are 0..n-1 over the row's segments) at every "
+            f"valid position; found {g} at row {b}, position {t}"
+        )
+    b, t, g = first(backwards)
+    prev = int(running.reshape(-1, length)[b, t])
+    raise ValueError(
+        f"segment_ids must be non-decreasing along each row's valid tokens (segments in text order, as "
+        f"fastopd.token_segments gives them); row {b} goes back from {prev} to {g} at position {t}"
+    )
+
+
 def check_ragged(values, offsets):
     """Validate a ragged batch (values, offsets) for the BIC scan and return them as numpy arrays.
 

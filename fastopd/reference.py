@@ -22,7 +22,13 @@ import math
 import numpy as np
 import torch
 
-from fastopd._validate import check_fraction, check_ragged, check_scan_options, check_token_inputs
+from fastopd._validate import (
+    check_fraction,
+    check_ragged,
+    check_scan_options,
+    check_segment_ids,
+    check_token_inputs,
+)
 from fastopd.common import (  # noqa: F401  (LOSSES, CONTROLS, reduce_loss, ... re-exported for callers)
     CONTROLS,
     LOSSES,
@@ -174,8 +180,9 @@ def segment_means(values, segment_ids, valid) -> SegmentMeans:
 
     Args:
         values: (B, L) per-token values, e.g. ``TokenStats.margins``.
-        segment_ids: (B, L) int segment id per token (from :func:`fastopd.token_segments`); ids of invalid
-            positions are ignored (use -1 for padding).
+        segment_ids: (B, L) int segment id per token (from :func:`fastopd.token_segments`): at valid positions
+            in [0, L) and non-decreasing along the row; ids of invalid positions are ignored (use -1 for
+            padding).
         valid: (B, L) bool, which tokens count.
 
     Returns:
@@ -195,8 +202,7 @@ def segment_means(values, segment_ids, valid) -> SegmentMeans:
         raise TypeError(f"segment_ids must be an integer array, got {seg.dtype}")
     ok = ok.astype(bool)
     b, _ = vals.shape
-    if ok.any() and seg[ok].min() < 0:
-        raise ValueError("segment_ids must be >= 0 at every valid position")
+    check_segment_ids(torch.from_numpy(np.ascontiguousarray(seg, dtype=np.int64)), torch.from_numpy(ok.copy()))
     width = int(seg[ok].max()) + 1 if ok.any() else 1
     rows = np.broadcast_to(np.arange(b)[:, None], vals.shape)
     key = rows[ok].astype(np.int64) * width + seg[ok].astype(np.int64)
@@ -289,7 +295,9 @@ def _as_mask_tensors(segment_ids, valid_mask) -> tuple[torch.Tensor, torch.Tenso
         raise ValueError(f"valid_mask must have the shape of segment_ids {tuple(seg.shape)}, got {tuple(valid.shape)}")
     if seg.dtype.is_floating_point or seg.dtype == torch.bool:
         raise TypeError(f"segment_ids must be an integer tensor, got {seg.dtype}")
-    return seg.long(), valid.to(device=seg.device, dtype=torch.bool)
+    valid = valid.to(device=seg.device, dtype=torch.bool)
+    check_segment_ids(seg, valid)
+    return seg.long(), valid
 
 
 def _rescale(kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

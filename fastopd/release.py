@@ -21,7 +21,15 @@ import numpy as np
 import torch
 
 from fastopd._dispatch import BACKENDS, cpu_ops, resolve_backend
-from fastopd._validate import check_fraction, check_k, check_ragged, check_scan_options, check_seed, check_temperature
+from fastopd._validate import (
+    check_fraction,
+    check_k,
+    check_ragged,
+    check_scan_options,
+    check_seed,
+    check_segment_ids,
+    check_temperature,
+)
 from fastopd.common import (
     MODES,
     release_fractions,
@@ -195,7 +203,11 @@ class ReleaseRule:
         return self.from_margins(stats.margins, segment_ids, stats.valid)
 
     def from_margins(self, margins, segment_ids, valid) -> ReleaseDecision:
-        """Decide the weights from per-token margins m_t (B, L), segment ids (B, L) and the valid mask."""
+        """Decide the weights from per-token margins m_t (B, L), segment ids (B, L) and the valid mask.
+
+        At valid positions the segment ids must lie in [0, L) and never decrease along a row (docs/formulas.md
+        §2; ``fastopd.token_segments`` gives them so); invalid positions are not read (padding: -1).
+        """
         t0 = time.perf_counter()
         seg = segment_ids if isinstance(segment_ids, torch.Tensor) else torch.as_tensor(np.asarray(segment_ids))
         valid = valid if isinstance(valid, torch.Tensor) else torch.as_tensor(np.asarray(valid))
@@ -231,8 +243,7 @@ class ReleaseRule:
             if resolve_backend(self.backend, margins.device, dtypes=dtypes) == "triton":
                 from fastopd.kernels import segment_sums_triton
 
-                if bool((valid.to(margins.device) & (segment_ids.to(margins.device) < 0)).any()):
-                    raise ValueError("segment_ids must be >= 0 at every valid position")
+                check_segment_ids(segment_ids.to(margins.device), valid.to(margins.device))
                 sums, counts = segment_sums_triton(margins, segment_ids.to(margins.device), valid.to(margins.device))
                 return series_from_sums(sums.cpu().numpy(), counts.cpu().numpy())
         return segment_means(margins, segment_ids, valid)

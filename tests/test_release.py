@@ -7,8 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastopd
+from fastopd import reference
 
 
 def test_release_rule_cuts_a_fading_rollout():
@@ -137,3 +140,82 @@ def test_nan_hidden_state_gives_nan_margin_and_no_release(path):
     assert not out.release.scan.accepted[1] and math.isnan(out.release.scan.gain[1])
     assert torch.equal(out.release.weights[1], torch.ones(length))
     assert torch.equal(out.release.weights[0], clean.release.weights[0])
+
+
+# ------------------------------------------------------------------------------------------------------
+# segment ids: in [0, L) and non-decreasing along a row's valid tokens, at every entry (issue 14)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _entries(margins, seg, valid):
+    """Every public function that reads segment ids, each as a thunk."""
+    r = torch.full((seg.shape[0],), 3)
+    return {
+        "segment_means": lambda: fastopd.segment_means(margins, seg, valid),
+        "release_weights": lambda: fastopd.release_weights(seg, valid, r),
+        "control_weights": lambda: fastopd.control_weights("random", seg, valid, generator=0),
+        "cut_nearest_fraction": lambda: reference.cut_nearest_fraction(seg, valid, np.full(seg.shape[0], 0.5)),
+        "ReleaseRule": lambda: fastopd.ReleaseRule().from_margins(margins, seg, valid),
+        "OPDLoss": lambda: fastopd.OPDLoss(rule=fastopd.ReleaseRule(k=2)).forward(
+            torch.randn(*seg.shape, 5), torch.randn(*seg.shape, 5),
+            torch.where(valid, 1, -100), segment_ids=seg),
+    }
+
+
+@pytest.mark.parametrize("entry", ["segment_means", "release_weights", "control_weights", "cut_nearest_fraction",
+                                   "ReleaseRule", "OPDLoss"])
+@pytest.mark.parametrize("bad, match", [
+    ("reversed", "non-decreasing along each row's valid tokens.*row 0 goes back from 9 to 8 at position 3"),
+    ("huge", r"segment_ids must be < 30 \(the row length L.*found 1099511627776 at row 1, position 29"),
+    ("negative", "segment_ids must be >= 0 at every valid position.*found -1 at row 1, position 0"),
+    ("float", "segment_ids must be an integer"),
+])
+def test_bad_segment_ids_are_refused_at_every_entry(entry, bad, match):
+    margins, seg, valid = _fading(2)
+    if bad == "reversed":  # the rule used to keep the end of the rollout instead of a prefix
+        seg[0] = seg[0].flip(0)
+    elif bad == "huge":  # used to end in "MemoryError: Unable to allocate 8.00 TiB"
+        seg[1, -1] = 2**40
+    elif bad == "negative":
+        seg[1, 0] = -1
+    else:
+        seg = seg.double()
+    with pytest.raises(ValueError if bad != "float" else TypeError, match=match):
+        _entries(margins, seg, valid)[entry]()
+
+
+def test_segment_ids_at_invalid_positions_are_not_read():
+    margins, seg, valid = _fading(2)
+    seg[:, -6:] = torch.tensor([-1, 2**40, 0, 7, -5, 3])  # any value where not valid
+    valid[:, -6:] = False
+    for run in _entries(margins, seg, valid).values():
+        run()  # no error
+    got = fastopd.ReleaseRule().from_margins(margins, seg, valid)
+    base = fastopd.ReleaseRule().from_margins(margins, torch.where(valid, seg, -1), valid)
+    assert torch.equal(got.weights, base.weights) and got.release_segment.tolist() == base.release_segment.tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 3), length=st.integers(1, 12), seed=st.integers(0, 2**31 - 1), break_it=st.booleans())
+def test_hypothesis_segment_id_rule(b, length, seed, break_it):
+    """Sorted ids in [0, L) with any invalid positions pass; one decrease between two valid tokens fails."""
+    rng = np.random.default_rng(seed)
+    seg = np.sort(rng.integers(0, length, size=(b, length)), axis=1)
+    valid = rng.random((b, length)) < 0.8
+    seg = np.where(valid, seg, rng.integers(-3, 3 * length + 3, size=(b, length)))  # invalid: anything
+    margins = torch.tensor(rng.normal(size=(b, length)))
+    row = int(rng.integers(b))
+    where = np.nonzero(valid[row])[0]
+    if break_it and len(where) >= 2:
+        i, j = sorted(rng.choice(where, 2, replace=False))  # two valid positions, i before j
+        if seg[row, i] >= 1:
+            seg[row, j] = seg[row, i] - 1
+        else:
+            seg[row, i], seg[row, j] = 1, 0
+        with pytest.raises(ValueError, match="non-decreasing"):
+            fastopd.segment_means(margins, torch.tensor(seg), torch.tensor(valid))
+        with pytest.raises(ValueError, match="non-decreasing"):
+            fastopd.release_weights(torch.tensor(seg), torch.tensor(valid), np.zeros(b, dtype=np.int64))
+    else:
+        fastopd.segment_means(margins, torch.tensor(seg), torch.tensor(valid))
+        fastopd.ReleaseRule().from_margins(margins, torch.tensor(seg), torch.tensor(valid))

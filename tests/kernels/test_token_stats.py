@@ -334,3 +334,20 @@ def test_segment_sums_match_segment_means(device):
     assert torch.equal(counts.cpu().long(), expect_counts)
     with pytest.raises(ValueError, match="num_segments"):
         segment_sums_triton(values, seg, valid, num_segments=2)
+
+
+def test_rule_on_triton_refuses_bad_segment_ids(device):
+    """The rule's Triton segment sums check the ids like the reference (issue 14): reversed ids and an id of
+    2**40 (which used to size the (B, S) sums) are clear errors."""
+    seg = (torch.arange(12, device=device) // 3).repeat(2, 1)
+    margins = torch.linspace(3.0, 0.0, 12, device=device).repeat(2, 1)
+    valid = torch.ones(2, 12, dtype=torch.bool, device=device)
+    rule = fastopd.ReleaseRule(backend="triton")
+    rule.from_margins(margins, seg, valid)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        rule.from_margins(margins, seg.flip(1), valid)
+    big = seg.clone()
+    big[0, -1] = 2**40
+    with pytest.raises(ValueError, match="must be < 12"):
+        rule.from_margins(margins, big, valid)
+
