@@ -97,14 +97,31 @@ def is_long(problem: Dict[str, str]) -> bool:
     return problem["prompt"].startswith("Find the sum of ")
 
 
-def encode_sft(tok, problems: Sequence[Dict[str, str]]):
-    """(input_ids, labels) per problem: labels are -100 on the prompt, the solution tokens + EOS after it."""
+def encode_sft(tok, problems: Sequence[Dict[str, str]], *, slips: float = 0.0, seed: int = 0):
+    """(input_ids, labels) per problem: labels are -100 on the prompt, the solution tokens + EOS after it.
+
+    ``slips`` > 0: half of the long-task examples get student-like slips in their derivation
+    (:func:`fastopd.demo.long_task.slipped_solution`, each sentence with probability ``slips``), with the
+    slipped numbers left out of the loss, so the model learns to continue soundly after a slip without ever
+    learning to make one (the teacher; docs/training.md, "Why distillation did not teach")."""
+    rng = random.Random(f"slips/{seed}")
     prompts = tok([format_prompt(p["prompt"]) for p in problems])["input_ids"]
-    sols = tok([solution_completion(p) for p in problems])["input_ids"]
     out = []
-    for p, s in zip(prompts, sols):
-        s = s + [tok.eos_token_id]
-        out.append((p + s, [-100] * len(p) + s))
+    for p, prob in zip(prompts, problems):
+        spans = []
+        if slips > 0 and is_long(prob) and rng.random() < 0.5:
+            text, spans = long_task.slipped_solution(prob, rng, slips)
+            text = " " + text
+            spans = [(a + 1, b + 1) for a, b in spans]
+        else:
+            text = solution_completion(prob)
+        enc = tok(text, return_offsets_mapping=bool(spans))
+        s = enc["input_ids"] + [tok.eos_token_id]
+        labels = list(s)
+        for j, (a, b) in enumerate(enc["offset_mapping"] if spans else []):
+            if any(a < e and b > st for st, e in spans):
+                labels[j] = -100
+        out.append((p + s, [-100] * len(p) + labels))
     return out
 
 
@@ -167,7 +184,8 @@ def greedy_accuracy(model, tok, problems, batch_size: int = 100, max_new_tokens:
 
 def sft(model, tok, *, steps: int, batch_size: int, lr: float, seed: int, desc: str,
         eval_every: int = 0, val_problems=None, warmup: int = 50, min_lr_frac: float = 0.1,
-        stop_at: float = 2.0, long_fraction: float = 0.75, ood_val_problems=None, snapshot_dir=None):
+        stop_at: float = 2.0, long_fraction: float = 0.75, ood_val_problems=None, snapshot_dir=None,
+        slips: float = 0.0):
     """SFT with AdamW + linear warmup + cosine decay; loss on solution tokens only.
 
     Every ``eval_every`` steps (and at the end) greedy accuracy on ``val_problems`` is measured and the
@@ -175,7 +193,7 @@ def sft(model, tok, *, steps: int, batch_size: int, lr: float, seed: int, desc: 
     the validation accuracy reaches ``stop_at``.
     """
     problems = mixed_problems(steps * batch_size, seed, split="train", long_fraction=long_fraction)
-    rows = encode_sft(tok, problems)
+    rows = encode_sft(tok, problems, slips=slips, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
 
     def lr_at(step):
@@ -243,6 +261,15 @@ def main(argv=None):
     ap.add_argument("--teacher-lr", type=float, default=3e-3)
     ap.add_argument("--teacher-batch", type=int, default=32)
     ap.add_argument("--teacher-evals", type=int, default=4, help="validation points along the teacher's SFT")
+    ap.add_argument("--teacher-slip-steps", type=int, default=200,
+                    help="steps of the teacher's second SFT stage, with slips (0: clean SFT only)")
+    ap.add_argument("--teacher-slip-lr", type=float, default=1e-3, help="peak LR of the slip stage")
+    ap.add_argument("--clean-teacher", type=Path, default=None,
+                    help="reuse this folder as the clean SFT stage's teacher (a previous build's; its build.json "
+                         "one folder up gives its numbers) instead of training it")
+    ap.add_argument("--teacher-slips", type=float, default=0.25,
+                    help="per-sentence slip probability in half of the teacher's long-task examples (slipped "
+                         "numbers masked from the loss): a teacher that continues soundly from a student's slips")
     ap.add_argument("--student-steps", type=int, default=600)
     ap.add_argument("--student-lr", type=float, default=3e-3)
     ap.add_argument("--student-batch", type=int, default=32)
@@ -257,6 +284,7 @@ def main(argv=None):
                     help="torch threads (1 is the most robust on a shared 2-core CPU)")
     ap.add_argument("--save-dtype", choices=["bfloat16", "float16"], default="bfloat16")
     ap.add_argument("--skip-teacher", action="store_true", help="reuse the teacher (and tokenizer) already in --out")
+    ap.add_argument("--skip-student", action="store_true", help="reuse the student already in --out")
     ap.add_argument("--readme-only", action="store_true", help="only rewrite README.md from --out/build.json")
     args = ap.parse_args(argv)
     if args.readme_only:
@@ -301,41 +329,69 @@ def main(argv=None):
     print(f"tokenizer: vocab {len(tok)} -> {tok_dir} ({timings['tokenizer']:.1f}s)", flush=True)
 
     results = {"vocab": len(tok)}
-    # 2. teacher
+    # 2. teacher: (a) SFT on clean solutions; (b) a shorter SFT from (a)'s saved weights with student-like
+    # slips in half of the long-task examples (slipped numbers masked), so that it continues soundly from the
+    # states a weak student's rollouts are in (docs/training.md, "Why distillation did not teach")
     if not args.skip_teacher:
         t0 = time.time()
-        teacher = make_model(TEACHER_CFG, tok, seed=1)
-        print(f"teacher: {n_params(teacher):,} params", flush=True)
-        snaps = sft(teacher, tok, steps=args.teacher_steps, batch_size=args.teacher_batch, lr=args.teacher_lr,
-                    seed=TRAIN_SEED + 1, desc="teacher SFT", eval_every=max(1, args.teacher_steps // args.teacher_evals),
-                    val_problems=val_problems, ood_val_problems=arith_val, long_fraction=args.long_fraction,
-                    snapshot_dir=out / "teacher_snapshot")
-        results["teacher_val_curve"] = [(s[0], s[1], s[3]) for s in snaps]
-        results["teacher_acc_fp32"] = greedy_accuracy(teacher, tok, eval_problems)
-        save_model(teacher, tok_dir, out / "teacher", save_dtype)
+        if args.clean_teacher is None:
+            teacher = make_model(TEACHER_CFG, tok, seed=1)
+            print(f"teacher: {n_params(teacher):,} params", flush=True)
+            snaps = sft(teacher, tok, steps=args.teacher_steps, batch_size=args.teacher_batch, lr=args.teacher_lr,
+                        seed=TRAIN_SEED + 1, desc="teacher SFT",
+                        eval_every=max(1, args.teacher_steps // args.teacher_evals),
+                        val_problems=val_problems, ood_val_problems=arith_val, long_fraction=args.long_fraction,
+                        snapshot_dir=out / "teacher_snapshot")
+            results["teacher_val_curve"] = [(s[0], s[1], s[3]) for s in snaps]
+            results["teacher_acc_fp32"] = greedy_accuracy(teacher, tok, eval_problems)
+            save_model(teacher, tok_dir, out / "teacher", save_dtype)
+            del teacher, snaps
+        else:  # stage (a) reused from a folder (a previous build's clean teacher; its numbers from build.json)
+            previous = json.loads((args.clean_teacher.parent / "build.json").read_text())["results"]
+            for key in ("teacher_val_curve", "teacher_acc_fp32"):
+                results[key] = previous[key]
+            if args.clean_teacher.resolve() != (out / "teacher").resolve():
+                shutil.copytree(args.clean_teacher, out / "teacher", dirs_exist_ok=True)
         timings["teacher"] = time.time() - t0
-        print(f"teacher: fp32 acc {results['teacher_acc_fp32']:.3f} ({timings['teacher']:.0f}s)", flush=True)
-        del teacher, snaps
+        if args.teacher_slip_steps > 0:
+            t1 = time.time()
+            teacher = AutoModelForCausalLM.from_pretrained(out / "teacher")  # the saved (rounded) weights
+            snaps = sft(teacher, tok, steps=args.teacher_slip_steps, batch_size=args.teacher_batch,
+                        lr=args.teacher_slip_lr, seed=TRAIN_SEED + 4, desc="teacher slip SFT", warmup=20,
+                        eval_every=args.teacher_slip_steps, val_problems=val_problems, ood_val_problems=arith_val,
+                        long_fraction=args.long_fraction, slips=args.teacher_slips)
+            results["teacher_slip_curve"] = [(s[0], s[1], s[3]) for s in snaps]
+            results["teacher_acc_fp32"] = greedy_accuracy(teacher, tok, eval_problems)
+            save_model(teacher, tok_dir, out / "teacher", save_dtype)
+            timings["teacher_slips"] = time.time() - t1
+            del teacher, snaps
+        print(f"teacher: fp32 acc {results['teacher_acc_fp32']:.3f} ({time.time() - t0:.0f}s)", flush=True)
 
     # 3. student
-    t0 = time.time()
-    student = make_model(STUDENT_CFG, tok, seed=2)
-    print(f"student: {n_params(student):,} params", flush=True)
-    snaps = sft(student, tok, steps=args.student_steps, batch_size=args.student_batch, lr=args.student_lr,
-                seed=TRAIN_SEED + 2, desc="student SFT", eval_every=args.student_eval_every,
-                val_problems=val_problems, ood_val_problems=arith_val, stop_at=args.student_stop,
-                long_fraction=args.long_fraction)
-    results["student_val_curve"] = [(s[0], s[1], s[3]) for s in snaps]
-    # the checkpoint nearest the target long-task accuracy, preferring ones inside [5%, 40%]
-    inside = [s for s in snaps if 0.05 <= s[1] <= 0.40] or snaps
-    step, val_acc, state, _ = min(inside, key=lambda s: (abs(s[1] - args.student_target), s[0]))
-    student.load_state_dict(state)
-    results["student_step"] = step
-    results["student_acc_fp32"] = greedy_accuracy(student, tok, eval_problems)
-    save_model(student, tok_dir, out / "student", save_dtype)
-    timings["student"] = time.time() - t0
-    print(f"student: kept step {step} (val {val_acc:.3f}); fp32 acc {results['student_acc_fp32']:.3f} "
-          f"({timings['student']:.0f}s)", flush=True)
+    if args.skip_student:  # keep the shipped student and the numbers of the build that made it
+        previous = json.loads((out / "build.json").read_text())["results"]
+        for key in ("student_val_curve", "student_step", "student_acc_fp32"):
+            results[key] = previous[key]
+        timings["student"] = 0.0
+    else:
+        t0 = time.time()
+        student = make_model(STUDENT_CFG, tok, seed=2)
+        print(f"student: {n_params(student):,} params", flush=True)
+        snaps = sft(student, tok, steps=args.student_steps, batch_size=args.student_batch, lr=args.student_lr,
+                    seed=TRAIN_SEED + 2, desc="student SFT", eval_every=args.student_eval_every,
+                    val_problems=val_problems, ood_val_problems=arith_val, stop_at=args.student_stop,
+                    long_fraction=args.long_fraction)
+        results["student_val_curve"] = [(s[0], s[1], s[3]) for s in snaps]
+        # the checkpoint nearest the target long-task accuracy, preferring ones inside [5%, 40%]
+        inside = [s for s in snaps if 0.05 <= s[1] <= 0.40] or snaps
+        step, val_acc, state, _ = min(inside, key=lambda s: (abs(s[1] - args.student_target), s[0]))
+        student.load_state_dict(state)
+        results["student_step"] = step
+        results["student_acc_fp32"] = greedy_accuracy(student, tok, eval_problems)
+        save_model(student, tok_dir, out / "student", save_dtype)
+        timings["student"] = time.time() - t0
+        print(f"student: kept step {step} (val {val_acc:.3f}); fp32 acc {results['student_acc_fp32']:.3f} "
+              f"({timings['student']:.0f}s)", flush=True)
 
     # 4. reload through the public code paths and re-measure, on both tasks
     t0 = time.time()

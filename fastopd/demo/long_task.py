@@ -54,7 +54,7 @@ from fastopd.demo.task import draw_problems, format_prompt, split_of  # noqa: F4
 __all__ = [
     "MIN_TERMS", "MAX_TERMS", "MAX_TERM", "MAX_TOTAL", "TRAIN_SEED", "EVAL_SEED", "DEMO_VERIFIER",
     "CHECK_SUBJECTS", "CHECK_VERBS", "CHECK_VERDICTS", "OPEN_WORDS", "CLOSE_WORDS",
-    "make_problem", "make_problems", "check_solution", "parse_terms", "free_slots",
+    "make_problem", "make_problems", "slipped_solution", "check_solution", "parse_terms", "free_slots",
 ]
 
 MIN_TERMS = 7
@@ -108,6 +108,59 @@ def make_problem(rng: random.Random, n_terms: int) -> Dict[str, str]:
     sentences.append(" ".join(rng.choice(words) for words in CLOSE_WORDS) + ".")
     return {"prompt": f"Find the sum of {_list_text(terms)}, then check every step.", "answer": str(total),
             "solution": " ".join(sentences)}
+
+
+def slipped_solution(problem: Dict[str, str], rng: random.Random, p_slip: float) -> tuple:
+    """The problem's solution with student-like slips in its derivation, and where they are.
+
+    Each ``a plus b is c`` sentence independently, with probability ``p_slip``, gets one slip: a wrong
+    result ``c`` (half of the slips), a miscopied running total ``a`` or a miscopied term ``b`` (a quarter
+    each). Everything after a slip continues *locally* from what is written: the next sentence copies the
+    written ``c``, a miscopied ``a`` or ``b`` is added as written, the boxed answer is the last written
+    total, the check is unchanged. Returns ``(solution, spans)``: ``spans`` are the (start, end) character
+    ranges of the slipped numbers, which a teacher's SFT leaves out of its loss (so it never learns to slip)
+    while it learns to continue soundly from a history with slips: the states a weak student's rollouts are
+    in (docs/training.md, "Why distillation did not teach").
+    """
+    if not 0.0 <= p_slip <= 1.0:
+        raise ValueError(f"p_slip must be in [0, 1], got {p_slip!r}")
+    terms = parse_terms(problem["prompt"])
+    parts: List[str] = [OPENING]
+    spans: List[tuple] = []
+    text_len = len(OPENING)
+
+    def near(x: int, lo: int, hi: int) -> int:
+        for _ in range(20):
+            y = x + rng.choice((-10, -2, -1, 1, 2, 10, rng.randint(-9, 9)))
+            if y != x and lo <= y <= hi:
+                return y
+        return x
+
+    running = terms[0]
+    for t in terms[1:]:
+        a, b = running, t
+        kind = rng.choice(("c", "c", "a", "b")) if rng.random() < p_slip else None
+        if kind == "a":
+            a = near(a, 0, MAX_TOTAL - b)
+        elif kind == "b":
+            b = near(b, 1, min(MAX_TERM, MAX_TOTAL - a))
+        c = a + b
+        if kind == "c":
+            c = near(c, 0, MAX_TOTAL)
+        words = [str(a), "plus", str(b), "is", f"{c}."]
+        sentence = " ".join(words)
+        start = text_len + 1  # after the joining space
+        if kind is not None and (kind != "a" or a != running) and (kind != "b" or b != t) and \
+                (kind != "c" or c != a + b):
+            idx = {"a": 0, "b": 2, "c": 4}[kind]
+            off = start + sum(len(w) + 1 for w in words[:idx])
+            spans.append((off, off + len(str((a, b, c)[idx // 2]))))
+        parts.append(sentence)
+        text_len = start + len(sentence)
+        running = c
+    rest = problem["solution"].split(" The sum is ", 1)[1]
+    rest = "The sum is \\boxed{" + str(running) + "}" + rest[rest.index("}") + 1:]
+    return " ".join(parts + [rest]), spans
 
 
 def make_problems(n: int, seed: int, min_terms: int = MIN_TERMS, max_terms: int = MAX_TERMS, split: str = "train",

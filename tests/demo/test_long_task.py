@@ -120,3 +120,34 @@ def test_shipped_tokenizer_encodes_the_long_task_word_by_word():
     for w in (*lt.CHECK_SUBJECTS, *lt.CHECK_VERBS, *lt.CHECK_VERDICTS, *[x for ws in lt.OPEN_WORDS for x in ws],
               *[x for ws in lt.CLOSE_WORDS for x in ws]):
         assert len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1, w
+
+
+def test_slipped_solution_continues_locally_and_marks_only_the_slips():
+    """Every sentence after a slip adds what is written; the spans cover exactly the numbers that break the
+    chain (a wrong result, a miscopied total or term), checked by re-deriving the chain here."""
+    rng = random.Random(5)
+    slips = 0
+    for p in lt.make_problems(200, seed=7):
+        terms = _terms(p["prompt"])
+        text, spans = lt.slipped_solution(p, rng, 0.3)
+        marked = {a for a, _ in spans}
+        assert all(text[a:b].isdigit() for a, b in spans)
+        prev = terms[0]
+        found = 0
+        for i, m in enumerate(re.finditer(r"(\d+) plus (\d+) is (\d+)\.", text)):
+            a, b, c = map(int, m.groups())
+            wrong = {m.start(1): a != prev, m.start(2): b != terms[i + 1], m.start(3): c != a + b}
+            assert sum(wrong.values()) <= 1  # at most one slip per sentence
+            for pos, is_wrong in wrong.items():
+                assert (pos in marked) == is_wrong, (text, spans)
+            found += 1
+            prev = c
+        assert found == len(terms) - 1
+        assert re.search(r"\\boxed\{(\d+)\}", text).group(1) == str(prev)  # the last written total is boxed
+        assert text.split("The sum is")[1].split(".", 1)[1] == p["solution"].split("The sum is")[1].split(".", 1)[1]
+        slips += len(spans)
+    assert 0.2 < slips / sum(len(_terms(p["prompt"])) - 1 for p in lt.make_problems(200, seed=7)) < 0.4
+    text, spans = lt.slipped_solution(lt.make_problems(1, seed=7)[0], rng, 0.0)
+    assert spans == [] and text == lt.make_problems(1, seed=7)[0]["solution"]
+    with pytest.raises(ValueError, match="p_slip"):
+        lt.slipped_solution(lt.make_problems(1, seed=7)[0], rng, 1.5)
