@@ -114,3 +114,14 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and (self.last_dim is None or (t.dim() >= 1 and t.shape[-1] == self.last_dim)):
                 self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
         return out
+
+
+def strict_jsonl(path) -> list:
+    """The rows of a JSONL file parsed as strict JSON (RFC 8259): the bare words NaN, Infinity and -Infinity
+    that Python's json writes by default raise ValueError (jq, JavaScript and Go refuse them too)."""
+    import json
+
+    def refuse(word):
+        raise ValueError(f"{path}: not JSON: {word}")
+
+    return [json.loads(line, parse_constant=refuse) for line in Path(path).read_text().splitlines() if line.strip()]

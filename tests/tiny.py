@@ -6,7 +6,8 @@
 The tokenizer is a byte-level BPE trained in a second on the synthetic arithmetic task's text; the models
 are randomly initialised ``Qwen3ForCausalLM`` with a few thousand parameters, so one OPD step takes a
 fraction of a second on a CPU. They generate gibberish: use them to exercise code, not to measure learning
-(the shipped demo models in ``fastopd/assets/demo`` are trained).
+(the shipped demo models in ``fastopd/assets/demo`` are trained). :func:`tiny_config`, :func:`load_models` and
+:func:`text_rollouts` are the tests' shortcuts to a config, the loaded models and hand-made rollouts.
 """
 
 from __future__ import annotations
@@ -71,3 +72,49 @@ def make_tiny_run(root: str | Path, *, n_train: int = 64, n_eval: int = 8, teach
     paths["train"] = write_jsonl(root / "train.jsonl", make_problems(n_train, 0, split="train"))
     paths["eval"] = write_jsonl(root / "eval.jsonl", make_problems(n_eval, EVAL_SEED, split="eval"))
     return {k: str(v) for k, v in paths.items()}
+
+
+def tiny_config(tiny, out, **kw):
+    """A short TrainConfig on a :func:`make_tiny_run` folder (``kw`` overrides fields)."""
+    from fastopd.train.config import TrainConfig
+
+    base = dict(student=tiny["student"], teacher=tiny["teacher"], train_data=tiny["train"], output_dir=str(out),
+                steps=2, prompts_per_step=2, num_samples=2, max_new_tokens=16, lr=1e-3, progress=False,
+                log_with="none", num_threads=1, eval_at_start=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def load_models(tiny):
+    """(tokenizer, student, teacher) of a :func:`make_tiny_run` folder, fp32, the teacher in eval mode."""
+    import torch
+
+    from fastopd.train.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny["tokenizer"])
+    student = load_model(tiny["student"], dtype=torch.float32, attn="sdpa")
+    teacher = load_model(tiny["teacher"], dtype=torch.float32, attn="sdpa").eval()
+    return tok, student, teacher
+
+
+def text_rollouts(tok, prompts: list[str], completions: list[str]):
+    """Rollouts of given completions (+ EOS), laid out like generate's output: left-padded prompt, right pad."""
+    import torch
+
+    from fastopd.train.rollouts import IGNORE_INDEX, Rollouts
+
+    p_ids = [tok(p)["input_ids"] for p in prompts]
+    c_ids = [tok(c)["input_ids"] + [tok.eos_token_id] for c in completions]
+    p_w, c_w = max(map(len, p_ids)), max(map(len, c_ids))
+    n = len(prompts)
+    ids = torch.full((n, p_w + c_w), tok.pad_token_id)
+    mask = torch.zeros((n, p_w + c_w), dtype=torch.long)
+    targets = torch.full((n, c_w), IGNORE_INDEX)
+    for i, (p, c) in enumerate(zip(p_ids, c_ids)):
+        ids[i, p_w - len(p):p_w] = torch.tensor(p)
+        ids[i, p_w:p_w + len(c)] = torch.tensor(c)
+        mask[i, p_w - len(p):p_w + len(c)] = 1
+        targets[i, :len(c)] = torch.tensor(c)
+    lengths = torch.tensor([len(c) for c in c_ids])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Rollouts(ids, mask, pos, p_w, targets, lengths, torch.ones(n, dtype=torch.bool), list(completions))

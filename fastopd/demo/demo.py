@@ -228,14 +228,16 @@ def arm_summary(summary: dict, run: dict, run_dir: Path) -> dict:
     import math
 
     from fastopd.train.report import release_fraction
+    from fastopd.train.runlog import as_float
 
     rollouts, metrics = run["rollouts"], run["metrics"]
     n_valid = sum(r["length"] for r in rollouts)
-    n_kept = sum(round(r["kept_fraction"] * r["length"]) for r in rollouts if math.isfinite(r["kept_fraction"]))
-    rule = release_means(release_sums([r["gain"] for r in rollouts], [r["accepted"] for r in rollouts],
+    n_kept = sum(round(as_float(r["kept_fraction"]) * r["length"]) for r in rollouts
+                 if math.isfinite(as_float(r["kept_fraction"])))
+    rule = release_means(release_sums([as_float(r["gain"]) for r in rollouts], [r["accepted"] for r in rollouts],
                                       [release_fraction(r) for r in rollouts], n_valid, n_kept))
     window = max(1, min(10, len(metrics) // 4))
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    mean = lambda rows, key: sum(as_float(r[key]) for r in rows) / len(rows)  # noqa: E731
     return {
         "accuracy_after": summary["eval"]["accuracy"],
         "eval_curve": [(e["step"], e["accuracy"]) for e in run["eval"]],

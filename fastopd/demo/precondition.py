@@ -37,6 +37,7 @@ def summarise_records(records: list[dict], bins: int = 20) -> dict:
     """The precondition figures of a list of per-rollout records (``rollouts.jsonl`` rows)."""
     from fastopd.common import release_means, release_sums
     from fastopd.train.report import margin_profile, release_fraction
+    from fastopd.train.runlog import as_float
 
     if not records:
         raise ValueError("records must hold at least one rollout record, got an empty list")
@@ -45,7 +46,8 @@ def summarise_records(records: list[dict], bins: int = 20) -> dict:
     gains = np.array([r["gain"] for r in records], dtype=np.float64)
     finite = np.isfinite(gains)
     tokens = sum(r["length"] for r in records)
-    kept = sum(round(r["kept_fraction"] * r["length"]) for r in records if math.isfinite(r["kept_fraction"]))
+    kept = sum(round(as_float(r["kept_fraction"]) * r["length"]) for r in records
+               if math.isfinite(as_float(r["kept_fraction"])))
     rule = release_means(release_sums(gains, [r["accepted"] for r in records],
                                       [release_fraction(r) for r in records], tokens, kept))
     return {
@@ -79,6 +81,7 @@ def measure_precondition(student, teacher, tokenizer, prompts: list[str], *, n_r
     from fastopd.release import ReleaseRule
     from fastopd.stats import token_stats
     from fastopd.train.rollouts import add_segments, completion_logits, eos_ids_of, generate_completions
+    from fastopd.train.runlog import json_line
 
     if not isinstance(n_rollouts, int) or n_rollouts < 1:
         raise ValueError(f"n_rollouts must be a positive int, got {n_rollouts!r}")
@@ -143,7 +146,7 @@ def measure_precondition(student, teacher, tokenizer, prompts: list[str], *, n_r
         out.mkdir(parents=True, exist_ok=True)
         with (out / "rollouts.jsonl").open("w") as f:
             for r in records:
-                f.write(json.dumps(r) + "\n")
+                f.write(json_line(r) + "\n")
         (out / "precondition.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -23,13 +23,12 @@ of the split asked for. Use ``TRAIN_SEED`` / ``EVAL_SEED`` (or any two seeds) wi
 """
 from __future__ import annotations
 
-import json
 import random
 import zlib
 from pathlib import Path
 from typing import Dict, Iterable, List, Union
 
-from fastopd.train.runlog import read_jsonl
+from fastopd.train.runlog import json_line, read_jsonl
 
 __all__ = [
     "MAX_VALUE",
@@ -229,7 +228,7 @@ def write_jsonl(path: Union[str, Path], problems: Iterable[Dict[str, str]], *, f
             row = {"prompt": format_prompt(p["prompt"]) if formatted else p["prompt"], "answer": p["answer"]}
             if with_solution:
                 row["solution"] = p["solution"]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json_line(row, ensure_ascii=False) + "\n")
     return path
 
 

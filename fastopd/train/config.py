@@ -18,7 +18,10 @@ from typing import Any
 
 import yaml
 
-from fastopd.release import MODES
+from fastopd.release import MODES as RULE_MODES
+
+MODES = RULE_MODES + ("sft",)
+"""The trainer's modes: the rule and its controls (fastopd.release.MODES), and ``sft``, the baseline."""
 
 LOSSES = ("pg", "reverse_kl")
 SCHEDULERS = (
@@ -94,7 +97,9 @@ class TrainConfig:
     mode: str = _f(
         "release", "Which tokens are supervised: release (the Prefix-Teach/Suffix-Fade rule), or a control: full "
         "(every token), fixed_prefix (first `fraction` of the tokens), random (cut at a random sentence boundary), "
-        "shuffled (the rule's kept fractions of the batch permuted among its rollouts: same lengths, other places).",
+        "shuffled (the rule's kept fractions of the batch permuted among its rollouts: same lengths, other places); "
+        "or the baseline sft (the teacher samples the completions, the student is trained on them by cross-entropy: "
+        "supervised fine-tuning on as many teacher completions per step as OPD has rollouts).",
         MODES)
     loss: str = _f("pg", "pg: policy gradient with the reverse-KL advantage (Thinking Machines recipe); "
                    "reverse_kl: exact dense reverse KL.", LOSSES)
@@ -150,6 +155,8 @@ class TrainConfig:
         for name in ("student", "teacher", "train_data", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"config field `{name}` is required (set it in the YAML file or with --{name})")
+        for name in ("student", "teacher", "tokenizer", "teacher_tokenizer"):
+            check_model_path(name, getattr(self, name))
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
@@ -226,3 +233,27 @@ def field_docs() -> list[tuple[str, Any, str]]:
             help_text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
         out.append((f.name, f.default, help_text))
     return out
+
+
+def check_model_path(field_name: str, value) -> None:
+    """A model or tokenizer location must be an existing local folder or a Hugging Face Hub id (``name`` or
+    ``org/name``, the form ``from_pretrained`` accepts); anything else (a mistyped local path such as
+    ``runs/a/studnet`` or ``./student``, a file) is one clear ValueError naming the field, before any model is
+    loaded or any output folder made. ``None`` / ``""`` (an optional field left unset) pass."""
+    if value is None or value == "":
+        return
+    if not isinstance(value, str):
+        raise ValueError(f"config field `{field_name}` must be a folder or a Hub id (a string), got {value!r}")
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ValueError(f"config field `{field_name}`: {value!r} is a file; give the model's folder (with "
+                         "config.json) or a Hugging Face Hub id")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise ValueError(f"config field `{field_name}`: {value!r} is neither an existing folder nor a Hugging Face "
+                         "Hub id (`name` or `org/name`); check the path") from None

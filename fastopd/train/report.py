@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fastopd.common import release_fractions
-from fastopd.train.runlog import read_log
+from fastopd.train.runlog import as_float, read_log
 
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 
@@ -100,13 +100,13 @@ def plot_gain_histogram(runs: dict[str, dict], path: Path, min_gain: float = 10.
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     titles = []
-    all_gains = [g for run in runs.values() for g in (r["gain"] for r in run["rollouts"]) if np.isfinite(g)]
+    all_gains = [g for run in runs.values() for g in (as_float(r["gain"]) for r in run["rollouts"]) if np.isfinite(g)]
     edges = np.histogram_bin_edges(all_gains or [0.0, 1.0], bins=40)
     for (name, run), color in zip(runs.items(), COLORS):
         recs = run["rollouts"]
         if not recs:
             continue
-        gains = np.array([r["gain"] for r in recs], dtype=np.float64)
+        gains = np.array([as_float(r["gain"]) for r in recs], dtype=np.float64)
         finite = np.isfinite(gains)
         rate = float(np.mean([r["accepted"] for r in recs]))
         ax.hist(gains[finite], bins=edges, histtype="step", lw=1.5, color=color,

@@ -1,13 +1,16 @@
 """The run's JSONL logs, and the one JSONL reader of the package.
 
 :class:`RunLog` writes ``metrics.jsonl``, ``eval.jsonl`` and ``rollouts.jsonl`` (main process only) and
-truncates them on resume; :func:`read_jsonl` reads any JSONL file (the trainer's logs, the data files of
-:mod:`fastopd.demo.task` and :mod:`fastopd.train.data`).
+truncates them on resume; :func:`read_jsonl` reads any JSONL file (the trainer's logs, prompt files).
+:func:`json_line` is how every JSONL line of the package is written: strict JSON (RFC 8259), so any parser reads
+it; an undefined number (NaN, or the -inf gain of a rollout too short for a split) is ``null``, which
+:func:`as_float` reads back as NaN.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -82,16 +85,40 @@ class RunLog:
         if not self.enabled:
             return
         with (self.dir / name).open("a") as f:
-            f.write(json.dumps(row, default=json_default) + "\n")
+            f.write(json_line(row) + "\n")
             f.flush()
 
 
-def json_default(x):
-    """JSON form of numpy scalars/arrays and tensors (anything else: its str)."""
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if type(x).__module__.startswith("torch") and hasattr(x, "tolist"):  # a tensor (torch not imported here)
-        return x.tolist()
+def json_line(row, **kwargs) -> str:
+    """``row`` as one line of strict JSON: :func:`finite_json` of it, dumped with ``allow_nan=False``.
+
+    Python's ``json.dumps`` writes NaN and infinities as the bare words ``NaN`` / ``Infinity``, which are not
+    JSON and which strict parsers (``jq``, JavaScript, Go, ...) reject; here they become ``null``.
+    ``kwargs`` go to ``json.dumps`` (e.g. ``ensure_ascii=False``)."""
+    return json.dumps(finite_json(row), allow_nan=False, **kwargs)
+
+
+def finite_json(x):
+    """A copy of ``x`` that strict JSON can hold: NaN and +-inf become None; numpy scalars and arrays and
+    tensors become Python numbers and lists; tuples become lists; keys and unknown objects become strings."""
+    if isinstance(x, dict):
+        return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): finite_json(v)
+                for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_json(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if x is None or isinstance(x, str):
+        return x
+    if isinstance(x, np.ndarray) or (type(x).__module__.startswith("torch") and hasattr(x, "tolist")):
+        return finite_json(x.tolist())  # an array or a tensor (torch not imported here)
     return str(x)
+
+
+def as_float(x) -> float:
+    """A logged number back as a float: ``null`` (an undefined value, see :func:`json_line`) is NaN."""
+    return float("nan") if x is None else float(x)

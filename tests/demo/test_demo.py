@@ -1,4 +1,4 @@
-"""Tests of the embedded demo (fastopd/demo/demo.py) and its report (fastopd/train/report.py).
+"""Tests of the embedded demo (fastopd/demo/demo.py); its figures are tests/train/test_report.py's.
 
 The end-to-end test (marked slow) runs ``fastopd demo --quick`` on the long task in a subprocess on the shipped
 models (about 90 s on an idle 2-core CPU); it is skipped when the demo assets have not been built.
@@ -12,61 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from helpers import ROOT
-
-from fastopd.train.runlog import RunLog
-from fastopd.train.report import make_report, margin_profile, release_fraction
-
-
-
-def _rollout(margins, segments, release_segment, gain, accepted, step=1):
-    return {"step": step, "length": len(margins), "margins": list(map(float, margins)), "segments": list(segments),
-            "series": [], "gain": gain, "accepted": accepted, "release_segment": release_segment,
-            "kept_fraction": 1.0, "correct": None, "text": ""}
-
-
-def test_margin_profile_normalises_per_rollout_and_bins_by_relative_position():
-    # two rollouts of different lengths and scales, each "high then low" (2:1): normalised by its own mean,
-    # the first half is 4/3 and the second half 2/3 whatever the scale or the length
-    a = _rollout([2.0] * 10 + [1.0] * 10, [0] * 20, 1, -np.inf, False)
-    b = _rollout([20.0] * 40 + [10.0] * 40, [0] * 80, 1, -np.inf, False)
-    x, mean, half = margin_profile([a, b], bins=4)
-    np.testing.assert_allclose(x, [0.125, 0.375, 0.625, 0.875])
-    np.testing.assert_allclose(mean, [4 / 3, 4 / 3, 2 / 3, 2 / 3])
-    np.testing.assert_allclose(half, 0.0, atol=1e-12)  # identical per-rollout profiles: no spread
-
-
-def test_release_fraction_counts_tokens_before_the_release_segment():
-    rec = _rollout([1.0] * 6, [0, 0, 1, 1, 2, 3], 2, 12.0, True)
-    assert release_fraction(rec) == pytest.approx(4 / 6)
-    rec = _rollout([1.0] * 3, [0, 1, 2], 3, 1.0, False)
-    assert release_fraction(rec) == 1.0
-
-
-def test_make_report_writes_the_four_figures(tmp_path):
-    rng = np.random.default_rng(0)
-    for name, accept in (("full", False), ("release", True)):
-        log = RunLog(tmp_path / name)
-        (tmp_path / name).mkdir()
-        for step in (1, 2, 3):
-            log.write("metrics.jsonl", {"step": step, "loss": 1.0 / step, "kept_fraction": 0.7, "adv_mean": -0.1,
-                                        "sample_accuracy": 0.1 * step})
-            for _ in range(5):
-                m = np.concatenate([rng.uniform(2, 3, 12), rng.uniform(0, 1, 8)])
-                log.write("rollouts.jsonl", _rollout(m, [i // 4 for i in range(20)], 3, 25.0, accept, step))
-        log.write("eval.jsonl", {"step": 3, "accuracy": 0.5})
-    paths = make_report({"full": tmp_path / "full", "release": tmp_path / "release"}, tmp_path / "report")
-    assert [p.name for p in paths] == ["margin_profile.png", "bic_gains.png", "release_positions.png",
-                                       "training_curves.png"]
-    import matplotlib.image
-
-    for p in paths:  # each file decodes as an image with drawn content (not a blank canvas)
-        img = matplotlib.image.imread(p)
-        assert img.ndim == 3 and min(img.shape[:2]) > 200
-        assert len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 20
+from helpers import ROOT, strict_jsonl
 
 
 def test_format_table_prints_every_row():
@@ -124,4 +72,6 @@ def test_demo_quick_end_to_end(tmp_path):
         assert 0.0 < arm["share_rule"] < 1.0 and arm["time_rule"] > 0
     for arm in ("full", "release"):
         assert (out / arm / "rollouts.jsonl").stat().st_size > 0
+    for path in out.rglob("*.jsonl"):  # run logs, the precondition's rollouts, prompt files: strict JSON
+        strict_jsonl(path)
     assert rel["accept_rate"] > 0.0 and rel["tokens_supervised"] < rel["tokens"]  # the rule acts on this task

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from fastopd.demo.precondition import TARGETS, format_precondition, summarise_records
+from fastopd.train.runlog import RunLog, read_log
+from helpers import strict_jsonl
 
 
 def _rec(margins, segments, gain, accepted, release_segment, kept_fraction):
@@ -39,3 +42,25 @@ def test_summary_of_hand_made_records():
 def test_summary_rejects_no_records():
     with pytest.raises(ValueError, match="records"):
         summarise_records([])
+
+
+def test_records_read_back_from_strict_jsonl_give_the_same_summary(tmp_path):
+    """rollouts.jsonl holds null for the -inf gain of a rollout without a candidate split and for the NaN kept
+    fraction of an empty one; the summary of the records read back equals that of the records in memory."""
+    a = _rec([3.0, 3.0, 1.0, 1.0], [0, 1, 2, 3], 20.0, True, 2, 0.5)
+    b = _rec([2.0] * 8, [0, 0, 1, 1, 2, 2, 3, 3], -math.inf, False, 4, 1.0)
+    empty = _rec([], [], -math.inf, False, 0, math.nan)
+    log = RunLog(tmp_path)
+    for r in (a, b, empty):
+        log.write("rollouts.jsonl", r)
+    back = strict_jsonl(tmp_path / "rollouts.jsonl")
+    assert back[1]["gain"] is None and back[2]["kept_fraction"] is None and back == read_log(tmp_path / "rollouts.jsonl")
+    got, want = summarise_records(back), summarise_records([a, b, empty])
+    assert got.keys() == want.keys()
+    for key in want:
+        if key == "profile":
+            for part in ("x", "mean", "half"):
+                np.testing.assert_array_equal(got[key][part], want[key][part])
+        else:
+            assert got[key] == pytest.approx(want[key], nan_ok=True), key
+    assert got["gain_mean"] == 20.0 and got["kept_fraction"] == pytest.approx((2 + 8) / 12)

@@ -1,4 +1,4 @@
-"""Tests of the Hugging Face OPD trainer (fastopd/train/trainer.py, checkpoint.py, data.py, config.py).
+"""Tests of the Hugging Face OPD trainer (fastopd/train/trainer.py): the step's wiring, learning, logs, resume.
 
 Tiny random Qwen3 models (tests/tiny.py), CPU, one torch thread. About a minute on a 2-core CPU; the
 kill-and-resume and the two-process tests start subprocesses.
@@ -17,29 +17,21 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, strict_jsonl
 
 from fastopd import reference
 from fastopd.loss import OPDLoss
 from fastopd.release import ReleaseRule
 from fastopd.segment import token_segments
 from fastopd.train.checkpoint import list_checkpoints
-from fastopd.train.runlog import RunLog, read_log
-from fastopd.train.config import TrainConfig
-from fastopd.train.data import PromptSchedule, load_prompts
-from fastopd.train.models import check_same_vocabulary, load_model, load_tokenizer
-from fastopd.train.rollouts import IGNORE_INDEX, Rollouts, add_segments, completion_logits, generate_completions
+from fastopd.train.models import load_model
+from fastopd.train.rollouts import add_segments, completion_logits, generate_completions
+from fastopd.train.runlog import read_log
 from fastopd.train.trainer import train
+from tiny import load_models as models, text_rollouts, tiny_config
 
 DETERMINISTIC_KEYS = ("loss", "adv_mean", "margin_mean", "kept_fraction", "accept_rate", "tokens",
                       "tokens_supervised", "completion_length", "grad_norm")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tiny import make_tiny_run
-
-    return make_tiny_run(tmp_path_factory.mktemp("tiny"), n_train=32, n_eval=4, teacher_extra_vocab=8)
 
 
 @pytest.fixture(autouse=True)
@@ -50,74 +42,7 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def tiny_config(tiny, out, **kw) -> TrainConfig:
-    base = dict(student=tiny["student"], teacher=tiny["teacher"], train_data=tiny["train"], output_dir=str(out),
-                steps=2, prompts_per_step=2, num_samples=2, max_new_tokens=16, lr=1e-3, progress=False,
-                log_with="none", num_threads=1, eval_at_start=False)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def models(tiny):
-    tok = load_tokenizer(tiny["tokenizer"])
-    student = load_model(tiny["student"], dtype=torch.float32, attn="sdpa")
-    teacher = load_model(tiny["teacher"], dtype=torch.float32, attn="sdpa").eval()
-    return tok, student, teacher
-
-
-def text_rollouts(tok, prompts: list[str], completions: list[str]) -> Rollouts:
-    """Rollouts of given completions (+ EOS), laid out like generate's output: left-padded prompt, right pad."""
-    p_ids = [tok(p)["input_ids"] for p in prompts]
-    c_ids = [tok(c)["input_ids"] + [tok.eos_token_id] for c in completions]
-    p_w, c_w = max(map(len, p_ids)), max(map(len, c_ids))
-    n = len(prompts)
-    ids = torch.full((n, p_w + c_w), tok.pad_token_id)
-    mask = torch.zeros((n, p_w + c_w), dtype=torch.long)
-    targets = torch.full((n, c_w), IGNORE_INDEX)
-    for i, (p, c) in enumerate(zip(p_ids, c_ids)):
-        ids[i, p_w - len(p):p_w] = torch.tensor(p)
-        ids[i, p_w:p_w + len(c)] = torch.tensor(c)
-        mask[i, p_w - len(p):p_w + len(c)] = 1
-        targets[i, :len(c)] = torch.tensor(c)
-    lengths = torch.tensor([len(c) for c in c_ids])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Rollouts(ids, mask, pos, p_w, targets, lengths, torch.ones(n, dtype=torch.bool), list(completions))
-
-
-# ------------------------------------------------------------------------------------------ vocabulary
-def test_vocabulary_check_allows_padded_heads_and_rejects_other_tokenizers(tiny, tmp_path):
-    from tiny import make_model, make_tokenizer
-
-    tok = load_tokenizer(tiny["tokenizer"])
-    assert check_same_vocabulary(tok, tok, len(tok), len(tok) + 8) == len(tok)
-    with pytest.raises(ValueError, match="outputs 10 logits"):
-        check_same_vocabulary(tok, tok, len(tok), 10)
-    other = make_tokenizer(vocab_size=300)  # same specials, different merges -> a different vocabulary
-    with pytest.raises(ValueError, match="do not share a vocabulary"):
-        check_same_vocabulary(tok, other, len(tok), len(other))
-    # end to end: the trainer refuses a teacher of another tokenizer before any training
-    bad = tmp_path / "bad_teacher"
-    make_model(other, hidden=32, seed=5).save_pretrained(bad)
-    other.save_pretrained(bad)
-    with pytest.raises(ValueError, match="do not share a vocabulary"):
-        train(tiny_config(tiny, tmp_path / "run", teacher=str(bad)))
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
-
-
 # ------------------------------------------------------------------------------------------ logits, weights
-def test_completion_logits_are_shifted_and_padding_invariant(tiny):
-    tok, student, _ = models(tiny)
-    r = text_rollouts(tok, ["Q: a\nA:", "Q: longer prompt here\nA:"], [" We start with 3.", " Yes. No."])
-    got = completion_logits(student, r)
-    assert got.shape == (*r.targets.shape, student.config.vocab_size)
-    for i in range(2):  # unpadded single-row forward: logits at position t-1 predict completion token t
-        p = tok(["Q: a\nA:", "Q: longer prompt here\nA:"][i])["input_ids"]
-        c = r.targets[i][r.valid[i]].tolist()
-        full = student(torch.tensor([p + c])).logits[0]
-        want = full[len(p) - 1:len(p) + len(c) - 1]
-        torch.testing.assert_close(got[i, :len(c)], want, atol=1e-5, rtol=1e-5)
-
-
 def test_trainer_weights_equal_release_weights(tiny):
     """The weights the trainer's loss applies == the oracle (fastopd.reference) on each unpadded rollout.
 
@@ -218,6 +143,8 @@ def test_one_training_step_changes_the_student_and_logs(tiny, tmp_path):
     assert [e["step"] for e in read_log(tmp_path / "run" / "eval.jsonl")] == [0, 1]
     recs = read_log(tmp_path / "run" / "rollouts.jsonl")
     assert len(recs) == 4
+    for name in ("metrics.jsonl", "eval.jsonl", "rollouts.jsonl"):  # every log line is strict JSON
+        assert strict_jsonl(tmp_path / "run" / name) == read_log(tmp_path / "run" / name)
     # the logged per-rollout decisions add up to the step's supervised tokens
     kept = sum(round(r["kept_fraction"] * r["length"]) for r in recs)
     assert kept == rows[0]["tokens_supervised"]
@@ -235,61 +162,6 @@ def test_fixed_prefix_control_and_accumulation(tiny, tmp_path):
     for r in rows:
         assert r["rollouts"] == 2 * 2 * 2  # prompts x samples x micro-batches
         assert 0.45 <= r["kept_fraction"] <= 0.65  # ceil(0.5 L) of every rollout
-
-
-# ------------------------------------------------------------------------------------------ data, config
-def test_prompt_schedule_is_a_function_of_the_step():
-    a = PromptSchedule(10, seed=1, batch=3, accum=2, world=2, rank=0)
-    b = PromptSchedule(10, seed=1, batch=3, accum=2, world=2, rank=1)
-    seen = []
-    for step in (1, 2):
-        for micro in (0, 1):
-            seen += a.indices(step, micro) + b.indices(step, micro)
-    # 24 draws = 2 full epochs + 4: every row twice in the first 20 draws, each epoch a permutation
-    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
-    assert PromptSchedule(10, seed=1, batch=3, accum=2, world=2, rank=1).indices(2, 1) == b.indices(2, 1)
-    assert PromptSchedule(10, seed=2, batch=3).indices(1) != PromptSchedule(10, seed=1, batch=3).indices(1)
-
-
-def test_load_prompts_jsonl_and_datasets(tmp_path):
-    import datasets
-
-    p = tmp_path / "x.jsonl"
-    p.write_text('{"question": "1+1?", "gold": 2}\n\n{"question": "2+2?"}\n')
-    rows = load_prompts(str(p), prompt_field="question", answer_field="gold")
-    assert rows == [{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?", "answer": None}]
-    with pytest.raises(ValueError, match="no `prompt` field"):
-        load_prompts(str(p))
-    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": ["a", "b"], "answer": ["1", "2"]})})
-    ds.save_to_disk(str(tmp_path / "ds"))
-    assert load_prompts(str(tmp_path / "ds"))[1] == {"prompt": "b", "answer": "2"}
-    with pytest.raises(ValueError, match="not `test`"):
-        load_prompts(str(tmp_path / "ds"), split="test")
-    with pytest.raises(FileNotFoundError):
-        load_prompts(str(tmp_path / "missing.jsonl"))
-
-
-def test_config_validation_names_the_field(tmp_path):
-    with pytest.raises(ValueError, match="`student` is required"):
-        TrainConfig(teacher="t", train_data="d").validate()
-    with pytest.raises(ValueError, match="`mode` must be one of"):
-        TrainConfig(student="s", teacher="t", train_data="d", mode="prefix").validate()
-    with pytest.raises(ValueError, match="`num_samples` must be >= 1"):
-        TrainConfig(student="s", teacher="t", train_data="d", num_samples=0).validate()
-    y = tmp_path / "c.yaml"
-    y.write_text("student: s\nteacher: t\ntrain_data: d\nlearning_rate: 0.1\n")
-    with pytest.raises(ValueError, match="unknown field `learning_rate`.*did you mean `lr`"):
-        TrainConfig.from_yaml(y)
-
-
-def test_runlog_truncate_drops_later_and_torn_rows(tmp_path):
-    log = RunLog(tmp_path)
-    for s in (1, 2, 3, 4):
-        log.write("metrics.jsonl", {"step": s})
-    with (tmp_path / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 5, "lo')  # a line torn by a kill
-    log.truncate(2)
-    assert [r["step"] for r in read_log(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------ kill and resume
