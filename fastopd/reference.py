@@ -112,7 +112,7 @@ def _stats(
         stats.reverse_kl = torch.where(valid, _reverse_kl(ls, lt), zero)
     if return_topk:
         ids = _candidate_ids(zs, cand, k)
-        stats.topk_ids = torch.where(valid.unsqueeze(-1), ids, torch.zeros_like(ids))
+        stats.topk_ids = torch.where(valid.unsqueeze(-1), ids, torch.full_like(ids, -1))  # -1: no candidate
     return stats
 
 

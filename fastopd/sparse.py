@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from fastopd._validate import check_temperature
@@ -31,8 +32,9 @@ class SparseMargins(NamedTuple):
     Attributes:
         margins: float32 (float64 for float64 log-probs) m_t where ``exact``; elsewhere a lower bound:
             ``(log p_T(c) - log p_T(k-th)) / tau`` when exactly one candidate c is in the teacher's top-k,
-            and 0 when none is.
-        exact: bool, at least two of the student's candidates lie in the teacher's top-k.
+            and 0 when none is; NaN where the teacher's log-probs hold a NaN or +inf.
+        exact: bool, at least two of the student's candidates lie in the teacher's top-k (padding ids never
+            count) and the log-probs are usable.
     """
 
     margins: torch.Tensor
@@ -74,6 +76,25 @@ def _check(student_topk_ids, teacher_topk_ids, teacher_topk_logprobs, temperatur
     if len(devices) != 1:
         raise ValueError(f"student_topk_ids, teacher_topk_ids and teacher_topk_logprobs must be on one device, got {devices}")
     check_temperature(temperature)
+    _check_distinct("student_topk_ids", student_topk_ids)
+    _check_distinct("teacher_topk_ids", teacher_topk_ids)
+
+
+def _check_distinct(name: str, ids: torch.Tensor) -> None:
+    """The ids of one position (last dim) must be distinct, negative ids (padding) aside: a top-k list holds
+    each token once, so a repeat is the caller's bug (it would count one candidate twice)."""
+    srt = ids.long().sort(dim=-1).values
+    dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+    if not bool(dup.any()):
+        return
+    flat = dup.reshape(-1, dup.shape[-1])
+    row = int(flat.any(-1).nonzero()[0, 0])
+    where = tuple(int(i) for i in np.unravel_index(row, ids.shape[:-1])) if ids.dim() > 1 else ()
+    value = int(srt.reshape(-1, srt.shape[-1])[row, 1:][flat[row]][0])
+    raise ValueError(
+        f"{name} must hold distinct ids at each position (negative ids are padding), but position {where} holds "
+        f"{value} more than once: {ids.reshape(-1, ids.shape[-1])[row].tolist()}"
+    )
 
 
 def sparse_margins(
@@ -88,8 +109,11 @@ def sparse_margins(
     Args:
         student_topk_ids: (..., K) int, the student's top-K candidates C_t (K >= 2; e.g.
             ``fastopd.token_stats(..., return_topk=True).topk_ids`` or ``torch.topk(student_logits, K).indices``).
+            Distinct at each position; negative ids are padding (no candidate; ``token_stats`` writes -1 at
+            ignored positions).
         teacher_topk_ids: (..., k) int, the ids of the teacher's k most likely tokens at each position (any
-            order), as a vLLM/SGLang server returns them.
+            order), as a vLLM/SGLang server returns them. Distinct at each position; negative ids are padding
+            (a position with fewer than k entries), their log-probs are not read.
         teacher_topk_logprobs: (..., k) float, their log-probs log p_T at temperature 1 (log softmax of the
             raw teacher logits -- what the engines return for ``prompt_logprobs``).
         temperature: tau of the rule; m_t is divided by it, as in :func:`fastopd.token_stats`.
@@ -111,8 +135,10 @@ def sparse_margins(
           so the release rule's segment means stay finite; to leave these tokens out instead, pass
           ``valid & exact`` as the rule's valid mask (``ReleaseRule.from_margins``).
 
-        Ids must be distinct within each row of ``teacher_topk_ids``; rows of padding positions produce
-        numbers that the caller masks out.
+        Padding ids never match, so they never make a margin exact, and lp_k is over the teacher's
+        non-padding entries. A NaN or +inf among those log-probs gives ``margins`` NaN and ``exact`` False at
+        that position (the rule then keeps that rollout whole, docs/formulas.md §3). A repeated
+        non-negative id within a position of either ids tensor is a ``ValueError``.
 
     Example:
         >>> cand = torch.topk(student_logits, 16, dim=-1).indices                 # (B, L, 16)
@@ -122,17 +148,21 @@ def sparse_margins(
     _check(student_topk_ids, teacher_topk_ids, teacher_topk_logprobs, temperature)
     dtype = torch.float64 if teacher_topk_logprobs.dtype == torch.float64 else torch.float32
     lp = teacher_topk_logprobs.to(dtype)
+    s_ids, t_ids = student_topk_ids.long(), teacher_topk_ids.long()
+    t_present = t_ids >= 0  # negative ids: padding, absent on either side
     neg_inf = torch.tensor(-math.inf, dtype=dtype, device=lp.device)
     # (..., K, k): candidate i of the student is teacher entry j
-    match = student_topk_ids.long().unsqueeze(-1) == teacher_topk_ids.long().unsqueeze(-2)
+    match = (s_ids.unsqueeze(-1) == t_ids.unsqueeze(-2)) & (s_ids >= 0).unsqueeze(-1) & t_present.unsqueeze(-2)
     lp_cand = torch.where(match, lp.unsqueeze(-2), neg_inf).amax(-1)  # (..., K), -inf outside the top-k
     n_inside = match.any(-1).sum(-1)
     top2 = torch.topk(lp_cand, 2, dim=-1).values
     a1, a2 = top2[..., 0], top2[..., 1]
     zero = torch.zeros((), dtype=dtype, device=lp.device)
     exact_m = torch.where(a1 == a2, zero, (a1 - a2) / temperature)
-    kth = lp.amin(-1)
+    kth = torch.where(t_present, lp, torch.full_like(lp, math.inf)).amin(-1)  # the k-th over real entries
     one_m = torch.where(a1 == kth, zero, (a1 - kth) / temperature).clamp_min(0)
-    exact = n_inside >= 2
+    broken = (t_present & (torch.isnan(lp) | (lp == math.inf))).any(-1)  # no log-prob: NaN, never exact
+    exact = (n_inside >= 2) & ~broken
     margins = torch.where(exact, exact_m, torch.where(n_inside == 1, one_m, zero))
+    margins = torch.where(broken, torch.full_like(margins, math.nan), margins)
     return SparseMargins(margins, exact)

@@ -31,7 +31,7 @@ def token_stats(
         temperature: tau; log-probs are log softmax(z / tau) and the margin is divided by tau.
         vocab_size: shared vocabulary size when the two widths differ (both are cut to it).
         full_kl: also compute the exact full-vocabulary reverse KL_t.
-        return_topk: also return the (..., K) candidate ids, by decreasing student logit.
+        return_topk: also return the (..., K) candidate ids, by decreasing student logit (-1 at invalid positions).
         backend: ``"auto"`` (Triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
 
     Returns:

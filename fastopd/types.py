@@ -24,7 +24,7 @@ class TokenStats:
         valid: bool mask, ``target_ids != ignore_index``.
         reverse_kl: KL_t = sum_v p_S(v) (log p_S(v) - log p_T(v)); only when ``full_kl=True``.
         topk_ids: int64 (..., K) ids of the student's top-K candidates, ties to the lower index; only when
-            ``return_topk=True`` (rows of invalid positions are 0).
+            ``return_topk=True`` (rows of invalid positions are -1, the padding id of :func:`fastopd.sparse_margins`).
     """
 
     student_logprobs: torch.Tensor

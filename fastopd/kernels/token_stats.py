@@ -23,8 +23,9 @@ One program per row streams the student row and the teacher row *together*, once
   magnitude centred on the maxima, so no cancellation of large lse values). Terms with p_S(v) = 0
   contribute 0 as in the reference; a finite p_S(v) against z_T(v) = -inf gives +inf.
 
-Rows whose target is ``ignore_index`` write zeros and exit before reading any logits. Besides the TokenStats
-fields the kernel writes M_S, log sum_S, M_T, log sum_T per row (O(N)): the loss backward needs them.
+Rows whose target is ``ignore_index`` write zeros (candidate ids -1) and exit before reading any logits.
+Besides the TokenStats fields the kernel writes M_S, log sum_S, M_T, log sum_T per row (O(N)): the loss
+backward needs them.
 
 GPU notes (bf16, V = 151936): BLOCK_V = 4096 and, for K_PAD <= 32, GROUP = 128 (32 group keys per chunk
 sort), num_warps = 4. Compiled for sm_90 (``python -m fastopd.kernels._aot``) that is 160-168 registers
@@ -140,7 +141,7 @@ def _token_stats_kernel(
         for o in tl.static_range(NUM_OUT):
             tl.store(out_ptr + o * N + row, 0.0)
         if RETURN_TOPK:
-            tl.store(ids_ptr + row * k + j, tl.zeros([K_PAD], tl.int64), mask=j < k)
+            tl.store(ids_ptr + row * k + j, tl.full([K_PAD], -1, tl.int64), mask=j < k)  # -1: no candidate
         return
 
     zs_row = zs_ptr + row_base(row, s_stride, s_offs_ptr, S_OFFS)
@@ -297,7 +298,7 @@ def token_stats_triton(
     Same arguments and result as :func:`fastopd.reference.token_stats` (s_t, u_t, A_t = u_t - s_t, the margin
     m_t = (z_T[a1] - z_T[a2]) / tau over the student's top-k candidates with ties to the lower index, and
     optionally the exact reverse KL_t and the candidate ids), as float32 tensors shaped like ``target_ids``,
-    0 where ``target_ids == ignore_index``.
+    0 where ``target_ids == ignore_index`` (candidate ids -1 there).
 
     Inputs: fp16/bf16/fp32 logits of shape (..., W); leading dims may be any strided view (no copy); the last
     dim must have stride 1 or is copied once. With ``vocab_size`` only the first V columns are read and the
