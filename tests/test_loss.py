@@ -79,9 +79,13 @@ def test_opdloss_takes_k_temperature_backend_from_its_rule():
     zs, zt = torch.randn(2, 6, 9, generator=g), torch.randn(2, 6, 9, generator=g)
     y = torch.randint(0, 9, (2, 6), generator=g)
     out = crit(zs, zt, y, segment_ids=torch.zeros(2, 6, dtype=torch.long))
-    # the loss's margins are those of k=5, tau=2 (the rule's), computed independently by token_stats
-    want = fastopd.token_stats(zs, zt, y, k=5, temperature=2.0, backend="reference")
-    torch.testing.assert_close(out.stats.margins, want.margins)
+    # the loss's margins are those of k=5, tau=2 (the rule's), by hand in fp64 (docs/formulas.md §1): the
+    # teacher's top-1 minus top-2 logit over the student's top-5 candidates, divided by tau. With the defaults
+    # (k=16 >= V: every token a candidate; tau=1) they would differ.
+    top2 = zt.double().gather(-1, zs.double().topk(5, dim=-1).indices).topk(2, dim=-1).values
+    want = (top2[..., 0] - top2[..., 1]) / 2.0
+    torch.testing.assert_close(out.stats.margins.double(), want, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(want, (zt.max(-1).values - zt.topk(2, dim=-1).values[..., 1]).double())
     assert fastopd.opd_loss(zs, zt, y, k=5).release is None  # declared: None without a rule
 
 
