@@ -1,4 +1,4 @@
-"""fastopd.sparse_margins against the reference's exact margins (docs/formulas.md §7)."""
+"""fastopd/sparse.py: sparse_margins against the reference's exact margins (docs/formulas.md §7)."""
 
 from __future__ import annotations
 
