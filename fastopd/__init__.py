@@ -10,11 +10,12 @@ Public API (formulas in docs/formulas.md; the oracle of each is in :mod:`fastopd
 - :func:`release_weights`, :func:`control_weights`   per-token weights (section 4)
 - :func:`opd_loss`, :class:`OPDLoss`   the loss with its gradient (section 5)
 - :func:`linear_token_stats`, :func:`linear_opd_loss`, ``OPDLoss.linear``   the same from final hidden states
-  and LM heads, by token chunks: no (N, V) logits (docs/formulas.md §6)
+  and LM heads (:class:`LMHead`), by token chunks: no (N, V) logits (docs/formulas.md §6)
 - :class:`ReleaseRule`       logits + segment ids -> weights and diagnostics
 - :func:`sparse_margins`     margins m_t from a teacher server's top-k log-probs (section 6)
 """
 
+from fastopd.head import LMHead
 from fastopd.linear import linear_opd_loss, linear_token_stats
 from fastopd.loss import OPDLoss, opd_loss
 from fastopd.release import (
@@ -43,7 +44,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "MODES", "OPDLoss", "OPDOutput", "ReleaseDecision", "ReleaseResult", "ReleaseRule", "SegmentMeans",
+    "LMHead", "MODES", "OPDLoss", "OPDOutput", "ReleaseDecision", "ReleaseResult", "ReleaseRule", "SegmentMeans",
     "SparseMargins", "TokenStats", "bic_release", "control_weights", "linear_opd_loss", "linear_token_stats",
     "opd_loss", "release_weights", "segment_means", "sentence_spans", "sparse_margins", "token_segments",
     "batch_token_segments", "token_stats",

@@ -7,6 +7,7 @@ Every quantity of §1 and §5 is computed on z = head(h) per model, where
 W is the (V', H) LM-head weight (V' >= V: padded heads are cut to the shared vocabulary V), ``scale`` the
 model's logit scale (Cohere-style; 1.0 by default) and ``c`` its final-logit soft-cap (Gemma-style; none by
 default), in that order, as TRL's ``_chunked_divergence_loss`` takes them; the temperature divides after.
+Each model's head is a :class:`fastopd.LMHead` (or a bare weight tensor, read as ``LMHead(weight)``).
 
 How (peak extra memory O(chunk * V), independent of N):
 
@@ -41,13 +42,14 @@ weight's dtype (one rounding per chunk in bf16).
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
 from fastopd._dispatch import cpu_ops, resolve_backend
-from fastopd._validate import FLOAT_DTYPES, check_token_inputs
+from fastopd._validate import check_token_inputs
 from fastopd.common import check_loss_options, per_token_loss, reduce_loss, weight_mask
+from fastopd.head import LMHead, as_lm_head
 from fastopd.types import OPDOutput, TokenStats
 
 # Default rows per chunk: this many logits elements per tile. The reference holds ~8 fp32 (chunk, V)
@@ -61,36 +63,29 @@ TRITON_TILE_ELEMENTS = 1 << 26
 # ----------------------------------------------------------------------------------------------------------
 
 
-class Head:
-    """z = softcap(scale * (h @ W[:v].T + b[:v])) for one model, and the chain rule back to the raw product."""
+def head_logits(h: torch.Tensor, weight: torch.Tensor, bias, scale: float, softcap) -> torch.Tensor:
+    """(rows, v) logits softcap(scale * (h W^T + b)) of ``h`` (rows, H) for a head cut to its first v rows
+    (``weight`` (v, H), ``bias`` (v,) or None), in ``h``'s dtype. In-place ops: not for autograd."""
+    if bias is None:
+        z = h @ weight.T
+    else:
+        z = torch.addmm(bias, h, weight.T)
+    if scale != 1.0:
+        z.mul_(scale)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
 
-    def __init__(self, weight, bias, v: int, scale: float, softcap: float | None) -> None:
-        self.weight = weight[:v]
-        self.bias = None if bias is None else bias[:v]
-        self.scale = float(scale)
-        self.softcap = None if softcap is None else float(softcap)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(rows, v) logits of ``h`` (rows, H), in ``h``'s dtype."""
-        if self.bias is None:
-            z = h @ self.weight.T
-        else:
-            z = torch.addmm(self.bias, h, self.weight.T)
-        if self.scale != 1.0:
-            z.mul_(self.scale)
-        if self.softcap is not None:
-            z.div_(self.softcap).tanh_().mul_(self.softcap)
-        return z
-
-    def raw_grad(self, z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-        """dL/d(h W^T + b) from dL/dz and the head's output z: dz * scale * (1 - (z / c)^2) (in place on dz)."""
-        if self.softcap is not None:
-            # 1 - tanh^2 in at least fp32 (bf16 loses it near saturation), then one cast back.
-            t = (z.to(torch.promote_types(z.dtype, torch.float32)) / self.softcap).square_().neg_().add_(1.0)
-            dz = dz.mul_(t) if dz.dtype == t.dtype else (dz.to(t.dtype) * t).to(dz.dtype)
-        if self.scale != 1.0:
-            dz = dz.mul_(self.scale)
-        return dz
+def head_raw_grad(z: torch.Tensor, dz: torch.Tensor, scale: float, softcap) -> torch.Tensor:
+    """dL/d(h W^T + b) from dL/dz and the head's output z: dz * scale * (1 - (z / c)^2) (in place on dz)."""
+    if softcap is not None:
+        # 1 - tanh^2 in at least fp32 (bf16 loses it near saturation), then one cast back.
+        t = (z.to(torch.promote_types(z.dtype, torch.float32)) / softcap).square_().neg_().add_(1.0)
+        dz = dz.mul_(t) if dz.dtype == t.dtype else (dz.to(t.dtype) * t).to(dz.dtype)
+    if scale != 1.0:
+        dz = dz.mul_(scale)
+    return dz
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -98,64 +93,53 @@ class Head:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_model(role: str, hidden, weight, bias, target_ids, scale, softcap) -> None:
-    h, w, b = f"{role}_hidden", f"{role}_weight", f"{role}_bias"
+def _check_model(role: str, hidden, head, target_ids) -> LMHead:
+    """``head`` (an LMHead or a bare weight) as an LMHead that fits ``hidden``: same H, dtype and device."""
+    h, name = f"{role}_hidden", f"{role}_head"
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"{h} must be a torch.Tensor of shape target_ids.shape + (H,), got {type(hidden).__name__}")
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{w} must be a torch.Tensor of shape (V', H), got {type(weight).__name__}")
-    if hidden.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{h} must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{w} must have {h}'s dtype {hidden.dtype}, got {weight.dtype}")
+    head = as_lm_head(head, name)
+    if hidden.dtype != head.weight.dtype:
+        raise TypeError(f"{name}.weight must have {h}'s dtype {hidden.dtype}, got {head.weight.dtype}")
     if isinstance(target_ids, torch.Tensor) and hidden.shape[:-1] != target_ids.shape:
         raise ValueError(
             f"{h} must have shape target_ids.shape + (H,) = {tuple(target_ids.shape)} + (H,), got {tuple(hidden.shape)}"
         )
     if hidden.dim() < 1:
         raise ValueError(f"{h} must have shape (..., H), got a 0-d tensor")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{w} must have shape (V', H) with H = {h}.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}")
-    if weight.device != hidden.device:
-        raise ValueError(f"{w} must be on {h}'s device {hidden.device}, got {weight.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"{b} must be a torch.Tensor of shape (V',) or None, got {type(bias).__name__}")
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"{b} must have shape (V',) = ({weight.shape[0]},) like {w}'s rows, got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise TypeError(f"{b} must have {h}'s dtype {hidden.dtype} and device {hidden.device}, got {bias.dtype} on {bias.device}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
-        raise ValueError(f"{role}_logit_scale must be a finite nonzero number, got {scale!r}")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not math.isfinite(softcap) or softcap <= 0):
-        raise ValueError(f"{role}_final_logit_softcapping must be None or a finite number > 0, got {softcap!r}")
+    if head.weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{name}.weight must have shape (V', H) with H = {h}.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(head.weight.shape)}")
+    if head.weight.device != hidden.device:
+        raise ValueError(f"{name}.weight must be on {h}'s device {hidden.device}, got {head.weight.device}")
+    return head
 
 
-def _check_inputs(sh, sw, sb, th, tw, tb, target_ids, *, k, temperature, ignore_index, vocab_size, chunk_size,
-                  s_scale, s_cap, t_scale, t_cap) -> int:
-    """Validate the hidden-state inputs and return the shared vocabulary size V."""
+def _check_inputs(sh, s_head, th, t_head, target_ids, *, k, temperature, ignore_index, vocab_size,
+                  chunk_size) -> tuple[LMHead, LMHead, int]:
+    """Validate the hidden-state inputs; return both heads as LMHeads and the shared vocabulary size V."""
     if not isinstance(target_ids, torch.Tensor):
         raise TypeError(f"target_ids must be a torch.Tensor of integer ids, got {type(target_ids).__name__}")
-    _check_model("student", sh, sw, sb, target_ids, s_scale, s_cap)
-    _check_model("teacher", th, tw, tb, target_ids, t_scale, t_cap)
-    vs, vt = sw.shape[0], tw.shape[0]
+    s_head = _check_model("student", sh, s_head, target_ids)
+    t_head = _check_model("teacher", th, t_head, target_ids)
+    vs, vt = s_head.out_features, t_head.out_features
     if vocab_size is None:
         if vs != vt:
             raise ValueError(
-                f"student_weight has {vs} rows but teacher_weight has {vt}; pass vocab_size= the shared vocabulary "
-                "size to cut both heads to their first vocab_size rows"
+                f"student_head has {vs} logits (rows) but teacher_head has {vt}; pass vocab_size= the shared "
+                "vocabulary size to cut both heads to their first vocab_size rows"
             )
     elif not isinstance(vocab_size, bool) and isinstance(vocab_size, int) and vocab_size > min(vs, vt):
-        raise ValueError(f"vocab_size={vocab_size} exceeds the heads' rows (student_weight {vs}, teacher_weight {vt})")
+        raise ValueError(f"vocab_size={vocab_size} exceeds the heads' rows (student_head {vs}, teacher_head {vt})")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     # The remaining checks (k, temperature, ignore_index, vocab_size, target range, devices) are the logits
     # path's own, run on zero-storage stand-ins of the logits' shapes.
     fake_s = torch.empty((), dtype=sh.dtype, device=sh.device).expand(*target_ids.shape, vs)
     fake_t = torch.empty((), dtype=th.dtype, device=th.device).expand(*target_ids.shape, vt)
-    return check_token_inputs(fake_s, fake_t, target_ids, k=k, temperature=temperature,
-                              ignore_index=ignore_index, vocab_size=vocab_size)
+    v = check_token_inputs(fake_s, fake_t, target_ids, k=k, temperature=temperature,
+                           ignore_index=ignore_index, vocab_size=vocab_size)
+    return s_head, t_head, v
 
 
 def default_chunk_size(backend: str, v: int) -> int:
@@ -170,21 +154,40 @@ def default_chunk_size(backend: str, v: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The settings of one call of the chunked path, as every chunk (forward and backward) reads them.
+
+    ``v``: the shared vocabulary size; ``chunk``: token rows per tile; ``dtype``: of the per-token outputs
+    (float64 for fp64 inputs on the reference backend, else float32); ``backend``: ``"reference"`` or
+    ``"triton"`` (already resolved); the rest as in :func:`fastopd.opd_loss`.
+    """
+
+    v: int
+    k: int
+    temperature: float
+    ignore_index: int
+    loss: str
+    backend: str
+    chunk: int
+    dtype: torch.dtype
+
+
 class _ReferenceChunks:
     """Per-chunk forward/backward on the CPU backend (the reference's own functions, no second formula)."""
 
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
+    def __init__(self, plan: ChunkPlan) -> None:
+        self.plan = plan
         self.ref = cpu_ops()
 
     def alloc(self, n: int, device) -> dict:
-        return {"u": torch.zeros(n, dtype=self.cfg["dtype"], device=device)}
+        return {"u": torch.zeros(n, dtype=self.plan.dtype, device=device)}
 
     def _loss(self, z, zt, tgt, old):
-        c = self.cfg
+        p = self.plan
         return self.ref.opd_loss(
-            z, zt, tgt, loss=c["loss"], old_logprobs=old, normalizer=1.0,
-            k=c["k"], temperature=c["temperature"], ignore_index=c["ignore_index"],
+            z, zt, tgt, loss=p.loss, old_logprobs=old, normalizer=1.0,
+            k=p.k, temperature=p.temperature, ignore_index=p.ignore_index,
         )
 
     def forward(self, zs, zt, tgt, old, saved, sl):
@@ -204,29 +207,30 @@ class _ReferenceChunks:
     def backward(self, zs, zt, tgt, old, saved, sl, g):
         """dl/dz for incoming gradient ``g`` by autograd of common.per_token_loss on the recomputed tile (the
         log-probs and KL by the reference's own functions; ``pg`` reads the saved u_t, not the teacher)."""
-        c, ref = self.cfg, self.ref
-        valid = tgt != c["ignore_index"]
+        p, ref = self.plan, self.ref
+        valid = tgt != p.ignore_index
         with torch.enable_grad():
             z = zs.detach().requires_grad_(True)
-            _, ls = ref._logprobs(z, z.shape[-1], c["temperature"])
+            _, ls = ref.logprobs(z, z.shape[-1], p.temperature)
             w = valid.to(ls.dtype)
-            if c["loss"] == "pg":
+            if p.loss == "pg":
                 y = torch.where(valid, tgt, torch.zeros_like(tgt)).long().unsqueeze(-1)
                 s = ls.gather(-1, y).squeeze(-1)
                 terms = per_token_loss("pg", valid, w, s=s, u=saved["u"][sl].to(ls.dtype), old_logprobs=old)
             else:
-                _, lt = ref._logprobs(zt, zt.shape[-1], c["temperature"])
-                terms = per_token_loss("reverse_kl", valid, w, kl=ref._reverse_kl(ls, lt))
+                _, lt = ref.logprobs(zt, zt.shape[-1], p.temperature)
+                terms = per_token_loss("reverse_kl", valid, w, kl=ref.reverse_kl(ls, lt))
             (dz,) = torch.autograd.grad(terms.per_token, z, g.to(ls.dtype))
         return dz.to(zs.dtype)
 
 
-def _chunk_impl(backend: str, cfg):
-    if backend == "triton":
+def _chunk_impl(plan: ChunkPlan, softcap):
+    if plan.backend == "triton":
         from fastopd.kernels.linear import TritonChunks
 
-        return TritonChunks(cfg)
-    return _ReferenceChunks(cfg)
+        # the loss-backward kernel writes dl/dz into the student tile unless the soft-cap's chain rule reads it
+        return TritonChunks(plan, inplace=softcap is None)
+    return _ReferenceChunks(plan)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -262,16 +266,19 @@ class _Grads:
 
 
 class _LinearOPDFunction(torch.autograd.Function):
-    """(h_S, W_S, b_S, h_T, W_T, b_T, y, s_old) -> unit per-token loss l0 (w = valid) and the statistics.
+    """(h_S, W_S, b_S, h_T, W_T, b_T, y, s_old, w, scale_S, cap_S, scale_T, cap_T, plan) -> unit per-token
+    loss l0 (w = valid) and the statistics.
 
-    Inputs are flat: hidden (N, H), target (N,). Only l0 is differentiable; the gradient reaches h_S, W_S
-    and b_S (teacher tensors, targets and old log-probs get none).
+    Inputs are flat: hidden (N, H), target (N,); W and b are the whole heads (cut to ``plan.v`` rows here,
+    so their gradients have the parameters' shapes); scale and cap are each head's ``logit_scale`` and
+    ``softcap``. Only l0 is differentiable; the gradient reaches h_S, W_S and b_S (teacher tensors,
+    targets, old log-probs and weights get none).
 
     Two ways to the gradient:
 
-    - recompute (always correct): the backward recomputes the student's tile per chunk (and the teacher's
-      for ``reverse_kl``) and applies the incoming gradient g_t.
-    - eager (``cfg["eager_w"]`` = the per-token weights, when they are known at the forward, as in
+    - recompute (always correct; ``eager_w`` None): the backward recomputes the student's tile per chunk
+      (and the teacher's for ``reverse_kl``) and applies the incoming gradient g_t.
+    - eager (``eager_w`` = the per-token weights, when they are known at the forward, as in
       :func:`linear_opd_loss`): while each chunk's tiles are live, the forward also computes the gradient
       for g_t = w_t, which is what ``loss = sum_t w_t l0_t / normaliser`` sends back up to one scalar
       (1 / normaliser times the upstream gradient). The backward checks that the incoming g is
@@ -281,36 +288,33 @@ class _LinearOPDFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, sh, sw, sb, th, tw, tb, tgt, old, cfg):
+    def forward(ctx, sh, sw, sb, th, tw, tb, tgt, old, eager_w, s_scale, s_cap, t_scale, t_cap, plan):
         # The tiles are made in the inputs' dtype, whatever autocast region the caller is in.
         with torch.autocast(device_type=sh.device.type, enabled=False):
-            return _LinearOPDFunction._forward(ctx, sh, sw, sb, th, tw, tb, tgt, old, cfg)
+            return _LinearOPDFunction._forward(ctx, sh, sw, sb, th, tw, tb, tgt, old, eager_w,
+                                               s_scale, s_cap, t_scale, t_cap, plan)
 
     @staticmethod
-    def _forward(ctx, sh, sw, sb, th, tw, tb, tgt, old, cfg):
-        n, dev = tgt.shape[0], tgt.device
-        out_dtype = cfg["dtype"]
-        impl = _chunk_impl(cfg["backend"], cfg)
-        v = cfg["v"]
-        s_head = Head(sw, sb, v, cfg["s_scale"], cfg["s_cap"])
-        t_head = Head(tw, tb, v, cfg["t_scale"], cfg["t_cap"])
-        per_token = torch.zeros(n, dtype=out_dtype, device=dev)
-        fields = {f: torch.zeros(n, dtype=out_dtype, device=dev)
+    def _forward(ctx, sh, sw, sb, th, tw, tb, tgt, old, eager_w, s_scale, s_cap, t_scale, t_cap, plan):
+        n, dev, v = tgt.shape[0], tgt.device, plan.v
+        impl = _chunk_impl(plan, s_cap)
+        s_w, s_b = sw[:v], None if sb is None else sb[:v]
+        t_w, t_b = tw[:v], None if tb is None else tb[:v]
+        per_token = torch.zeros(n, dtype=plan.dtype, device=dev)
+        fields = {f: torch.zeros(n, dtype=plan.dtype, device=dev)
                   for f in ("student_logprobs", "teacher_logprobs", "advantages", "margins")}
-        reverse_kl = cfg["loss"] == "reverse_kl"
-        if reverse_kl:
-            fields["reverse_kl"] = torch.zeros(n, dtype=out_dtype, device=dev)
+        if plan.loss == "reverse_kl":
+            fields["reverse_kl"] = torch.zeros(n, dtype=plan.dtype, device=dev)
         saved = impl.alloc(n, dev)
-        eager_w = cfg.get("eager_w")
         need = ctx.needs_input_grad[:3]
         grads = _Grads(sh, sw, sb, v, need) if (eager_w is not None and any(need)) else None
-        for sl in _slices(n, cfg["chunk"]):
-            zs = s_head.logits(sh[sl])
-            zt = t_head.logits(th[sl])
+        for sl in _slices(n, plan.chunk):
+            zs = head_logits(sh[sl], s_w, s_b, s_scale, s_cap)
+            zt = head_logits(th[sl], t_w, t_b, t_scale, t_cap)
             o = None if old is None else old[sl]
             if grads is not None and bool((eager_w[sl] != 0).any()):
                 pt, st, dz = impl.forward_grad(zs, zt, tgt[sl], o, saved, sl, eager_w[sl])
-                grads.add(sl, sh[sl], s_head.raw_grad(zs, dz), s_head.weight)
+                grads.add(sl, sh[sl], head_raw_grad(zs, dz, s_scale, s_cap), s_w)
                 del dz
             else:
                 pt, st = impl.forward(zs, zt, tgt[sl], o, saved, sl)
@@ -318,45 +322,47 @@ class _LinearOPDFunction(torch.autograd.Function):
             for f in fields:
                 fields[f][sl] = getattr(st, f)
             del zs, zt
-        ctx.cfg = cfg
+        ctx.plan = plan
+        ctx.heads = (s_scale, s_cap, t_scale, t_cap)
         ctx.saved = saved
         ctx.grads = grads
-        ctx.save_for_backward(sh, sw, sb, th, tw, tb, tgt, old)
+        ctx.save_for_backward(sh, sw, sb, th, tw, tb, tgt, old, eager_w)
         outs = tuple(fields.values())
         ctx.mark_non_differentiable(*outs)
         return (per_token, *outs)
 
     @staticmethod
     def backward(ctx, g, *_):
-        sh, sw, sb, th, tw, tb, tgt, old = ctx.saved_tensors
-        cfg = ctx.cfg
+        sh, sw, sb, th, tw, tb, tgt, old, eager_w = ctx.saved_tensors
+        plan, (s_scale, s_cap, t_scale, t_cap) = ctx.plan, ctx.heads
+        none = (None,) * 11  # no gradient for h_T, W_T, b_T, y, s_old, w, the four head values and the plan
         need = ctx.needs_input_grad[:3]
         if not any(need):
-            return (None,) * 9
+            return (None, None, None, *none)
         g = g.detach()
         if ctx.grads is not None:
-            sigma = _common_scale(g, cfg["eager_w"])
+            sigma = _common_scale(g, eager_w)
             grads, ctx.grads = ctx.grads, None  # a second backward (retain_graph) recomputes
             if sigma is not None:
-                return (*grads.scaled(sigma), None, None, None, None, None, None)
-        v = cfg["v"]
-        impl = _chunk_impl(cfg["backend"], cfg)
-        s_head = Head(sw, sb, v, cfg["s_scale"], cfg["s_cap"])
-        t_head = Head(tw, tb, v, cfg["t_scale"], cfg["t_cap"])
-        reverse_kl = cfg["loss"] == "reverse_kl"
+                return (*grads.scaled(sigma), *none)
+        v = plan.v
+        impl = _chunk_impl(plan, s_cap)
+        s_w, s_b = sw[:v], None if sb is None else sb[:v]
+        t_w, t_b = tw[:v], None if tb is None else tb[:v]
+        reverse_kl = plan.loss == "reverse_kl"
         grads = _Grads(sh, sw, sb, v, need)
-        live = (tgt != cfg["ignore_index"]) & (g != 0)
+        live = (tgt != plan.ignore_index) & (g != 0)
         with torch.no_grad(), torch.autocast(device_type=sh.device.type, enabled=False):
-            for sl in _slices(tgt.shape[0], cfg["chunk"]):
+            for sl in _slices(tgt.shape[0], plan.chunk):
                 if not bool(live[sl].any()):
                     continue  # every row's gradient is zero: no recompute, grad_h rows stay 0
-                zs = s_head.logits(sh[sl])
-                zt = t_head.logits(th[sl]) if reverse_kl else None
+                zs = head_logits(sh[sl], s_w, s_b, s_scale, s_cap)
+                zt = head_logits(th[sl], t_w, t_b, t_scale, t_cap) if reverse_kl else None
                 dz = impl.backward(zs, zt, tgt[sl], None if old is None else old[sl], ctx.saved, sl, g[sl])
                 del zt
-                grads.add(sl, sh[sl], s_head.raw_grad(zs, dz), s_head.weight)
+                grads.add(sl, sh[sl], head_raw_grad(zs, dz, s_scale, s_cap), s_w)
                 del zs, dz
-        return grads.h, grads.w, grads.b, None, None, None, None, None, None
+        return (grads.h, grads.w, grads.b, *none)
 
 
 def _common_scale(g: torch.Tensor, w: torch.Tensor) -> float | None:
@@ -372,15 +378,13 @@ def _common_scale(g: torch.Tensor, w: torch.Tensor) -> float | None:
     return None
 
 
-def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, target_ids, *, loss, old_logprobs,
-         student_bias, teacher_bias, k, temperature, ignore_index, vocab_size, chunk_size, backend,
-         student_logit_scale, teacher_logit_scale, student_final_logit_softcapping,
-         teacher_final_logit_softcapping, weights=None, eager=False):
-    v = _check_inputs(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target_ids,
+def _run(student_hidden, student_head, teacher_hidden, teacher_head, target_ids, *, loss, old_logprobs, k,
+         temperature, ignore_index, vocab_size, chunk_size, backend, weights=None, eager=False):
+    """Validate, then the chunked forward: (unit per-token loss l0, TokenStats). ``eager``: compute the
+    gradient for the known ``weights`` while the tiles are live (see :class:`_LinearOPDFunction`)."""
+    s_head, t_head, v = _check_inputs(
+        student_hidden, student_head, teacher_hidden, teacher_head, target_ids,
         k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size,
-        s_scale=student_logit_scale, s_cap=student_final_logit_softcapping,
-        t_scale=teacher_logit_scale, t_cap=teacher_final_logit_softcapping,
     )
     check_loss_options(loss, weights, old_logprobs, target_ids)
     chosen = resolve_backend(backend, student_hidden.device,
@@ -394,22 +398,22 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, target_
     n = target_ids.numel()
     chunk = chunk_size if chunk_size is not None else default_chunk_size(chosen, v)
     fp64 = student_hidden.dtype == torch.float64 and chosen == "reference"
-    cfg = dict(
+    plan = ChunkPlan(
         v=v, k=k, temperature=float(temperature), ignore_index=ignore_index, loss=loss, backend=chosen,
         chunk=max(1, min(chunk, max(n, 1))), dtype=torch.float64 if fp64 else torch.float32,
-        s_scale=float(student_logit_scale), s_cap=student_final_logit_softcapping,
-        t_scale=float(teacher_logit_scale), t_cap=teacher_final_logit_softcapping,
     )
+    eager_w = None
     if eager and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)):
+            t is not None and t.requires_grad for t in (student_hidden, s_head.weight, s_head.bias)):
         valid = (target_ids != ignore_index).reshape(n)
-        cfg["eager_w"] = weight_mask(valid, None if weights is None else weights.reshape(n), cfg["dtype"])
+        eager_w = weight_mask(valid, None if weights is None else weights.reshape(n), plan.dtype)
     sh = student_hidden.reshape(n, student_hidden.shape[-1])
     th = teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1])
     old = None if old_logprobs is None else old_logprobs.detach().reshape(n)
     per0, s, u, adv, m, *kl = _LinearOPDFunction.apply(
-        sh, student_weight, student_bias, th, teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(), target_ids.reshape(n), old, cfg,
+        sh, s_head.weight, s_head.bias, th, t_head.weight.detach(),
+        None if t_head.bias is None else t_head.bias.detach(), target_ids.reshape(n), old, eager_w,
+        s_head.logit_scale, s_head.softcap, t_head.logit_scale, t_head.softcap, plan,
     )
     valid = target_ids != ignore_index
     stats = TokenStats(
@@ -428,23 +432,17 @@ def _run(student_hidden, student_weight, teacher_hidden, teacher_weight, target_
 
 def linear_token_stats(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    student_head: LMHead | torch.Tensor,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_head: LMHead | torch.Tensor,
     target_ids: torch.Tensor,
     *,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
     k: int = 16,
     temperature: float = 1.0,
     ignore_index: int = -100,
     vocab_size: int | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_final_logit_softcapping: float | None = None,
-    teacher_final_logit_softcapping: float | None = None,
     full_kl: bool = False,
     return_topk: bool = False,
 ) -> TokenStats:
@@ -458,19 +456,17 @@ def linear_token_stats(
     Args:
         student_hidden, teacher_hidden: (..., H_S), (..., H_T) final hidden states aligned with ``target_ids``
             (already shifted). fp16/bf16/fp32 (fp64 on the reference backend).
-        student_weight, teacher_weight: (V'_S, H_S), (V'_T, H_T) LM-head weights in the hidden states'
-            dtype; V' >= V (padded heads): only the first V = ``vocab_size`` rows are used.
-        student_bias, teacher_bias: optional (V',) head biases.
-        student_logit_scale, teacher_logit_scale: multiply the logits (before the soft-cap).
-        student_final_logit_softcapping, teacher_final_logit_softcapping: c in z = c tanh(z / c), or None.
+        student_head, teacher_head: each a :class:`fastopd.LMHead` (weight (V', H) in the hidden states'
+            dtype, optional bias, logit scale, soft-cap, vocabulary size) or a bare (V', H) weight tensor,
+            read as ``LMHead(weight)``. V' >= V (padded heads): only the first V rows are used.
+        vocab_size: the shared vocabulary V both heads are cut to (None: the heads' ``out_features``, which
+            must then be equal).
         chunk_size: token rows per tile (default: 2^23 / V rows on the reference, 2^26 / V on Triton).
-        k, temperature, ignore_index, vocab_size, full_kl, return_topk, backend: as in :func:`fastopd.token_stats`.
+        k, temperature, ignore_index, full_kl, return_topk, backend: as in :func:`fastopd.token_stats`.
     """
-    v = _check_inputs(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target_ids,
+    s_head, t_head, v = _check_inputs(
+        student_hidden, student_head, teacher_hidden, teacher_head, target_ids,
         k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size,
-        s_scale=student_logit_scale, s_cap=student_final_logit_softcapping,
-        t_scale=teacher_logit_scale, t_cap=teacher_final_logit_softcapping,
     )
     from fastopd.stats import token_stats
 
@@ -478,10 +474,9 @@ def linear_token_stats(
                              dtypes=(student_hidden.dtype, teacher_hidden.dtype), k=k)
     n = target_ids.numel()
     chunk = chunk_size if chunk_size is not None else default_chunk_size(chosen, v)
-    s_head = Head(student_weight.detach(), None if student_bias is None else student_bias.detach(), v,
-                  student_logit_scale, student_final_logit_softcapping)
-    t_head = Head(teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), v,
-                  teacher_logit_scale, teacher_final_logit_softcapping)
+    s_w, t_w = s_head.weight.detach()[:v], t_head.weight.detach()[:v]
+    s_b = None if s_head.bias is None else s_head.bias.detach()[:v]
+    t_b = None if t_head.bias is None else t_head.bias.detach()[:v]
     sh = student_hidden.detach().reshape(n, student_hidden.shape[-1])
     th = teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1])
     tgt = target_ids.reshape(n)
@@ -489,8 +484,10 @@ def linear_token_stats(
     with torch.no_grad():
         for sl in _slices(n, max(1, chunk)):
             parts.append(token_stats(
-                s_head.logits(sh[sl]), t_head.logits(th[sl]), tgt[sl], k=k, temperature=temperature,
-                ignore_index=ignore_index, full_kl=full_kl, return_topk=return_topk, backend=chosen,
+                head_logits(sh[sl], s_w, s_b, s_head.logit_scale, s_head.softcap),
+                head_logits(th[sl], t_w, t_b, t_head.logit_scale, t_head.softcap),
+                tgt[sl], k=k, temperature=temperature, ignore_index=ignore_index, full_kl=full_kl,
+                return_topk=return_topk, backend=chosen,
             ))
     shape = target_ids.shape
     if not parts:  # N = 0: the logits path on empty (0, V) stand-ins gives the empty result
@@ -515,48 +512,39 @@ def linear_token_stats(
 
 def linear_opd_loss(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    student_head: LMHead | torch.Tensor,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_head: LMHead | torch.Tensor,
     target_ids: torch.Tensor,
     *,
     weights: torch.Tensor | None = None,
     loss: str = "pg",
     old_logprobs: torch.Tensor | None = None,
     normalizer=None,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
     k: int = 16,
     temperature: float = 1.0,
     ignore_index: int = -100,
     vocab_size: int | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_final_logit_softcapping: float | None = None,
-    teacher_final_logit_softcapping: float | None = None,
 ) -> OPDOutput:
     """:func:`fastopd.opd_loss` on z = softcap(scale (h W[:V]^T + b[:V])) per model, by token chunks (§5, §6).
 
     ``pg``: l_t = -w_t sg(A_t) rho_t with rho_t = exp(s_t - sg(s_old_t)), A_t = u_t - s_old_t; ``reverse_kl``:
     l_t = w_t KL_t; loss = sum_t l_t / normaliser (default: the number of valid tokens). The gradient flows
-    into ``student_hidden``, ``student_weight`` and ``student_bias`` (rows >= V get 0); the teacher's tensors,
-    ``weights`` and ``old_logprobs`` get none. Peak extra memory is O(chunk_size * V), independent of N; the
-    backward recomputes the student's logits tile per chunk (and the teacher's for ``reverse_kl``).
-    Arguments as in :func:`linear_token_stats` and :func:`fastopd.opd_loss`; returns :class:`fastopd.OPDOutput`.
+    into ``student_hidden`` and the student head's weight and bias (rows >= V get 0); the teacher's tensors,
+    ``weights`` and ``old_logprobs`` get none. Peak extra memory is O(chunk_size * V), independent of N.
+    Heads are :class:`fastopd.LMHead` or bare weights; the other arguments as in :func:`linear_token_stats`
+    and :func:`fastopd.opd_loss`; returns :class:`fastopd.OPDOutput`.
 
     Example:
-        >>> out = fastopd.linear_opd_loss(h_s, lm_head_s.weight, h_t, lm_head_t.weight, completion_ids)
-        >>> out.loss.backward()   # grads in h_s (and the student's graph behind it) and lm_head_s.weight
+        >>> out = fastopd.linear_opd_loss(h_s, fastopd.LMHead.from_model(student), h_t, lm_head_t.weight, completion_ids)
+        >>> out.loss.backward()   # grads in h_s (and the student's graph behind it) and the student's head
     """
     per0, stats = _run(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, target_ids, loss=loss,
-        old_logprobs=old_logprobs, student_bias=student_bias, teacher_bias=teacher_bias, k=k,
-        temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size,
-        backend=backend, student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-        student_final_logit_softcapping=student_final_logit_softcapping,
-        teacher_final_logit_softcapping=teacher_final_logit_softcapping, weights=weights, eager=True,
+        student_hidden, student_head, teacher_hidden, teacher_head, target_ids, loss=loss,
+        old_logprobs=old_logprobs, k=k, temperature=temperature, ignore_index=ignore_index,
+        vocab_size=vocab_size, chunk_size=chunk_size, backend=backend, weights=weights, eager=True,
     )
     return weighted_output(per0, stats, weights, loss, normalizer)
 

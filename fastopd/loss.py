@@ -175,43 +175,35 @@ class OPDLoss(nn.Module):
     def linear(
         self,
         student_hidden: torch.Tensor,
-        student_weight: torch.Tensor,
+        student_head,
         teacher_hidden: torch.Tensor,
-        teacher_weight: torch.Tensor,
+        teacher_head,
         target_ids: torch.Tensor,
         *,
         segment_ids=None,
         weights: torch.Tensor | None = None,
         old_logprobs: torch.Tensor | None = None,
         normalizer=None,
-        student_bias: torch.Tensor | None = None,
-        teacher_bias: torch.Tensor | None = None,
         chunk_size: int | None = None,
-        student_logit_scale: float = 1.0,
-        teacher_logit_scale: float = 1.0,
-        student_final_logit_softcapping: float | None = None,
-        teacher_final_logit_softcapping: float | None = None,
     ) -> OPDOutput:
         """:meth:`forward` from final hidden states and LM heads (docs/formulas.md §6): no (N, V) logits.
 
-        z = softcap(scale (h W[:V]^T + b[:V])) per model, by token chunks (:func:`fastopd.linear_opd_loss`).
-        With a rule, its weights are decided from the margins of this same chunked forward and multiply the
-        unit per-token loss; the backward then recomputes the student's logits per chunk (the teacher's too
-        for ``reverse_kl``) with those weights in its incoming gradient -- no second statistics pass.
-        Without a rule it is :func:`fastopd.linear_opd_loss` (gradient computed while the tiles are live).
-        Gradients reach the student's hidden states, weight and bias only.
+        Each head is a :class:`fastopd.LMHead` (weight, bias, logit scale, soft-cap, vocabulary size; e.g.
+        ``LMHead.from_model(model)``) or a bare (V', H) weight tensor. z = softcap(scale (h W[:V]^T + b[:V]))
+        per model, by token chunks of ``chunk_size`` rows (:func:`fastopd.linear_opd_loss`). With a rule, its
+        weights are decided from the margins of this same chunked forward and multiply the unit per-token
+        loss; the backward then recomputes the student's logits per chunk (the teacher's too for
+        ``reverse_kl``) with those weights in its incoming gradient -- no second statistics pass. Without a
+        rule it is :func:`fastopd.linear_opd_loss` (gradient computed while the tiles are live). Gradients
+        reach the student's hidden states and head (weight and bias) only.
         """
         from fastopd.linear import _run, weighted_output
 
         self._check_rule_args(weights, segment_ids)
         per0, stats = _run(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, target_ids, loss=self.loss,
-            old_logprobs=old_logprobs, student_bias=student_bias, teacher_bias=teacher_bias, k=self.k,
-            temperature=self.temperature, ignore_index=self.ignore_index, vocab_size=self.vocab_size,
-            chunk_size=chunk_size, backend=self.backend, student_logit_scale=student_logit_scale,
-            teacher_logit_scale=teacher_logit_scale,
-            student_final_logit_softcapping=student_final_logit_softcapping,
-            teacher_final_logit_softcapping=teacher_final_logit_softcapping, weights=weights,
+            student_hidden, student_head, teacher_hidden, teacher_head, target_ids, loss=self.loss,
+            old_logprobs=old_logprobs, k=self.k, temperature=self.temperature, ignore_index=self.ignore_index,
+            vocab_size=self.vocab_size, chunk_size=chunk_size, backend=self.backend, weights=weights,
             eager=self.rule is None,
         )
         if self.rule is None:

@@ -8,15 +8,13 @@ logits path on the same fp32 logits, and must never create a tensor of N x V ele
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastopd
-from fastopd import reference
+from fastopd import LMHead, reference
 from helpers import LargestTensor, assert_close, grads, leaves, linear_segments, make_case, plain_head, truth
 
 
@@ -41,9 +39,8 @@ def test_matches_fp64_ground_truth(seed, b, l, v, pad, chunk, loss, bias, cap, s
     want, gwant = truth(c, v=v, loss=loss, scale=scale, cap=cap, t_cap=cap, weights=w, old=old, k=k)
     h, wt, bs = leaves(c)
     got = fastopd.linear_opd_loss(
-        h, wt, c["th"], c["tw"], c["y"], student_bias=bs, teacher_bias=c["tb"], loss=loss, weights=w,
-        old_logprobs=old, k=k, vocab_size=v if pad else None, chunk_size=chunk,
-        student_logit_scale=scale, student_final_logit_softcapping=cap, teacher_final_logit_softcapping=cap,
+        h, LMHead(wt, bs, logit_scale=scale, softcap=cap), c["th"], LMHead(c["tw"], c["tb"], softcap=cap), c["y"],
+        loss=loss, weights=w, old_logprobs=old, k=k, vocab_size=v if pad else None, chunk_size=chunk,
     )
     ggot = grads(got.loss, [h, wt, bs]) if got.loss.requires_grad else [torch.zeros_like(h), torch.zeros_like(wt),
                                                                         None if bs is None else torch.zeros_like(bs)]
@@ -67,8 +64,8 @@ def test_fp32_equals_logits_path(loss):
     """Same fp32 inputs: the chunked path and opd_loss on materialised fp32 logits agree to fp32 rounding."""
     c = make_case(1, lead=(4, 33), v=300, vp=310, hs=32, ht=24, dtype=torch.float32)
     h, w, b = leaves(c)
-    got = fastopd.linear_opd_loss(h, w, c["th"], c["tw"], c["y"], student_bias=b, teacher_bias=c["tb"], loss=loss,
-                                  vocab_size=300, chunk_size=37, student_final_logit_softcapping=30.0)
+    got = fastopd.linear_opd_loss(h, LMHead(w, b, softcap=30.0), c["th"], LMHead(c["tw"], c["tb"]), c["y"], loss=loss,
+                                  vocab_size=300, chunk_size=37)
     g1 = grads(got.loss, [h, w, b])
     h2, w2, b2 = leaves(c)
     zs = plain_head(h2, w2, b2, 300, cap=30.0)
@@ -85,15 +82,14 @@ def test_n_smaller_than_chunk_and_empty():
     c = make_case(2, lead=(2, 3), v=20, dtype=torch.float64)
     want, gwant = truth(c, v=20, loss="pg")
     h, w, b = leaves(c)
-    got = fastopd.linear_opd_loss(h, w, c["th"], c["tw"], c["y"], student_bias=b, teacher_bias=c["tb"], k=4,
-                                  chunk_size=1000)
+    got = fastopd.linear_opd_loss(h, LMHead(w, b), c["th"], LMHead(c["tw"], c["tb"]), c["y"], k=4, chunk_size=1000)
     assert_close("loss", got.loss, want.loss, atol=1e-12, rtol=1e-12)
     for a, e in zip(grads(got.loss, [h, w, b]), gwant):
         assert_close("grad", a, e, atol=1e-12, rtol=1e-10)
     # N = 0: a zero loss and zero gradients, like the logits path
     e = make_case(3, lead=(0,), v=20, dtype=torch.float64)
     h, w, b = leaves(e)
-    out = fastopd.linear_opd_loss(h, w, e["th"], e["tw"], e["y"], student_bias=b, teacher_bias=e["tb"], k=4)
+    out = fastopd.linear_opd_loss(h, LMHead(w, b), e["th"], LMHead(e["tw"], e["tb"]), e["y"], k=4)
     assert out.loss.item() == 0.0 and out.per_token.shape == (0,)
     gh, gw, gb = grads(out.loss, [h, w, b])
     assert gh.shape == (0, 8) and torch.all(gw == 0) and torch.all(gb == 0)
@@ -104,7 +100,7 @@ def test_teacher_gets_no_gradient():
     th = c["th"].clone().requires_grad_()
     tw = c["tw"].clone().requires_grad_()
     h, w, b = leaves(c)
-    out = fastopd.linear_opd_loss(h, w, th, tw, c["y"], student_bias=b, loss="reverse_kl", k=4, chunk_size=4)
+    out = fastopd.linear_opd_loss(h, LMHead(w, b), th, tw, c["y"], loss="reverse_kl", k=4, chunk_size=4)
     out.loss.backward()
     assert th.grad is None and tw.grad is None
     assert h.grad is not None and w.grad.abs().sum() > 0
@@ -115,7 +111,7 @@ def test_per_token_backward_any_reduction():
     c = make_case(5, v=25)
     coef = torch.linspace(-1, 2, c["y"].numel(), dtype=torch.float64).view(c["y"].shape)
     h, w, b = leaves(c)
-    got = fastopd.linear_opd_loss(h, w, c["th"], c["tw"], c["y"], student_bias=b, teacher_bias=c["tb"], k=4, chunk_size=5)
+    got = fastopd.linear_opd_loss(h, LMHead(w, b), c["th"], LMHead(c["tw"], c["tb"]), c["y"], k=4, chunk_size=5)
     h2, w2, b2 = leaves(c)
     ref = reference.opd_loss(plain_head(h2, w2, b2, 25), plain_head(c["th"], c["tw"], c["tb"], 25), c["y"], k=4)
     for a, e in zip(grads((got.per_token * coef).sum(), [h, w, b]), grads((ref.per_token * coef).sum(), [h2, w2, b2])):
@@ -130,9 +126,9 @@ def test_per_token_backward_any_reduction():
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_token_stats_equal_logits_path(chunk):
     c = make_case(6, lead=(3, 11), v=50, vp=56, dtype=torch.float64)
-    st_ = fastopd.linear_token_stats(c["sh"], c["sw"], c["th"], c["tw"], c["y"], student_bias=c["sb"],
-                                     teacher_bias=c["tb"], k=5, vocab_size=50, chunk_size=chunk, full_kl=True,
-                                     return_topk=True, teacher_logit_scale=1.3, teacher_final_logit_softcapping=4.0)
+    st_ = fastopd.linear_token_stats(c["sh"], LMHead(c["sw"], c["sb"]), c["th"],
+                                     LMHead(c["tw"], c["tb"], logit_scale=1.3, softcap=4.0), c["y"], k=5,
+                                     vocab_size=50, chunk_size=chunk, full_kl=True, return_topk=True)
     zs = plain_head(c["sh"], c["sw"], c["sb"], 50)
     zt = plain_head(c["th"], c["tw"], c["tb"], 50, 1.3, 4.0)
     ref = fastopd.token_stats(zs, zt, c["y"], k=5, full_kl=True, return_topk=True)
@@ -155,8 +151,7 @@ def test_opdloss_linear_with_rule_equals_logits_forward(loss):
     # min_gain far below zero: every rollout with a downward split is released, so the weights are not trivial
     crit = fastopd.OPDLoss(loss, k=4, rule=fastopd.ReleaseRule(k=4, min_gain=-1e9))
     h, w, b = leaves(c)
-    got = crit.linear(h, w, c["th"], c["tw"], c["y"], segment_ids=seg, student_bias=b, teacher_bias=c["tb"],
-                      chunk_size=7)
+    got = crit.linear(h, LMHead(w, b), c["th"], LMHead(c["tw"], c["tb"]), c["y"], segment_ids=seg, chunk_size=7)
     h2, w2, b2 = leaves(c)
     ref = crit(plain_head(h2, w2, b2, 60), plain_head(c["th"], c["tw"], c["tb"], 60), c["y"], segment_ids=seg)
     assert torch.equal(got.release.weights, ref.release.weights)
@@ -189,8 +184,8 @@ def test_no_tensor_of_n_by_v(loss):
     h, w, b = leaves(c)
     crit = fastopd.OPDLoss(loss, k=4, rule=fastopd.ReleaseRule(k=4))
     with LargestTensor() as mode:
-        out = crit.linear(h.view(8, 64, hdim), w, c["th"].view(8, 64, hdim), c["tw"], c["y"].view(8, 64),
-                          segment_ids=linear_segments((8, 64), 9), student_bias=b, chunk_size=chunk)
+        out = crit.linear(h.view(8, 64, hdim), LMHead(w, b), c["th"].view(8, 64, hdim), c["tw"], c["y"].view(8, 64),
+                          segment_ids=linear_segments((8, 64), 9), chunk_size=chunk)
         out.loss.backward()
     bound = max(chunk * v, v * hdim, n * hdim)
     assert mode.largest <= bound < n * v // 4, f"largest tensor {mode.largest} elements > chunk*V bound {bound}"
@@ -211,24 +206,29 @@ def test_bad_input_errors():
     f = fastopd.linear_opd_loss
     with pytest.raises(ValueError, match="student_hidden must have shape target_ids.shape"):
         f(sh[:, :-1], sw, th, tw, y)
-    with pytest.raises(ValueError, match=r"student_weight must have shape \(V', H\)"):
+    with pytest.raises(ValueError, match=r"student_head.weight must have shape \(V', H\) with H = student_hidden"):
         f(sh, sw[:, :-1], th, tw, y)
-    with pytest.raises(ValueError, match="teacher_weight must have shape"):
-        f(sh, sw, th, tw[:, :-1], y)
-    with pytest.raises(ValueError, match="student_bias must have shape"):
-        f(sh, sw, th, tw, y, student_bias=torch.zeros(3, dtype=sh.dtype))
-    with pytest.raises(TypeError, match="student_weight must have student_hidden's dtype"):
+    with pytest.raises(ValueError, match=r"teacher_head.weight must have shape \(V', H\)"):
+        f(sh, sw, th, LMHead(tw[:, :-1]), y)
+    with pytest.raises(ValueError, match=r"student_head: LMHead weight must have shape \(V', H\)"):
+        f(sh, sw[0], th, tw, y)
+    with pytest.raises(TypeError, match="student_head must be a fastopd.LMHead or a"):
+        f(sh, None, th, tw, y)
+    with pytest.raises(TypeError, match="teacher_head must be a fastopd.LMHead or a"):
+        f(sh, sw, th, (tw, None), y)
+    with pytest.raises(TypeError, match="student_head.weight must have student_hidden's dtype"):
         f(sh, sw.float(), th, tw, y)
     with pytest.raises(ValueError, match="pass vocab_size"):
         f(sh, sw, th, tw[:-1], y)
     with pytest.raises(ValueError, match="vocab_size=30 exceeds the heads' rows"):
         f(sh, sw, th, tw, y, vocab_size=30)
+    with pytest.raises(ValueError, match="vocab_size=22 exceeds the heads' rows"):  # the head's own vocab_size bounds it
+        f(sh, LMHead(sw, vocab_size=21), th, tw, y, vocab_size=22)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         f(sh, sw, th, tw, y, chunk_size=0)
-    with pytest.raises(ValueError, match="student_final_logit_softcapping must be None or a finite number > 0"):
-        f(sh, sw, th, tw, y, student_final_logit_softcapping=-1.0)
-    with pytest.raises(ValueError, match="teacher_logit_scale must be a finite nonzero number"):
-        f(sh, sw, th, tw, y, teacher_logit_scale=math.inf)
+    for gone in ("student_bias", "student_logit_scale", "teacher_final_logit_softcapping"):  # they live in the head
+        with pytest.raises(TypeError, match=gone):
+            f(sh, sw, th, tw, y, **{gone: None})
     with pytest.raises(ValueError, match="target_ids must lie in"):
         f(sh, sw, th, tw, torch.full_like(y, 22), vocab_size=20)
     with pytest.raises(ValueError, match="k must be <= the vocabulary size"):
@@ -240,13 +240,44 @@ def test_bad_input_errors():
 
 
 @pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
+def test_bare_weight_is_lm_head_of_weight(loss):
+    """A bare weight tensor is read as LMHead(weight): the same loss, stats and gradients, bit for bit."""
+    c = make_case(14, lead=(3, 8), v=30, dtype=torch.float64)
+    outs = []
+    for wrap in (lambda w: w, LMHead):
+        h, w, _ = leaves(c)
+        out = fastopd.linear_opd_loss(h, wrap(w), c["th"], wrap(c["tw"]), c["y"], loss=loss, k=4, chunk_size=7)
+        st_ = fastopd.linear_token_stats(h, wrap(w), c["th"], wrap(c["tw"]), c["y"], k=4, chunk_size=7)
+        outs.append((out, st_, grads(out.loss, [h, w])))
+    (o1, s1, g1), (o2, s2, g2) = outs
+    assert torch.equal(o1.loss, o2.loss) and torch.equal(o1.per_token, o2.per_token)
+    assert torch.equal(s1.margins, s2.margins) and torch.equal(s1.student_logprobs, s2.student_logprobs)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert g1[1].abs().sum() > 0
+
+
+def test_head_vocab_size_cuts_like_the_shared_vocab_size():
+    """A padded head that says its vocabulary (LMHead(vocab_size=V)) needs no shared vocab_size= and gives
+    what vocab_size=V gives on the bare weights; its rows beyond V get a zero gradient."""
+    c = make_case(15, lead=(2, 9), v=20, vp=26, dtype=torch.float64)
+    h, w, b = leaves(c)
+    got = fastopd.linear_opd_loss(h, LMHead(w, b, vocab_size=20), c["th"], LMHead(c["tw"][:20], c["tb"][:20]), c["y"], k=4)
+    g = grads(got.loss, [h, w, b])
+    h2, w2, b2 = leaves(c)
+    want = fastopd.linear_opd_loss(h2, LMHead(w2, b2), c["th"], LMHead(c["tw"], c["tb"]), c["y"], k=4, vocab_size=20)
+    assert torch.equal(got.loss, want.loss)
+    assert all(torch.equal(a, e) for a, e in zip(g, grads(want.loss, [h2, w2, b2])))
+    assert torch.all(g[1][20:] == 0) and torch.all(g[2][20:] == 0) and g[1][:20].abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
 def test_eager_gradient_scaled_and_backward_twice(loss):
     """The eager gradient (computed in the forward for g = w) is scaled by the upstream gradient, and a
     second backward through the same graph (retain_graph) recomputes and gives the same gradient."""
     c = make_case(13, lead=(3, 9), v=30, dtype=torch.float64)
     want, gwant = truth(c, v=30, loss=loss, weights=c["w"])
     h, w, b = leaves(c)
-    out = fastopd.linear_opd_loss(h, w, c["th"], c["tw"], c["y"], student_bias=b, teacher_bias=c["tb"], k=4,
+    out = fastopd.linear_opd_loss(h, LMHead(w, b), c["th"], LMHead(c["tw"], c["tb"]), c["y"], k=4,
                                   loss=loss, weights=c["w"], chunk_size=4)
     first = torch.autograd.grad(out.loss * 0.25, [h, w, b], retain_graph=True)
     second = torch.autograd.grad(out.loss * 3.0, [h, w, b])

@@ -7,12 +7,15 @@
 
 Neither is imported by ``import fastopd``: each imports its trainer library itself, so fastopd's own
 environment never needs TRL or verl (verl pins ``transformers < 5.11``). Guide: ``docs/integrations.md``.
+Both log their metrics under one prefix, :data:`METRIC_PREFIX` (``opd/accept_rate``, ``opd/kept_fraction``, ...).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+METRIC_PREFIX = "opd/"  # every integration's metric names start with it
 
 
 def completion_segments(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:

@@ -5,31 +5,24 @@ Imported on first access of ``fastopd.integrations.trl.ReleaseGKDTrainer`` / ``R
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 from fastopd.integrations import completion_segments
-from fastopd.integrations.trl import _OPD_HELP, _check_opd_fields, _log_opd_metrics, _make_criterion
+from fastopd.integrations._trl_options import OPDOptions, log_opd_metrics, make_criterion
 
 __all__ = ["ReleaseGKDConfig", "ReleaseGKDTrainer"]
 
 
 @dataclass
-class ReleaseGKDConfig(GKDConfig):
-    """``trl.experimental.gkd.GKDConfig`` plus the release rule's options; ``lmbda`` must be 1 (on-policy)."""
-
-    opd_mode: str = field(default="release", metadata={"help": _OPD_HELP["opd_mode"]})
-    opd_loss: str = field(default="pg", metadata={"help": _OPD_HELP["opd_loss"]})
-    opd_k: int = field(default=16, metadata={"help": _OPD_HELP["opd_k"]})
-    opd_min_gain: float = field(default=10.0, metadata={"help": _OPD_HELP["opd_min_gain"]})
-    opd_fraction: float = field(default=0.5, metadata={"help": _OPD_HELP["opd_fraction"]})
-    opd_chunk_size: int | None = field(default=None, metadata={"help": "unused by the logits path"})
+class ReleaseGKDConfig(OPDOptions, GKDConfig):
+    """``trl.experimental.gkd.GKDConfig`` plus the release rule's ``opd_*`` options (``opd_chunk_size`` is
+    unused: this path reads logits); ``lmbda`` must be 1 (on-policy)."""
 
     def __post_init__(self):
-        super().__post_init__()
-        _check_opd_fields(self)
+        super().__post_init__()  # GKDConfig's, then the opd_* checks (OPDOptions)
         if self.lmbda != 1.0:
             raise ValueError(
                 f"lmbda must be 1.0 for ReleaseGKDConfig (the release rule is for on-policy rollouts), got {self.lmbda!r}"
@@ -50,7 +43,7 @@ class ReleaseGKDTrainer(GKDTrainer):
             raise TypeError(f"args must be a fastopd.integrations.trl.ReleaseGKDConfig, got {type(self.args).__name__}")
         # GKD samples at args.temperature but computes its loss at temperature 1 (compute_loss passes none to
         # generalized_jsd_loss); the release loss follows the loss.
-        self.opd_criterion = _make_criterion(self.args, 1.0)
+        self.opd_criterion = make_criterion(self.args, 1.0)
         self.last_opd_output = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -68,5 +61,5 @@ class ReleaseGKDTrainer(GKDTrainer):
         segment_ids[:, p - 1:] = seg  # the logits at position i predict token i + 1
         out = self.opd_criterion(zs, zt, targets, segment_ids=segment_ids, normalizer=num_items_in_batch)
         self.last_opd_output = out
-        _log_opd_metrics(self._metrics["train" if self.model.training else "eval"], out)
+        log_opd_metrics(self._metrics["train" if self.model.training else "eval"], out)
         return (out.loss, student_outputs) if return_outputs else out.loss

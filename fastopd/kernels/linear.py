@@ -25,9 +25,12 @@ from fastopd.types import TokenStats
 class TritonChunks:
     """The Triton backend of :class:`fastopd.linear._LinearOPDFunction`, one chunk at a time."""
 
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
-        self.reverse_kl = cfg["loss"] == "reverse_kl"
+    def __init__(self, plan, *, inplace: bool) -> None:
+        """``plan``: the call's :class:`fastopd.linear.ChunkPlan`; ``inplace``: the backward kernel may write
+        dl/dz into the student tile (False when the head soft-caps: its chain rule reads z after)."""
+        self.plan = plan
+        self.inplace = inplace
+        self.reverse_kl = plan.loss == "reverse_kl"
 
     def alloc(self, n: int, device) -> dict:
         return {
@@ -36,12 +39,12 @@ class TritonChunks:
         }
 
     def forward(self, zs, zt, tgt, old, saved, sl):
-        c = self.cfg
+        p = self.plan
         out, _ = launch_token_stats(
-            Rows(zs), Rows(zt), tgt, v=c["v"], k=c["k"], temperature=c["temperature"],
-            ignore_index=c["ignore_index"], full_kl=self.reverse_kl, return_topk=False,
+            Rows(zs), Rows(zt), tgt, v=p.v, k=p.k, temperature=p.temperature,
+            ignore_index=p.ignore_index, full_kl=self.reverse_kl, return_topk=False,
         )
-        valid = tgt != c["ignore_index"]
+        valid = tgt != p.ignore_index
         w = valid.float()
         # The same per-token loss and row factor c_t as fastopd.kernels.opd_loss_triton (common.per_token_loss).
         if self.reverse_kl:
@@ -64,9 +67,9 @@ class TritonChunks:
         return per_token, stats, self.backward(zs, zt, tgt, old, saved, sl, g)
 
     def backward(self, zs, zt, tgt, old, saved, sl, g):
-        c = self.cfg
+        p = self.plan
         coef = (g.float() * saved["coef"][sl]).contiguous()
         return launch_loss_backward(
-            Rows(zs), Rows(zt if zt is not None else zs), tgt, coef, saved["out"][:, sl].contiguous(), v=c["v"],
-            temperature=c["temperature"], reverse_kl=self.reverse_kl, inplace=c["s_cap"] is None,
+            Rows(zs), Rows(zt if zt is not None else zs), tgt, coef, saved["out"][:, sl].contiguous(), v=p.v,
+            temperature=p.temperature, reverse_kl=self.reverse_kl, inplace=self.inplace,
         )

@@ -5,38 +5,21 @@
   former ``completion_logits``. The model runs through its wrapper (DDP/FSDP hooks fire) with
   ``output_hidden_states=True`` and ``logits_to_keep=1``, so its own head projects one position per row: an
   (N, 1, V) tensor, never (N, C, V).
-- :func:`lm_head`: the model's output-embedding weight and bias, and the logit scale (:func:`logit_scale`,
-  TRL's rules) and final-logit soft-cap (Gemma ``final_logit_softcapping``) from its config, as
-  :class:`LMHead`.
+- the heads: :meth:`fastopd.LMHead.from_model` (output-embedding weight and bias, logit scale and final-logit
+  soft-cap from the config), cast to the hidden states' dtype.
 
 FSDP: the head weight outside the wrapped forward is a shard. Under FSDP2 it is a DTensor and
-:func:`lm_head` gathers it with ``full_tensor()`` (differentiable: the gradient is reduce-scattered back to
-the shard), once per step for all chunks. FSDP1 keeps flat parameters whose original views are not usable
-outside the forward; the hidden-state loss is refused there (use FSDP2, or ``loss_from="logits"``).
+:meth:`fastopd.LMHead.from_model` gathers it with ``full_tensor()`` (differentiable: the gradient is
+reduce-scattered back to the shard), once per step for all chunks. FSDP1 keeps flat parameters whose original
+views are not usable outside the forward; the hidden-state loss is refused there (use FSDP2, or
+``loss_from="logits"``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class LMHead:
-    """One model's LM head as :func:`fastopd.linear_opd_loss` takes it."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    logit_scale: float = 1.0
-    softcap: float | None = None
-
-
-def _unwrap(model):
-    base = model
-    while hasattr(base, "module"):  # DDP / FSDP1 / compiled wrappers
-        base = base.module
-    return base
+from fastopd.head import LMHead, unwrap_model as _unwrap
 
 
 def _accepts(model, arg: str) -> bool:
@@ -64,52 +47,6 @@ def completion_hidden(model, rollouts) -> torch.Tensor:
     return out.hidden_states[-1][:, -(c + 1):-1]
 
 
-def lm_head(model, dtype: torch.dtype | None = None) -> LMHead:
-    """The model's LM head (weight, bias, logit scale, soft-cap), the weight gathered if FSDP2 shards it.
-
-    ``dtype``: cast weight and bias to it (the hidden states' dtype under mixed precision); the cast is
-    differentiable, so a student's gradient reaches the parameter in its own dtype.
-    """
-    base = _unwrap(model)
-    head = base.get_output_embeddings()
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError(f"{type(base).__name__} has no output embedding (LM head) weight")
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if weight.dim() != 2 or weight.numel() == 0:  # e.g. an FSDP1 flat-parameter view outside the forward
-        raise ValueError(
-            f"the LM head weight has shape {tuple(weight.shape)}, not (V, H): a sharded FSDP1 parameter? "
-            "use FSDP2 or loss_from='logits'"
-        )
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        DTensor = ()
-    if isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-    if isinstance(bias, DTensor):
-        bias = bias.full_tensor()
-    if dtype is not None:
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    cfg = getattr(base, "config", None)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    return LMHead(weight, bias, logit_scale(cfg), float(softcap) if softcap else None)
-
-
-def logit_scale(config) -> float:
-    """The multiplier a model applies to its logits, by the rules of TRL's ``DistillationTrainer._compute_loss``
-    (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``); 1.0 when none is set."""
-    scale = getattr(config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(config, "lm_head_multiplier", None)
-    if scale is None and getattr(config, "logits_scaling", None) is not None:
-        ls = config.logits_scaling
-        scale = ls if getattr(config, "model_type", None) == "hyperclovax" else 1 / ls
-    return 1.0 if scale is None else float(scale)
-
-
 def hidden_loss(criterion, student, teacher, rollouts, *, autocast=None, chunk_size: int | None = None,
                 times: dict | None = None):
     """Steps 4-5 of a training step from hidden states: the teacher's final hidden states under ``no_grad``
@@ -125,16 +62,12 @@ def hidden_loss(criterion, student, teacher, rollouts, *, autocast=None, chunk_s
     t0 = time.perf_counter()
     with torch.no_grad(), ctx():
         th = completion_hidden(teacher, rollouts)
-        t_head = lm_head(teacher, th.dtype)
+        t_head = LMHead.from_model(teacher, th.dtype)
     if times is not None:
         if th.is_cuda:
             torch.cuda.synchronize(th.device)
         times["teacher"] = time.perf_counter() - t0
     sh = completion_hidden(student, rollouts)
-    s_head = lm_head(student, sh.dtype)
-    return criterion.linear(
-        sh, s_head.weight, th, t_head.weight, rollouts.targets, segment_ids=rollouts.segment_ids,
-        student_bias=s_head.bias, teacher_bias=t_head.bias, chunk_size=chunk_size,
-        student_logit_scale=s_head.logit_scale, teacher_logit_scale=t_head.logit_scale,
-        student_final_logit_softcapping=s_head.softcap, teacher_final_logit_softcapping=t_head.softcap,
-    )
+    s_head = LMHead.from_model(student, sh.dtype)
+    return criterion.linear(sh, s_head, th, t_head, rollouts.targets, segment_ids=rollouts.segment_ids,
+                            chunk_size=chunk_size)

@@ -85,18 +85,7 @@ def _independent_fastopd_loss(trainer, inputs, num_items_in_batch):
     return crit(zs, zt, targets, segment_ids=seg, normalizer=num_items_in_batch)
 
 
-@pytest.fixture(params=["linear", "logits"])
-def hidden_path(request, monkeypatch):
-    """The hidden-state path (OPDLoss.linear) where this fastopd has it, and the interim logits path."""
-    import fastopd.integrations.trl as ft
-
-    if request.param == "linear" and not hasattr(fastopd.OPDLoss, "linear"):
-        pytest.skip("this fastopd has no OPDLoss.linear (the hidden-state path of issue 9)")
-    monkeypatch.setattr(ft, "_FORCE_LOGITS_PATH", request.param == "logits")
-    return request.param
-
-
-def test_release_loss_equals_fastopd_on_the_same_rollouts_and_metrics_are_logged(assets, tmp_path, hidden_path):
+def test_release_loss_equals_fastopd_on_the_same_rollouts_and_metrics_are_logged(assets, tmp_path):
     trainer = _trainer(assets, tmp_path, opd_mode="release", opd_loss="pg")
     seen = []
     inner = trainer._compute_loss
@@ -129,7 +118,7 @@ def test_release_loss_equals_fastopd_on_the_same_rollouts_and_metrics_are_logged
     assert all(h.get("entropy") is None for h in logged)
 
 
-def test_full_reverse_kl_equals_trl_beta_1(assets, tmp_path, hidden_path):
+def test_full_reverse_kl_equals_trl_beta_1(assets, tmp_path):
     trainer = _trainer(assets, tmp_path, opd_mode="full", opd_loss="reverse_kl", beta=1.0, max_steps=2)
     pairs = []
     ours = trainer._compute_loss
@@ -152,14 +141,40 @@ def test_full_reverse_kl_equals_trl_beta_1(assets, tmp_path, hidden_path):
     assert all(h["opd/kept_fraction"] == 1.0 for h in logged)  # the full control keeps every token
 
 
-def test_config_rejects_bad_options(tmp_path):
-    from fastopd.integrations.trl import ReleaseDistillationConfig
+@pytest.mark.parametrize("config", ["ReleaseDistillationConfig", "ReleaseGKDConfig"])
+def test_config_rejects_bad_options(tmp_path, config):
+    """Every opd_* option is checked when the config is built (both configs: one set of fields and checks),
+    and a bool is not a number."""
+    import fastopd.integrations.trl as ft
 
+    cls = getattr(ft, config)
+    extra = dict(lmbda=1.0) if config == "ReleaseGKDConfig" else {}
     for kw, match in ((dict(opd_mode="suffix"), "opd_mode"), (dict(opd_loss="jsd"), "opd_loss"),
                       (dict(opd_k=1), "opd_k"), (dict(opd_min_gain=float("nan")), "opd_min_gain"),
-                      (dict(opd_fraction=0.0), "opd_fraction"), (dict(opd_chunk_size=0), "opd_chunk_size")):
+                      (dict(opd_fraction=0.0), "opd_fraction"), (dict(opd_chunk_size=0), "opd_chunk_size"),
+                      (dict(opd_fraction=True), r"opd_fraction must be a number in \(0, 1\] \(not a bool\), got True"),
+                      (dict(opd_chunk_size=True), r"opd_chunk_size must be a positive int or None \(not a bool\)"),
+                      (dict(opd_k=True), "opd_k must be an int >= 2, got True"),
+                      (dict(opd_min_gain=False), "opd_min_gain must be a number"),
+                      (dict(opd_k=16.0), "opd_k"), (dict(opd_chunk_size=8.0), "opd_chunk_size")):
         with pytest.raises(ValueError, match=match):
-            ReleaseDistillationConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], **kw)
+            cls(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], **extra, **kw)
+    ok = cls(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], **extra, opd_fraction=1, opd_chunk_size=64)
+    assert (ok.opd_fraction, ok.opd_chunk_size, ok.opd_mode) == (1, 64, "release")
+
+
+def test_trl_version_check():
+    from fastopd.integrations._trl_options import TRL_TESTED, check_trl_version
+
+    lo, hi = TRL_TESTED
+    check_trl_version(trl.__version__)  # the installed TRL is in the tested range (CI installs fastopd[trl])
+    check_trl_version(f"{lo[0]}.{lo[1]}.0")
+    with pytest.raises(ImportError, match="needs TRL >= "):
+        check_trl_version(f"{lo[0]}.{lo[1] - 1}.9")
+    with pytest.raises(ImportError, match="another major version"):
+        check_trl_version(f"{hi[0] + 1}.0.0")
+    with pytest.warns(UserWarning, match="tested with TRL"):
+        check_trl_version(f"{hi[0]}.{hi[1] + 1}.0")
 
 
 def test_trainer_rejects_a_plain_trl_config(assets, tmp_path):

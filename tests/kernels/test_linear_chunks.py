@@ -40,9 +40,9 @@ def test_triton_matches_fp64_truth(loss, cap, use_old, chunk, bias):
         d = _on(c, torch.float32)
         h, w, b = leaves(d)
         out = fastopd.linear_opd_loss(
-            h, w, d["th"], d["tw"], d["y"], student_bias=b, teacher_bias=d["tb"], loss=loss, weights=d["w"],
-            old_logprobs=None if old is None else d["old"], k=4, vocab_size=v, chunk_size=chunk, backend=backend,
-            student_logit_scale=0.8, student_final_logit_softcapping=cap,
+            h, fastopd.LMHead(w, b, logit_scale=0.8, softcap=cap), d["th"], fastopd.LMHead(d["tw"], d["tb"]), d["y"],
+            loss=loss, weights=d["w"], old_logprobs=None if old is None else d["old"], k=4, vocab_size=v,
+            chunk_size=chunk, backend=backend,
         )
         gs = grads(out.loss, [h, w, b])
         errs[backend] = (out, gs)
@@ -64,9 +64,9 @@ def test_triton_rule_and_stats():
     seg = linear_segments((3, 16), 12).to(DEVICE)
     crit = fastopd.OPDLoss(rule=fastopd.ReleaseRule(k=4, min_gain=-1e9, backend="triton"))
     h, w, b = leaves(c)
-    got = crit.linear(h, w, c["th"], c["tw"], c["y"], segment_ids=seg, student_bias=b, chunk_size=10)
+    got = crit.linear(h, fastopd.LMHead(w, b), c["th"], c["tw"], c["y"], segment_ids=seg, chunk_size=10)
     ref = fastopd.OPDLoss(rule=fastopd.ReleaseRule(k=4, min_gain=-1e9, backend="reference")).linear(
-        h, w, c["th"], c["tw"], c["y"], segment_ids=seg, student_bias=b, chunk_size=10)
+        h, fastopd.LMHead(w, b), c["th"], c["tw"], c["y"], segment_ids=seg, chunk_size=10)
     assert torch.equal(got.release.weights.cpu(), ref.release.weights.cpu())
     assert_close("loss", got.loss, ref.loss, atol=1e-5, rtol=1e-5)
     for a, e in zip(grads(got.loss, [h, w, b]), grads(ref.loss, [h, w, b])):
