@@ -29,6 +29,7 @@ from fastopd._validate import (
     check_seed,
     check_segment_ids,
     check_temperature,
+    is_int,
 )
 from fastopd.common import (
     MODES,
@@ -78,6 +79,8 @@ def bic_release(values, offsets, *, min_segments: int = 2, min_gain: float = 10.
             "(fastopd.reference.bic_release is the pure-Python equivalent)"
         ) from e
     check_scan_options(min_segments, min_gain)
+    if not is_int(num_threads) or num_threads < 0:
+        raise ValueError(f"num_threads must be an int >= 0 (0: OpenMP's default), got {num_threads!r}")
     vals, offs = check_ragged(values, offsets)
     release, gain, accepted = _C.bic_scan(vals, offs, int(min_segments), float(min_gain), int(num_threads))
     return ReleaseResult(release, gain, accepted)

@@ -544,3 +544,10 @@ def test_scan_releases_the_gil():
     start, end = window
     inside = [t for t in stamps if start < t < end]
     assert inside and (max(inside) - min(inside)) > 0.5 * (end - start)
+
+
+@pytest.mark.parametrize("n", [True, 1.5, -1, "2"])
+def test_public_scan_rejects_bad_num_threads(n):
+    """A bool or a float is not a thread count (True and 1.5 used to run as 1 thread)."""
+    with pytest.raises(ValueError, match=r"num_threads must be an int >= 0"):
+        fastopd.bic_release(VALUES, np.array([0, 10]), num_threads=n)
