@@ -8,7 +8,8 @@ plain Python over one rollout at a time, in exactly the floating-point order tha
 two agree bit for bit.
 
 Sections:
-- 1. token statistics: :func:`token_stats`
+- 1. token statistics: :func:`token_stats`, and its public pieces :func:`logprobs`, :func:`reverse_kl`,
+  :func:`topk_candidates` (the hidden-state path's CPU backend, :mod:`fastopd.linear`, reuses the first two)
 - 2. segment means (the segmentation itself is in :mod:`fastopd.segment`): :func:`segment_means`
 - 3. release point: :func:`bic_release`
 - 4. weights: :func:`release_weights`, :func:`control_weights`
@@ -109,20 +110,20 @@ def _stats(
         valid=valid,
     )
     if full_kl:
-        stats.reverse_kl = torch.where(valid, _reverse_kl(ls, lt), zero)
+        stats.reverse_kl = torch.where(valid, reverse_kl(ls, lt), zero)
     if return_topk:
         ids = _candidate_ids(zs, cand, k)
         stats.topk_ids = torch.where(valid.unsqueeze(-1), ids, torch.full_like(ids, -1))  # -1: no candidate
     return stats
 
 
-def _reverse_kl(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+def reverse_kl(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
     """KL_t = sum_v p_S(v) (log p_S(v) - log p_T(v)); terms with p_S(v) = 0 contribute 0."""
     p = ls.exp()
     return torch.where(p > 0, p * (ls - lt), torch.zeros_like(p)).sum(-1)
 
 
-def _logprobs(logits: torch.Tensor, v: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def logprobs(logits: torch.Tensor, v: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, log softmax(z / tau)) over the first ``v`` columns, in the compute dtype."""
     z = logits[..., :v].to(_compute_dtype(logits))
     return z, torch.log_softmax(z / temperature, dim=-1)
@@ -151,8 +152,8 @@ def token_stats(
         k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
     )
     with torch.no_grad():
-        zs, ls = _logprobs(student_logits, v, temperature)
-        zt, lt = _logprobs(teacher_logits, v, temperature)
+        zs, ls = logprobs(student_logits, v, temperature)
+        zt, lt = logprobs(teacher_logits, v, temperature)
         return _stats(
             zs, zt, ls, lt, target_ids, target_ids != ignore_index,
             k=k, temperature=temperature, full_kl=full_kl, return_topk=return_topk,
@@ -439,9 +440,9 @@ def opd_loss(
     )
     check_loss_options(loss, weights, old_logprobs, target_ids)
     valid = target_ids != ignore_index
-    zs, ls = _logprobs(student_logits, v, temperature)
+    zs, ls = logprobs(student_logits, v, temperature)
     with torch.no_grad():
-        zt, lt = _logprobs(teacher_logits.detach(), v, temperature)
+        zt, lt = logprobs(teacher_logits.detach(), v, temperature)
         stats = _stats(
             zs.detach(), zt, ls.detach(), lt, target_ids, valid,
             k=k, temperature=temperature, full_kl=(loss == "reverse_kl"), return_topk=False,
@@ -453,5 +454,5 @@ def opd_loss(
         terms = per_token_loss("pg", valid, w, s=s, u=stats.teacher_logprobs, old_logprobs=old_logprobs)
         stats.advantages = terms.advantages
     else:
-        terms = per_token_loss("reverse_kl", valid, w, kl=_reverse_kl(ls, lt))
+        terms = per_token_loss("reverse_kl", valid, w, kl=reverse_kl(ls, lt))
     return reduce_loss(terms.per_token, stats, w, loss, normalizer)
