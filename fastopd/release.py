@@ -41,10 +41,25 @@ from fastopd.common import (
 )
 from fastopd.types import ReleaseResult, SegmentMeans
 
-_cpu = cpu_ops()
-control_weights = _cpu.control_weights
-release_weights = _cpu.release_weights
-segment_means = _cpu.segment_means
+
+# The segment means and the weights are the reference's functions (they run on the tensors' own device), looked
+# up through the CPU dispatch at each call, not bound at import: fastopd._dispatch.cpu_ops stays the one entry.
+def segment_means(values, segment_ids, valid) -> SegmentMeans:
+    """Per-rollout segment means x_j of a per-token value (docs/formulas.md §2): :func:`fastopd.reference.segment_means`."""
+    return cpu_ops().segment_means(values, segment_ids, valid)
+
+
+def release_weights(segment_ids, valid_mask, release_segment) -> torch.Tensor:
+    """Per-token weights of the rule (docs/formulas.md §4): :func:`fastopd.reference.release_weights`."""
+    return cpu_ops().release_weights(segment_ids, valid_mask, release_segment)
+
+
+def control_weights(kind: str, segment_ids, valid_mask, *, fraction: float = 0.5, generator=None,
+                    kept_fractions=None) -> torch.Tensor:
+    """The controls' per-token weights (docs/formulas.md §4): :func:`fastopd.reference.control_weights`."""
+    return cpu_ops().control_weights(kind, segment_ids, valid_mask, fraction=fraction, generator=generator,
+                                     kept_fractions=kept_fractions)
+
 
 __all__ = [
     "MODES", "ReleaseDecision", "ReleaseRule", "bic_release", "control_weights", "release_weights", "segment_means",

@@ -18,7 +18,11 @@ Use (one config line plus the plugin import; the tokenizer is the student's, for
 
 Options come from the environment (so that every Ray worker sees them) or :func:`configure`:
 ``FASTOPD_VERL_TOKENIZER`` (required), ``FASTOPD_VERL_K`` (student candidates K, default 16),
-``FASTOPD_VERL_MIN_GAIN`` (default 10), ``FASTOPD_VERL_MODE`` (``release`` or a control, default ``release``).
+``FASTOPD_VERL_MIN_GAIN`` (default 10), ``FASTOPD_VERL_MODE`` (``release`` or a control, default ``release``),
+``FASTOPD_VERL_SEED`` (default 0). Each process keeps one :class:`fastopd.ReleaseRule` for its options
+(:func:`release_rule`), seeded with ``seed``, so the ``random`` and ``shuffled`` controls draw the same cuts
+in two runs with the same seed (every worker starts from the same seed). Metrics are logged under
+``opd/`` (:data:`fastopd.integrations.METRIC_PREFIX`, as the TRL adapter's).
 Tokens whose margin is only a lower bound (fewer than two of the student's candidates in the teacher's
 top-k) enter the segment means with that bound; ``benchmarks/bench_sparse_margins.py`` measured this to
 agree with exact margins more often than leaving them out (table in ``docs/integrations.md``).
@@ -51,7 +55,9 @@ from typing import Any
 
 import torch
 
-from fastopd.release import MODES, ReleaseRule
+from fastopd.common import MODES
+from fastopd.integrations import METRIC_PREFIX
+from fastopd.release import ReleaseRule
 from fastopd.sparse import SparseMargins, sparse_margins
 
 LOSS_NAME = "fastopd_release"
@@ -60,8 +66,8 @@ EXACT_KEY = "fastopd_margin_exact"
 BASE_LOSS = "forward_kl_topk"
 
 __all__ = [
-    "LOSS_NAME", "MARGIN_KEY", "EXACT_KEY", "VerlReleaseOptions", "configure", "options", "margins_from_logits",
-    "release_weighted_losses", "fastopd_release_loss", "install_margin_hook", "register",
+    "LOSS_NAME", "MARGIN_KEY", "EXACT_KEY", "VerlReleaseOptions", "configure", "options", "release_rule",
+    "margins_from_logits", "release_weighted_losses", "fastopd_release_loss", "install_margin_hook", "register",
 ]
 
 
@@ -73,23 +79,28 @@ class VerlReleaseOptions:
     k: int = 16
     min_gain: float = 10.0
     mode: str = "release"
+    seed: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode (FASTOPD_VERL_MODE) must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.k, int) or self.k < 2:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 2:
             raise ValueError(f"k (FASTOPD_VERL_K) must be an int >= 2, got {self.k!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed (FASTOPD_VERL_SEED) must be an int >= 0, got {self.seed!r}")
 
 
 _OPTIONS: VerlReleaseOptions | None = None
 _TOKENIZERS: dict = {}
 _NAMES: set[str] = set()
+_RULE: tuple[tuple, ReleaseRule] | None = None  # this process's rule and the options it was built from
 
 
 def configure(**kwargs) -> VerlReleaseOptions:
     """Set this process's options (``tokenizer`` may be a path or a tokenizer object); returns them."""
-    global _OPTIONS
+    global _OPTIONS, _RULE
     _OPTIONS = VerlReleaseOptions(**kwargs)
+    _RULE = None  # the next loss starts a rule from the (new) seed
     return _OPTIONS
 
 
@@ -104,9 +115,23 @@ def options() -> VerlReleaseOptions:
             k=int(env.get("FASTOPD_VERL_K", "16")),
             min_gain=float(env.get("FASTOPD_VERL_MIN_GAIN", "10")),
             mode=env.get("FASTOPD_VERL_MODE", "release"),
+            seed=int(env.get("FASTOPD_VERL_SEED", "0")),
         )
     except ValueError as e:
         raise ValueError(f"bad FASTOPD_VERL_* environment variable: {e}") from e
+
+
+def release_rule(opts: VerlReleaseOptions | None = None) -> ReleaseRule:
+    """This process's :class:`fastopd.ReleaseRule` for ``opts`` (default :func:`options`), seeded with
+    ``opts.seed``; the same object on every call with the same mode, k, min_gain and seed, so the ``random``
+    and ``shuffled`` controls' generator advances from step to step as in one seeded run. New options (or
+    :func:`configure`) start a new rule from the seed."""
+    global _RULE
+    opts = options() if opts is None else opts
+    key = (opts.mode, opts.k, opts.min_gain, opts.seed)
+    if _RULE is None or _RULE[0] != key:
+        _RULE = (key, ReleaseRule(opts.mode, k=opts.k, min_gain=opts.min_gain, seed=opts.seed))
+    return _RULE[1]
 
 
 def _tokenizer(opts: VerlReleaseOptions):
@@ -156,13 +181,14 @@ def release_weighted_losses(
     seg = torch.where(valid, seg, torch.full_like(seg, -1))
     decision = rule.from_margins(margins.detach().float(), seg, valid)
     weights = decision.weights.to(device=per_token_losses.device, dtype=per_token_losses.dtype)
+    p = METRIC_PREFIX
     metrics = {
-        "fastopd/accept_rate": decision.metrics["accept_rate"],
-        "fastopd/kept_fraction": decision.metrics["kept_fraction"],
-        "fastopd/margin_mean": float(margins[valid].float().mean()) if valid.any() else 0.0,
+        f"{p}accept_rate": decision.metrics["accept_rate"],
+        f"{p}kept_fraction": decision.metrics["kept_fraction"],
+        f"{p}margin_mean": float(margins[valid].float().mean()) if valid.any() else 0.0,
     }
     if decision.metrics["gain_mean"] == decision.metrics["gain_mean"]:  # NaN when no rollout has a split
-        metrics["fastopd/gain_mean"] = decision.metrics["gain_mean"]
+        metrics[f"{p}gain_mean"] = decision.metrics["gain_mean"]
     return per_token_losses * weights, weights, metrics
 
 
@@ -196,14 +222,13 @@ def fastopd_release_loss(config, distillation_config, model_output: dict, data) 
         responses = responses.to_padded_tensor(0)
     width = losses.shape[1]
     responses, response_mask = responses[:, :width], response_mask[:, :width]
-    rule = ReleaseRule(opts.mode, k=opts.k, min_gain=opts.min_gain)
     weighted, _, rule_metrics = release_weighted_losses(
-        losses, margins, responses, response_mask, tokenizer=_tokenizer(opts), rule=rule,
+        losses, margins, responses, response_mask, tokenizer=_tokenizer(opts), rule=release_rule(opts),
     )
     metrics.update(rule_metrics)
     if EXACT_KEY in model_output:
         exact, valid = _padded(model_output[EXACT_KEY], data) > 0.5, response_mask.bool()
-        metrics["fastopd/margin_exact_fraction"] = float(exact[valid].float().mean()) if valid.any() else 0.0
+        metrics[f"{METRIC_PREFIX}margin_exact_fraction"] = float(exact[valid].float().mean()) if valid.any() else 0.0
     return weighted, metrics
 
 

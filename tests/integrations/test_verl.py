@@ -104,9 +104,56 @@ def test_loss_body_equals_fastopd_rule_on_full_logits(tok):
     assert expect.scan.accepted.all()  # the fixture fades: every rollout releases a suffix
     torch.testing.assert_close(weights, expect.weights)
     torch.testing.assert_close(weighted, per_token * expect.weights)
-    assert metrics["fastopd/accept_rate"] == 1.0
-    assert 0 < metrics["fastopd/kept_fraction"] < 1
-    assert metrics["fastopd/gain_mean"] > 10
+    assert metrics["opd/accept_rate"] == 1.0
+    assert 0 < metrics["opd/kept_fraction"] < 1
+    assert metrics["opd/gain_mean"] > 10
+
+
+@pytest.mark.parametrize("mode", ["random", "shuffled"])
+def test_seeded_rule_makes_the_controls_reproducible(tok, mode, monkeypatch):
+    """Two runs (two steps each) with the same seed give the same weights; another seed gives other weights.
+    Within a run the process keeps one rule, so its generator advances from step to step."""
+    import fastopd.integrations.verl as fv
+    from fastopd.integrations import completion_segments
+
+    ids = _responses(tok, n_sentences=(12, 9, 14, 11, 13, 10, 12, 8))
+    width = max(map(len, ids))
+    resp = torch.full((len(ids), width), tok.pad_token_id)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for b, r in enumerate(ids):
+        resp[b, : len(r)] = torch.tensor(r)
+        mask[b, : len(r)] = 1
+    seg = completion_segments(tok, resp, mask)
+    g = torch.Generator().manual_seed(0)
+    zs = torch.randn(len(ids), width, V, generator=g) * 2
+    zt = _fading_teacher(zs, seg, seg.amax(-1) + 1)
+    t_lp, t_ids = torch.topk(torch.log_softmax(zt, -1), 40, dim=-1)
+    margins = fv.margins_from_logits(zs, t_ids, t_lp, k=16).margins
+    per_token = torch.ones(len(ids), width)
+
+    def run(seed, env=False):
+        if env:  # the options as the Ray workers read them
+            monkeypatch.setattr(fv, "_OPTIONS", None)
+            monkeypatch.setenv("FASTOPD_VERL_MODE", mode)
+            monkeypatch.setenv("FASTOPD_VERL_SEED", str(seed))
+            monkeypatch.setattr(fv, "_RULE", None)  # a fresh process
+        else:
+            fv.configure(tokenizer=tok, mode=mode, seed=seed)
+        assert fv.release_rule() is fv.release_rule()  # one rule per process and options
+        return [fv.release_weighted_losses(per_token, margins, resp, mask, tokenizer=tok, rule=fv.release_rule())[1]
+                for _ in range(2)]
+
+    try:
+        first, again, env_run, other = run(3), run(3), run(3, env=True), run(4)
+    finally:
+        monkeypatch.setattr(fv, "_OPTIONS", None)
+        monkeypatch.setattr(fv, "_RULE", None)
+    for a, b, c in zip(first, again, env_run):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))  # the seed decides the draws
+    assert not torch.equal(first[0], first[1])  # the generator advances between steps of one run
+    with pytest.raises(ValueError, match="FASTOPD_VERL_SEED"):
+        fv.VerlReleaseOptions(seed=-1)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -217,9 +264,9 @@ def test_fastopd_release_through_verl(tok, use_policy_gradient):
         torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-6)
         # the plugin's accept rate is the rule's on the same rollouts (exact margins: teacher_k covers the top-16)
         assert decision.metrics["accept_rate"] > 0
-        assert metrics["fastopd/accept_rate"] == pytest.approx(decision.metrics["accept_rate"])
-        assert metrics["fastopd/margin_exact_fraction"] == 1.0
-        assert 0 < metrics["fastopd/kept_fraction"] < 1
+        assert metrics["opd/accept_rate"] == pytest.approx(decision.metrics["accept_rate"])
+        assert metrics["opd/margin_exact_fraction"] == 1.0
+        assert 0 < metrics["opd/kept_fraction"] < 1
     finally:
         fv._OPTIONS = None
 
