@@ -1,4 +1,5 @@
-// fastopd._C: the batched ragged profiled RSS-BIC scan of docs/formulas.md §3.
+// fastopd._C: the batched ragged profiled RSS-BIC scan of docs/formulas.md §3, and its online replay (§8,
+// online_scan, near the end of this file).
 //
 // For one series x_0..x_{n-1} (a rollout's segment means), with prefix sums S1, S2 of the centred series
 // d_i = x_i - c (c = sum(x) / n):
@@ -198,9 +199,19 @@ std::string shape_str(const py::array& a) {
   return s + ")";
 }
 
-py::tuple bic_scan(const py::object& values_obj, const py::object& offsets_obj, int64_t min_segments,
+// A validated ragged batch: contiguous float64 values and int64 offsets (B+1), and the longest series.
+struct Ragged {
+  py::array_t<double, py::array::c_style | py::array::forcecast> values;
+  py::array_t<int64_t, py::array::c_style | py::array::forcecast> offsets;
+  int64_t batch = 0;
+  int64_t max_n = 0;
+  int64_t total_n = 0;
+};
+
+// Validation shared by bic_scan and online_scan (defensive: the Python wrappers have already run
+// fastopd._validate.check_ragged and the option checks).
+Ragged load_ragged(const py::object& values_obj, const py::object& offsets_obj, int64_t min_segments,
                    double min_gain, int num_threads) {
-  // ---- validation (defensive: fastopd.bic_release has already run fastopd._validate.check_ragged) ----
   if (!py::isinstance<py::array>(values_obj)) {
     throw py::type_error("values must be a 1-D float64 numpy array, got " +
                          std::string(py::str(py::type::of(values_obj).attr("__name__"))));
@@ -232,29 +243,74 @@ py::tuple bic_scan(const py::object& values_obj, const py::object& offsets_obj, 
   if (num_threads < 0) {
     throw py::value_error("num_threads must be >= 0 (0: OpenMP's default), got " + std::to_string(num_threads));
   }
+  Ragged r;
   // Contiguous float64 / int64 views (no copy when the input already is).
-  const auto values = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(values_any);
-  const auto offsets = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(offsets_any);
-  if (!values || !offsets) throw py::error_already_set();
+  r.values = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(values_any);
+  r.offsets = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(offsets_any);
+  if (!r.values || !r.offsets) throw py::error_already_set();
 
-  const int64_t len = values.size();
-  const int64_t batch = offsets.size() - 1;
-  const double* x = values.data();
-  const int64_t* off = offsets.data();
-  if (off[0] < 0 || off[batch] > len) {
+  const int64_t len = r.values.size();
+  r.batch = r.offsets.size() - 1;
+  const int64_t* off = r.offsets.data();
+  if (off[0] < 0 || off[r.batch] > len) {
     throw py::value_error("offsets must lie in [0, len(values)=" + std::to_string(len) + "], got first " +
-                          std::to_string(off[0]) + " and last " + std::to_string(off[batch]));
+                          std::to_string(off[0]) + " and last " + std::to_string(off[r.batch]));
   }
-  int64_t max_n = 0;
-  for (int64_t b = 0; b < batch; ++b) {
+  for (int64_t b = 0; b < r.batch; ++b) {
     const int64_t n = off[b + 1] - off[b];
     if (n < 0) {
       throw py::value_error("offsets must be non-decreasing, but offsets[" + std::to_string(b + 1) +
                             "]=" + std::to_string(off[b + 1]) + " < offsets[" + std::to_string(b) +
                             "]=" + std::to_string(off[b]));
     }
-    if (n > max_n) max_n = n;
+    if (n > r.max_n) r.max_n = n;
   }
+  r.total_n = off[r.batch] - off[0];
+  return r;
+}
+
+// Runs body(b, scratch, idx) for every rollout b of the batch, the GIL released; in parallel over rollouts
+// (OpenMP, dynamic chunks) when the batch is large. Scratch for every thread and the shared table
+// idx[i] = double(i) are allocated before, with the GIL held (a failed allocation is a MemoryError).
+template <typename Body>
+void for_each_rollout(const Ragged& r, int num_threads, Body body) {
+  const int64_t batch = r.batch;
+  // Threads: at most one per rollout. Chunks of up to kChunk rollouts, smaller when there are few
+  // rollouts (a batch of a few long rollouts still spreads over the threads).
+  int64_t threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  if (threads > batch) threads = batch > 0 ? batch : 1;
+  const bool parallel =
+      threads > 1 && (batch >= kParallelMinRollouts || r.total_n >= kParallelMinValues);
+  int64_t chunk = batch / (8 * threads);
+  chunk = chunk < 1 ? 1 : (chunk > kChunk ? kChunk : chunk);
+
+  std::vector<double> idx(static_cast<size_t>(r.max_n) + 1);
+  for (int64_t i = 0; i <= r.max_n; ++i) idx[i] = static_cast<double>(i);
+  std::vector<Scratch> scratch;
+  scratch.reserve(parallel ? threads : 1);
+  for (int64_t t = 0; t < (parallel ? threads : 1); ++t) scratch.emplace_back(r.max_n);
+
+  py::gil_scoped_release nogil;
+  if (!parallel) {
+    Scratch& sc = scratch[0];
+    for (int64_t b = 0; b < batch; ++b) body(b, sc, idx.data());
+  } else {
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    {
+      Scratch& sc = scratch[omp_get_thread_num()];  // the team has at most `threads` threads
+#pragma omp for schedule(dynamic, chunk)
+      for (int64_t b = 0; b < batch; ++b) body(b, sc, idx.data());
+    }
+  }
+}
+
+py::tuple bic_scan(const py::object& values_obj, const py::object& offsets_obj, int64_t min_segments,
+                   double min_gain, int num_threads) {
+  const Ragged r = load_ragged(values_obj, offsets_obj, min_segments, min_gain, num_threads);
+  const int64_t batch = r.batch;
+  const double* x = r.values.data();
+  const int64_t* off = r.offsets.data();
+  const int64_t m = min_segments;
 
   py::array_t<int64_t> release_arr(batch);
   py::array_t<double> gain_arr(batch);
@@ -263,49 +319,85 @@ py::tuple bic_scan(const py::object& values_obj, const py::object& offsets_obj, 
   double* gain = gain_arr.mutable_data();
   bool* accepted = accepted_arr.mutable_data();
 
-  const int64_t total_n = off[batch] - off[0];
-  // Threads: at most one per rollout. Chunks of up to kChunk rollouts, smaller when there are few
-  // rollouts (a batch of a few long rollouts still spreads over the threads).
-  int64_t threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-  if (threads > batch) threads = batch > 0 ? batch : 1;
-  const bool parallel =
-      threads > 1 && (batch >= kParallelMinRollouts || total_n >= kParallelMinValues);
-  int64_t chunk = batch / (8 * threads);
-  chunk = chunk < 1 ? 1 : (chunk > kChunk ? kChunk : chunk);
-  const int64_t m = min_segments;
+  for_each_rollout(r, num_threads, [&](int64_t b, Scratch& sc, const double* idx) {
+    const ScanResult s = scan_one(x + off[b], off[b + 1] - off[b], m, min_gain, idx, sc);
+    release[b] = s.release;
+    gain[b] = s.gain;
+    accepted[b] = s.accepted;
+  });
+  return py::make_tuple(release_arr, gain_arr, accepted_arr);
+}
 
-  // Scratch for every thread and the shared table idx[i] = double(i), allocated with the GIL held.
-  std::vector<double> idx(static_cast<size_t>(max_n) + 1);
-  for (int64_t i = 0; i <= max_n; ++i) idx[i] = static_cast<double>(i);
-  std::vector<Scratch> scratch;
-  scratch.reserve(parallel ? threads : 1);
-  for (int64_t t = 0; t < (parallel ? threads : 1); ++t) scratch.emplace_back(max_n);
+// ---- online release (docs/formulas.md §8): the online rule replayed on a logged series ----
+//
+// After each new segment n' (1 <= n' <= n), the scan of §3 on the prefix x[0..n'); stop at the first n' where it
+// is accepted with release r and n' - r >= c. A prefix can only stop when n' >= m + c (r >= m), so the scans of
+// shorter prefixes are skipped (they cannot stop, whatever their result), and prefixes that hold a non-finite
+// value are not scanned (their scan gives NaN, never accepted). Each prefix scan is scan_one on x[0..n'), the
+// very function bic_scan runs, so every decision is bit for bit fastopd.reference.online_release's (which runs
+// _scan_one on every prefix). Without a stop: the scan of the whole series (bic_scan's result). O(n^2) per series
+// in the worst case (each prefix re-centres its series, so its prefix sums are recomputed: see docs/formulas.md
+// §8 for why this is kept exact rather than incremental); segment series are short (tens to hundreds).
+struct OnlineResult {
+  int64_t stop;
+  ScanResult scan;
+  bool stopped;
+};
 
-  {
-    py::gil_scoped_release nogil;
-    if (!parallel) {
-      Scratch& sc = scratch[0];
-      for (int64_t b = 0; b < batch; ++b) {
-        const ScanResult r = scan_one(x + off[b], off[b + 1] - off[b], m, min_gain, idx.data(), sc);
-        release[b] = r.release;
-        gain[b] = r.gain;
-        accepted[b] = r.accepted;
-      }
-    } else {
-#pragma omp parallel num_threads(static_cast<int>(threads))
-      {
-        Scratch& sc = scratch[omp_get_thread_num()];  // the team has at most `threads` threads
-#pragma omp for schedule(dynamic, chunk)
-        for (int64_t b = 0; b < batch; ++b) {
-          const ScanResult r = scan_one(x + off[b], off[b + 1] - off[b], m, min_gain, idx.data(), sc);
-          release[b] = r.release;
-          gain[b] = r.gain;
-          accepted[b] = r.accepted;
-        }
-      }
+inline OnlineResult online_one(const double* x, int64_t n, int64_t m, int64_t c, double min_gain, const double* idx,
+                               Scratch& sc) {
+  // prefixes x[0..n') with n' < first_bad are finite
+  int64_t first_bad = n;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(x[i])) {
+      first_bad = i;
+      break;
     }
   }
-  return py::make_tuple(release_arr, gain_arr, accepted_arr);
+  if (c <= n - m) {  // n' = m + c <= n, written so that m + c cannot overflow
+    const int64_t last = first_bad < n ? first_bad : n;
+    for (int64_t np = m + c; np <= last; ++np) {
+      const ScanResult s = scan_one(x, np, m, min_gain, idx, sc);
+      if (s.accepted && np - s.release >= c) return {np, s, true};
+      if (np == n) return {n, s, false};  // the whole series' scan, already done
+    }
+  }
+  return {n, scan_one(x, n, m, min_gain, idx, sc), false};
+}
+
+py::tuple online_scan(const py::object& values_obj, const py::object& offsets_obj, int64_t min_segments,
+                      double min_gain, int64_t confirm_segments, int num_threads) {
+  const Ragged r = load_ragged(values_obj, offsets_obj, min_segments, min_gain, num_threads);
+  if (confirm_segments < min_segments) {
+    throw py::value_error("confirm_segments must be >= min_segments=" + std::to_string(min_segments) + ", got " +
+                          std::to_string(confirm_segments));
+  }
+  const int64_t batch = r.batch;
+  const double* x = r.values.data();
+  const int64_t* off = r.offsets.data();
+  const int64_t m = min_segments;
+  const int64_t c = confirm_segments;
+
+  py::array_t<int64_t> stop_arr(batch);
+  py::array_t<int64_t> release_arr(batch);
+  py::array_t<double> gain_arr(batch);
+  py::array_t<bool> accepted_arr(batch);
+  py::array_t<bool> stopped_arr(batch);
+  int64_t* stop = stop_arr.mutable_data();
+  int64_t* release = release_arr.mutable_data();
+  double* gain = gain_arr.mutable_data();
+  bool* accepted = accepted_arr.mutable_data();
+  bool* stopped = stopped_arr.mutable_data();
+
+  for_each_rollout(r, num_threads, [&](int64_t b, Scratch& sc, const double* idx) {
+    const OnlineResult o = online_one(x + off[b], off[b + 1] - off[b], m, c, min_gain, idx, sc);
+    stop[b] = o.stop;
+    release[b] = o.scan.release;
+    gain[b] = o.scan.gain;
+    accepted[b] = o.scan.accepted;
+    stopped[b] = o.stopped;
+  });
+  return py::make_tuple(stop_arr, release_arr, gain_arr, accepted_arr, stopped_arr);
 }
 
 }  // namespace
@@ -315,8 +407,9 @@ PYBIND11_MODULE(_C, mod) {
   options.disable_function_signatures();  // the docstring below starts with the signature
   mod.doc() =
       "fastopd._C: the batched ragged profiled RSS-BIC scan (docs/formulas.md §3), bit for bit "
-      "fastopd.reference.bic_release. Use fastopd.bic_release, which validates its arguments and wraps "
-      "the result in a ReleaseResult.";
+      "fastopd.reference.bic_release, and its online replay (§8), bit for bit fastopd.reference.online_release. "
+      "Use fastopd.bic_release / fastopd.online_release, which validate their arguments and wrap the results "
+      "in a ReleaseResult / OnlineReleaseResult.";
   mod.def("bic_scan", &bic_scan, py::arg("values"), py::arg("offsets"), py::arg("min_segments"),
           py::arg("min_gain"), py::arg("num_threads") = 0,
           R"doc(bic_scan(values, offsets, min_segments, min_gain, num_threads=0) -> (release, gain, accepted)
@@ -348,5 +441,27 @@ Raises:
     TypeError: values not a float array, offsets not an integer array.
     ValueError: wrong shapes, offsets decreasing or out of range, min_segments < 1, NaN min_gain,
         num_threads < 0.
+)doc");
+  mod.def("online_scan", &online_scan, py::arg("values"), py::arg("offsets"), py::arg("min_segments"),
+          py::arg("min_gain"), py::arg("confirm_segments"), py::arg("num_threads") = 0,
+          R"doc(online_scan(values, offsets, min_segments, min_gain, confirm_segments, num_threads=0) -> (stop, release, gain, accepted, stopped)
+
+The online release rule (docs/formulas.md §8) replayed on every rollout of a ragged batch of segment means.
+
+For each series x = values[offsets[b]:offsets[b+1]] of length n and each prefix length n' = 1..n, the scan of
+bic_scan on x[:n']; the rollout stops at the first n' whose scan is accepted with release r and n' - r >= c
+(c = confirm_segments >= min_segments): stop = n', (release, gain, accepted) that prefix's scan, stopped = True.
+Otherwise stop = n and (release, gain, accepted) are bic_scan's on the whole series. Bit for bit
+fastopd.reference.online_release. O(n^2) per series at worst; GIL released; parallel like bic_scan.
+
+Args:
+    values, offsets, min_segments, min_gain, num_threads: as in bic_scan.
+    confirm_segments: c >= min_segments, the fewest segments from the release index to the stop.
+
+Returns:
+    (stop int64 (B,), release int64 (B,), gain float64 (B,), accepted bool (B,), stopped bool (B,)).
+
+Raises:
+    TypeError, ValueError: as bic_scan; confirm_segments < min_segments.
 )doc");
 }

@@ -7,6 +7,8 @@ Public API (formulas in docs/formulas.md; the oracle of each is in :mod:`fastopd
   segments per token (section 2)
 - :func:`segment_means`      per-rollout segment means, ragged, ready for the scan (section 2)
 - :func:`bic_release`        profiled RSS-BIC release point, C++ (section 3)
+- :func:`online_release`, :class:`OnlineRelease`   the online rule (stop a rollout at its release point while it
+  is sampled; docs/formulas.md §8): batched replay on logged series (C++) and the per-rollout object
 - :func:`release_weights`, :func:`control_weights`   per-token weights (section 4)
 - :func:`opd_loss`, :class:`OPDLoss`   the loss with its gradient (section 5)
 - :func:`linear_token_stats`, :func:`linear_opd_loss`, ``OPDLoss.linear``   the same from final hidden states
@@ -18,6 +20,7 @@ Public API (formulas in docs/formulas.md; the oracle of each is in :mod:`fastopd
 from fastopd.head import LMHead
 from fastopd.linear import linear_opd_loss, linear_token_stats
 from fastopd.loss import OPDLoss, opd_loss
+from fastopd.online import OnlineRelease, online_release
 from fastopd.release import (
     MODES,
     ReleaseDecision,
@@ -29,7 +32,7 @@ from fastopd.release import (
 )
 from fastopd.sparse import SparseMargins, sparse_margins
 from fastopd.stats import token_stats
-from fastopd.types import OPDOutput, ReleaseResult, SegmentMeans, TokenStats
+from fastopd.types import OnlineReleaseResult, OPDOutput, ReleaseResult, SegmentMeans, TokenStats
 
 __version__ = "0.1.0"
 
@@ -47,5 +50,5 @@ __all__ = [
     "LMHead", "MODES", "OPDLoss", "OPDOutput", "ReleaseDecision", "ReleaseResult", "ReleaseRule", "SegmentMeans",
     "SparseMargins", "TokenStats", "bic_release", "control_weights", "linear_opd_loss", "linear_token_stats",
     "opd_loss", "release_weights", "segment_means", "sentence_spans", "sparse_margins", "token_segments",
-    "batch_token_segments", "token_stats",
+    "batch_token_segments", "token_stats", "OnlineRelease", "OnlineReleaseResult", "online_release",
 ]

@@ -230,6 +230,19 @@ def check_scan_options(min_segments, min_gain) -> None:
         raise ValueError(f"min_gain must be a number (not NaN), got {min_gain!r}")
 
 
+
+def check_confirm_segments(confirm_segments, min_segments) -> None:
+    """c of the online rule (docs/formulas.md §8): an int >= ``min_segments`` (not a bool). A value larger than
+    every series disables the stop (the online rule is then the offline one)."""
+    if not is_int(confirm_segments):
+        raise TypeError(f"confirm_segments must be an int, got {type(confirm_segments).__name__}")
+    if confirm_segments < min_segments:
+        raise ValueError(
+            f"confirm_segments must be >= min_segments={min_segments} (a stop needs at least min_segments segments "
+            f"after the release point), got confirm_segments={confirm_segments}"
+        )
+
+
 def check_fraction(fraction) -> None:
     """Validate the kept fraction of the ``fixed_prefix`` control (docs/formulas.md §4): a number in (0, 1]."""
     if not is_real(fraction) or not 0 < fraction <= 1:

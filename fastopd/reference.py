@@ -11,7 +11,7 @@ Sections:
 - 1. token statistics: :func:`token_stats`, and its public pieces :func:`logprobs`, :func:`reverse_kl`,
   :func:`topk_candidates` (the hidden-state path's CPU backend, :mod:`fastopd.linear`, reuses the first two)
 - 2. segment means (the segmentation itself is in :mod:`fastopd.segment`): :func:`segment_means`
-- 3. release point: :func:`bic_release`
+- 3. release point: :func:`bic_release`; online release (§8): :func:`online_release`
 - 4. weights: :func:`release_weights`, :func:`control_weights`
 - 5. loss: :func:`opd_loss`
 """
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fastopd._validate import (
+    check_confirm_segments,
     check_fraction,
     check_ragged,
     check_scan_options,
@@ -40,7 +41,7 @@ from fastopd.common import (  # noqa: F401  (LOSSES, CONTROLS, reduce_loss, ... 
     series_from_sums,
     weight_mask,
 )
-from fastopd.types import OPDOutput, ReleaseResult, SegmentMeans, TokenStats
+from fastopd.types import OnlineReleaseResult, OPDOutput, ReleaseResult, SegmentMeans, TokenStats
 
 BIC_EPS = 1e-12
 
@@ -280,6 +281,38 @@ def bic_release(values, offsets, *, min_segments: int = 2, min_gain: float = 10.
         x = vals[offs[i]:offs[i + 1]].tolist()
         release[i], gain[i], accepted[i] = _scan_one(x, int(min_segments), float(min_gain))
     return ReleaseResult(release, gain, accepted)
+
+
+def online_release(values, offsets, *, min_segments: int = 2, min_gain: float = 10.0,
+                   confirm_segments: int = 2) -> OnlineReleaseResult:
+    """The online release rule (docs/formulas.md §8) replayed on logged series, by brute force.
+
+    For each rollout and each prefix length n' = 1..n of its series, the scan of §3 on the first n' entries
+    (:func:`_scan_one`, nothing skipped); the rollout stops at the first n' whose scan is accepted with release
+    index r and n' - r >= ``confirm_segments``. A rollout that never stops gets the scan of its whole series.
+
+    Returns:
+        :class:`OnlineReleaseResult` (stop_index n' or n, release_index, gain, accepted, stopped).
+    """
+    check_scan_options(min_segments, min_gain)
+    check_confirm_segments(confirm_segments, min_segments)
+    vals, offs = check_ragged(values, offsets)
+    b = len(offs) - 1
+    stop = np.empty(b, dtype=np.int64)
+    release = np.empty(b, dtype=np.int64)
+    gain = np.empty(b, dtype=np.float64)
+    accepted = np.empty(b, dtype=bool)
+    stopped = np.zeros(b, dtype=bool)
+    m, g, c = int(min_segments), float(min_gain), int(confirm_segments)
+    for i in range(b):
+        x = vals[offs[i]:offs[i + 1]].tolist()
+        stop[i], (release[i], gain[i], accepted[i]) = len(x), _scan_one(x, m, g)
+        for n_prefix in range(1, len(x) + 1):
+            r, gn, acc = _scan_one(x[:n_prefix], m, g)
+            if acc and n_prefix - r >= c:
+                stop[i], release[i], gain[i], accepted[i], stopped[i] = n_prefix, r, gn, acc, True
+                break
+    return OnlineReleaseResult(release, gain, accepted, stop, stopped)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Two public steps:
 * :func:`sentence_spans` splits a text into NLTK Punkt English sentences, then at every newline.
 * :func:`token_segments` decodes a completion's token ids to text, splits it with :func:`sentence_spans`
   and gives every token the id of the segment its *anchor* character falls in (the docs/formulas.md §2
-  rule). :func:`batch_token_segments` does a padded batch. The decoding and the token -> character map
+  rule). :func:`batch_token_segments` does a padded batch. :func:`segments_so_far` segments a completion
+  that is still being sampled and says which segments are final (:func:`final_span_count`, docs/formulas.md
+  §8: the online rule). The decoding and the token -> character map
   (an emulation of the tokenizer's decoder) are in :mod:`fastopd.token_chars`.
 
 Decisions made here where docs/formulas.md §2 is silent (keep docs/ in sync with this list):
@@ -33,6 +35,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,8 +44,11 @@ from fastopd.token_chars import decode_with_anchors
 __all__ = [
     "EXTRA_ABBREVIATIONS",
     "PunktFallbackWarning",
+    "SegmentsSoFar",
     "batch_token_segments",
     "decode_with_anchors",
+    "final_span_count",
+    "segments_so_far",
     "sentence_spans",
     "token_segments",
 ]
@@ -139,19 +145,27 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _segments_from_anchors(text: str, anchors: np.ndarray) -> np.ndarray:
-    starts = np.fromiter((s for s, _ in sentence_spans(text)), dtype=np.int64)
+def _span_of_tokens(spans: list[tuple[int, int]], anchors: np.ndarray) -> np.ndarray:
+    """Index of the span each token falls in (non-decreasing), before empty spans are dropped."""
+    starts = np.fromiter((s for s, _ in spans), dtype=np.int64, count=len(spans))
     raw = np.searchsorted(starts, anchors, side="right") - 1
     raw = np.maximum(raw, 0)
     # zero-byte tokens (anchor -1) take the previous token's segment, or 0
     has = anchors >= 0
     last = np.maximum.accumulate(np.where(has, np.arange(anchors.size), -1))
-    raw = np.where(last >= 0, raw[np.maximum(last, 0)], 0)
-    # drop segments that got no token and renumber 0..n-1 (raw is non-decreasing)
+    return np.where(last >= 0, raw[np.maximum(last, 0)], 0)
+
+
+def _dense_ids(raw: np.ndarray) -> np.ndarray:
+    """Drop segments that got no token and renumber 0..n-1 (``raw`` is non-decreasing)."""
     dense = np.zeros(raw.size, dtype=np.int64)
     if raw.size > 1:
         np.cumsum(raw[1:] != raw[:-1], out=dense[1:])
     return dense
+
+
+def _segments_from_anchors(text: str, anchors: np.ndarray) -> np.ndarray:
+    return _dense_ids(_span_of_tokens(sentence_spans(text), anchors))
 
 
 def token_segments(tokenizer, token_ids) -> np.ndarray:
@@ -181,6 +195,99 @@ def token_segments(tokenizer, token_ids) -> np.ndarray:
     if anchors.size == 0:
         return np.zeros(0, dtype=np.int64)
     return _segments_from_anchors(text, anchors)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Incremental segmentation: which segments of a growing completion are final (docs/formulas.md §8)
+# ----------------------------------------------------------------------------------------------------------
+
+_REPLACEMENT = "\ufffd"
+_SPACE = re.compile(r"\s")  # whitespace as Punkt's regular expressions see it (= str.isspace)
+_SOLID = re.compile(r"\S")
+_ASCII_SPACE = re.compile(r"[ \t\n\r\x0b\x0c]")  # string.whitespace: Punkt's word boundary for overlapping matches
+
+
+def final_span_count(text: str, spans: list[tuple[int, int]] | None = None) -> int:
+    """How many leading spans of ``sentence_spans(text)`` no continuation of ``text`` can change
+    (docs/formulas.md §8).
+
+    ``text`` is a prefix of a text that is still growing (a completion being sampled). Let T* be ``text``
+    without its trailing run of U+FFFD (an incomplete multi-byte character, which the next token may complete
+    into any character, whitespace included). Span j (ending at e) is final when span j+1 exists, starts inside
+    T*, and either (a) a newline lies between the two, or (b) after e, T* holds an ASCII whitespace character
+    p, then a non-whitespace character q > p, then a whitespace character r > q. Only a prefix of the spans
+    counts (span j is final only if every span before it is), and the count never decreases as the text grows.
+
+    Why: Punkt decides a candidate break (a '.', '?' or '!') from the word before it and the
+    whitespace-delimited token after it (complete in (b): it ends at r at the latest), and drops a candidate
+    when a later one starts in the same ASCII-whitespace-delimited word -- every candidate of that word exists
+    in (b), since each is followed by punctuation or by whitespace and the character q; the boundary
+    realignment reads the closing quotes or brackets at the next sentence's start and the whitespace after
+    them, also before r. A newline splits whatever Punkt decides (a), and span j+1's start closes segment j's
+    tokens (a later whitespace-only token would join segment j).
+
+    Args:
+        text: the text so far.
+        spans: ``sentence_spans(text)`` if already computed.
+    """
+    if spans is None:
+        spans = sentence_spans(text)
+    stable = len(text.rstrip(_REPLACEMENT)) if text.endswith(_REPLACEMENT) else len(text)
+    final = 0
+    for j in range(len(spans) - 1):
+        end, start_next = spans[j][1], spans[j + 1][0]
+        if start_next >= stable:
+            break
+        if "\n" not in text[end:start_next]:
+            p = _ASCII_SPACE.search(text, end, stable)
+            q = _SOLID.search(text, p.end(), stable) if p else None
+            r = _SPACE.search(text, q.end(), stable) if q else None
+            if r is None:
+                break
+        final = j + 1
+    return final
+
+
+class SegmentsSoFar(NamedTuple):
+    """The segments of a completion that is still being sampled (:func:`segments_so_far`).
+
+    Attributes:
+        segment_ids: int64 (L,) the segment of every token so far, ``token_segments`` of the ids so far.
+        final_tokens: the leading tokens whose segment is final: ``segment_ids[:final_tokens]`` equal the
+            segment ids of those tokens in the finished completion, whatever is sampled next.
+        final_segments: the number of final segments (ids 0..final_segments-1; every token of each is among
+            the first ``final_tokens``).
+    """
+
+    segment_ids: np.ndarray
+    final_tokens: int
+    final_segments: int
+
+
+def segments_so_far(tokenizer, token_ids, *, complete: bool = False) -> SegmentsSoFar:
+    """Segment ids of a growing completion and which of them are final (docs/formulas.md §8).
+
+    The ids so far are decoded and segmented exactly as :func:`token_segments` does (§2); the first
+    :func:`final_span_count` spans are final, and so are the tokens that fall in them. With ``complete=True``
+    (the completion ended: EOS, the length limit, or an online stop) every segment is final. The text is
+    re-segmented whole at each call (O(L), Punkt's decisions are local but slicing the text would change
+    them): call it once per chunk of tokens, not per token.
+
+    Requires a decoding in which the text of a prefix of the ids is a prefix of the text of all of them, up
+    to an incomplete trailing character: true of the byte-level BPE and SentencePiece families of
+    :mod:`fastopd.token_chars` (the generic family decodes through the tokenizer and is not checked).
+    """
+    text, anchors = decode_with_anchors(tokenizer, token_ids)
+    if anchors.size == 0:
+        return SegmentsSoFar(np.zeros(0, dtype=np.int64), 0, 0)
+    spans = sentence_spans(text)
+    raw = _span_of_tokens(spans, anchors)
+    dense = _dense_ids(raw)
+    if complete:
+        return SegmentsSoFar(dense, int(dense.size), int(dense[-1]) + 1)
+    final_tokens = int(np.searchsorted(raw, final_span_count(text, spans), side="left"))
+    final_segments = int(dense[final_tokens - 1]) + 1 if final_tokens else 0
+    return SegmentsSoFar(dense, final_tokens, final_segments)
 
 
 def batch_token_segments(tokenizer, batch_token_ids, valid_lengths=None, pad_value: int = -1) -> np.ndarray:

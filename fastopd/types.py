@@ -56,6 +56,26 @@ class ReleaseResult:
         return len(self.release_index)
 
 
+
+@dataclass
+class OnlineReleaseResult(ReleaseResult):
+    """Outcome of the online release rule (docs/formulas.md §8) replayed on logged series, one entry per rollout.
+
+    A :class:`ReleaseResult` (so :func:`fastopd.common.release_segment_ids` takes it) plus where the rollout
+    stopped. For a rollout that stopped, ``release_index``, ``gain`` and ``accepted`` are the scan of its series'
+    first ``stop_index`` entries (``accepted`` is then True); for one that did not, the scan of its whole series,
+    exactly :func:`fastopd.bic_release`'s.
+
+    Attributes:
+        stop_index: int64; n' = the number of segments consumed when the rule stopped the rollout (it ends after
+            entry ``stop_index - 1``); n, the series length, if it did not stop.
+        stopped: bool; the rule stopped the rollout (``stop_index - release_index >= confirm_segments``).
+    """
+
+    stop_index: np.ndarray
+    stopped: np.ndarray
+
+
 class SegmentMeans(NamedTuple):
     """Ragged per-rollout series of segment means, ready for :func:`fastopd.bic_release`.
 

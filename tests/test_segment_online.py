@@ -1,0 +1,124 @@
+"""Incremental segmentation (docs/formulas.md §8): the segments of a growing completion that are declared final
+never change. For every prefix of a text (character by character) and of a completion's ids (token by token),
+every finalised sentence -- its span, and the segment id of each of its tokens -- equals what segmenting the
+final text gives; the number of final segments never decreases; a complete completion is token_segments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastopd.segment import final_span_count, segments_so_far, sentence_spans, token_segments
+
+# the tokenizer fixtures of the offline tests (byte-level BPE, two SentencePiece styles)
+from test_segment import FRAGMENTS, SEPARATORS, any_tok, byte_bpe, sp_llama, sp_metaspace  # noqa: F401
+
+# pieces that exercise Punkt's context rules: abbreviations and initials, the word after a period (its case,
+# whether it is complete), punctuation right after a period, closing quotes and brackets moved back by the
+# boundary realignment, runs of ! and ?, ellipses, numbers, newlines and unusual whitespace
+TRICKY = [
+    "Dr.", "Mr.", "e.g.", "i.e.", "U.S.", "etc.", "A.", "J.", "3.", "3.5", "No.", "vs.", "the", "The", "Then",
+    "then", "it", "It", "end.", "end.\"", "end.)", "end.'", "(Then", ")", "\"", "'", "]", "}", "!!!", "?!", "...",
+    "?", "!", ".", "--", "a.m.", "Smith", "x", "Wait", "OK.", "yes.\"", "é.", "über.", "😀.", "中文。",
+]
+SEPS = [" ", " ", " ", "  ", "\n", "\n\n", " \n", "\t", "\xa0", "\u3000", ""]
+
+
+def check_text(text: str) -> None:
+    """Every prefix's final spans are the final text's; their count never decreases."""
+    full = sentence_spans(text)
+    prev = 0
+    for i in range(len(text) + 1):
+        prefix = text[:i]
+        spans = sentence_spans(prefix)
+        q = final_span_count(prefix, spans)
+        assert q >= prev, (prefix, q, prev)
+        assert spans[:q] == full[:q], (prefix, spans[:q], full[:q])
+        prev = q
+
+
+def random_text(rng: np.random.Generator, pieces: list[str], n: int) -> str:
+    out = []
+    for _ in range(n):
+        out.append(pieces[rng.integers(len(pieces))])
+        out.append(SEPS[rng.integers(len(SEPS))])
+    return "".join(out)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_final_spans_never_change_random_texts(seed):
+    rng = np.random.default_rng(seed)
+    check_text(random_text(rng, TRICKY + FRAGMENTS, int(rng.integers(3, 14))))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(TRICKY + FRAGMENTS), st.sampled_from(SEPS)), min_size=1, max_size=10))
+def test_final_spans_never_change_hypothesis(parts):
+    check_text("".join(a + b for a, b in parts))
+
+
+@pytest.mark.parametrize("text,prefix_len,final", [
+    ("Hello world. Th", None, 0),            # the word after the period is not complete
+    ("Hello world. The cat", None, 1),       # it is: the break is decided
+    ("Dr. Smith went", None, 0),             # one sentence so far
+    ("A.\nB", None, 1),                      # a newline splits whatever Punkt decides
+    ("A.\n\ufffd", None, 0),                 # ... but the next span must start with a complete character
+    ("A.\n", None, 0),                       # no next span: whitespace tokens may still join segment 0
+    ("One. Two. Three. Fo", None, 2),
+])
+def test_final_span_count_cases(text, prefix_len, final):
+    assert final_span_count(text) == final
+
+
+def test_final_spans_progress_on_a_long_text():
+    """The rule is not vacuous: on ordinary prose almost every sentence becomes final before the text ends."""
+    text = " ".join(f"Sentence number {i} is here." for i in range(30)) + " Last one"
+    assert final_span_count(text) == 30
+    assert final_span_count(text[:text.index("number 7")]) == 7  # "Sentence " is a complete word
+    assert final_span_count(text[:text.index("number 7") - 1]) == 6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# token level: segments_so_far on every prefix of the ids
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_ids(tok, ids: list[int]) -> None:
+    want = token_segments(tok, ids)
+    prev_tokens = prev_segments = 0
+    for k in range(len(ids) + 1):
+        got = segments_so_far(tok, ids[:k])
+        np.testing.assert_array_equal(got.segment_ids, token_segments(tok, ids[:k]))
+        f = got.final_tokens
+        assert f >= prev_tokens and got.final_segments >= prev_segments, (k, f, prev_tokens)
+        np.testing.assert_array_equal(got.segment_ids[:f], want[:f], err_msg=f"prefix {k}")
+        # the final segments are whole: every token of segment < final_segments is among the first f
+        assert got.final_segments == (int(want[f - 1]) + 1 if f else 0)
+        assert np.all(want[f:] >= got.final_segments)
+        prev_tokens, prev_segments = f, got.final_segments
+    done = segments_so_far(tok, ids, complete=True)
+    np.testing.assert_array_equal(done.segment_ids, want)
+    assert done.final_tokens == len(ids) and done.final_segments == (int(want[-1]) + 1 if len(ids) else 0)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.tuples(st.sampled_from(TRICKY + FRAGMENTS), st.sampled_from(SEPS)), min_size=1,
+                      max_size=8), eos=st.booleans())
+def test_segments_so_far_final_tokens_never_change(any_tok, parts, eos):
+    ids = any_tok("".join(a + b for a, b in parts), add_special_tokens=False)["input_ids"]
+    if eos and any_tok.eos_token_id is not None:
+        ids = ids + [any_tok.eos_token_id]
+    check_ids(any_tok, ids)
+
+
+def test_segments_so_far_split_multibyte_whitespace(byte_bpe):
+    """A no-break space split over two byte tokens: while only its first byte is there the text ends in U+FFFD,
+    which must not start a final span (the character turns out to be whitespace)."""
+    text = "First one.\n\xa0Second one. Third\xa0one is here.\u3000Fourth. Fifth"
+    ids = byte_bpe(text, add_special_tokens=False)["input_ids"]
+    assert any(byte_bpe.decode(ids[:k]).endswith("\ufffd") for k in range(len(ids)))  # the case is exercised
+    check_ids(byte_bpe, ids)
+    assert segments_so_far(byte_bpe, ids).final_segments == 2  # "Fourth." waits for the word after "Fifth"
