@@ -25,9 +25,9 @@ keeps the teacher's feedback only on the prefix of each answer where it is still
 
 EPILOG = """\
 start here:
-  fastopd demo --quick          90-second CPU demo on the shipped tiny models (no download)
-  fastopd demo                  the full demo (about 6 minutes on 2 CPU cores)
-  fastopd study                 release vs full / fixed_prefix / random / shuffled, 3 seeds each
+  fastopd demo --quick          the short CPU demo on the shipped tiny models (no download)
+  fastopd demo                  the full demo
+  fastopd study                 the release rule against every control, over several seeds
   fastopd example               watch the release rule decide on one rollout
   fastopd train --config configs/demo_release.yaml
                                 train from a YAML config; any field can be overridden by a flag
@@ -190,29 +190,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastopd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    from fastopd.demo import long_task, task
+    from fastopd.demo.demo import COMMON, DEFAULT_THREADS, SCHEDULES
+
+    def per_schedule(key: str) -> str:  # "arithmetic 200 (quick 60), long 50 (quick 15)", read from SCHEDULES
+        def text(name: str, s: dict) -> str:
+            full, quick = (format(s[kind].get(key, COMMON.get(key)), "g") for kind in ("full", "quick"))
+            return f"{name} {full}" + ("" if quick == full else f" (quick {quick})")
+
+        return ", ".join(text(name, s) for name, s in SCHEDULES.items())
+
     p = sub.add_parser("demo", help="CPU demo: OPD with and without the release rule on the shipped tiny models",
-                       description="Runs OPD twice from the same tiny student and seed -- every token supervised "
-                       "(full) and the release rule -- and prints teacher/student accuracy, tokens supervised and "
-                       "time per step; writes table.md, table.json and PNG plots to --out. No download.")
-    p.add_argument("--quick", action="store_true", help="short schedule (about 90 s on 2 CPU cores)")
-    p.add_argument("--task", choices=("long", "arithmetic"), default="long",
-                   help="long: 15-40-sentence answers whose check the teacher may phrase freely (default); "
-                   "arithmetic: the short 4-7-sentence task")
+                       description="Runs OPD from the same tiny student and seed with every token supervised (full) "
+                       "and with the release rule (and any baseline arm of the schedule), and prints teacher/student "
+                       "accuracy, tokens supervised and time per step; writes table.md, table.json and PNG plots to "
+                       "--out. No download.")
+    p.add_argument("--quick", action="store_true", help="the short schedule (fewer steps)")
+    p.add_argument("--task", choices=tuple(SCHEDULES), default="long",
+                   help="long: %d-%d-sentence answers whose check the teacher may phrase freely (default); "
+                   "arithmetic: the short %d-%d-sentence task" % (*long_task.SENTENCES, *task.SENTENCES))
     p.add_argument("--out", default="fastopd-demo", help="report folder (default: ./fastopd-demo)")
-    p.add_argument("--steps", type=int, default=None, help="override the number of steps per arm")
-    p.add_argument("--seed", type=int, default=0, help="seed of both arms (default 0)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"steps per arm (default, per task: {per_schedule('steps')})")
+    p.add_argument("--seed", type=int, default=0, help="seed of every arm (default 0)")
     p.add_argument("--loss", choices=("reverse_kl", "pg"), default=None,
-                   help="loss of both arms (default reverse_kl: the lowest-variance choice for the tiny student)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of both arms (default 5e-4)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 1: fastest for the tiny demo models)")
+                   help=f"loss of every arm (default {COMMON['loss']}: the lowest-variance choice for the tiny "
+                   "student)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate of every arm (default, per task: {per_schedule('lr')})")
+    p.add_argument("--threads", type=int, default=0,
+                   help=f"torch CPU threads (default {DEFAULT_THREADS}: fastest for the tiny demo models)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     from fastopd.demo.study import ARMS
 
     p = sub.add_parser("study", help="the release rule against every control, several seeds (resumable)",
-                       description="Trains every arm (release, full, fixed_prefix at the release arm's kept "
-                       "fraction, random, shuffled) for every seed from the same shipped student, grades each "
+                       description="Trains every arm (" + ", ".join(ARMS) + "; fixed_prefix at the release arm's "
+                       "kept fraction) for every seed from the same shipped student, grades each "
                        "final student on both tasks, and writes study.json, study.md and plots to --out. A run "
                        "that has finished (result.json) is not rerun.")
     p.add_argument("--out", default="fastopd-study", help="study folder (default: ./fastopd-study)")
@@ -220,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the demo's schedule)")
     p.add_argument("--task", choices=("long", "arithmetic"), default="long", help="in-domain task (default long)")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (release is required)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=int, default=0, help=f"torch CPU threads (default {DEFAULT_THREADS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_study)
 

@@ -129,3 +129,29 @@ def test_demo_and_study_pass_their_flags_through(monkeypatch, capsys):
     assert (kw["seeds"], kw["steps"], kw["task"], kw["arms"]) == (2, 5, "long", ("release", "shuffled"))
     code, _, err = run_cli(["demo", "--task", "nope"], capsys)
     assert code == 2 and "--task" in err
+
+
+def test_demo_help_states_the_defaults_the_demo_runs(tmp_path, monkeypatch, capsys):
+    """Every number in ``fastopd demo --help`` is the one the demo uses (read from the config it builds), and the
+    help states no run times."""
+    import re
+
+    from fastopd.demo import long_task, task
+    from fastopd.demo.demo import DEFAULT_THREADS, SCHEDULES, demo_config
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a number
+    code, out, _ = run_cli(["demo", "--help"], capsys)
+    assert code == 0
+    flat = " ".join(out.split())
+    for name in SCHEDULES:
+        full, _ = demo_config(tmp_path / name, quick=False, task=name)
+        quick, _ = demo_config(tmp_path / name, quick=True, task=name)
+        for field in ("steps", "lr"):
+            a, b = format(getattr(full, field), "g"), format(getattr(quick, field), "g")
+            assert f"{name} {a}" + ("" if a == b else f" (quick {b})") in flat, (field, name, flat)
+        assert f"default {full.loss}" in flat
+    assert "%d-%d-sentence answers" % long_task.SENTENCES in flat and "%d-%d-sentence task" % task.SENTENCES in flat
+    assert f"threads (default {DEFAULT_THREADS}" in flat
+    code, top, _ = run_cli(["--help"], capsys)
+    for text in (out, top):
+        assert not re.search(r"\d\s*(s|sec|seconds|min|minutes)\b|-second|-minute", text), text

@@ -342,11 +342,8 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
           f"(greedy, {base['student']['total']} {task} problems); OOD ({sched['ood_task']} task): teacher "
           f"{_pct(ood_of('teacher'))}, student {_pct(ood_of('student'))}", flush=True)
     pre = None
-    if sched.get("precondition"):
-        from fastopd.demo.precondition import format_precondition
-
+    if sched.get("precondition"):  # its paragraph is printed once, with the table (format_table)
         pre = run_precondition(cfg, sched, out_dir / "precondition", progress=progress)
-        print(format_precondition(pre), flush=True)
 
     arms = {}
     for arm, label in ARMS:

@@ -1,4 +1,4 @@
-"""The long-response demo task: add a list of numbers, then check every step (15-40 sentences).
+"""The long-response demo task: add a list of numbers, then check every step (``SENTENCES``: 16-26 sentences).
 
 A problem lists ``n`` one-digit numbers (``n`` in ``MIN_TERMS..MAX_TERMS``, total at most ``MAX_TOTAL``)::
 
@@ -15,8 +15,8 @@ The solution has two parts, like what a reasoning model writes:
    ``a plus b is c`` copies ``a`` from the previous sentence and ``b`` from the prompt and computes
    ``c``; ``The sum is \\boxed{S}`` copies the last ``c``. Nothing here can be written two ways, so a
    teacher that has learned the task puts almost all of its probability on one token, and the teacher's
-   top-1 minus top-2 logit among the student's plausible candidates (the margin m_t of DESIGN.md
-   section 1) is large.
+   top-1 minus top-2 logit among the student's plausible candidates (the margin m_t of
+   docs/formulas.md §1) is large.
 2. **A check whose wording and order legitimately vary.** The check re-confirms each of the ``n - 1``
    addition steps once, **in a uniformly random order**, each confirmation phrased by independent,
    uniformly drawn, equally correct choices::
@@ -52,7 +52,7 @@ from typing import Dict, List
 from fastopd.demo.task import draw_problems, format_prompt, split_of  # noqa: F401  (re-exported for the demo)
 
 __all__ = [
-    "MIN_TERMS", "MAX_TERMS", "MAX_TERM", "MAX_TOTAL", "TRAIN_SEED", "EVAL_SEED", "DEMO_VERIFIER",
+    "MIN_TERMS", "MAX_TERMS", "SENTENCES", "MAX_TERM", "MAX_TOTAL", "TRAIN_SEED", "EVAL_SEED", "DEMO_VERIFIER",
     "CHECK_SUBJECTS", "CHECK_VERBS", "CHECK_VERDICTS", "OPEN_WORDS", "CLOSE_WORDS",
     "make_problem", "make_problems", "slipped_solution", "check_solution", "parse_terms", "free_slots",
 ]
@@ -61,6 +61,9 @@ MIN_TERMS = 7
 """Fewest numbers in a list (so the shortest solution has 2 * 7 + 2 = 16 sentences)."""
 MAX_TERMS = 12
 """Most numbers in a list (the longest solution has 2 * 12 + 2 = 26 sentences)."""
+SENTENCES = (2 * MIN_TERMS + 2, 2 * MAX_TERMS + 2)
+"""Sentences in the shortest and the longest solution: the opening, ``n - 1`` running sums, the boxed sum, the
+check's opening, ``n - 1`` confirmations and the closing sentence."""
 MAX_TERM = 9
 """Numbers are drawn from 1..MAX_TERM."""
 MAX_TOTAL = 99

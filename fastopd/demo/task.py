@@ -1,6 +1,6 @@
 """Synthetic multi-step arithmetic task for the embedded CPU demo of on-policy distillation.
 
-A problem is a chain of 2-5 small integer operations::
+A problem is a chain of ``MIN_STEPS``-``MAX_STEPS`` (2-5) small integer operations::
 
     prompt:   "Start with 7. Add 5. Multiply by 2. Subtract 3. What is the result?"
     solution: "We start with 7. Adding 5 gives 12. Multiplying by 2 gives 24. Subtracting 3 gives 21.
@@ -34,6 +34,9 @@ __all__ = [
     "MAX_VALUE",
     "MAX_ADD",
     "MAX_MUL",
+    "MIN_STEPS",
+    "MAX_STEPS",
+    "SENTENCES",
     "TRAIN_SEED",
     "EVAL_SEED",
     "DEMO_VERIFIER",
@@ -57,6 +60,12 @@ MAX_ADD = 9
 """Add/subtract operands are drawn from 1..MAX_ADD."""
 MAX_MUL = 5
 """Multiply operands are drawn from 2..MAX_MUL."""
+MIN_STEPS = 2
+"""Fewest operations in a chain (the default of :func:`make_problems`)."""
+MAX_STEPS = 5
+"""Most operations in a chain (the default of :func:`make_problems`)."""
+SENTENCES = (MIN_STEPS + 2, MAX_STEPS + 2)
+"""Sentences in the shortest and the longest solution: the start, one per operation, the answer."""
 EVAL_FRACTION_DENOM = 8
 """1 in EVAL_FRACTION_DENOM problems (by CRC32 of the problem text) belongs to the eval split."""
 TRAIN_SEED = 0
@@ -143,8 +152,8 @@ def make_problem(rng: random.Random, n_steps: int) -> Dict[str, str]:
     return {"prompt": " ".join(prompt), "answer": str(value), "solution": " ".join(solution)}
 
 
-def make_problems(n: int, seed: int, min_steps: int = 2, max_steps: int = 5, split: str = "train",
-                  unique: bool = True) -> List[Dict[str, str]]:
+def make_problems(n: int, seed: int, min_steps: int = MIN_STEPS, max_steps: int = MAX_STEPS,
+                  split: str = "train", unique: bool = True) -> List[Dict[str, str]]:
     """``n`` problems of the given ``split``, deterministic given ``(seed, min_steps, max_steps, split)``.
 
     The number of steps is uniform in ``[min_steps, max_steps]``. Problems whose text hashes to the

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from fastopd.demo.task import (
-    EVAL_SEED, MAX_VALUE, TRAIN_SEED, demo_asset_paths, format_prompt, make_problems, read_jsonl,
+    EVAL_SEED, MAX_STEPS, MAX_VALUE, MIN_STEPS, SENTENCES, TRAIN_SEED, demo_asset_paths, format_prompt, make_problems, read_jsonl,
     solution_completion, split_of, write_jsonl,
 )
 from fastopd.train.verify import boxed_match, extract_boxed
@@ -60,6 +60,12 @@ def test_solutions_are_correct_and_multi_sentence():
             # one sentence for the start, one per step, one for the final answer
             assert p["solution"].count(". ") + 1 == n_steps + 2, p["solution"]
             assert p["solution"].endswith(f"The answer is \\boxed{{{truth}}}.")
+
+
+def test_default_problems_span_SENTENCES():
+    """The sentence range of `fastopd demo --help` is what the default problems have."""
+    counts = {p["solution"].count(". ") + 1 for p in make_problems(300, seed=TRAIN_SEED)}
+    assert (min(counts), max(counts)) == SENTENCES == (MIN_STEPS + 2, MAX_STEPS + 2) == (4, 7)
 
 
 def test_train_and_eval_are_disjoint():
