@@ -14,7 +14,7 @@ Public API (formulas in docs/formulas.md; the oracle of each is in :mod:`fastopd
 - :func:`linear_token_stats`, :func:`linear_opd_loss`, ``OPDLoss.linear``   the same from final hidden states
   and LM heads (:class:`LMHead`), by token chunks: no (N, V) logits (docs/formulas.md §6)
 - :class:`ReleaseRule`       logits + segment ids -> weights and diagnostics
-- :func:`sparse_margins`     margins m_t from a teacher server's top-k log-probs (section 6)
+- :func:`sparse_margins`     margins m_t from a teacher server's top-k log-probs (section 7)
 """
 
 from fastopd.head import LMHead

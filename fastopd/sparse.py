@@ -1,8 +1,8 @@
-"""Margins m_t from a teacher *server* that returns only its top-k log-probs per position (DESIGN.md section 6).
+"""Margins m_t from a teacher *server* that returns only its top-k log-probs per position (docs/formulas.md §7).
 
 A serving engine (vLLM ``prompt_logprobs=k``, SGLang ``top_logprobs_num=k``) scores the student's rollout and
 returns, per position, the ids and log-probs of the teacher's k most likely next tokens; the teacher's full
-vocabulary never exists on the trainer. The release rule's margin (DESIGN.md section 1)
+vocabulary never exists on the trainer. The release rule's margin (docs/formulas.md §1)
 
     m_t = (z_T[a1] - z_T[a2]) / tau,   a1, a2 = the best and second best teacher logits among the student's
                                        top-K candidates C_t
@@ -104,7 +104,7 @@ def sparse_margins(
     *,
     temperature: float = 1.0,
 ) -> SparseMargins:
-    """The release rule's margin m_t from the teacher's top-k log-probs only (DESIGN.md section 6).
+    """The release rule's margin m_t from the teacher's top-k log-probs only (docs/formulas.md §7).
 
     Args:
         student_topk_ids: (..., K) int, the student's top-K candidates C_t (K >= 2; e.g.

@@ -1,4 +1,4 @@
-"""The matched-length control ``shuffled`` (DESIGN.md section 4) and the trainer's per-phase timings.
+"""The matched-length control ``shuffled`` (docs/formulas.md §4) and the trainer's per-phase timings.
 
 The rule's kept fractions of a batch are permuted among its rollouts and each rollout is cut at the segment
 boundary nearest its borrowed fraction: same supervised-length distribution, other cut places.

@@ -19,7 +19,7 @@ METRIC_PREFIX = "opd/"  # every integration's metric names start with it
 
 
 def completion_segments(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Sentence segment id of every completion token (DESIGN.md section 2), -1 after the last masked-in token.
+    """Sentence segment id of every completion token (docs/formulas.md §2), -1 after the last masked-in token.
 
     Each row is decoded up to and including its last position with ``completion_mask != 0`` (so tokens that a
     mask leaves out inside the completion, e.g. tool output, still give the text its context); positions

@@ -7,7 +7,7 @@ processor* turns them into per-token tensors (``compute_forward_kl_topk`` of the
 freed. This module adds one such per-token tensor -- the release margin m_t from the student's top-K ids and the
 teacher's top-k log-probs (:func:`fastopd.sparse_margins`) -- and registers a loss ``fastopd_release`` that
 takes verl's own per-token top-k forward-KL loss (the registered ``forward_kl_topk``) and multiplies it by
-the release rule's weights w_t (DESIGN.md section 4). Everything downstream is verl's: ``agg_loss`` with the
+the release rule's weights w_t (docs/formulas.md §4). Everything downstream is verl's: ``agg_loss`` with the
 actor's ``loss_agg_mode``, or the policy-gradient path (``use_policy_gradient=True``, advantages = -w_t l_t).
 
 Use (one config line plus the plugin import; the tokenizer is the student's, for the sentence segments)::
