@@ -9,9 +9,10 @@
 
 They run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before ``triton`` and this
 package were imported (Triton decides "interpreted or compiled" when a function is decorated; that is how
-CPU CI tests them). fp16/bf16/fp32 logits only (fp64 is the reference's job). Design and GPU notes: the
-docstrings of :mod:`fastopd.kernels.token_stats` and :mod:`fastopd.kernels.loss_backward`;
-``python -m fastopd.kernels._aot`` compiles every variant for sm_90 without a GPU and prints its registers.
+CPU CI tests them). fp16/bf16/fp32 logits only (fp64 is the reference's job). Design: the docstrings of
+:mod:`fastopd.kernels.token_stats` and :mod:`fastopd.kernels.loss_backward`; ``python -m fastopd.kernels._aot``
+compiles every variant for sm_90 without a GPU and prints its registers. Registers per Triton version and the
+GPU measurements: docs/kernels.md and the README's Benchmarks.
 """
 
 from fastopd.kernels.autograd import opd_loss_triton

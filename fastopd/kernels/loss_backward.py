@@ -13,11 +13,11 @@ cast to the logits' dtype at the store, so the sampled-token column p - 1 is for
 Columns in [V, W) of a student buffer wider than ``vocab_size`` get exactly 0, and rows with c_t == 0
 (ignored tokens, or tokens a release rule dropped) write zeros without reading the logits.
 
-GPU notes: BLOCK = 4096, num_warps = 8 (32-40 registers for bf16 on sm_90 under Triton 3.4-3.9, no spills;
-docs/kernels.md); full chunks run without masks so the loads and stores vectorise whatever V is, and one
-masked tail loop covers [V_full, W). Traffic is one
-read of the student row (plus one of the teacher row for ``reverse_kl``) and one write of the gradient row;
-with the forward's two reads, the loss costs 4 (pg) or 5 (reverse_kl) passes over N x V elements. With
+Launch configuration (:func:`backward_launch_config`): BLOCK = 4096, num_warps = 8 (registers per Triton
+version: docs/kernels.md); full chunks run without masks so the loads and stores vectorise whatever V is, and
+one masked tail loop covers [V_full, W). Traffic is one read of the student row (plus one of the teacher row
+for ``reverse_kl``) and one write of the gradient row; with the forward's two reads, the loss costs 4 (pg) or 5
+(reverse_kl) passes over N x V elements. With
 ``inplace`` the gradient row overwrites the student row it was computed from (each program reads a chunk
 before writing the same chunk), so no N x V gradient buffer is allocated.
 """

@@ -27,17 +27,15 @@ Rows whose target is ``ignore_index`` write zeros (candidate ids -1) and exit be
 Besides the TokenStats fields the kernel writes M_S, log sum_S, M_T, log sum_T per row (O(N)): the loss
 backward needs them.
 
-GPU notes (bf16, V = 151936): BLOCK_V = 4096 and, for K_PAD <= 32, GROUP = 128 (32 group keys per chunk
-sort), num_warps = 4. Compiled for sm_90 (``python -m fastopd.kernels._aot``) that is 160-168 registers
-under Triton 3.4-3.6 and 128 / 164 (without / with the KL) under 3.9, no spills, so 3 CTAs fit on an SM
-(table per version and variant: docs/kernels.md). GROUP = 64 (the earlier default) cost 194 registers for
-the KL variant under 3.6 and made ptxas spill the pg variant to stay at 168; it also spilled 408-528 bytes
-in the row-offset and unaligned-row variants under 3.4-3.6, which GROUP = 128 does not. Every element of both
-rows is read exactly once (2 * N * V * itemsize bytes: the bandwidth bound); extra traffic is K * GROUP
-columns (4 KB per row for K = 16 in bf16) and K + 2 scalars per row; temporaries are O(N). The first H200
-run (Triton 3.6, GROUP = 64) reached 30 % of the HBM roofline for the statistics pass (README, Benchmarks);
-GROUP = 128 has not been timed on a GPU yet. Rows whose start is not 16-element aligned (a row stride such as
-V = 50257) lose load vectorisation (more registers); the caller can pad the vocabulary to a multiple of 16.
+Launch configuration (:func:`stats_launch_config`): BLOCK_V = 4096 columns per chunk, num_warps = 4, and
+GROUP = 128 columns per top-K group for K_PAD <= 32, so the per-chunk ``tl.topk`` sorts 32 group keys (16 under
+the interpreter, whose selection is O(n^2)). Every element of both rows is read exactly once
+(2 * N * V * itemsize bytes: the bandwidth bound); extra traffic is the K * GROUP columns of the candidate
+groups (4 KB per row for K = 16 in bf16) and K + 2 scalars per row; temporaries are O(N).
+``python -m fastopd.kernels._aot --check`` (run by the tests) fails on a register spill in a hot variant.
+Registers per Triton version (GROUP = 64 and 128) and GPU timings of other launch configurations:
+docs/kernels.md and benchmarks/results/gpu/. Rows whose start is not 16-element aligned (a row stride such
+as V = 50257) lose load vectorisation (more registers); the caller can pad the vocabulary to a multiple of 16.
 """
 
 from __future__ import annotations
@@ -225,9 +223,9 @@ def stats_launch_config(v: int, k: int, block_v: int | None = None, group: int |
 
     K_PAD = next power of two >= k. GROUP (columns per top-K group) = min(128, 4096 / K_PAD), at least 16,
     on the GPU path (128 for K_PAD <= 32: the per-chunk ``tl.topk`` then sorts only BLOCK_V / 128 group
-    keys, and the kernel stays at <= 168 registers without spills on Triton 3.4-3.9, docs/kernels.md), 16
-    under the interpreter (its O(n^2) selection runs over K_PAD * GROUP keys). BLOCK_V = 4096 by default, at least K_PAD * GROUP (a
-    chunk must hold K_PAD groups), at most the next power of two >= V.
+    keys; registers per Triton version: docs/kernels.md), 16 under the interpreter (its O(n^2) selection runs
+    over K_PAD * GROUP keys). BLOCK_V = 4096 by default, at least K_PAD * GROUP (a chunk must hold K_PAD
+    groups), at most the next power of two >= V.
     """
     k_pad = max(2, next_pow2(k))
     if k_pad > MAX_K_PAD:
