@@ -151,7 +151,7 @@ def test_demo_help_states_the_defaults_the_demo_runs(tmp_path, monkeypatch, caps
             assert f"{name} {a}" + ("" if a == b else f" (quick {b})") in flat, (field, name, flat)
         assert f"default {full.loss}" in flat
     assert "%d-%d-sentence answers" % long_task.SENTENCES in flat and "%d-%d-sentence task" % task.SENTENCES in flat
-    assert f"threads (default {DEFAULT_THREADS}" in flat
+    assert re.search(rf"--threads THREADS torch CPU threads[\w ]* \(default {DEFAULT_THREADS}\b", flat), flat
     code, top, _ = run_cli(["--help"], capsys)
     for text in (out, top):
         assert not re.search(r"\d\s*(s|sec|seconds|min|minutes)\b|-second|-minute", text), text
