@@ -117,7 +117,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fastopd.demo.demo import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed, steps=args.steps, progress=not args.no_progress,
-             num_threads=args.threads, loss=args.loss, lr=args.lr, task=args.task)
+             num_threads=args.threads, loss=args.loss, lr=args.lr, task=args.task, jobs=args.jobs)
     return 0
 
 
@@ -125,7 +125,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from fastopd.demo.study import run_study
 
     run_study(args.out, seeds=args.seeds, steps=args.steps, task=args.task, arms=tuple(args.arms),
-              progress=not args.no_progress, num_threads=args.threads)
+              progress=not args.no_progress, num_threads=args.threads, jobs=args.jobs)
     return 0
 
 
@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None,
                    help=f"learning rate of every arm (default, per task: {per_schedule('lr')})")
     p.add_argument("--threads", type=int, default=0,
-                   help=f"torch CPU threads (default {DEFAULT_THREADS}: fastest for the tiny demo models)")
+                   help=f"torch CPU threads per arm (default {DEFAULT_THREADS}: fastest for the tiny demo models)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="arms trained at once, one process each (default 0: one per CPU core, at most 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -235,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the demo's schedule)")
     p.add_argument("--task", choices=("long", "arithmetic"), default="long", help="in-domain task (default long)")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (release is required)")
-    p.add_argument("--threads", type=int, default=0, help=f"torch CPU threads (default {DEFAULT_THREADS})")
+    p.add_argument("--threads", type=int, default=0, help=f"torch CPU threads per run (default {DEFAULT_THREADS})")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default 1; "
+                   "one per CPU core is the fastest setting)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_study)
 

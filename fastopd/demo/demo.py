@@ -31,7 +31,10 @@ import torch
 
 from fastopd.train.config import TrainConfig
 
-ARMS = (("full", "full OPD (every token)"), ("release", "release-rule OPD (prefix only)"))
+ARMS = (("full", "full OPD (every token)"), ("release", "release-rule OPD (prefix only)"),
+        ("sft", "SFT on teacher samples (baseline)"))
+"""The demo's arms, in order: the two OPD arms, then the baseline OPD has to beat per rollout (the full schedule
+only: ``SCHEDULES[task][...]["sft"]``)."""
 
 # Schedules per task. The models are tiny, so one torch thread is the fastest setting (thread synchronisation
 # costs more than it saves, and much more on a busy machine). Measured times: docs/training.md.
@@ -271,20 +274,25 @@ def format_table(table: dict) -> str:
     ood = table.get("ood_task")
     ood_col = f" | OOD accuracy ({ood} task)" if ood else ""
     lines = [
-        f"| model | accuracy ({n} held-out {task} problems, greedy){ood_col} | KL(student, teacher) on rollouts, "
-        "first -> last steps | accept rate | mean gain | kept fraction | tokens supervised | time / step |",
-        "|---|---|" + ("---|" if ood else "") + "---|---|---|---|---|---|",
-        f"| teacher | {table['teacher_accuracy']:.1%}" + (f" | {_pct(table.get('teacher_ood_accuracy'))}" if ood else "")
+        f"| model | accuracy ({n} held-out {task} problems, greedy) | curve (step: accuracy){ood_col} | "
+        "KL(student, teacher) on rollouts, first -> last steps | accept rate | mean gain | kept fraction | "
+        "tokens supervised | time / step |",
+        "|---|---|---|" + ("---|" if ood else "") + "---|---|---|---|---|---|",
+        f"| teacher | {table['teacher_accuracy']:.1%} | -" + (f" | {_pct(table.get('teacher_ood_accuracy'))}" if ood else "")
         + " | - | - | - | - | - | - |",
-        f"| student before OPD | {table['student_accuracy_before']:.1%}"
+        f"| student before | {table['student_accuracy_before']:.1%} | -"
         + (f" | {_pct(table.get('student_ood_accuracy_before'))}" if ood else "") + " | - | - | - | - | - | - |",
     ]
     for arm, label in ARMS:
+        if arm not in table["arms"]:
+            continue
         a = table["arms"][arm]
         gain = a.get("gain_mean", float("nan"))
-        lines.append(f"| student after {label} | {a['accuracy_after']:.1%}"
+        curve = ", ".join(f"{step}: {acc:.0%}" for step, acc in a.get("eval_curve", []))
+        kl = "-" if a["kl_first"] != a["kl_first"] else f"{a['kl_first']:.3f} -> {a['kl_last']:.3f}"
+        lines.append(f"| student after {label} | {a['accuracy_after']:.1%} | {curve}"
                      + (f" | {_pct(a.get('ood_accuracy_after'))}" if ood else "")
-                     + f" | {a['kl_first']:.3f} -> {a['kl_last']:.3f} | {_pct(a['accept_rate'])} | "
+                     + f" | {kl} | {_pct(a['accept_rate'])} | "
                      + ("-" if gain != gain else f"{gain:.1f}") + f" | {_pct(a.get('kept_fraction'))} | "
                      f"{a['tokens_supervised']:,} of {a['tokens']:,} ({a['supervised_fraction']:.0%}) | "
                      f"{a['time_per_step']:.2f} s |")
@@ -293,7 +301,8 @@ def format_table(table: dict) -> str:
     if table.get("student_ood_nll_before") is not None and "ood_nll_after" in rel:
         lines += [f"OOD retention, mean NLL of the {ood} task's reference solutions (nats/token, lower is better): "
                   f"student before {table['student_ood_nll_before']:.4f}, after " + ", ".join(
-                      f"{arm} {table['arms'][arm]['ood_nll_after']:.4f}" for arm, _ in ARMS) + ".", ""]
+                      f"{arm} {table['arms'][arm]['ood_nll_after']:.4f}" for arm, _ in ARMS if arm in table["arms"])
+                  + ".", ""]
     if table.get("precondition"):
         from fastopd.demo.precondition import format_precondition
 
@@ -308,7 +317,7 @@ def format_table(table: dict) -> str:
             "(goal <= 3%).", ""]
     lines += [
         f"Release arm: accept rate {rel['accept_rate']:.1%} of rollouts, mean release position "
-        f"{rel['release_position']:.2f} of the response (accepted rollouts). Both arms: {table['steps']} steps x "
+        f"{rel['release_position']:.2f} of the response (accepted rollouts). Every arm: {table['steps']} steps x "
         f"{table['rollouts_per_step']} rollouts, loss {table.get('loss', '?')}, lr {table.get('lr', float('nan')):g}, "
         f"seed {table['seed']}. KL = -mean A_t (sampled-token estimate), mean of the first / last "
         f"{rel.get('kl_window', '?')} steps. Total demo time {table['total_time_s']:.0f} s.",
@@ -316,15 +325,81 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+def default_jobs() -> int:
+    """Arms trained at once by default: one per CPU core available to this process, at most 3."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(3, cores))
+
+
+def _train_one(args) -> dict:
+    cfg, threads = args
+    torch.set_num_threads(threads)
+    from fastopd.train.trainer import train
+
+    return train(cfg)
+
+
+def train_arms(cfgs: list[TrainConfig], *, jobs: int = 1, labels: list[str] | None = None) -> list[dict]:
+    """``fastopd.train.trainer.train`` on each config; ``jobs`` > 1 trains that many at once, each in its own
+    (spawned) process with the config's torch threads. Returns the summaries in the order of ``cfgs``."""
+    labels = labels or [c.mode for c in cfgs]
+    if jobs <= 1:
+        from fastopd.train.trainer import train
+
+        out = []
+        for cfg, label in zip(cfgs, labels):
+            print(f"--- {label}", flush=True)
+            out.append(train(cfg))
+        return out
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_one, (cfg, cfg.num_threads or DEFAULT_THREADS)) for cfg in cfgs]
+        out = []
+        for fut, label in zip(futures, labels):
+            summary = fut.result()
+            acc = (summary.get("eval") or {}).get("accuracy")
+            print(f"--- {label}: done, accuracy {_pct(acc)}, {summary['time_per_step']:.2f} s/step", flush=True)
+            out.append(summary)
+        return out
+
+
+def plot_accuracy(table: dict, path: Path) -> Path:
+    """Greedy held-out accuracy of every arm over its eval points, the starting student and the teacher."""
+    from fastopd.train.report import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for arm, label in ARMS:
+        if arm in table["arms"]:
+            steps, acc = zip(*table["arms"][arm]["eval_curve"])
+            ax.plot(steps, [100 * a for a in acc], "o-", label=label)
+    ax.axhline(100 * table["student_accuracy_before"], color="gray", ls="--", lw=1, label="student before")
+    ax.axhline(100 * table["teacher_accuracy"], color="black", ls=":", lw=1, label="teacher")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"greedy accuracy, {table['eval_problems']} held-out problems (%)")
+    ax.set_title(f"fastopd demo ({table.get('task', '?')} task, seed {table['seed']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed: int = 0, steps: int | None = None,
              progress: bool = True, num_threads: int = 0, loss: str | None = None, lr: float | None = None,
-             task: str = "long") -> dict:
+             task: str = "long", jobs: int = 0) -> dict:
     """Run the demo, write ``out_dir/{table.md,table.json,*.png}`` and return the table as a dict.
 
-    ``steps``, ``loss`` and ``lr`` override the schedule's values (both arms).
+    ``steps``, ``loss`` and ``lr`` override the schedule's values (every arm). ``jobs``: arms trained at once,
+    one process each (0: :func:`default_jobs`, one per core).
     """
     from fastopd.train.report import load_run, make_report
-    from fastopd.train.trainer import train
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -346,11 +421,19 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
         pre = run_precondition(cfg, sched, out_dir / "precondition", progress=progress)
 
     arms = {}
-    for arm, label in ARMS:
-        print(f"--- {label}", flush=True)
-        summary = train(dataclasses.replace(cfg, mode=arm, output_dir=str(out_dir / arm)))
+    start = (0, base["student"]["accuracy"])
+    todo = [(arm, label) for arm, label in ARMS if arm != "sft" or sched.get("sft", False)]
+    jobs = max(1, min(jobs or default_jobs(), len(todo)))
+    if jobs > 1:
+        print(f"--- {len(todo)} arms ({', '.join(a for a, _ in todo)}), {jobs} at a time (one process each)",
+              flush=True)
+    summaries = train_arms([dataclasses.replace(cfg, mode=arm, output_dir=str(out_dir / arm),
+                                                progress=progress and jobs == 1) for arm, _ in todo],
+                           jobs=jobs, labels=[label for _, label in todo])
+    for (arm, label), summary in zip(todo, summaries):
         run = load_run(out_dir / arm)
         arms[arm] = arm_summary(summary, run, out_dir / arm)
+        arms[arm]["eval_curve"] = [start] + arms[arm]["eval_curve"]
         if Path(sched["ood_eval"]).is_file():
             ood = ood_metrics(out_dir / arm / "final", cfg, sched)
             arms[arm]["ood_accuracy_after"], arms[arm]["ood_nll_after"] = ood["accuracy"], ood["nll"]
@@ -372,6 +455,7 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
     if pre is not None:
         runs = {"before OPD (precondition)": out_dir / "precondition", **runs}
     figures = make_report(runs, out_dir, min_gain=cfg.min_gain)
+    figures.append(plot_accuracy(table, out_dir / "accuracy.png"))
     table["figures"] = [str(p) for p in figures]
     table["total_time_s"] = time.perf_counter() - t_start
     md = format_table(table)

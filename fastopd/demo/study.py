@@ -1,7 +1,8 @@
 """``fastopd study``: the release rule against every control, over several seeds, as one command.
 
 Arms (``ReleaseRule`` modes): ``release``, ``full``, ``fixed_prefix`` (its fraction set to the release arm's
-measured mean kept fraction of the same seed), ``random`` and ``shuffled``. Every arm of every seed starts from
+measured mean kept fraction of the same seed), ``random`` and ``shuffled``; and the trainer's ``sft`` baseline
+(the teacher samples as many completions per step, the student learns them by cross-entropy). Every arm of every seed starts from
 the same shipped student; the seed changes the rollouts' sampling and the prompt order. Each run is the
 demo's configuration (:func:`fastopd.demo.demo.demo_config`) with ``mode`` and ``seed`` set; after it the
 final student is graded greedily on held-out problems of the task (in-domain) and of the other task (OOD).
@@ -11,7 +12,8 @@ Output folder::
     runs/<mode>-s<seed>/          the trainer's run folder, plus result.json once the run is finished
     precondition/                 the precondition on the initial student (fastopd.demo.precondition)
     study.json                    {"arms": {"<mode>": [{"seed", "accuracy", "ood_accuracy", "tokens",
-                                  "tokens_supervised", "accept_rate", "gain_mean", "time_per_step"}, ...]}, ...}
+                                  "tokens_supervised", "accept_rate", "gain_mean", "time_per_step",
+                                  "curve": [[step, accuracy], ...]}, ...]}, ...}
     study.md                      mean ± std per arm; paired difference release - control over seeds, 95 %
                                   bootstrap interval
     accuracy.png, margin_profile.png, bic_gains.png
@@ -30,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-ARMS = ("release", "full", "fixed_prefix", "random", "shuffled")
+ARMS = ("release", "full", "fixed_prefix", "random", "shuffled", "sft")
 ROW_KEYS = ("seed", "accuracy", "ood_accuracy", "tokens", "tokens_supervised", "accept_rate", "gain_mean",
-            "time_per_step", "ood_nll")
-METRICS = (("accuracy", "in-domain accuracy"), ("ood_accuracy", "OOD accuracy"),
+            "time_per_step", "ood_nll", "curve")
+METRICS = (("accuracy", "in-domain accuracy"), ("gain_vs_start", "in-domain gain over the start"),
+           ("ood_accuracy", "OOD accuracy"),
            ("ood_nll", "OOD reference NLL (nats/token)"),
            ("tokens_supervised", "tokens supervised"), ("accept_rate", "accept rate"),
            ("time_per_step", "time / step (s)"))
@@ -65,14 +68,21 @@ def paired_bootstrap(diffs, *, n_boot: int = 10_000, level: float = 0.95, seed: 
             "n": int(d.size)}
 
 
-def aggregate(arms: dict[str, list[dict]], *, reference: str = "release", n_boot: int = 10_000) -> dict:
+def aggregate(arms: dict[str, list[dict]], *, reference: str = "release", n_boot: int = 10_000,
+              start: float | None = None) -> dict:
     """Per arm and metric: mean, std (ddof 1; 0 with one seed), n; per control: the paired difference
-    ``reference - control`` over the seeds both have, with its bootstrap interval (:func:`paired_bootstrap`)."""
+    ``reference - control`` over the seeds both have, with its bootstrap interval (:func:`paired_bootstrap`).
+
+    ``start``: the starting student's in-domain accuracy; ``gain_vs_start`` is each run's accuracy minus it, and
+    ``summary["above_start"][mode]`` counts the seeds that ended above it."""
     if reference not in arms:
         raise ValueError(f"arms must include the reference arm {reference!r}, got {sorted(arms)}")
-    summary: dict = {"arms": {}, "paired": {}}
+    summary: dict = {"arms": {}, "paired": {}, "above_start": {}}
     for mode, rows in arms.items():
         s = {}
+        if start is not None:
+            rows = [dict(r, gain_vs_start=r["accuracy"] - start) if r.get("accuracy") is not None else r for r in rows]
+            summary["above_start"][mode] = {"seeds": sum(r.get("gain_vs_start", 0) > 0 for r in rows), "of": len(rows)}
         for key, _ in METRICS:
             v = np.array([r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])], dtype=np.float64)
             s[key] = {"mean": float(v.mean()) if v.size else float("nan"),
@@ -95,6 +105,8 @@ def _fmt(key: str, m: dict) -> str:
         return "-"
     if key in ("accuracy", "ood_accuracy", "accept_rate"):
         return f"{m['mean']:.1%} ± {m['std']:.1%}"
+    if key == "gain_vs_start":
+        return f"{100 * m['mean']:+.1f} ± {100 * m['std']:.1f} pts"
     if key == "tokens_supervised":
         return f"{m['mean']:,.0f} ± {m['std']:,.0f}"
     if key == "ood_nll":
@@ -122,6 +134,18 @@ def format_study(study: dict, summary: dict) -> str:
     for mode, rows in study["arms"].items():
         a = summary["arms"][mode]
         lines.append(f"| {mode} | {len(rows)} | " + " | ".join(_fmt(k, a[k]) for k, _ in METRICS) + " |")
+    above = summary.get("above_start") or {}
+    if above:
+        lines += ["", "Seeds that ended above the starting student: " + ", ".join(
+            f"{mode} {v['seeds']} of {v['of']}" for mode, v in above.items()) + "."]
+    curves = {mode: [r["curve"] for r in rows if r.get("curve")] for mode, rows in study["arms"].items()}
+    if any(curves.values()):
+        lines += ["", "Mean greedy in-domain accuracy at each eval point (step: accuracy, mean over seeds):", ""]
+        for mode, cs in curves.items():
+            if cs:
+                steps = [p[0] for p in cs[0]]
+                means = [np.mean([c[i][1] for c in cs if len(c) > i]) for i in range(len(steps))]
+                lines.append(f"- {mode}: " + ", ".join(f"{st}: {m:.1%}" for st, m in zip(steps, means)))
     lines += ["", "Paired difference release − control over seeds (mean, 95 % percentile bootstrap interval of the "
               "mean over seeds; with 3 seeds the interval is coarse):", "",
               "| control | Δ in-domain accuracy | Δ OOD accuracy | Δ OOD reference NLL (lower is better) |",
@@ -225,19 +249,58 @@ def _run_one(cfg, sched, run_dir: Path, progress: bool) -> dict:
            "ood_nll": ood.get("nll"),
            "tokens": a["tokens"], "tokens_supervised": a["tokens_supervised"], "accept_rate": a["accept_rate"],
            "gain_mean": a["gain_mean"], "time_per_step": a["time_per_step"], "kept_fraction": a["kept_fraction"],
-           "share_rule": a.get("share_rule"), "mode": cfg.mode}
+           "share_rule": a.get("share_rule"), "mode": cfg.mode,
+           "curve": [[int(st), float(acc)] for st, acc in a["eval_curve"]]}
     if cfg.mode == "fixed_prefix":
         row["fraction"] = cfg.fraction
     (run_dir / "result.json").write_text(json.dumps(row, indent=1) + "\n")
     return row
 
 
+def _job(args) -> dict:
+    cfg, sched, run_dir, progress, num_threads = args
+    import torch
+
+    torch.set_num_threads(num_threads)
+    return _run_one(cfg, sched, run_dir, progress)
+
+
+def _run_jobs(todo: list, jobs: int, progress: bool, num_threads: int):
+    """Train the runs of ``todo`` ((cfg, sched, run_dir) each), ``jobs`` at a time; yield ((seed, mode), row)."""
+    def report(cfg, row):
+        print(f"--- {cfg.mode}, seed {cfg.seed}: accuracy {row['accuracy']:.1%}, OOD {_pct(row['ood_accuracy'])}, "
+              f"supervised {row['tokens_supervised']:,} of {row['tokens']:,}, {row['time_per_step']:.2f} s/step",
+              flush=True)
+
+    if jobs == 1 or len(todo) <= 1:
+        for cfg, sched, run_dir in todo:
+            print(f"--- {cfg.mode}, seed {cfg.seed}", flush=True)
+            row = _run_one(cfg, sched, run_dir, progress)
+            report(cfg, row)
+            yield (cfg.seed, cfg.mode), row
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_job, (cfg, sched, run_dir, False, num_threads)): cfg for cfg, sched, run_dir in todo}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="study runs", disable=not progress):
+            cfg = futures[fut]
+            row = fut.result()
+            report(cfg, row)
+            yield (cfg.seed, cfg.mode), row
+
+
 def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] = 3, steps: int | None = None,
               task: str = "long", arms: tuple[str, ...] = ARMS, quick: bool = False, progress: bool = True,
-              num_threads: int = 0, precondition: bool = True) -> dict:
+              num_threads: int = 0, precondition: bool = True, jobs: int = 1) -> dict:
     """Run (or finish) the study in ``out_dir`` and write study.json, study.md and the plots; return study.json.
 
     ``seeds``: a count (seeds 0..n-1) or a list. ``steps`` overrides the demo schedule's steps per run.
+    ``jobs``: runs trained at once, each in its own process with ``num_threads`` torch threads (one per core is
+    the fastest setting for these models).
     """
     import os
 
@@ -245,6 +308,8 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
 
     from fastopd.demo.demo import DEFAULT_THREADS, baseline_accuracy, demo_config, run_precondition
 
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     bad = [a for a in arms if a not in ARMS]
     if bad or "release" not in arms:
         raise ValueError(f"arms must be a subset of {ARMS} that includes 'release', got {arms!r}")
@@ -257,7 +322,7 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
     torch.set_num_threads(num_threads)
     t_start = time.perf_counter()
     cfg, sched = demo_config(out_dir, quick=quick, steps=steps, progress=progress, num_threads=num_threads, task=task)
-    cfg = dataclasses.replace(cfg, eval_every=0, log_rollouts=True)  # final evaluation only
+    cfg = dataclasses.replace(cfg, log_rollouts=True)  # the schedule's eval points: each run's curve
 
     base_path = out_dir / "baseline.json"
     if base_path.is_file():
@@ -279,30 +344,49 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
 
     results: dict[str, list[dict]] = {m: [] for m in arms}
     run_dirs: dict[str, list[Path]] = {m: [] for m in arms}
-    order = ["release"] + [m for m in arms if m != "release"]  # fixed_prefix needs the release arm's fraction
-    jobs = [(seed, mode) for seed in seed_list for mode in order]
-    done_before = sum((out_dir / "runs" / f"{m}-s{s}" / "result.json").is_file() for s, m in jobs)
+    # runs that set their schedule from another arm of the same seed come second: fixed_prefix (the release
+    # arm's kept fraction)
+    needs = {"fixed_prefix": "release"}
+    first = [m for m in arms if m not in needs]
+    second = [m for m in arms if m in needs]
+    all_jobs = [(seed, mode) for seed in seed_list for mode in first + second]
+    done_before = sum((out_dir / "runs" / f"{m}-s{s}" / "result.json").is_file() for s, m in all_jobs)
     print(f"fastopd study: {len(arms)} arms x {len(seed_list)} seeds, {sched['steps']} steps x "
-          f"{sched['prompts_per_step'] * sched['num_samples']} rollouts per run; {done_before} of {len(jobs)} runs "
-          f"already finished -> {out_dir}", flush=True)
+          f"{sched['prompts_per_step'] * sched['num_samples']} rollouts per run, {jobs} parallel job(s); "
+          f"{done_before} of {len(all_jobs)} runs already finished -> {out_dir}", flush=True)
+    start = base["student_before"]["accuracy"]
+    rows: dict[tuple, dict] = {}
+
+    def job_cfg(seed, mode):
+        run_cfg = dataclasses.replace(cfg, mode=mode, seed=seed)
+        if mode == "fixed_prefix":
+            rel = rows[(seed, "release")]
+            run_cfg = dataclasses.replace(run_cfg, fraction=float(min(1.0, max(rel["kept_fraction"], 1e-3))))
+        return run_cfg
+
     trained = 0
-    for seed, mode in jobs:
-        run_dir = out_dir / "runs" / f"{mode}-s{seed}"
-        done = run_dir / "result.json"
-        if done.is_file():
-            row = json.loads(done.read_text())
-        else:
-            trained += 1
-            run_cfg = dataclasses.replace(cfg, mode=mode, seed=seed)
-            if mode == "fixed_prefix":
-                rel = next(r for r in results["release"] if r["seed"] == seed)
-                run_cfg = dataclasses.replace(run_cfg, fraction=float(min(1.0, max(rel["kept_fraction"], 1e-3))))
-            print(f"--- {mode}, seed {seed}", flush=True)
-            row = _run_one(run_cfg, sched, run_dir, progress)
-            print(f"    accuracy {row['accuracy']:.1%}, OOD {_pct(row['ood_accuracy'])}, supervised "
-                  f"{row['tokens_supervised']:,} of {row['tokens']:,}, {row['time_per_step']:.2f} s/step", flush=True)
-        results[mode].append(row)
-        run_dirs[mode].append(run_dir)
+    for phase in (first, second):
+        todo = []
+        for seed in seed_list:
+            for mode in phase:
+                done = out_dir / "runs" / f"{mode}-s{seed}" / "result.json"
+                if done.is_file():
+                    rows[(seed, mode)] = json.loads(done.read_text())
+                else:
+                    todo.append((seed, mode))
+        trained += len(todo)
+        for (seed, mode), row in _run_jobs([(job_cfg(s, m), sched, out_dir / "runs" / f"{m}-s{s}") for s, m in todo],
+                                           jobs, progress, num_threads):
+            pass
+        for seed, mode in todo:
+            rows[(seed, mode)] = json.loads((out_dir / "runs" / f"{mode}-s{seed}" / "result.json").read_text())
+    for seed in seed_list:
+        for mode in arms:
+            row = rows[(seed, mode)]
+            if row.get("curve") and row["curve"][0][0] != 0:
+                row["curve"] = [[0, start]] + row["curve"]
+            results[mode].append(row)
+            run_dirs[mode].append(out_dir / "runs" / f"{mode}-s{seed}")
 
     study = {
         "arms": {m: [{k: r.get(k) for k in ROW_KEYS} | ({"fraction": r["fraction"]} if "fraction" in r else {})
@@ -314,7 +398,7 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "total_time_s": time.perf_counter() - t_start, "runs_trained": trained},
     }
-    summary = aggregate(study["arms"])
+    summary = aggregate(study["arms"], start=start)
     study["summary"] = summary
     (out_dir / "study.json").write_text(json.dumps(study, indent=1) + "\n")
     md = format_study(study, summary)

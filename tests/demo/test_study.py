@@ -80,7 +80,7 @@ def test_study_rejects_bad_arms(tmp_path):
         run_study(tmp_path, arms=("full",))
     with pytest.raises(ValueError, match="arms"):
         run_study(tmp_path, arms=("release", "suffix"))
-    assert set(ARMS) == {"release", "full", "fixed_prefix", "random", "shuffled"}
+    assert set(ARMS) == {"release", "full", "fixed_prefix", "random", "shuffled", "sft"}
 
 
 def test_a_finished_run_is_not_rerun(tmp_path, monkeypatch):
@@ -103,8 +103,14 @@ def test_a_finished_run_is_not_rerun(tmp_path, monkeypatch):
         "student": {"accuracy": 0.2, "total": 4, "ood": {"accuracy": 0.3}}, "teacher": {"accuracy": 0.9}})
     kw = dict(seeds=2, task="arithmetic", arms=("release", "fixed_prefix"), progress=False, precondition=False)
     study = st.run_study(tmp_path, **kw)
-    assert calls == [("release", 0, 0.5), ("fixed_prefix", 0, 0.6), ("release", 1, 0.5), ("fixed_prefix", 1, 0.61)]
+    # every seed's release run first (fixed_prefix takes its kept fraction), then the runs that depend on it
+    assert calls == [("release", 0, 0.5), ("release", 1, 0.5), ("fixed_prefix", 0, 0.6), ("fixed_prefix", 1, 0.61)]
     assert [r["seed"] for r in study["arms"]["fixed_prefix"]] == [0, 1]
+    gain = study["summary"]["arms"]["release"]["gain_vs_start"]
+    assert gain["mean"] == pytest.approx(0.5 + 0.005 - 0.2) and gain["n"] == 2
+    assert study["summary"]["above_start"]["release"] == {"seeds": 2, "of": 2}
+    with pytest.raises(ValueError, match="jobs"):
+        st.run_study(tmp_path, **{**kw, "arms": ("release",)}, jobs=0)
     (tmp_path / "runs" / "release-s1" / "result.json").unlink()  # an interrupted run
     calls.clear()
     st.run_study(tmp_path, **kw)
