@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastopd.token_chars import decode_with_anchors
+from fastopd.token_chars import decode_with_anchors, stable_length
 
 __all__ = [
     "EXTRA_ABBREVIATIONS",
@@ -207,7 +207,7 @@ _SOLID = re.compile(r"\S")
 _ASCII_SPACE = re.compile(r"[ \t\n\r\x0b\x0c]")  # string.whitespace: Punkt's word boundary for overlapping matches
 
 
-def final_span_count(text: str, spans: list[tuple[int, int]] | None = None) -> int:
+def final_span_count(text: str, spans: list[tuple[int, int]] | None = None, stable: int | None = None) -> int:
     """How many leading spans of ``sentence_spans(text)`` no continuation of ``text`` can change
     (docs/formulas.md §8).
 
@@ -229,10 +229,13 @@ def final_span_count(text: str, spans: list[tuple[int, int]] | None = None) -> i
     Args:
         text: the text so far.
         spans: ``sentence_spans(text)`` if already computed.
+        stable: the length of T*, if the caller knows better than "without the trailing U+FFFD"
+            (:func:`fastopd.token_chars.stable_length`: a SentencePiece byte-fallback run can still change).
     """
     if spans is None:
         spans = sentence_spans(text)
-    stable = len(text.rstrip(_REPLACEMENT)) if text.endswith(_REPLACEMENT) else len(text)
+    if stable is None:
+        stable = len(text.rstrip(_REPLACEMENT)) if text.endswith(_REPLACEMENT) else len(text)
     final = 0
     for j in range(len(spans) - 1):
         end, start_next = spans[j][1], spans[j + 1][0]
@@ -274,7 +277,8 @@ def segments_so_far(tokenizer, token_ids, *, complete: bool = False) -> Segments
     them): call it once per chunk of tokens, not per token.
 
     Requires a decoding in which the text of a prefix of the ids is a prefix of the text of all of them, up
-    to an incomplete trailing character: true of the byte-level BPE and SentencePiece families of
+    to a tail that may still change (:func:`fastopd.token_chars.stable_length`: an incomplete character, or
+    a SentencePiece byte-fallback run): true of the byte-level BPE and SentencePiece families of
     :mod:`fastopd.token_chars` (the generic family decodes through the tokenizer and is not checked).
     """
     text, anchors = decode_with_anchors(tokenizer, token_ids)
@@ -285,7 +289,8 @@ def segments_so_far(tokenizer, token_ids, *, complete: bool = False) -> Segments
     dense = _dense_ids(raw)
     if complete:
         return SegmentsSoFar(dense, int(dense.size), int(dense[-1]) + 1)
-    final_tokens = int(np.searchsorted(raw, final_span_count(text, spans), side="left"))
+    final = final_span_count(text, spans, stable_length(tokenizer, token_ids, text, anchors))
+    final_tokens = int(np.searchsorted(raw, final, side="left"))
     final_segments = int(dense[final_tokens - 1]) + 1 if final_tokens else 0
     return SegmentsSoFar(dense, final_tokens, final_segments)
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["decode_with_anchors"]
+__all__ = ["decode_with_anchors", "stable_length"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -416,3 +416,34 @@ def decode_with_anchors(tokenizer, token_ids) -> tuple[str, np.ndarray]:
     nonempty = lengths > 0
     anchors[nonempty] = byte_to_char[first_byte[nonempty]]
     return text, anchors
+
+
+def stable_length(tokenizer, token_ids, text: str, anchors: np.ndarray) -> int:
+    """How many leading characters of ``text`` (``decode_with_anchors(tokenizer, token_ids)``) no later token can
+    change (docs/formulas.md §8: segments of a completion that is still being sampled).
+
+    Byte-level BPE decodes the whole byte string with ``errors="replace"``: only a trailing incomplete
+    character (one U+FFFD at the end) may still change. SentencePiece byte fallback decodes each run of
+    consecutive byte tokens together and turns every byte of an invalid run into U+FFFD, so the whole trailing
+    run of byte tokens (zero-byte tokens in it are skipped, as the decoder skips special tokens) may still
+    change, valid characters included (``)`` followed by the first byte of a two-byte character decodes as two
+    U+FFFD). The generic family is taken as byte-level (trailing U+FFFD only): not checked.
+    """
+    n = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
+    table = _table_for(tokenizer)
+    if table.family != "sentencepiece" or table.byte_tokens is None or not table.byte_tokens.any():
+        return n
+    ids = _as_ids(token_ids)
+    inside = ids < table.size
+    safe = np.where(inside, ids, 0)
+    is_byte = table.byte_tokens[safe] & inside
+    empty = np.where(inside, table.lengths[safe], 0) == 0
+    first = None
+    for t in range(ids.size - 1, -1, -1):  # the trailing run of byte tokens, through zero-byte tokens
+        if is_byte[t]:
+            first = t
+        elif not empty[t]:
+            break
+    if first is not None and anchors[first] >= 0:
+        n = min(n, int(anchors[first]))
+    return n

@@ -20,8 +20,9 @@ import yaml
 
 from fastopd.release import MODES as RULE_MODES
 
-MODES = RULE_MODES + ("sft",)
-"""The trainer's modes: the rule and its controls (fastopd.release.MODES), and ``sft``, the baseline."""
+MODES = RULE_MODES + ("sft", "online")
+"""The trainer's modes: the rule and its controls (fastopd.release.MODES), ``sft``, the baseline, and ``online``,
+the rule decided while sampling (docs/formulas.md §8: each rollout stops at its release point)."""
 
 LOSSES = ("pg", "reverse_kl")
 SCHEDULERS = (
@@ -99,7 +100,9 @@ class TrainConfig:
         "(every token), fixed_prefix (first `fraction` of the tokens), random (cut at a random sentence boundary), "
         "shuffled (the rule's kept fractions of the batch permuted among its rollouts: same lengths, other places); "
         "or the baseline sft (the teacher samples the completions, the student is trained on them by cross-entropy: "
-        "supervised fine-tuning on as many teacher completions per step as OPD has rollouts).",
+        "supervised fine-tuning on as many teacher completions per step as OPD has rollouts); or online (the release "
+        "rule decided while sampling: the teacher scores each chunk as it is sampled and each rollout stops at its "
+        "release point, so the released suffix is never generated, scored or trained; docs/formulas.md §8).",
         MODES)
     loss: str = _f("pg", "pg: policy gradient with the reverse-KL advantage (Thinking Machines recipe); "
                    "reverse_kl: exact dense reverse KL.", LOSSES)
@@ -108,6 +111,10 @@ class TrainConfig:
     min_segments: int = _f(2, "Fewest sentence segments on each side of a release point.")
     min_gain: float = _f(10.0, "Release only when the BIC gain exceeds this (10: very strong evidence).")
     fraction: float = _f(0.5, "Kept fraction of the fixed_prefix control.")
+    confirm_segments: int = _f(2, "Mode online: stop a rollout once the rule accepts a release point with at least this "
+                               "many segments after it (>= min_segments).")
+    online_chunk_size: int = _f(16, "Mode online: tokens sampled between two scorings by the teacher (and two looks "
+                                "at the rollout's finished sentences).")
     backend: str = _f("auto", "Loss backend: auto (Triton on CUDA, reference on CPU), triton, reference.", BACKENDS)
     loss_from: str = _f("hidden", "hidden: the loss from both models' final hidden states and LM heads in token "
                         "chunks, no (N, C, V) logits (docs/formulas.md §6); logits: materialise both models' "
@@ -176,6 +183,11 @@ class TrainConfig:
             raise ValueError("config fields `temperature` and `loss_temperature` must be > 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"config field `top_p` must be in (0, 1], got {self.top_p}")
+        if self.online_chunk_size < 1:
+            raise ValueError(f"config field `online_chunk_size` must be >= 1, got {self.online_chunk_size!r}")
+        if self.confirm_segments < self.min_segments:
+            raise ValueError(f"config field `confirm_segments` must be >= min_segments={self.min_segments}, got "
+                             f"{self.confirm_segments!r}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"config field `fraction` must be in (0, 1], got {self.fraction}")
         if self.lr <= 0 or self.max_grad_norm < 0 or self.weight_decay < 0:

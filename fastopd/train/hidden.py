@@ -48,12 +48,13 @@ def completion_hidden(model, rollouts) -> torch.Tensor:
 
 
 def hidden_loss(criterion, student, teacher, rollouts, *, autocast=None, chunk_size: int | None = None,
-                times: dict | None = None):
+                times: dict | None = None, weights: torch.Tensor | None = None, normalizer=None):
     """Steps 4-5 of a training step from hidden states: the teacher's final hidden states under ``no_grad``
     (and ``autocast``), the student's with gradients, both heads, then ``criterion.linear`` (the release rule
     decides from its margins). No (N, C, V) tensor is built; the gradient reaches the student's backbone
     through its hidden states and its head weight (and bias) directly. ``times``, if given, receives
-    ``"teacher"``: the seconds of the teacher's forward (CUDA-synchronised).
+    ``"teacher"``: the seconds of the teacher's forward (CUDA-synchronised). ``weights`` / ``normalizer``: for a
+    criterion without a rule (mode online: the weights were decided while sampling), passed to it as they are.
     """
     import contextlib
     import time
@@ -69,5 +70,8 @@ def hidden_loss(criterion, student, teacher, rollouts, *, autocast=None, chunk_s
         times["teacher"] = time.perf_counter() - t0
     sh = completion_hidden(student, rollouts)
     s_head = LMHead.from_model(student, sh.dtype)
+    if weights is not None or criterion.rule is None:
+        return criterion.linear(sh, s_head, th, t_head, rollouts.targets, weights=weights, normalizer=normalizer,
+                                chunk_size=chunk_size)
     return criterion.linear(sh, s_head, th, t_head, rollouts.targets, segment_ids=rollouts.segment_ids,
-                            chunk_size=chunk_size)
+                            normalizer=normalizer, chunk_size=chunk_size)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -59,6 +59,12 @@ class Rollouts:
     stopped: torch.Tensor  # (N,) bool: the completion ended with EOS
     texts: list  # decoded completions (special tokens skipped)
     segment_ids: torch.Tensor | None = None  # (N, C), -1 at ignored positions
+    # what producing and scoring this batch cost, for the step's metrics: "generated" (tokens the sampler drew,
+    # EOS included, pads after it not), "decode_rows" (rows x decode steps the sampler's forwards ran),
+    # "teacher_scored" (completion tokens the teacher scored while sampling), "teacher_forwarded" and
+    # "student_forwarded" (completion positions of the training forwards, padding included)
+    counts: dict = field(default_factory=dict)
+    online: object = None  # fastopd.train.online.OnlineDecisions in mode online (docs/formulas.md §8), else None
 
     @property
     def valid(self) -> torch.Tensor:
@@ -75,10 +81,8 @@ def generate_completions(model, tokenizer, prompts: list[str], *, eos_ids: list[
     Sampling settings are passed explicitly (``top_k=0`` disables top-k even when the model's generation
     config sets one), so the rollouts come from the policy that the loss trains.
     """
-    device = next(model.parameters()).device
-    enc = tokenizer(format_prompts(tokenizer, prompts, chat_template), return_tensors="pt", padding=True,
-                    padding_side="left", truncation=True, max_length=max_prompt_tokens,
-                    add_special_tokens=not chat_template).to(device)
+    enc = encode_prompts(tokenizer, prompts, chat_template=chat_template, max_prompt_tokens=max_prompt_tokens,
+                         device=next(model.parameters()).device)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else \
         dict(do_sample=False)
     out = model.generate(
@@ -94,12 +98,26 @@ def generate_completions(model, tokenizer, prompts: list[str], *, eos_ids: list[
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     lengths = upto_eos.sum(-1)
     texts = tokenizer.batch_decode([c[:n].tolist() for c, n in zip(completion, lengths)], skip_special_tokens=True)
-    return Rollouts(out, attention_mask, position_ids, p, targets, lengths, is_eos.any(-1), texts)
+    counts = {"generated": int(lengths.sum()), "decode_rows": int(completion.numel())}
+    return Rollouts(out, attention_mask, position_ids, p, targets, lengths, is_eos.any(-1), texts, counts=counts)
+
+
+def encode_prompts(tokenizer, prompts: list[str], *, chat_template: bool, max_prompt_tokens: int, device):
+    """The prompts as the sampler reads them: formatted, left-padded, cut from the left to ``max_prompt_tokens``."""
+    return tokenizer(format_prompts(tokenizer, prompts, chat_template), return_tensors="pt", padding=True,
+                     padding_side="left", truncation=True, max_length=max_prompt_tokens,
+                     add_special_tokens=not chat_template).to(device)
 
 
 def add_segments(rollouts: Rollouts, tokenizer) -> Rollouts:
-    """Sentence segment id of every completion token (docs/formulas.md §2), -1 at ignored positions."""
+    """Sentence segment id of every completion token (docs/formulas.md §2), -1 at ignored positions.
+
+    Rollouts of the online sampler (``rollouts.online`` set) keep the segments it finalised while sampling
+    (docs/formulas.md §8): the rule decided on those."""
     from fastopd.segment import batch_token_segments
+
+    if rollouts.online is not None and rollouts.segment_ids is not None:
+        return rollouts
 
     completion = rollouts.input_ids[:, rollouts.prompt_width:].cpu()
     seg = batch_token_segments(tokenizer, completion, valid_lengths=rollouts.lengths.cpu().tolist(), pad_value=-1)
@@ -217,7 +235,9 @@ def evaluate(model, tokenizer, rows: list[dict], *, verifier, eos_ids: list[int]
 def rollout_records(step: int, out, rollouts: Rollouts, correct: list) -> list[dict]:
     """Per-rollout diagnostics for ``rollouts.jsonl`` (the plots of fastopd.train.report)."""
     dec = out.release
-    margins = out.stats.margins.float().cpu().numpy()
+    online = rollouts.online
+    # mode online: the margins the rule read while sampling (the training forward covers the kept prefix only)
+    margins = (online.margins if online is not None else out.stats.margins).float().cpu().numpy()
     valid = rollouts.valid.cpu().numpy()
     seg = rollouts.segment_ids.cpu().numpy()
     offs = dec.series.offsets
@@ -229,7 +249,7 @@ def rollout_records(step: int, out, rollouts: Rollouts, correct: list) -> list[d
             "length": n,
             "margins": np.round(margins[b][valid[b]].astype(np.float64), 5).tolist(),
             "segments": seg[b][valid[b]].tolist(),
-            "series": np.round(dec.series.values[offs[b]:offs[b + 1]], 5).tolist(),
+            "series": dec.series.values[offs[b]:offs[b + 1]].tolist(),  # exact: replayable by fastopd.online_release
             "gain": float(dec.scan.gain[b]),
             "accepted": bool(dec.scan.accepted[b]),
             "release_segment": int(dec.release_segment[b]),
@@ -238,5 +258,7 @@ def rollout_records(step: int, out, rollouts: Rollouts, correct: list) -> list[d
             "correct": correct[b],
             "text": rollouts.texts[b],
         })
+        if online is not None:
+            recs[-1].update(online.record(b))
     return recs
 

@@ -47,6 +47,7 @@ from fastopd.train.checkpoint import (
 from fastopd.train.config import TrainConfig
 from fastopd.train.data import PromptSchedule, load_prompts
 from fastopd.train.hidden import hidden_loss
+from fastopd.train.online import online_loss, online_rollouts
 from fastopd.train.models import (
     attention_implementation, check_same_vocabulary, choose_dtype, load_model, load_teacher_tokenizer,
     load_tokenizer, output_width, quiet_transformers,
@@ -102,9 +103,14 @@ class StepTotals:
     """
 
     KEYS = ("loss", "micro", "adv", "margin", "length", "stopped", "correct", "answered") + RELEASE_SUM_KEYS
+    # what the step cost (Rollouts.counts; docs/training.md): sampled tokens, sampling rows x steps, teacher
+    # tokens (scored while sampling + forwarded for the loss), student positions forwarded for the loss, the
+    # rollouts the online rule stopped, the teacher's seconds while sampling
+    COST_KEYS = ("generated", "decode_rows", "teacher_scored", "teacher_forwarded", "student_forwarded",
+                 "online_stopped", "time_generate_teacher")
 
     def __init__(self):
-        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.sums = dict.fromkeys(self.KEYS + self.COST_KEYS, 0.0)
 
     def add(self, out, rollouts: Rollouts, correct: int, answered: int) -> None:
         m, dec = out.metrics, out.release
@@ -121,12 +127,21 @@ class StepTotals:
         rule = dict(rule, rollouts=float(len(rollouts.texts)))
         for key in RELEASE_SUM_KEYS:
             s[key] += rule[key]
+        counts = rollouts.counts
+        s["generated"] += counts.get("generated", float(rollouts.lengths.sum()))
+        s["student_forwarded"] += counts.get("student_forwarded", float(rollouts.targets.numel()))
+        for key in ("decode_rows", "teacher_scored", "teacher_forwarded"):
+            s[key] += counts.get(key, 0)
+        if rollouts.online is not None:
+            s["online_stopped"] += float(rollouts.online.decision.stopped.sum())
+            s["time_generate_teacher"] += rollouts.online.time_teacher
 
     def reduce(self, accelerator) -> dict:
-        vec = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64)
+        keys = self.KEYS + self.COST_KEYS
+        vec = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64)
         if accelerator.num_processes > 1:
             vec = accelerator.reduce(vec.to(accelerator.device), reduction="sum").cpu()
-        s = dict(zip(self.KEYS, vec.tolist()))
+        s = dict(zip(keys, vec.tolist()))
         nan = float("nan")
         rule = release_means(s)
         return {
@@ -143,6 +158,13 @@ class StepTotals:
             "completion_length": s["length"] / max(s["rollouts"], 1),
             "stop_rate": s["stopped"] / max(s["rollouts"], 1),
             "sample_accuracy": s["correct"] / s["answered"] if s["answered"] else nan,
+            "tokens_generated": int(s["generated"]),
+            "generate_row_steps": int(s["decode_rows"]),
+            "teacher_tokens": int(s["teacher_scored"] + s["teacher_forwarded"]),
+            "teacher_tokens_sampling": int(s["teacher_scored"]),
+            "student_tokens_forwarded": int(s["student_forwarded"]),
+            "online_stop_rate": s["online_stopped"] / max(s["rollouts"], 1),
+            "time_generate_teacher": s["time_generate_teacher"] / max(accelerator.num_processes, 1),
         }
 
 
@@ -257,7 +279,7 @@ def setup(cfg: TrainConfig) -> Run:
     teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)  # stepped once per optimizer step, by us
-    rule = ReleaseRule(mode=cfg.mode, k=cfg.k, temperature=cfg.loss_temperature, min_segments=cfg.min_segments,
+    rule = ReleaseRule(mode={"online": "release"}.get(cfg.mode, cfg.mode), k=cfg.k, temperature=cfg.loss_temperature, min_segments=cfg.min_segments,
                        min_gain=cfg.min_gain, fraction=cfg.fraction, seed=cfg.seed + accelerator.process_index,
                        backend=cfg.backend)
     criterion = OPDLoss(cfg.loss, ignore_index=IGNORE_INDEX, vocab_size=vocab_size, rule=rule)  # k, tau: the rule's
@@ -295,7 +317,7 @@ def micro_step(run: Run, step: int, micro: int, totals: StepTotals, phase: dict 
     # 2. the student samples completions (eval mode, no grad, unwrapped)
     t0 = time.perf_counter()
     with generation_model(accelerator, student) as model:
-        rollouts = generate_completions(
+        rollouts = online_rollouts(run, model, prompts) if cfg.mode == "online" else generate_completions(
             model, run.tokenizer, prompts, eos_ids=run.eos_ids, max_new_tokens=cfg.max_new_tokens,
             do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             chat_template=cfg.chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
@@ -346,6 +368,9 @@ def completion_loss(run: Run, rollouts: Rollouts, times: dict | None = None):
     ``times``: a dict that receives ``"teacher"``, the seconds of the teacher's forward.
     """
     cfg, accelerator = run.cfg, run.accelerator
+    if getattr(cfg, "mode", None) == "online":  # weights decided while sampling; the forwards read the kept prefix
+        return online_loss(run, rollouts, times=times)
+    rollouts.counts.update(teacher_forwarded=rollouts.targets.numel(), student_forwarded=rollouts.targets.numel())
     if cfg.loss_from == "hidden":
         return hidden_loss(run.criterion, run.student, run.teacher, rollouts, autocast=accelerator.autocast,
                            chunk_size=cfg.loss_chunk_size or None, times=times)
