@@ -213,6 +213,7 @@ class OnlineDecisions:
         teacher_scored: int64 (N,) token positions the teacher scored for each rollout while sampling.
         decode_rows: rows x decode steps of the student's sampling forwards (the batch shrinks as rollouts end).
         time_teacher: seconds of the teacher's chunk scoring (CUDA-synchronised).
+        time_rule: seconds of the segmentation so far, the segment means and the rule's scans while sampling.
     """
 
     decision: OnlineReleaseResult
@@ -224,6 +225,7 @@ class OnlineDecisions:
     teacher_scored: np.ndarray
     decode_rows: int = 0
     time_teacher: float = 0.0
+    time_rule: float = 0.0
 
     def record(self, b: int) -> dict:
         """Rollout b's online fields for ``rollouts.jsonl``."""
@@ -320,6 +322,7 @@ def sample_online(student, teacher, tokenizer, prompts: list[str], *, eos_ids: l
     unfinished = torch.ones(n, dtype=torch.long, device=device)
     pending = None  # the last sampled token of every batch row, not yet read by the student
     steps = read = decode_rows = 0  # tokens sampled, tokens the student has read (per row: all rows alike)
+    time_rule = 0.0
     while steps < max_new_tokens and bool(unfinished.any()):
         chunk_tokens, chunk_logits = [], []
         alive = unfinished.clone()  # rows still sampling at the chunk's start
@@ -343,6 +346,7 @@ def sample_online(student, teacher, tokenizer, prompts: list[str], *, eos_ids: l
         ids = torch.stack(chunk_tokens, dim=1)  # (B, L): completion tokens steps - L .. steps - 1
         chunk = scorer.score(ids, torch.stack(chunk_logits, dim=1), alive, pmask, first_pos, steps)
         keep = []
+        t0 = time.perf_counter()
         for i, orig in enumerate(active.tolist()):
             row = rows[orig]
             if row.done:
@@ -353,6 +357,7 @@ def sample_online(student, teacher, tokenizer, prompts: list[str], *, eos_ids: l
                 unfinished[i] = 0
             else:
                 keep.append(i)
+        time_rule += time.perf_counter() - t0
         if not keep:
             break
         if compact and len(keep) < active.numel() and s_model.can_select() and scorer.model.can_select():
@@ -365,11 +370,11 @@ def sample_online(student, teacher, tokenizer, prompts: list[str], *, eos_ids: l
     for row in rows:  # every row has ended above (EOS, the length limit, a stop); this guards max_new_tokens = 0
         if not row.done:
             _advance(row, tokenizer, complete=True)
-    return _pack(rows, prompt_ids, prompt_mask, tokenizer, pad, eos_ids, decode_rows, scorer.seconds)
+    return _pack(rows, prompt_ids, prompt_mask, tokenizer, pad, eos_ids, decode_rows, scorer.seconds, time_rule)
 
 
 def _pack(rows: list, prompt_ids, prompt_mask, tokenizer, pad: int, eos_ids: list[int], decode_rows: int,
-          time_teacher: float) -> Rollouts:
+          time_teacher: float, time_rule: float) -> Rollouts:
     """The kept tokens of every row as :class:`Rollouts` (the layout of ``generate_completions``), with the
     online decisions."""
     device = prompt_ids.device
@@ -404,7 +409,7 @@ def _pack(rows: list, prompt_ids, prompt_mask, tokenizer, pad: int, eos_ids: lis
     generated = np.array([len(r.tokens) for r in rows], dtype=np.int64)
     scored = np.array([r.scored for r in rows], dtype=np.int64)
     online = OnlineDecisions(decision, series, margins.to(device), s_lp.to(device), u_lp.to(device), generated,
-                             scored, decode_rows, time_teacher)
+                             scored, decode_rows, time_teacher, time_rule)
     counts = {"generated": int(generated.sum()), "decode_rows": int(decode_rows), "teacher_scored": int(scored.sum())}
     return Rollouts(torch.cat([prompt_ids, comp.to(device)], dim=1), attention_mask.to(device), position_ids.to(device),
                     p, targets.to(device), lengths.to(device), ends_eos.to(device), texts, seg.to(device),

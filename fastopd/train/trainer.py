@@ -105,9 +105,9 @@ class StepTotals:
     KEYS = ("loss", "micro", "adv", "margin", "length", "stopped", "correct", "answered") + RELEASE_SUM_KEYS
     # what the step cost (Rollouts.counts; docs/training.md): sampled tokens, sampling rows x steps, teacher
     # tokens (scored while sampling + forwarded for the loss), student positions forwarded for the loss, the
-    # rollouts the online rule stopped, the teacher's seconds while sampling
+    # rollouts the online rule stopped, the teacher's and the rule's seconds while sampling
     COST_KEYS = ("generated", "decode_rows", "teacher_scored", "teacher_forwarded", "student_forwarded",
-                 "online_stopped", "time_generate_teacher")
+                 "online_stopped", "time_generate_teacher", "time_generate_rule")
 
     def __init__(self):
         self.sums = dict.fromkeys(self.KEYS + self.COST_KEYS, 0.0)
@@ -135,6 +135,7 @@ class StepTotals:
         if rollouts.online is not None:
             s["online_stopped"] += float(rollouts.online.decision.stopped.sum())
             s["time_generate_teacher"] += rollouts.online.time_teacher
+            s["time_generate_rule"] += rollouts.online.time_rule
 
     def reduce(self, accelerator) -> dict:
         keys = self.KEYS + self.COST_KEYS
@@ -165,6 +166,7 @@ class StepTotals:
             "student_tokens_forwarded": int(s["student_forwarded"]),
             "online_stop_rate": s["online_stopped"] / max(s["rollouts"], 1),
             "time_generate_teacher": s["time_generate_teacher"] / max(accelerator.num_processes, 1),
+            "time_generate_rule": s["time_generate_rule"] / max(accelerator.num_processes, 1),
         }
 
 

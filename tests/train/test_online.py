@@ -241,7 +241,8 @@ def test_trainer_online_logs_what_it_cost(online_run):
         assert m["teacher_tokens_sampling"] >= m["tokens_generated"]
         assert m["student_tokens_forwarded"] >= m["tokens_supervised"]
         assert m["generate_row_steps"] >= m["tokens_generated"]
-        assert 0 < m["time_generate_teacher"] < m["time_generate"]
+        assert 0 < m["time_generate_teacher"] + m["time_generate_rule"] < m["time_generate"]
+        assert m["time_generate_teacher"] > 0 and m["time_generate_rule"] > 0
         assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
     assert summary["tokens_supervised"] == sum(m["tokens_supervised"] for m in rows)
 
@@ -251,7 +252,7 @@ def test_full_mode_logs_the_same_cost_fields(tiny, tmp_path):
     (m,) = read_log(tmp_path / "run" / "metrics.jsonl")
     assert m["tokens_generated"] == m["tokens"] and m["online_stop_rate"] == 0
     assert m["teacher_tokens"] == m["student_tokens_forwarded"] == m["generate_row_steps"]
-    assert m["teacher_tokens_sampling"] == 0 and m["time_generate_teacher"] == 0
+    assert m["teacher_tokens_sampling"] == 0 and m["time_generate_teacher"] == m["time_generate_rule"] == 0
 
 
 def test_config_options_of_mode_online(tiny, tmp_path):
