@@ -125,7 +125,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from fastopd.demo.study import run_study
 
     run_study(args.out, seeds=args.seeds, steps=args.steps, task=args.task, arms=tuple(args.arms),
-              progress=not args.no_progress, num_threads=args.threads, jobs=args.jobs)
+              progress=not args.no_progress, num_threads=args.threads, jobs=args.jobs, eval_every=args.eval_every)
     return 0
 
 
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("long", "arithmetic"), default="long", help="in-domain task (default long)")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (release is required)")
     p.add_argument("--threads", type=int, default=0, help=f"torch CPU threads per run (default {DEFAULT_THREADS})")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="greedy evaluation every this many steps of each run (default: the demo's schedule)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (default 1; "
                    "one per CPU core is the fastest setting)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -2,7 +2,10 @@
 
 Arms (``ReleaseRule`` modes): ``release``, ``full``, ``fixed_prefix`` (its fraction set to the release arm's
 measured mean kept fraction of the same seed), ``random`` and ``shuffled``; and the trainer's ``sft`` baseline
-(the teacher samples as many completions per step, the student learns them by cross-entropy). Every arm of every seed starts from
+(the teacher samples as many completions per step, the student learns them by cross-entropy); ``online``
+(the rule decided while sampling: each rollout stops where it releases, docs/formulas.md §8) and ``truncate``
+(``full`` with every rollout stopped at one fixed length, the online arm's mean generated length of the same
+seed: the fixed-budget Prefix-OPD baseline). Every arm of every seed starts from
 the same shipped student; the seed changes the rollouts' sampling and the prompt order. Each run is the
 demo's configuration (:func:`fastopd.demo.demo.demo_config`) with ``mode`` and ``seed`` set; after it the
 final student is graded greedily on held-out problems of the task (in-domain) and of the other task (OOD).
@@ -32,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-ARMS = ("release", "full", "fixed_prefix", "random", "shuffled", "sft")
+ARMS = ("release", "full", "fixed_prefix", "random", "shuffled", "sft", "online", "truncate")
 ROW_KEYS = ("seed", "accuracy", "ood_accuracy", "tokens", "tokens_supervised", "accept_rate", "gain_mean",
-            "time_per_step", "ood_nll", "curve")
+            "time_per_step", "ood_nll", "curve", "tokens_generated", "teacher_tokens", "generated_per_rollout",
+            "max_new_tokens")
 METRICS = (("accuracy", "in-domain accuracy"), ("gain_vs_start", "in-domain gain over the start"),
            ("ood_accuracy", "OOD accuracy"),
            ("ood_nll", "OOD reference NLL (nats/token)"),
@@ -161,6 +165,24 @@ def format_study(study: dict, summary: dict) -> str:
             else:
                 cells.append(f"{b['mean']:+.1%} [{b['lo']:+.1%}, {b['hi']:+.1%}] (n={b['n']})")
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    full = {r["seed"]: r for r in study["arms"].get("full", [])}
+    online = [r for r in study["arms"].get("online", []) if r["seed"] in full]
+    if online:
+        def ratio(key):
+            v = [r[key] / full[r["seed"]][key] for r in online if r.get(key) and full[r["seed"]].get(key)]
+            return (float(np.median(v)), min(v), max(v)) if v else None
+        parts = []
+        for key, label in (("time_per_step", "time per step"), ("tokens_generated", "tokens generated"),
+                           ("teacher_tokens", "teacher tokens scored"), ("tokens_supervised", "tokens supervised")):
+            r = ratio(key)
+            if r:
+                parts.append(f"{label} {r[0]:.2f}x (seeds {r[1]:.2f}-{r[2]:.2f})")
+        lines += ["", "Online release against full OPD of the same seed (median ratio over seeds): " + ", ".join(parts)
+                  + " (goals: time <= 0.6x, tokens generated <= 0.65x)."]
+        tr = [r.get("max_new_tokens") for r in study["arms"].get("truncate", []) if r.get("max_new_tokens")]
+        if tr:
+            lines += ["", "truncate lengths (the online arm's mean generated length of the same seed, tokens): "
+                      + ", ".join(str(t) for t in tr) + "."]
     fp = [r.get("fraction") for r in study["arms"].get("fixed_prefix", []) if r.get("fraction") is not None]
     if fp:
         lines += ["", "fixed_prefix fractions (the release arm's mean kept fraction of the same seed): "
@@ -250,7 +272,13 @@ def _run_one(cfg, sched, run_dir: Path, progress: bool) -> dict:
            "tokens": a["tokens"], "tokens_supervised": a["tokens_supervised"], "accept_rate": a["accept_rate"],
            "gain_mean": a["gain_mean"], "time_per_step": a["time_per_step"], "kept_fraction": a["kept_fraction"],
            "share_rule": a.get("share_rule"), "mode": cfg.mode,
-           "curve": [[int(st), float(acc)] for st, acc in a["eval_curve"]]}
+           "curve": [[int(st), float(acc)] for st, acc in a["eval_curve"]],
+           "max_new_tokens": cfg.max_new_tokens}
+    metrics = load_run(run_dir)["metrics"]
+    n_rollouts = sum(r.get("rollouts", 0) for r in metrics)
+    row["tokens_generated"] = int(sum(r.get("tokens_generated") or 0 for r in metrics))
+    row["teacher_tokens"] = int(sum(r.get("teacher_tokens") or 0 for r in metrics))
+    row["generated_per_rollout"] = row["tokens_generated"] / max(n_rollouts, 1)
     if cfg.mode == "fixed_prefix":
         row["fraction"] = cfg.fraction
     (run_dir / "result.json").write_text(json.dumps(row, indent=1) + "\n")
@@ -268,7 +296,7 @@ def _job(args) -> dict:
 def _run_jobs(todo: list, jobs: int, progress: bool, num_threads: int):
     """Train the runs of ``todo`` ((cfg, sched, run_dir) each), ``jobs`` at a time; yield ((seed, mode), row)."""
     def report(cfg, row):
-        print(f"--- {cfg.mode}, seed {cfg.seed}: accuracy {row['accuracy']:.1%}, OOD {_pct(row['ood_accuracy'])}, "
+        print(f"--- {cfg.output_dir.rsplit('/', 1)[-1]}: accuracy {row['accuracy']:.1%}, OOD {_pct(row['ood_accuracy'])}, "
               f"supervised {row['tokens_supervised']:,} of {row['tokens']:,}, {row['time_per_step']:.2f} s/step",
               flush=True)
 
@@ -295,11 +323,11 @@ def _run_jobs(todo: list, jobs: int, progress: bool, num_threads: int):
 
 def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] = 3, steps: int | None = None,
               task: str = "long", arms: tuple[str, ...] = ARMS, quick: bool = False, progress: bool = True,
-              num_threads: int = 0, precondition: bool = True, jobs: int = 1) -> dict:
+              num_threads: int = 0, precondition: bool = True, jobs: int = 1, eval_every: int | None = None) -> dict:
     """Run (or finish) the study in ``out_dir`` and write study.json, study.md and the plots; return study.json.
 
     ``seeds``: a count (seeds 0..n-1) or a list. ``steps`` overrides the demo schedule's steps per run.
-    ``jobs``: runs trained at once, each in its own process with ``num_threads`` torch threads (one per core is
+    ``eval_every`` overrides the schedule's eval interval (0: the final evaluation only). ``jobs``: runs trained at once, each in its own process with ``num_threads`` torch threads (one per core is
     the fastest setting for these models).
     """
     import os
@@ -323,6 +351,8 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
     t_start = time.perf_counter()
     cfg, sched = demo_config(out_dir, quick=quick, steps=steps, progress=progress, num_threads=num_threads, task=task)
     cfg = dataclasses.replace(cfg, log_rollouts=True)  # the schedule's eval points: each run's curve
+    if eval_every is not None:
+        cfg = dataclasses.replace(cfg, eval_every=eval_every)
 
     base_path = out_dir / "baseline.json"
     if base_path.is_file():
@@ -346,7 +376,7 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
     run_dirs: dict[str, list[Path]] = {m: [] for m in arms}
     # runs that set their schedule from another arm of the same seed come second: fixed_prefix (the release
     # arm's kept fraction)
-    needs = {"fixed_prefix": "release"}
+    needs = {"fixed_prefix": "release", "truncate": "online"}
     first = [m for m in arms if m not in needs]
     second = [m for m in arms if m in needs]
     all_jobs = [(seed, mode) for seed in seed_list for mode in first + second]
@@ -362,6 +392,9 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
         if mode == "fixed_prefix":
             rel = rows[(seed, "release")]
             run_cfg = dataclasses.replace(run_cfg, fraction=float(min(1.0, max(rel["kept_fraction"], 1e-3))))
+        if mode == "truncate":  # full OPD on rollouts cut at the online arm's mean generated length
+            length = max(1, round(rows[(seed, "online")]["generated_per_rollout"]))
+            run_cfg = dataclasses.replace(run_cfg, mode="full", max_new_tokens=int(length))
         return run_cfg
 
     trained = 0

@@ -281,7 +281,7 @@ def setup(cfg: TrainConfig) -> Run:
     teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)  # stepped once per optimizer step, by us
-    rule = ReleaseRule(mode={"online": "release"}.get(cfg.mode, cfg.mode), k=cfg.k, temperature=cfg.loss_temperature, min_segments=cfg.min_segments,
+    rule = ReleaseRule(mode={"sft": "full", "online": "release"}.get(cfg.mode, cfg.mode), k=cfg.k, temperature=cfg.loss_temperature, min_segments=cfg.min_segments,
                        min_gain=cfg.min_gain, fraction=cfg.fraction, seed=cfg.seed + accelerator.process_index,
                        backend=cfg.backend)
     criterion = OPDLoss(cfg.loss, ignore_index=IGNORE_INDEX, vocab_size=vocab_size, rule=rule)  # k, tau: the rule's
@@ -316,9 +316,9 @@ def micro_step(run: Run, step: int, micro: int, totals: StepTotals, phase: dict 
     rows = [run.train_rows[i] for i in run.schedule.indices(step, micro)]
     prompts = [r["prompt"] for r in rows for _ in range(cfg.num_samples)]
     answers = [r["answer"] for r in rows for _ in range(cfg.num_samples)]
-    # 2. the student samples completions (eval mode, no grad, unwrapped)
+    # 2. the student samples completions (eval mode, no grad, unwrapped); the sft baseline: the teacher
     t0 = time.perf_counter()
-    with generation_model(accelerator, student) as model:
+    with generation_model(accelerator, run.teacher if cfg.mode == "sft" else student) as model:
         rollouts = online_rollouts(run, model, prompts) if cfg.mode == "online" else generate_completions(
             model, run.tokenizer, prompts, eos_ids=run.eos_ids, max_new_tokens=cfg.max_new_tokens,
             do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -335,7 +335,7 @@ def micro_step(run: Run, step: int, micro: int, totals: StepTotals, phase: dict 
         # weights -> loss (on-policy: old_logprobs = None)
         t0 = _now(device)
         times: dict = {}
-        out = completion_loss(run, rollouts, times=times)
+        out = sft_loss(run, rollouts) if cfg.mode == "sft" else completion_loss(run, rollouts, times=times)
         t2 = _now(device)
         rule_s = out.release.elapsed_s if out.release is not None else 0.0
         phase["time_teacher"] += times.get("teacher", 0.0)
@@ -356,7 +356,7 @@ def micro_step(run: Run, step: int, micro: int, totals: StepTotals, phase: dict 
     verify = run.verify
     correct = [bool(verify(t, a)) if (verify and a is not None) else None for t, a in zip(rollouts.texts, answers)]
     totals.add(out, rollouts, sum(c is True for c in correct), sum(c is not None for c in correct))
-    if cfg.log_rollouts and run.main:
+    if cfg.log_rollouts and run.main and out.release is not None:
         for rec in rollout_records(step, out, rollouts, correct):
             run.log.write("rollouts.jsonl", rec)
     return t_gen, grad_norm
@@ -384,6 +384,27 @@ def completion_loss(run: Run, rollouts: Rollouts, times: dict | None = None):
         times["teacher"] = _now(device) - t0
     student_logits = completion_logits(run.student, rollouts)
     return run.criterion(student_logits, teacher_logits, rollouts.targets, segment_ids=rollouts.segment_ids)
+
+
+@dataclass
+class SFTOutput:
+    """What :func:`sft_loss` returns: the fields of an ``OPDOutput`` that the step reads (no teacher, no rule)."""
+
+    loss: torch.Tensor
+    metrics: dict
+    release: None = None
+    stats: None = None
+
+
+def sft_loss(run: Run, rollouts: Rollouts) -> SFTOutput:
+    """The ``sft`` baseline's loss: the student's mean cross-entropy on the (teacher-sampled) completion tokens,
+    normalised per token like the OPD loss (docs/formulas.md §5: Σ_t ℓ_t / Σ valid_t)."""
+    logits = completion_logits(run.student, rollouts)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rollouts.targets.flatten(),
+                                             ignore_index=IGNORE_INDEX)
+    n = int(rollouts.valid.sum())
+    nan = float("nan")
+    return SFTOutput(loss, {"adv_mean": nan, "margin_mean": nan, "num_valid": n, "num_kept": n})
 
 
 def train_step(run: Run, step: int) -> dict:

@@ -80,7 +80,7 @@ def test_study_rejects_bad_arms(tmp_path):
         run_study(tmp_path, arms=("full",))
     with pytest.raises(ValueError, match="arms"):
         run_study(tmp_path, arms=("release", "suffix"))
-    assert set(ARMS) == {"release", "full", "fixed_prefix", "random", "shuffled", "sft"}
+    assert set(ARMS) == {"release", "full", "fixed_prefix", "random", "shuffled", "sft", "online", "truncate"}
 
 
 def test_a_finished_run_is_not_rerun(tmp_path, monkeypatch):

@@ -264,3 +264,58 @@ def test_two_process_cpu_run(tiny, tmp_path):
     assert (ckpt / "rng-rank0.pt").is_file() and (ckpt / "rng-rank1.pt").is_file()
     ev = read_log(out / "eval.jsonl")
     assert ev[-1]["total"] == 4  # the eval set split over the processes and summed back
+
+
+# ------------------------------------------------------------------------------------------ the sft baseline
+def test_sft_loss_is_the_students_token_mean_cross_entropy(tiny):
+    """sft_loss == the mean over all completion tokens of -log p_S(y_t), computed here in fp64 one unpadded
+    rollout at a time (prompt + completion, no batching)."""
+    from types import SimpleNamespace
+
+    from fastopd.demo.task import format_prompt, make_problems
+    from fastopd.train.trainer import sft_loss
+
+    tok, student, _ = models(tiny)
+    probs = make_problems(4, 5, min_steps=2, max_steps=4)
+    prompts = [format_prompt(p["prompt"]) for p in probs]
+    texts = [(" " + p["solution"])[:c] for p, c in zip(probs, (None, -7, None, -15))]
+    r = text_rollouts(tok, prompts, texts)
+    out = sft_loss(SimpleNamespace(student=student), r)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(prompts)):
+            n = int(r.lengths[i])
+            ids = r.input_ids[i][r.attention_mask[i].bool()][None]  # prompt + completion, no padding
+            logp = student(input_ids=ids).logits.double().log_softmax(-1)[0]
+            comp = ids[0, -n:]
+            total -= float(logp[-n - 1:-1].gather(-1, comp[:, None]).sum())
+            count += n
+    assert out.metrics["num_valid"] == out.metrics["num_kept"] == count
+    assert float(out.loss.detach()) == pytest.approx(total / count, rel=1e-5)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def test_sft_mode_samples_from_the_teacher_and_trains_the_student(tiny, tmp_path, monkeypatch):
+    import fastopd.train.trainer as tr
+    from safetensors.torch import load_file
+
+    seen = []
+    real = tr.generate_completions
+
+    def spy(model, *a, **k):
+        seen.append(model.config.hidden_size)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(tr, "generate_completions", spy)
+    cfg = tiny_config(tiny, tmp_path / "run", steps=2, mode="sft", max_new_tokens=8, log_rollouts=True)
+    train(cfg)
+    _, student, teacher = models(tiny)
+    assert seen == [teacher.config.hidden_size] * 2 and teacher.config.hidden_size != student.config.hidden_size
+    rows = read_log(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["tokens_supervised"] == r["tokens"] > 0 and r["adv_mean"] is None for r in rows)
+    assert not (tmp_path / "run" / "rollouts.jsonl").exists()  # no rule decisions to log
+    init = load_file(Path(tiny["student"]) / "model.safetensors")
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert any(not torch.equal(init[k], final[k]) for k in init)
