@@ -98,7 +98,8 @@ def test_sampler_refuses_a_processor_it_does_not_apply(tiny):
 
 def test_sampled_logprobs_and_margins_equal_a_forward_pass(demo, stopped):
     """What the rule read while sampling (KV caches, chunks, rows dropped from the batch) is what a full forward
-    over the kept tokens gives: s_t and u_t to 1e-5, m_t to 1e-4."""
+    over the kept tokens gives: the sampled tokens' s_t to 1e-5; u_t to 1e-5 plus fp32's relative 1e-5 (the
+    teacher's log-probs reach -10 and below); m_t to 1e-4."""
     r = stopped
     assert r.online.decision.stopped.sum() >= 4  # rows left the batch mid-way
     with torch.no_grad():
@@ -106,7 +107,7 @@ def test_sampled_logprobs_and_margins_equal_a_forward_pass(demo, stopped):
     st = reference.token_stats(zs, zt, r.targets, k=16, vocab_size=len(demo.tok))
     v = r.valid
     torch.testing.assert_close(r.online.student_logprobs[v], st.student_logprobs[v], atol=1e-5, rtol=0)
-    torch.testing.assert_close(r.online.teacher_logprobs[v], st.teacher_logprobs[v], atol=1e-5, rtol=0)
+    torch.testing.assert_close(r.online.teacher_logprobs[v], st.teacher_logprobs[v], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(r.online.margins[v], st.margins[v], atol=1e-4, rtol=0)
 
 
