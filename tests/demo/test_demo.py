@@ -23,13 +23,24 @@ def test_format_table_prints_every_row():
     arm = {"accuracy_after": 0.5, "tokens": 1000, "tokens_supervised": 600, "supervised_fraction": 0.6,
            "time_per_step": 1.25, "accept_rate": 0.4, "release_position": 0.55, "kl_first": 1.5, "kl_last": 0.75,
            "kl_window": 10}
+    nan = float("nan")
     md = format_table({"eval_problems": 200, "teacher_accuracy": 0.9, "student_accuracy_before": 0.2,
-                       "arms": {"full": {**arm, "tokens_supervised": 1000, "supervised_fraction": 1.0},
-                                "release": arm},
+                       "arms": {"full": {**arm, "tokens_supervised": 1000, "supervised_fraction": 1.0,
+                                         "eval_curve": [(0, 0.2), (5, 0.35), (10, 0.5)]},
+                                "release": arm,
+                                "sft": {**arm, "kl_first": nan, "kl_last": nan, "accept_rate": nan,
+                                        "accuracy_after": 0.4}},
                        "steps": 10, "rollouts_per_step": 32, "seed": 0, "total_time_s": 100.0})
-    assert "| teacher | 90.0% |" in md and "| student before OPD | 20.0% |" in md
+    assert "| teacher | 90.0% | - |" in md and "| student before | 20.0% | - |" in md
+    assert "| student after full OPD (every token) | 50.0% | 0: 20%, 5: 35%, 10: 50% |" in md
+    assert "| student after SFT on teacher samples (baseline) | 40.0% |" in md
     assert "600 of 1,000 (60%)" in md and "1.25 s" in md and "accept rate 40.0%" in md
     assert "1.500 -> 0.750" in md
+    # an arm that is not in the table (the quick schedule has no sft arm) is left out
+    md = format_table({"eval_problems": 200, "teacher_accuracy": 0.9, "student_accuracy_before": 0.2,
+                       "arms": {"full": arm, "release": arm}, "steps": 10, "rollouts_per_step": 32, "seed": 0,
+                       "total_time_s": 100.0})
+    assert "SFT" not in md
 
 
 def _assets_built() -> bool:

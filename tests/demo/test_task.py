@@ -165,3 +165,26 @@ def test_shipped_teacher_solves_held_out_problems_and_student_is_weaker():
     assert s_correct < correct, f"arithmetic: student solved {s_correct}/40, teacher {correct}/40"
     # the weak student still writes the right format: several sentences and a final boxed answer
     assert sum(extract_boxed(t) is not None and t.count(". ") >= 2 for t in s_texts) >= 14, s_texts[:3]
+
+
+@_needs_assets
+def test_shipped_teacher_judges_the_students_own_broken_chains():
+    """OPD trains on the student's own rollouts, where a sampled derivation breaks its chain (a miscopied total
+    or term, a wrong sum) in most sentences. There the teacher's top-1 at a result ``c`` must be the sum of the
+    numbers as written (sound local feedback). The first demo teacher, trained on clean solutions only, did this
+    at 62.5% of such results (docs/training.md, "Why distillation did not teach"); this test fails on it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastopd.demo.diagnose import sampled_rollouts, teacher_at_results
+    from fastopd.train.data import load_prompts
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(_PATHS.tokenizer)
+    student = AutoModelForCausalLM.from_pretrained(_PATHS.student).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(_PATHS.teacher).eval()
+    rows = load_prompts(str(_PATHS.root / "data" / "long_train.jsonl"))[:48]
+    res = teacher_at_results(teacher, tok, rows, sampled_rollouts(student, tok, rows, seed=0))
+    assert res["broken"]["n"] >= 150 and res["intact"]["n"] >= 30, res  # the student's chains do break
+    assert res["intact"]["a+b"] >= 0.95, res
+    assert res["broken"]["a+b"] >= 0.9, res
