@@ -32,9 +32,9 @@ import torch
 from fastopd.train.config import TrainConfig
 
 ARMS = (("full", "full OPD (every token)"), ("release", "release-rule OPD (prefix only)"),
-        ("sft", "SFT on teacher samples (baseline)"))
-"""The demo's arms, in order: the two OPD arms, then the baseline OPD has to beat per rollout (the full schedule
-only: ``SCHEDULES[task][...]["sft"]``)."""
+        ("online", "online release (rollouts stop at the release)"), ("sft", "SFT on teacher samples (baseline)"))
+"""The demo's arms, in order: the two OPD arms; online release (``mode: online``) and the baseline OPD has to beat
+per rollout, ``sft``, where the schedule asks for them (``SCHEDULES[task][...]["online"|"sft"]``)."""
 
 # Schedules per task. The models are tiny, so one torch thread is the fastest setting (thread synchronisation
 # costs more than it saves, and much more on a busy machine). Measured times: docs/training.md.
@@ -47,7 +47,7 @@ SCHEDULES = {
     # docs/training.md, "Why distillation did not teach"); the full schedule also trains the sft baseline
     "long": {
         "full": dict(steps=80, prompts_per_step=8, num_samples=4, eval_size=200, eval_every=20, n_train=2000,
-                     precondition=256, lr=5e-4, sft=True),
+                     precondition=256, lr=5e-4, sft=True, online=True),
         "quick": dict(steps=30, prompts_per_step=8, num_samples=4, eval_size=100, eval_every=15, n_train=500,
                       precondition=128, lr=5e-4),
     },
@@ -257,10 +257,24 @@ def arm_summary(summary: dict, run: dict, run_dir: Path) -> dict:
         "kl_first": -mean(metrics[:window], "adv_mean"),
         "kl_last": -mean(metrics[-window:], "adv_mean"),
         "kl_window": window,
+        "tokens_generated": int(sum(as_float(r.get("tokens_generated")) for r in metrics if "tokens_generated" in r)),
+        "teacher_tokens": int(sum(as_float(r.get("teacher_tokens")) for r in metrics if "teacher_tokens" in r)),
         "sample_accuracy_first": mean(metrics[:window], "sample_accuracy"),
         "sample_accuracy_last": mean(metrics[-window:], "sample_accuracy"),
         "run_dir": str(run_dir),
     }
+
+
+def online_saving(online: dict, full: dict) -> str:
+    """One line: what online release saved against the full arm of the same seed (docs/formulas.md §8)."""
+    def ratio(key):
+        a, b = online.get(key), full.get(key)
+        return f"{a / b:.2f}x" if a and b else "-"
+
+    return (f"Online release against full OPD (same seed): time per step {ratio('time_per_step')}, tokens generated "
+            f"{ratio('tokens_generated')} ({online.get('tokens_generated', 0):,} vs {full.get('tokens_generated', 0):,}), "
+            f"teacher tokens scored {ratio('teacher_tokens')}, tokens supervised {ratio('tokens_supervised')}; "
+            f"accuracy {online['accuracy_after']:.1%} vs {full['accuracy_after']:.1%}.")
 
 
 def _pct(v) -> str:
@@ -303,6 +317,8 @@ def format_table(table: dict) -> str:
                   f"student before {table['student_ood_nll_before']:.4f}, after " + ", ".join(
                       f"{arm} {table['arms'][arm]['ood_nll_after']:.4f}" for arm, _ in ARMS if arm in table["arms"])
                   + ".", ""]
+    if "online" in table["arms"] and "full" in table["arms"]:
+        lines += [online_saving(table["arms"]["online"], table["arms"]["full"]), ""]
     if table.get("precondition"):
         from fastopd.demo.precondition import format_precondition
 
@@ -422,7 +438,7 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
 
     arms = {}
     start = (0, base["student"]["accuracy"])
-    todo = [(arm, label) for arm, label in ARMS if arm != "sft" or sched.get("sft", False)]
+    todo = [(arm, label) for arm, label in ARMS if arm in ("full", "release") or sched.get(arm, False)]
     jobs = max(1, min(jobs or default_jobs(), len(todo)))
     if jobs > 1:
         print(f"--- {len(todo)} arms ({', '.join(a for a, _ in todo)}), {jobs} at a time (one process each)",

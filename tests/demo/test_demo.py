@@ -40,7 +40,15 @@ def test_format_table_prints_every_row():
     md = format_table({"eval_problems": 200, "teacher_accuracy": 0.9, "student_accuracy_before": 0.2,
                        "arms": {"full": arm, "release": arm}, "steps": 10, "rollouts_per_step": 32, "seed": 0,
                        "total_time_s": 100.0})
-    assert "SFT" not in md
+    assert "SFT" not in md and "Online release against" not in md
+    # the online arm's saving against the full arm of the same seed
+    online = {**arm, "time_per_step": 0.75, "tokens_generated": 700, "teacher_tokens": 450}
+    md = format_table({"eval_problems": 200, "teacher_accuracy": 0.9, "student_accuracy_before": 0.2,
+                       "arms": {"full": {**arm, "tokens_generated": 1000, "teacher_tokens": 900}, "release": arm,
+                                "online": online},
+                       "steps": 10, "rollouts_per_step": 32, "seed": 0, "total_time_s": 100.0})
+    assert ("Online release against full OPD (same seed): time per step 0.60x, tokens generated 0.70x (700 vs 1,000), "
+            "teacher tokens scored 0.50x") in md
 
 
 def _assets_built() -> bool:
