@@ -513,6 +513,14 @@ def write_readme(out: Path, args, results, timings, sizes, eval_problems):
         "",
         f"- teacher: {args.teacher_steps} steps x batch {args.teacher_batch}, peak LR {args.teacher_lr}. "
         f"Validation curve (step: long / arithmetic greedy accuracy, 100 problems each): {curve('teacher_val_curve')}.",
+        f"- teacher, second stage (from the first stage's saved weights): {args.teacher_slip_steps} steps x batch "
+        f"{args.teacher_batch}, peak LR {args.teacher_slip_lr}, 20 warmup steps, the same mix, but half of the "
+        f"long-task examples carry student-like slips in their derivation (each sentence with probability "
+        f"{args.teacher_slips}: a wrong result, a miscopied total or term; "
+        "`fastopd.demo.long_task.slipped_solution`), the slipped numbers masked out of the loss, so the teacher "
+        "continues locally from a student's slips without learning to slip (docs/training.md, \"Why distillation "
+        f"did not teach\"). Validation: {curve('teacher_slip_curve')}." if results.get("teacher_slip_curve") else
+        "- teacher: no second (slip) stage.",
         f"- student: scheduled for {args.student_steps} steps x batch {args.student_batch}, peak LR "
         f"{args.student_lr}; validated every {args.student_eval_every} steps, stopping once its long-task accuracy "
         f"reaches {args.student_stop:.0%}; the checkpoint nearest {args.student_target:.0%} (inside 5-40%) is kept: "
@@ -550,6 +558,11 @@ def write_readme(out: Path, args, results, timings, sizes, eval_problems):
         "```",
         "",
     ]
+    if getattr(args, "clean_teacher", None):
+        lines[-3:-3] = []
+        lines += [f"This build reused a previous build's first-stage teacher (`--clean-teacher`; that build's "
+                  "clean SFT stage is deterministic and was byte-identical in two runs) and the previous student "
+                  "(`--skip-student`): its numbers above are that build's.", ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
