@@ -239,14 +239,7 @@ class ReleaseRule:
             weights = control_weights("shuffled", seg, valid, generator=self._rng, kept_fractions=release_fraction)
         else:
             weights = control_weights(self.mode, seg, valid, fraction=self.fraction, generator=self._rng)
-        valid_dev = valid.to(weights.device)
-        n_valid = valid_dev.sum(-1).cpu().numpy().astype(np.float64)
-        n_kept = ((weights > 0) & valid_dev).sum(-1).cpu().numpy().astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            kept_fraction = n_kept / n_valid
-        totals = release_sums(scan.gain, scan.accepted, release_fraction, n_valid.sum(), n_kept.sum())
-        return ReleaseDecision(weights, scan, release_segment, kept_fraction, release_fraction, series, totals,
-                               release_means(totals), elapsed_s=time.perf_counter() - t0)
+        return make_decision(weights, valid, scan, release_segment, release_fraction, series, t0)
 
     def segment_series(self, margins, segment_ids: torch.Tensor, valid: torch.Tensor) -> SegmentMeans:
         """The segment-mean series x_j (docs/formulas.md §2) of a (B, L) batch.
@@ -265,3 +258,16 @@ class ReleaseRule:
                 sums, counts = segment_sums_triton(margins, segment_ids.to(margins.device), valid.to(margins.device))
                 return series_from_sums(sums.cpu().numpy(), counts.cpu().numpy())
         return segment_means(margins, segment_ids, valid)
+
+
+def make_decision(weights, valid, scan, release_segment, release_fraction, series, t0: float) -> ReleaseDecision:
+    """The :class:`ReleaseDecision` of per-token ``weights`` (kept fractions and the batch's diagnostics),
+    timed from ``t0`` (``time.perf_counter()``); the offline rule and the online one (fastopd.train.online)."""
+    valid_dev = valid.to(weights.device)
+    n_valid = valid_dev.sum(-1).cpu().numpy().astype(np.float64)
+    n_kept = ((weights > 0) & valid_dev).sum(-1).cpu().numpy().astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kept_fraction = n_kept / n_valid
+    totals = release_sums(scan.gain, scan.accepted, release_fraction, n_valid.sum(), n_kept.sum())
+    return ReleaseDecision(weights, scan, release_segment, kept_fraction, release_fraction, series, totals,
+                           release_means(totals), elapsed_s=time.perf_counter() - t0)

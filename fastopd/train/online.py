@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastopd.common import release_fractions, release_means, release_segment_ids, release_sums
+from fastopd.common import release_fractions, release_segment_ids
 from fastopd.online import OnlineRelease
-from fastopd.release import ReleaseDecision, release_weights, segment_means
+from fastopd.release import ReleaseDecision, make_decision, release_weights, segment_means
 from fastopd.train.rollouts import IGNORE_INDEX, Rollouts, encode_prompts
 from fastopd.types import OnlineReleaseResult, SegmentMeans
 
@@ -629,14 +629,7 @@ def online_weights(rollouts: Rollouts) -> tuple[ReleaseDecision, torch.Tensor]:
     release_segment = release_segment_ids(online.series, scan)
     weights = release_weights(seg, valid, release_segment)
     release_fraction = release_fractions(seg, valid, release_segment)
-    valid_dev = valid.to(weights.device)
-    n_valid = valid_dev.sum(-1).cpu().numpy().astype(np.float64)
-    n_kept = ((weights > 0) & valid_dev).sum(-1).cpu().numpy().astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        kept_fraction = n_kept / n_valid
-    totals = release_sums(scan.gain, scan.accepted, release_fraction, n_valid.sum(), n_kept.sum())
-    dec = ReleaseDecision(weights, scan, release_segment, kept_fraction, release_fraction, online.series, totals,
-                          release_means(totals), elapsed_s=time.perf_counter() - t0)
+    dec = make_decision(weights, valid, scan, release_segment, release_fraction, online.series, t0)
     return dec, weights
 
 

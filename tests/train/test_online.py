@@ -33,13 +33,6 @@ from tiny import load_models, tiny_config
 ASSETS = Path(fastopd.__file__).parent / "assets" / "demo"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def demo():

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from fastopd.train.rollouts import completion_logits
 from tiny import load_models as models, text_rollouts
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_completion_logits_are_shifted_and_padding_invariant(tiny):

@@ -34,13 +34,6 @@ DETERMINISTIC_KEYS = ("loss", "adv_mean", "margin_mean", "kept_fraction", "accep
                       "tokens_supervised", "completion_length", "grad_norm")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 # ------------------------------------------------------------------------------------------ logits, weights
 def test_trainer_weights_equal_release_weights(tiny):
