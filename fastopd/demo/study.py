@@ -240,6 +240,26 @@ def plot_study(study: dict, out_dir: Path, run_dirs: dict[str, list[Path]] | Non
     paths = [out_dir / "accuracy.png"]
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
+    curves = {m: [r["curve"] for r in study["arms"][m] if r.get("curve")] for m in modes}
+    if any(curves.values()):  # curves.png: mean greedy in-domain accuracy over the eval points, per arm
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for mode, cs in curves.items():
+            if not cs:
+                continue
+            steps = [p[0] for p in cs[0]]
+            vals = np.array([[c[i][1] for i in range(len(steps))] for c in cs if len(c) == len(steps)])
+            ax.plot(steps, 100 * vals.mean(0), "o-", lw=2.5 if mode == "release" else 1.2, label=mode)
+        before = study.get("student_before", {}).get("accuracy")
+        if before is not None:
+            ax.axhline(100 * before, color="gray", ls="--", lw=1, label="student before")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("greedy in-domain accuracy (%), mean over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        paths.append(out_dir / "curves.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     if run_dirs:
         runs = {}
         if precondition_dir is not None and (Path(precondition_dir) / "rollouts.jsonl").is_file():

@@ -71,6 +71,13 @@ def test_format_study_and_plots(tmp_path):
     paths = plot_study(study, tmp_path)
     assert [p.name for p in paths] == ["accuracy.png"]
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # with each run's accuracy curve: the mean curves per arm in study.md and curves.png
+    for mode, rows in arms.items():
+        for r in rows:
+            r["curve"] = [[0, 0.3], [5, 0.3 + r["seed"] * 0.01], [10, r["accuracy"]]]
+    md = format_study(study, aggregate(arms, n_boot=500))
+    assert "- release: 0: 30.0%, 5: 31.0%, 10: 55.0%" in md
+    assert [p.name for p in plot_study(study, tmp_path)] == ["accuracy.png", "curves.png"]
 
 
 def test_study_rejects_bad_arms(tmp_path):
