@@ -172,7 +172,8 @@ def test_shipped_teacher_judges_the_students_own_broken_chains():
     """OPD trains on the student's own rollouts, where a sampled derivation breaks its chain (a miscopied total
     or term, a wrong sum) in most sentences. There the teacher's top-1 at a result ``c`` must be the sum of the
     numbers as written (sound local feedback). The first demo teacher, trained on clean solutions only, did this
-    at 62.5% of such results (docs/training.md, "Why distillation did not teach"); this test fails on it."""
+    at 62.5% of such results of the first student's rollouts and 85% of the current student's (docs/training.md,
+    "Why distillation did not teach"); this test fails on it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -185,6 +186,6 @@ def test_shipped_teacher_judges_the_students_own_broken_chains():
     teacher = AutoModelForCausalLM.from_pretrained(_PATHS.teacher).eval()
     rows = load_prompts(str(_PATHS.root / "data" / "long_train.jsonl"))[:48]
     res = teacher_at_results(teacher, tok, rows, sampled_rollouts(student, tok, rows, seed=0))
-    assert res["broken"]["n"] >= 150 and res["intact"]["n"] >= 30, res  # the student's chains do break
+    assert res["broken"]["n"] >= 80 and res["intact"]["n"] >= 30, res  # the student's chains do break
     assert res["intact"]["a+b"] >= 0.95, res
     assert res["broken"]["a+b"] >= 0.9, res
