@@ -240,6 +240,8 @@ def arm_summary(summary: dict, run: dict, run_dir: Path) -> dict:
                  if math.isfinite(as_float(r["kept_fraction"])))
     rule = release_means(release_sums([as_float(r["gain"]) for r in rollouts], [r["accepted"] for r in rollouts],
                                       [release_fraction(r) for r in rollouts], n_valid, n_kept))
+    if not rollouts:  # no rule decisions logged (the sft baseline): no rule metrics, not zeros
+        rule = dict.fromkeys(("accept_rate", "release_position", "gain_mean", "kept_fraction"), float("nan"))
     window = max(1, min(10, len(metrics) // 4))
     mean = lambda rows, key: sum(as_float(r[key]) for r in rows) / len(rows)  # noqa: E731
     return {

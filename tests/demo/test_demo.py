@@ -94,3 +94,17 @@ def test_demo_quick_end_to_end(tmp_path):
     for path in out.rglob("*.jsonl"):  # run logs, the precondition's rollouts, prompt files: strict JSON
         strict_jsonl(path)
     assert rel["accept_rate"] > 0.0 and rel["tokens_supervised"] < rel["tokens"]  # the rule acts on this task
+
+
+def test_arm_summary_of_an_arm_without_rule_decisions_has_no_rule_metrics(tmp_path):
+    """The sft baseline logs no rollouts.jsonl: its accept rate and kept fraction are NaN (a dash), not 0."""
+    import math
+
+    from fastopd.demo.demo import arm_summary
+
+    metrics = [{"step": i, "adv_mean": None, "sample_accuracy": 0.5, "time_step": 1.0, "tokens_generated": 100,
+                "teacher_tokens": 0} for i in range(1, 5)]
+    summary = {"eval": {"accuracy": 0.4}, "tokens": 400, "tokens_supervised": 400, "time_per_step": 1.0}
+    a = arm_summary(summary, {"rollouts": [], "metrics": metrics, "eval": [{"step": 4, "accuracy": 0.4}]}, tmp_path)
+    assert all(math.isnan(a[k]) for k in ("accept_rate", "kept_fraction", "gain_mean", "kl_first"))
+    assert a["supervised_fraction"] == 1.0 and a["tokens_generated"] == 400 and a["eval_curve"] == [(4, 0.4)]
