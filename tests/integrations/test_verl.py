@@ -48,6 +48,24 @@ def _fading_teacher(zs: torch.Tensor, seg: torch.Tensor, n_seg: torch.Tensor) ->
     return zs * scale.unsqueeze(-1)
 
 
+def _fading_batch(tok, ids):
+    """verl-shaped right-padded responses, their segments, student logits and a teacher that fades on them
+    (and the generator, for more random numbers)."""
+    from fastopd.integrations import completion_segments
+
+    width = max(map(len, ids))
+    resp = torch.full((len(ids), width), tok.pad_token_id)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for b, r in enumerate(ids):
+        resp[b, : len(r)] = torch.tensor(r)
+        mask[b, : len(r)] = 1
+    seg = completion_segments(tok, resp, mask)
+    g = torch.Generator().manual_seed(0)
+    zs = torch.randn(len(ids), width, V, generator=g) * 2
+    zt = _fading_teacher(zs, seg, seg.amax(-1) + 1)
+    return resp, mask, seg, zs, zt, g
+
+
 def test_module_imports_and_registers_only_with_verl():
     import fastopd.integrations.verl as fv
 
@@ -79,19 +97,10 @@ def test_options_from_environment_and_bad_values(monkeypatch):
 def test_loss_body_equals_fastopd_rule_on_full_logits(tok):
     """verl-shaped (bsz, resp_len) tensors: top-K -> sparse margins (server top-k = 40) -> segments -> weights."""
     import fastopd.integrations.verl as fv
-    from fastopd.integrations import completion_segments
 
     ids = _responses(tok)
-    width = max(map(len, ids))
-    resp = torch.full((len(ids), width), tok.pad_token_id)
-    mask = torch.zeros(len(ids), width, dtype=torch.long)
-    for b, r in enumerate(ids):
-        resp[b, : len(r)] = torch.tensor(r)
-        mask[b, : len(r)] = 1
-    seg = completion_segments(tok, resp, mask)
-    g = torch.Generator().manual_seed(0)
-    zs = torch.randn(len(ids), width, V, generator=g) * 2
-    zt = _fading_teacher(zs, seg, seg.amax(-1) + 1)
+    resp, mask, seg, zs, zt, g = _fading_batch(tok, ids)
+    width = resp.shape[1]
     lp_t = torch.log_softmax(zt, -1)
     t_lp, t_ids = torch.topk(lp_t, 40, dim=-1)
     sm = fv.margins_from_logits(zs, t_ids, t_lp, k=16)
@@ -114,19 +123,10 @@ def test_seeded_rule_makes_the_controls_reproducible(tok, mode, monkeypatch):
     """Two runs (two steps each) with the same seed give the same weights; another seed gives other weights.
     Within a run the process keeps one rule, so its generator advances from step to step."""
     import fastopd.integrations.verl as fv
-    from fastopd.integrations import completion_segments
 
     ids = _responses(tok, n_sentences=(12, 9, 14, 11, 13, 10, 12, 8))
-    width = max(map(len, ids))
-    resp = torch.full((len(ids), width), tok.pad_token_id)
-    mask = torch.zeros(len(ids), width, dtype=torch.long)
-    for b, r in enumerate(ids):
-        resp[b, : len(r)] = torch.tensor(r)
-        mask[b, : len(r)] = 1
-    seg = completion_segments(tok, resp, mask)
-    g = torch.Generator().manual_seed(0)
-    zs = torch.randn(len(ids), width, V, generator=g) * 2
-    zt = _fading_teacher(zs, seg, seg.amax(-1) + 1)
+    resp, mask, seg, zs, zt, g = _fading_batch(tok, ids)
+    width = resp.shape[1]
     t_lp, t_ids = torch.topk(torch.log_softmax(zt, -1), 40, dim=-1)
     margins = fv.margins_from_logits(zs, t_ids, t_lp, k=16).margins
     per_token = torch.ones(len(ids), width)
