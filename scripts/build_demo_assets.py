@@ -561,8 +561,7 @@ def write_readme(out: Path, args, results, timings, sizes, eval_problems):
         "",
     ]
     if getattr(args, "clean_teacher", None):
-        lines[-3:-3] = []
-        lines += [f"This build reused a previous build's first-stage teacher (`--clean-teacher`; that build's "
+        lines += ["This build reused a previous build's first-stage teacher (`--clean-teacher`; that build's "
                   "clean SFT stage is deterministic and was byte-identical in two runs): the teacher's first-stage "
                   "numbers above are that build's. The student was trained by this script's student stage with "
                   "`--skip-teacher` after the teacher was in place.", ""]
