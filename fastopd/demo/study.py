@@ -150,8 +150,9 @@ def format_study(study: dict, summary: dict) -> str:
                 steps = [p[0] for p in cs[0]]
                 means = [np.mean([c[i][1] for c in cs if len(c) > i]) for i in range(len(steps))]
                 lines.append(f"- {mode}: " + ", ".join(f"{st}: {m:.1%}" for st, m in zip(steps, means)))
+    n_seeds = max((len(rows) for rows in study["arms"].values()), default=0)
     lines += ["", "Paired difference release − control over seeds (mean, 95 % percentile bootstrap interval of the "
-              "mean over seeds; with 3 seeds the interval is coarse):", "",
+              f"mean over seeds; with {n_seeds} seeds the interval is coarse):", "",
               "| control | Δ in-domain accuracy | Δ OOD accuracy | Δ OOD reference NLL (lower is better) |",
               "|---|---|---|---|"]
     for mode, p in summary["paired"].items():
