@@ -119,14 +119,18 @@ def test_demo_and_study_pass_their_flags_through(monkeypatch, capsys):
     seen = {}
     monkeypatch.setattr(fastopd.demo.demo, "run_demo", lambda out, **kw: seen.update(demo=(out, kw)))
     monkeypatch.setattr(fastopd.demo.study, "run_study", lambda out, **kw: seen.update(study=(out, kw)))
-    code, _, _ = run_cli(["demo", "--task", "arithmetic", "--quick", "--out", "d"], capsys)
+    code, _, _ = run_cli(["demo", "--task", "arithmetic", "--quick", "--out", "d", "--jobs", "3"], capsys)
     assert code == 0 and seen["demo"][0] == "d"
     assert seen["demo"][1]["task"] == "arithmetic" and seen["demo"][1]["quick"] is True
-    code, _, _ = run_cli(["study", "--seeds", "2", "--steps", "5", "--arms", "release", "shuffled", "--out", "s"],
-                         capsys)
+    assert seen["demo"][1]["jobs"] == 3
+    code, _, _ = run_cli(["study", "--seeds", "2", "--steps", "5", "--arms", "release", "shuffled", "--out", "s",
+                          "--jobs", "2", "--eval-every", "5"], capsys)
     assert code == 0 and seen["study"][0] == "s"
     kw = seen["study"][1]
     assert (kw["seeds"], kw["steps"], kw["task"], kw["arms"]) == (2, 5, "long", ("release", "shuffled"))
+    assert (kw["jobs"], kw["eval_every"]) == (2, 5)
+    code, _, _ = run_cli(["study", "--out", "s"], capsys)
+    assert (seen["study"][1]["jobs"], seen["study"][1]["eval_every"]) == (1, None)  # defaults: one job, the schedule's
     code, _, err = run_cli(["demo", "--task", "nope"], capsys)
     assert code == 2 and "--task" in err
 
