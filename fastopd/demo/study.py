@@ -429,9 +429,9 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
                 else:
                     todo.append((seed, mode))
         trained += len(todo)
-        for (seed, mode), row in _run_jobs([(job_cfg(s, m), sched, out_dir / "runs" / f"{m}-s{s}") for s, m in todo],
-                                           jobs, progress, num_threads):
-            pass
+        # train this phase (each run writes its result.json), then read the rows back in seed order
+        list(_run_jobs([(job_cfg(s, m), sched, out_dir / "runs" / f"{m}-s{s}") for s, m in todo], jobs, progress,
+                       num_threads))
         for seed, mode in todo:
             rows[(seed, mode)] = json.loads((out_dir / "runs" / f"{mode}-s{seed}" / "result.json").read_text())
     for seed in seed_list:
