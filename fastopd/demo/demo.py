@@ -353,38 +353,56 @@ def default_jobs() -> int:
     return max(1, min(3, cores))
 
 
-def _train_one(args) -> dict:
-    cfg, threads = args
+def _call_with_threads(args):
+    fn, threads, item = args
     torch.set_num_threads(threads)
-    from fastopd.train.trainer import train
-
-    return train(cfg)
+    return fn(*item)
 
 
-def train_arms(cfgs: list[TrainConfig], *, jobs: int = 1, labels: list[str] | None = None) -> list[dict]:
-    """``fastopd.train.trainer.train`` on each config; ``jobs`` > 1 trains that many at once, each in its own
-    (spawned) process with the config's torch threads. Returns the summaries in the order of ``cfgs``."""
-    labels = labels or [c.mode for c in cfgs]
-    if jobs <= 1:
-        from fastopd.train.trainer import train
-
-        out = []
-        for cfg, label in zip(cfgs, labels):
-            print(f"--- {label}", flush=True)
-            out.append(train(cfg))
+def in_processes(fn, items: list[tuple], *, jobs: int, threads: int, before=None, after=None,
+                 desc: str | None = None) -> list:
+    """``fn(*item)`` for every item, in order. ``jobs`` > 1 runs that many at once, each in its own spawned
+    process with ``threads`` torch threads (``fn`` must be importable); otherwise one after the other here.
+    ``before(i)`` is called as item i starts (one at a time only), ``after(i, result)`` as it finishes; ``desc``
+    shows a progress bar over the finished items when they run at once. Returns the results in order."""
+    out = []
+    if jobs <= 1 or len(items) <= 1:
+        for i, item in enumerate(items):
+            if before is not None:
+                before(i)
+            out.append(fn(*item))
+            if after is not None:
+                after(i, out[-1])
         return out
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    from tqdm.auto import tqdm
+
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_train_one, (cfg, cfg.num_threads or DEFAULT_THREADS)) for cfg in cfgs]
-        out = []
-        for fut, label in zip(futures, labels):
-            summary = fut.result()
+        futures = [pool.submit(_call_with_threads, (fn, threads, item)) for item in items]
+        for i, fut in enumerate(tqdm(futures, desc=desc, disable=desc is None)):
+            out.append(fut.result())
+            if after is not None:
+                after(i, out[-1])
+    return out
+
+
+def train_arms(cfgs: list[TrainConfig], *, jobs: int = 1, labels: list[str] | None = None) -> list[dict]:
+    """``fastopd.train.trainer.train`` on each config (:func:`in_processes`: ``jobs`` at once, each with the
+    configs' torch threads). Returns the summaries in the order of ``cfgs``."""
+    from fastopd.train.trainer import train
+
+    labels = labels or [c.mode for c in cfgs]
+
+    def done(i, summary):
+        if jobs > 1:
             acc = (summary.get("eval") or {}).get("accuracy")
-            print(f"--- {label}: done, accuracy {_pct(acc)}, {summary['time_per_step']:.2f} s/step", flush=True)
-            out.append(summary)
-        return out
+            print(f"--- {labels[i]}: done, accuracy {_pct(acc)}, {summary['time_per_step']:.2f} s/step", flush=True)
+
+    threads = (cfgs[0].num_threads if cfgs else 0) or DEFAULT_THREADS
+    return in_processes(train, [(cfg,) for cfg in cfgs], jobs=jobs, threads=threads,
+                        before=lambda i: print(f"--- {labels[i]}", flush=True), after=done)
 
 
 def plot_accuracy(table: dict, path: Path) -> Path:

@@ -286,7 +286,8 @@ def _run_one(cfg, sched, run_dir: Path, progress: bool) -> dict:
     from fastopd.train.trainer import train
 
     summary = train(dataclasses.replace(cfg, output_dir=str(run_dir), overwrite=True, progress=progress))
-    a = arm_summary(summary, load_run(run_dir), run_dir)
+    run = load_run(run_dir)
+    a = arm_summary(summary, run, run_dir)
     ood = ood_metrics(run_dir / "final", cfg, sched) if Path(sched["ood_eval"]).is_file() else {}
     row = {"seed": cfg.seed, "accuracy": a["accuracy_after"], "ood_accuracy": ood.get("accuracy"),
            "ood_nll": ood.get("nll"),
@@ -295,51 +296,12 @@ def _run_one(cfg, sched, run_dir: Path, progress: bool) -> dict:
            "share_rule": a.get("share_rule"), "mode": cfg.mode,
            "curve": [[int(st), float(acc)] for st, acc in a["eval_curve"]],
            "max_new_tokens": cfg.max_new_tokens}
-    metrics = load_run(run_dir)["metrics"]
-    n_rollouts = sum(r.get("rollouts", 0) for r in metrics)
-    row["tokens_generated"] = int(sum(r.get("tokens_generated") or 0 for r in metrics))
-    row["teacher_tokens"] = int(sum(r.get("teacher_tokens") or 0 for r in metrics))
-    row["generated_per_rollout"] = row["tokens_generated"] / max(n_rollouts, 1)
+    row["tokens_generated"], row["teacher_tokens"] = a["tokens_generated"], a["teacher_tokens"]
+    row["generated_per_rollout"] = a["tokens_generated"] / max(sum(r.get("rollouts", 0) for r in run["metrics"]), 1)
     if cfg.mode == "fixed_prefix":
         row["fraction"] = cfg.fraction
     (run_dir / "result.json").write_text(json.dumps(row, indent=1) + "\n")
     return row
-
-
-def _job(args) -> dict:
-    cfg, sched, run_dir, progress, num_threads = args
-    import torch
-
-    torch.set_num_threads(num_threads)
-    return _run_one(cfg, sched, run_dir, progress)
-
-
-def _run_jobs(todo: list, jobs: int, progress: bool, num_threads: int):
-    """Train the runs of ``todo`` ((cfg, sched, run_dir) each), ``jobs`` at a time; yield ((seed, mode), row)."""
-    def report(cfg, row):
-        print(f"--- {cfg.output_dir.rsplit('/', 1)[-1]}: accuracy {row['accuracy']:.1%}, OOD {_pct(row['ood_accuracy'])}, "
-              f"supervised {row['tokens_supervised']:,} of {row['tokens']:,}, {row['time_per_step']:.2f} s/step",
-              flush=True)
-
-    if jobs == 1 or len(todo) <= 1:
-        for cfg, sched, run_dir in todo:
-            print(f"--- {cfg.mode}, seed {cfg.seed}", flush=True)
-            row = _run_one(cfg, sched, run_dir, progress)
-            report(cfg, row)
-            yield (cfg.seed, cfg.mode), row
-        return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    from tqdm.auto import tqdm
-
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_job, (cfg, sched, run_dir, False, num_threads)): cfg for cfg, sched, run_dir in todo}
-        for fut in tqdm(as_completed(futures), total=len(futures), desc="study runs", disable=not progress):
-            cfg = futures[fut]
-            row = fut.result()
-            report(cfg, row)
-            yield (cfg.seed, cfg.mode), row
 
 
 def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] = 3, steps: int | None = None,
@@ -355,7 +317,7 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
 
     import torch
 
-    from fastopd.demo.demo import DEFAULT_THREADS, baseline_accuracy, demo_config, run_precondition
+    from fastopd.demo.demo import DEFAULT_THREADS, baseline_accuracy, demo_config, in_processes, run_precondition
 
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
@@ -430,8 +392,15 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
                     todo.append((seed, mode))
         trained += len(todo)
         # train this phase (each run writes its result.json), then read the rows back in seed order
-        list(_run_jobs([(job_cfg(s, m), sched, out_dir / "runs" / f"{m}-s{s}") for s, m in todo], jobs, progress,
-                       num_threads))
+        names = [f"{m}-s{s}" for s, m in todo]
+        in_processes(_run_one, [(job_cfg(s, m), sched, out_dir / "runs" / f"{m}-s{s}", progress and jobs == 1)
+                                for s, m in todo], jobs=jobs, threads=num_threads,
+                     before=lambda i: print(f"--- {names[i]}", flush=True),
+                     after=lambda i, row: print(
+                         f"--- {names[i]}: accuracy {row['accuracy']:.1%}, OOD {_pct(row['ood_accuracy'])}, "
+                         f"supervised {row['tokens_supervised']:,} of {row['tokens']:,}, "
+                         f"{row['time_per_step']:.2f} s/step", flush=True),
+                     desc="study runs" if progress else None)
         for seed, mode in todo:
             rows[(seed, mode)] = json.loads((out_dir / "runs" / f"{mode}-s{seed}" / "result.json").read_text())
     for seed in seed_list:

@@ -111,3 +111,18 @@ def test_arm_summary_of_an_arm_without_rule_decisions_has_no_rule_metrics(tmp_pa
     a = arm_summary(summary, {"rollouts": [], "metrics": metrics, "eval": [{"step": 4, "accuracy": 0.4}]}, tmp_path)
     assert all(math.isnan(a[k]) for k in ("accept_rate", "kept_fraction", "gain_mean", "kl_first"))
     assert a["supervised_fraction"] == 1.0 and a["tokens_generated"] == 400 and a["eval_curve"] == [(4, 0.4)]
+
+
+def test_in_processes_returns_results_in_order_one_at_a_time_and_at_once():
+    """The runner of the demo's arms and the study's runs: the same results, in order, both ways."""
+    from fastopd.demo.demo import in_processes
+
+    items = [(7, 2), (9, 4), (5, 5)]
+    events = []
+    seq = in_processes(divmod, items, jobs=1, threads=1, before=lambda i: events.append(("start", i)),
+                       after=lambda i, r: events.append(("done", i, r)))
+    assert seq == [divmod(*it) for it in items]
+    assert events == [e for i, it in enumerate(items) for e in (("start", i), ("done", i, divmod(*it)))]
+    done = []
+    par = in_processes(divmod, items, jobs=2, threads=1, after=lambda i, r: done.append((i, r)))
+    assert par == seq and done == list(enumerate(seq))
