@@ -80,7 +80,8 @@ def _token_starts(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
 
 
 def token_kinds(tokenizer, ids: list[int]) -> list[str]:
-    """The kind (:data:`KINDS`) of every token of one completion."""
+    """The kind (:data:`KINDS`) of every token of one completion, by its anchor (its first non-space character,
+    as in docs/formulas.md §2)."""
     text, starts = _token_starts(tokenizer, ids)
     cut = text.find("The sum is")
     cut = len(text) if cut < 0 else cut
@@ -89,10 +90,12 @@ def token_kinds(tokenizer, ids: list[int]) -> list[str]:
     kinds = []
     for j, s in enumerate(starts):
         e = starts[j + 1] if j + 1 < len(starts) else len(text)
-        if s < cut:
+        piece = text[s:e]
+        a = s + (len(piece) - len(piece.lstrip()) if piece.strip() else 0)  # the anchor: first non-space character
+        if a < cut:
             kinds.append("result" if any(s <= r < e for r in results) else "derivation")
         else:
-            kinds.append("answer" if s < max(end_answer, cut + 1) else "check")
+            kinds.append("answer" if a < max(end_answer, cut + 1) else "check")
     return kinds
 
 
