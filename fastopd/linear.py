@@ -52,10 +52,28 @@ from fastopd.common import check_loss_options, per_token_loss, reduce_loss, weig
 from fastopd.head import LMHead, as_lm_head
 from fastopd.types import OPDOutput, TokenStats
 
-# Default rows per chunk: this many logits elements per tile. The reference holds ~8 fp32 (chunk, V)
+# Default rows per chunk off CUDA: this many logits elements per tile. The reference holds ~8 fp32 (chunk, V)
 # temporaries at once (log-softmax, top-K masks, ...); the kernels hold the two tiles and nothing else.
 REFERENCE_TILE_ELEMENTS = 1 << 23
 TRITON_TILE_ELEMENTS = 1 << 26
+
+# Default rows per chunk on CUDA (cuda_chunk_rows): as many as the tensor cores want (CUDA_TARGET_ROWS), but
+# the two (chunk, V) tiles at most CUDA_TILE_SHARE of the logits path's extra memory at N = CUDA_REFERENCE_N
+# (that path holds LOGITS_PATH_TENSORS (N, V) tensors: z_S, z_T and dl/dz_S), and at most CUDA_FREE_SHARE of
+# the device's free memory; a multiple of CUDA_ROW_MULTIPLE rows. Both tiles and the logits path's tensors
+# scale with V * itemsize, so the first cap is V- and dtype-free: 0.045 * 3 * 16384 / 2 = 1105 -> 1024 rows
+# (4.5 % for the tiles leaves room under the 5 % goal for the per-token vectors).
+CUDA_TARGET_ROWS = 4096
+CUDA_ROW_MULTIPLE = 128
+CUDA_REFERENCE_N = 16384
+CUDA_TILE_SHARE = 0.045
+CUDA_FREE_SHARE = 0.25
+LOGITS_PATH_TENSORS = 3
+
+# Experimental, off by default: compute the next chunk's teacher tile on a side CUDA stream while the
+# current chunk's statistics, loss backward and gradient matmuls run (one more (chunk, V) tile of memory).
+# Read at every call; no effect off CUDA. benchmarks/bench_linear.py measures it (method ``linear_overlap``).
+OVERLAP_TEACHER = False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,8 +160,38 @@ def _check_inputs(sh, s_head, th, t_head, target_ids, *, k, temperature, ignore_
     return s_head, t_head, v
 
 
-def default_chunk_size(backend: str, v: int) -> int:
-    """Rows per chunk when ``chunk_size=None``: 2^23 (reference) or 2^26 (Triton) logits elements per tile."""
+def cuda_chunk_rows(v: int, itemsize: int, free_bytes: int | None = None) -> int:
+    """Rows per chunk on a CUDA device, a pure function of the shape and the device's free memory.
+
+    min(CUDA_TARGET_ROWS, rows whose two (rows, V) tiles are CUDA_TILE_SHARE of the logits path's
+    LOGITS_PATH_TENSORS (CUDA_REFERENCE_N, V) tensors, rows whose two tiles are CUDA_FREE_SHARE of
+    ``free_bytes`` (None: no such cap)), rounded down to a multiple of CUDA_ROW_MULTIPLE (of 16 below that,
+    at least 1). With the defaults: 1024 rows for any V and dtype on a device with room (at V = 151936,
+    bf16: two 297 MiB tiles, 4.2 % of the logits path's 13.9 GiB at N = 16384).
+    """
+    tile_row = 2 * max(v, 1) * max(itemsize, 1)  # bytes of one row of both tiles
+    rows = min(CUDA_TARGET_ROWS, CUDA_TILE_SHARE * LOGITS_PATH_TENSORS * CUDA_REFERENCE_N / 2)
+    if free_bytes is not None:
+        rows = min(rows, CUDA_FREE_SHARE * free_bytes / tile_row)
+    rows = int(rows)
+    if rows >= CUDA_ROW_MULTIPLE:
+        return rows // CUDA_ROW_MULTIPLE * CUDA_ROW_MULTIPLE
+    return max(1, rows // 16 * 16 if rows >= 16 else rows)
+
+
+def default_chunk_size(backend: str, v: int, device=None, itemsize: int = 2) -> int:
+    """Rows per chunk when ``chunk_size=None``.
+
+    On a CUDA ``device``: :func:`cuda_chunk_rows` with the device's free memory (``torch.cuda.mem_get_info``)
+    and the hidden states' ``itemsize``. Elsewhere (CPU tensors, the Triton interpreter): 2^23 (reference)
+    or 2^26 (Triton) logits elements per tile, rounded down to a multiple of 16 rows.
+    """
+    if device is not None and torch.device(device).type == "cuda":
+        try:
+            free = torch.cuda.mem_get_info(device)[0]
+        except (RuntimeError, AssertionError):  # no driver answer: the shape-only caps
+            free = None
+        return cuda_chunk_rows(v, itemsize, free)
     budget = REFERENCE_TILE_ELEMENTS if backend == "reference" else TRITON_TILE_ELEMENTS
     rows = max(1, budget // max(v, 1))
     return max(16, rows // 16 * 16) if rows >= 16 else rows
@@ -160,7 +208,8 @@ class ChunkPlan:
 
     ``v``: the shared vocabulary size; ``chunk``: token rows per tile; ``dtype``: of the per-token outputs
     (float64 for fp64 inputs on the reference backend, else float32); ``backend``: ``"reference"`` or
-    ``"triton"`` (already resolved); the rest as in :func:`fastopd.opd_loss`.
+    ``"triton"`` (already resolved); ``overlap``: teacher tiles on a side CUDA stream (:data:`OVERLAP_TEACHER`);
+    the rest as in :func:`fastopd.opd_loss`.
     """
 
     v: int
@@ -171,6 +220,7 @@ class ChunkPlan:
     backend: str
     chunk: int
     dtype: torch.dtype
+    overlap: bool = False
 
 
 class _ReferenceChunks:
@@ -243,6 +293,35 @@ def _slices(n: int, chunk: int):
         yield slice(start, min(start + chunk, n))
 
 
+def _teacher_tiles(th, weight, bias, scale, softcap, slices, overlap: bool):
+    """(slice, teacher tile) per slice in order. With ``overlap`` on CUDA the next slice's tile is computed on a
+    side stream while the caller works on the current one: the side stream first waits for the current stream
+    (inputs ready), the current stream waits for the side stream before it reads a tile, and each tile is
+    recorded on the current stream so the allocator does not hand its memory to the side stream too early.
+    The tiles are the same matmuls on the same inputs either way."""
+    slices = list(slices)
+    if not (overlap and th.is_cuda and len(slices) > 1):
+        for sl in slices:
+            yield sl, head_logits(th[sl], weight, bias, scale, softcap)
+        return
+    main = torch.cuda.current_stream(th.device)
+    side = torch.cuda.Stream(device=th.device)
+
+    def launch(sl):
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            return head_logits(th[sl], weight, bias, scale, softcap)
+
+    nxt = launch(slices[0])
+    for i, sl in enumerate(slices):
+        cur = nxt
+        main.wait_stream(side)
+        cur.record_stream(main)
+        nxt = launch(slices[i + 1]) if i + 1 < len(slices) else None
+        yield sl, cur
+        del cur
+
+
 class _Grads:
     """The student's gradient buffers, filled chunk by chunk: grad_h rows, grad_W[:V] and grad_b[:V] sums."""
 
@@ -308,9 +387,8 @@ class _LinearOPDFunction(torch.autograd.Function):
         saved = impl.alloc(n, dev)
         need = ctx.needs_input_grad[:3]
         grads = _Grads(sh, sw, sb, v, need) if (eager_w is not None and any(need)) else None
-        for sl in _slices(n, plan.chunk):
+        for sl, zt in _teacher_tiles(th, t_w, t_b, t_scale, t_cap, _slices(n, plan.chunk), plan.overlap):
             zs = head_logits(sh[sl], s_w, s_b, s_scale, s_cap)
-            zt = head_logits(th[sl], t_w, t_b, t_scale, t_cap)
             o = None if old is None else old[sl]
             if grads is not None and bool((eager_w[sl] != 0).any()):
                 pt, st, dz = impl.forward_grad(zs, zt, tgt[sl], o, saved, sl, eager_w[sl])
@@ -352,12 +430,18 @@ class _LinearOPDFunction(torch.autograd.Function):
         reverse_kl = plan.loss == "reverse_kl"
         grads = _Grads(sh, sw, sb, v, need)
         live = (tgt != plan.ignore_index) & (g != 0)
+        # chunks where every row's gradient is zero: no recompute, their grad_h rows stay 0 (one host sync)
+        n, c = tgt.shape[0], plan.chunk
+        chunks = -(-n // c)
+        padded = live.new_zeros(chunks * c)
+        padded[:n] = live
+        keep = padded.view(chunks, c).any(1).tolist()
+        todo = [slice(i * c, min((i + 1) * c, n)) for i in range(chunks) if keep[i]]
+        tiles = (_teacher_tiles(th, t_w, t_b, t_scale, t_cap, todo, plan.overlap) if reverse_kl
+                 else ((sl, None) for sl in todo))
         with torch.no_grad(), torch.autocast(device_type=sh.device.type, enabled=False):
-            for sl in _slices(tgt.shape[0], plan.chunk):
-                if not bool(live[sl].any()):
-                    continue  # every row's gradient is zero: no recompute, grad_h rows stay 0
+            for sl, zt in tiles:
                 zs = head_logits(sh[sl], s_w, s_b, s_scale, s_cap)
-                zt = head_logits(th[sl], t_w, t_b, t_scale, t_cap) if reverse_kl else None
                 dz = impl.backward(zs, zt, tgt[sl], None if old is None else old[sl], ctx.saved, sl, g[sl])
                 del zt
                 grads.add(sl, sh[sl], head_raw_grad(zs, dz, s_scale, s_cap), s_w)
@@ -396,11 +480,13 @@ def _run(student_hidden, student_head, teacher_hidden, teacher_head, target_ids,
         check_kernel_dtype("teacher_hidden", teacher_hidden)
     shape = target_ids.shape
     n = target_ids.numel()
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(chosen, v)
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(
+        chosen, v, student_hidden.device, student_hidden.element_size())
     fp64 = student_hidden.dtype == torch.float64 and chosen == "reference"
     plan = ChunkPlan(
         v=v, k=k, temperature=float(temperature), ignore_index=ignore_index, loss=loss, backend=chosen,
         chunk=max(1, min(chunk, max(n, 1))), dtype=torch.float64 if fp64 else torch.float32,
+        overlap=bool(OVERLAP_TEACHER) and student_hidden.is_cuda,
     )
     eager_w = None
     if eager and torch.is_grad_enabled() and any(
@@ -473,7 +559,8 @@ def linear_token_stats(
     chosen = resolve_backend(backend, student_hidden.device,
                              dtypes=(student_hidden.dtype, teacher_hidden.dtype), k=k)
     n = target_ids.numel()
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(chosen, v)
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(
+        chosen, v, student_hidden.device, student_hidden.element_size())
     s_w, t_w = s_head.weight.detach()[:v], t_head.weight.detach()[:v]
     s_b = None if s_head.bias is None else s_head.bias.detach()[:v]
     t_b = None if t_head.bias is None else t_head.bias.detach()[:v]

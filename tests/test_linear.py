@@ -284,3 +284,95 @@ def test_eager_gradient_scaled_and_backward_twice(loss):
     for a, a2, e in zip(first, second, gwant):
         assert_close("eager", a, 0.25 * e, atol=1e-12, rtol=1e-10)
         assert_close("recompute", a2, 3.0 * e, atol=1e-12, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the chunk size: a pure function of the shape and the device, the result independent of it
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_cuda_chunk_rows_is_a_function_of_the_shape_and_free_memory():
+    from fastopd import linear as lin
+
+    # room on the device: the 4.5 %-of-the-logits-path cap, 1024 rows, whatever V and the dtype
+    for v, itemsize in [(151936, 2), (32768, 2), (151936, 4), (50257, 2)]:
+        assert lin.cuda_chunk_rows(v, itemsize, 140 * 2**30) == 1024
+        assert lin.cuda_chunk_rows(v, itemsize, None) == 1024
+    # the two tiles at V = 151936, bf16 are <= 5 % of the logits path's three (16384, V) tensors
+    rows = lin.cuda_chunk_rows(151936, 2, None)
+    assert 2 * rows * 151936 * 2 <= 0.05 * 3 * 16384 * 151936 * 2
+    # little free memory: the tiles take at most a quarter of it, still a multiple of 128 rows
+    free = 1 * 2**30
+    rows = lin.cuda_chunk_rows(151936, 2, free)
+    assert rows % 128 == 0 and 2 * rows * 151936 * 2 <= 0.25 * free and rows == 384
+    # almost none: multiples of 16, then at least one row
+    assert lin.cuda_chunk_rows(151936, 2, 40 * 2 * 151936 * 2 * 4) == 32
+    assert lin.cuda_chunk_rows(151936, 2, 3 * 2 * 151936 * 2 * 4) == 3
+    assert lin.cuda_chunk_rows(151936, 2, 0) == 1
+    # a larger share of the logits path (a setting) reaches the tensor cores' target and stops there
+    orig = lin.CUDA_TILE_SHARE
+    try:
+        lin.CUDA_TILE_SHARE = 1.0
+        assert lin.cuda_chunk_rows(151936, 2, None) == lin.CUDA_TARGET_ROWS == 4096
+    finally:
+        lin.CUDA_TILE_SHARE = orig
+
+
+def test_default_chunk_size_per_device(monkeypatch):
+    from fastopd import linear as lin
+
+    # off CUDA: the elements-per-tile defaults, unchanged (the tests and the CPU benchmark rely on them)
+    assert lin.default_chunk_size("reference", 32768) == 256
+    assert lin.default_chunk_size("reference", 32768, torch.device("cpu"), 4) == 256
+    assert lin.default_chunk_size("triton", 151936) == 432
+    assert lin.default_chunk_size("triton", 151936, "cpu") == 432
+    assert lin.default_chunk_size("reference", 10**8) == 1
+    # on CUDA: the device's free memory read through torch.cuda.mem_get_info (mocked here)
+    calls = []
+
+    def fake_mem_get_info(device=None):
+        calls.append(device)
+        return (2 * 2**30, 141 * 2**30)
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", fake_mem_get_info)
+    assert lin.default_chunk_size("triton", 151936, torch.device("cuda", 0), 2) == lin.cuda_chunk_rows(151936, 2, 2 * 2**30)
+    assert lin.default_chunk_size("triton", 151936, "cuda:0", 2) == 768 and len(calls) == 2
+
+    def broken(device=None):
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", broken)
+    assert lin.default_chunk_size("triton", 151936, "cuda", 2) == 1024
+
+
+@pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
+def test_same_loss_and_gradients_for_every_chunk_size(loss):
+    """fp64: the loss, statistics and gradients do not depend on the chunk size (nor on the overlap switch,
+    which has no effect off CUDA), on the eager path and on the recompute path of a release rule."""
+    from fastopd import linear as lin
+
+    c = make_case(21, lead=(3, 40), v=50, hs=8, ht=6, dtype=torch.float64)
+    seg = linear_segments((3, 40), 5)
+    results = []
+    for chunk, overlap in [(None, False), (1, False), (7, False), (64, False), (120, False), (7, True)]:
+        lin.OVERLAP_TEACHER = overlap
+        try:
+            h, w, b = leaves(c)
+            out = fastopd.linear_opd_loss(h, LMHead(w, b), c["th"], LMHead(c["tw"], c["tb"]), c["y"], loss=loss,
+                                          weights=c["w"], k=4, chunk_size=chunk)
+            g = grads(out.loss, [h, w, b])
+            h2, w2, b2 = leaves(c)
+            crit = fastopd.OPDLoss(loss, rule=fastopd.ReleaseRule(k=4, min_gain=0.0))
+            rule = crit.linear(h2, LMHead(w2, b2), c["th"], LMHead(c["tw"], c["tb"]), c["y"], segment_ids=seg,
+                               chunk_size=chunk)
+            g2 = grads(rule.loss, [h2, w2, b2])
+        finally:
+            lin.OVERLAP_TEACHER = False
+        results.append((out, g, rule, g2))
+    out0, g0, rule0, gr0 = results[0]
+    for out, g, rule, g2 in results[1:]:
+        assert_close("loss", out.loss, out0.loss, atol=1e-13, rtol=1e-12)
+        assert_close("margins", out.stats.margins, out0.stats.margins, atol=1e-13, rtol=1e-12)
+        assert_close("rule loss", rule.loss, rule0.loss, atol=1e-13, rtol=1e-12)
+        for a, e in zip(g + g2, g0 + gr0):
+            assert_close("grad", a, e, atol=1e-12, rtol=1e-10)

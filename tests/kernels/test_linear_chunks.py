@@ -78,3 +78,43 @@ def test_triton_rule_and_stats():
     for name in ("student_logprobs", "teacher_logprobs", "margins", "reverse_kl"):
         assert_close(name, getattr(st, name), getattr(want, name), atol=1e-4, rtol=1e-4)
     assert torch.equal(st.topk_ids.cpu(), want.topk_ids.cpu())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the side stream exists on CUDA only")
+@pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
+def test_overlap_streams_same_result(loss):
+    """fastopd.linear.OVERLAP_TEACHER (teacher tiles on a side stream) gives the same loss, statistics and
+    gradients as the serial loop, on the eager path and on the recompute path of a release rule; chunk None
+    (the CUDA default) gives them too."""
+    from fastopd import linear as lin
+
+    v = 4096
+    c = _on(make_case(14, lead=(4, 300), v=v, hs=64, ht=48, dtype=torch.float64), torch.bfloat16)
+    seg = linear_segments((4, 300), 14).to(DEVICE)
+    runs = []
+    for overlap, chunk in [(False, 128), (True, 128), (True, 256), (False, None)]:
+        lin.OVERLAP_TEACHER = overlap
+        try:
+            h, w, b = leaves(c)
+            out = fastopd.linear_opd_loss(h, fastopd.LMHead(w, b), c["th"], fastopd.LMHead(c["tw"], c["tb"]), c["y"],
+                                          loss=loss, k=4, chunk_size=chunk)
+            g = grads(out.loss, [h, w, b])
+            h2, w2, b2 = leaves(c)
+            crit = fastopd.OPDLoss(loss, rule=fastopd.ReleaseRule(k=4, min_gain=0.0))
+            rule = crit.linear(h2, fastopd.LMHead(w2, b2), c["th"], fastopd.LMHead(c["tw"], c["tb"]), c["y"],
+                               segment_ids=seg, chunk_size=chunk)
+            g2 = grads(rule.loss, [h2, w2, b2])
+        finally:
+            lin.OVERLAP_TEACHER = False
+        runs.append((out, rule, g + g2))
+    (out0, rule0, g0), same_chunk = runs[0], runs[1]
+    assert torch.equal(same_chunk[0].loss, out0.loss) and torch.equal(same_chunk[1].loss, rule0.loss)
+    assert torch.equal(same_chunk[0].stats.margins, out0.stats.margins)
+    for a, e in zip(same_chunk[2], g0):
+        assert a is None and e is None or torch.equal(a, e)
+    for out, rule, g in runs[2:]:  # other chunk sizes: the bf16 weight gradient is summed in another order
+        assert_close("loss", out.loss, out0.loss, atol=1e-5, rtol=1e-5)
+        assert_close("rule loss", rule.loss, rule0.loss, atol=1e-5, rtol=1e-5)
+        for a, e in zip(g, g0):
+            if e is not None:
+                assert_close("grad", a.float(), e.float(), atol=2e-2, rtol=2e-2)
