@@ -54,11 +54,13 @@ class ReleaseGKDTrainer(GKDTrainer):
         zs = student_outputs.logits[:, :-1, :]
         zt = teacher_outputs.logits[:, :-1, :]
         targets = inputs["labels"][:, 1:]
-        p = inputs["prompts"].shape[1]
-        completion = inputs["input_ids"][:, p:]
-        seg = completion_segments(self.processing_class, completion, inputs["labels"][:, p:] != -100)
-        segment_ids = torch.full_like(targets, -1)
-        segment_ids[:, p - 1:] = seg  # the logits at position i predict token i + 1
+        segment_ids = None
+        if self.opd_criterion.rule is not None:  # opd_mode="full" has none (make_criterion): no segments needed
+            p = inputs["prompts"].shape[1]
+            completion = inputs["input_ids"][:, p:]
+            seg = completion_segments(self.processing_class, completion, inputs["labels"][:, p:] != -100)
+            segment_ids = torch.full_like(targets, -1)
+            segment_ids[:, p - 1:] = seg  # the logits at position i predict token i + 1
         out = self.opd_criterion(zs, zt, targets, segment_ids=segment_ids, normalizer=num_items_in_batch)
         self.last_opd_output = out
         log_opd_metrics(self._metrics["train" if self.model.training else "eval"], out)

@@ -93,7 +93,14 @@ def check_opd_options(cfg) -> None:
 
 
 def make_criterion(args, temperature: float) -> OPDLoss:
-    """The trainer's :class:`fastopd.OPDLoss` with its :class:`fastopd.ReleaseRule` (seeded by ``args.seed``)."""
+    """The trainer's :class:`fastopd.OPDLoss` with its :class:`fastopd.ReleaseRule` (seeded by ``args.seed``).
+
+    ``opd_mode="full"`` gets no rule: its weights are the valid mask whatever the margins, so neither the
+    sentence segments nor the BIC scan are computed (the rule's ``accept_rate``/``gain_mean`` diagnostics
+    are then not logged; ``kept_fraction`` is 1, ``margin_mean``/``adv_mean`` come with the loss).
+    """
+    if args.opd_mode == "full":
+        return OPDLoss(args.opd_loss, k=args.opd_k, temperature=temperature)
     rule = ReleaseRule(args.opd_mode, k=args.opd_k, temperature=temperature, min_gain=args.opd_min_gain,
                        fraction=args.opd_fraction, seed=args.seed)
     return OPDLoss(args.opd_loss, k=args.opd_k, temperature=temperature, rule=rule)

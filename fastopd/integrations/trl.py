@@ -110,11 +110,15 @@ class ReleaseDistillationTrainer(DistillationTrainer):
             t_head = LMHead.from_model(unwrapped_teacher, teacher_hidden.dtype)
 
         valid = (loss_mask != 0).to(device)
-        targets = completion_ids.to(device).masked_fill(~valid, self.opd_criterion.ignore_index)
-        segments = completion_segments(self._segment_tokenizer(), completion_ids, loss_mask).to(device)
+        crit = self.opd_criterion
+        targets = completion_ids.to(device).masked_fill(~valid, crit.ignore_index)
+        # opd_mode="full" has no rule (make_criterion): every valid token has weight 1, so no segments are
+        # needed, and the loss is the eager hidden-state path (the gradient made while each chunk's tiles are live)
+        segments = None if crit.rule is None else completion_segments(
+            self._segment_tokenizer(), completion_ids, loss_mask).to(device)
         vs, vt = s_head.out_features, t_head.out_features
-        self.opd_criterion.vocab_size = min(vs, vt) if vs != vt else None
-        out = self.opd_criterion.linear(
+        crit.vocab_size = min(vs, vt) if vs != vt else None
+        out = crit.linear(
             student_hidden, s_head, teacher_hidden, t_head, targets, segment_ids=segments,
             normalizer=num_items_in_batch, chunk_size=self.args.opd_chunk_size,
         )

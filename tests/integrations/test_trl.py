@@ -139,6 +139,41 @@ def test_full_reverse_kl_equals_trl_beta_1(assets, tmp_path):
         assert math.isclose(loss, trl_loss, rel_tol=1e-4, abs_tol=1e-6), (loss, trl_loss)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert all(h["opd/kept_fraction"] == 1.0 for h in logged)  # the full control keeps every token
+    # full needs no rule: no segments, no scan, so none of the rule's diagnostics (docs/integrations.md)
+    assert trainer.opd_criterion.rule is None and trainer.last_opd_output.release is None
+    assert all("opd/margin_mean" in h and "opd/reverse_kl_mean" in h for h in logged)
+    assert not any("opd/accept_rate" in h or "opd/gain_mean" in h for h in logged)
+
+
+def test_full_reverse_kl_gradient_equals_trl_beta_1(assets, tmp_path, monkeypatch):
+    """The student's gradient of full/reverse_kl equals that of TRL's beta=1 loss on one sampled batch (the
+    eager hidden-state path against TRL's recompute), and full mode never segments the completions."""
+    import fastopd.integrations.trl as ftrl
+
+    trainer = _trainer(assets, tmp_path, opd_mode="full", opd_loss="reverse_kl", beta=1.0)
+    _, _, prompts = assets
+    trainer.model.train()
+    torch.manual_seed(0)
+    inputs = trainer._generate_and_score_completions([{"prompt": p} for p in prompts[:4]])
+    params = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+
+    def grads(fn):
+        trainer.model.zero_grad(set_to_none=True)
+        loss = fn(trainer, trainer.model, inputs, num_items_in_batch=inputs["num_items_in_batch"])[0]
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.detach().clone() for n, p in params if p.grad is not None}
+
+    def no_segments(*a, **k):
+        raise AssertionError("full mode segmented the completions")
+
+    monkeypatch.setattr(ftrl, "completion_segments", no_segments)
+    ours, g_ours = grads(ftrl.ReleaseDistillationTrainer._compute_loss)
+    theirs, g_trl = grads(trl.DistillationTrainer._compute_loss)
+    assert math.isclose(ours, theirs, rel_tol=1e-5, abs_tol=1e-6), (ours, theirs)
+    assert g_ours.keys() == g_trl.keys() and len(g_trl) > 0
+    scale = max(float(g.abs().max()) for g in g_trl.values())
+    for n, g in g_trl.items():
+        torch.testing.assert_close(g_ours[n], g, rtol=1e-4, atol=1e-5 * scale, msg=n)
 
 
 @pytest.mark.parametrize("config", ["ReleaseDistillationConfig", "ReleaseGKDConfig"])
@@ -232,6 +267,9 @@ def test_gkd_logits_path_full_reverse_kl_equals_gkd_beta_1(assets, tmp_path):
         assert n_valid > 0 and gkd > 0
         assert math.isclose(loss, gkd, rel_tol=1e-4, abs_tol=1e-6), (loss, gkd)
     logged = [h for h in trainer.state.log_history if "loss" in h]
-    assert all("opd/kept_fraction" in h and "opd/accept_rate" in h for h in logged)
+    # full has no rule (make_criterion): kept_fraction 1 and the loss's diagnostics, no accept_rate / gain_mean
+    assert all(h["opd/kept_fraction"] == 1.0 and "opd/margin_mean" in h for h in logged)
+    assert not any("opd/accept_rate" in h or "opd/gain_mean" in h for h in logged)
+    assert trainer.last_opd_output.release is None
     with pytest.raises(ValueError, match="lmbda"):
         ReleaseGKDConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], lmbda=0.5)
