@@ -547,7 +547,8 @@ def linear_token_stats(
             read as ``LMHead(weight)``. V' >= V (padded heads): only the first V rows are used.
         vocab_size: the shared vocabulary V both heads are cut to (None: the heads' ``out_features``, which
             must then be equal).
-        chunk_size: token rows per tile (default: 2^23 / V rows on the reference, 2^26 / V on Triton).
+        chunk_size: token rows per tile (default: on CUDA from the device, :func:`cuda_chunk_rows`; off CUDA
+            2^23 / V rows on the reference, 2^26 / V on Triton: :func:`default_chunk_size`).
         k, temperature, ignore_index, full_kl, return_topk, backend: as in :func:`fastopd.token_stats`.
     """
     s_head, t_head, v = _check_inputs(

@@ -119,8 +119,9 @@ class TrainConfig:
     loss_from: str = _f("hidden", "hidden: the loss from both models' final hidden states and LM heads in token "
                         "chunks, no (N, C, V) logits (docs/formulas.md §6); logits: materialise both models' "
                         "completion logits (FSDP1, or models without logits_to_keep).", LOSS_FROM)
-    loss_chunk_size: int = _f(0, "Token rows per logits tile of the hidden-state loss; 0: its default (2^26 / V on "
-                              "Triton, 2^23 / V on the reference).")
+    loss_chunk_size: int = _f(0, "Token rows per logits tile of the hidden-state loss; 0: its default (on a GPU "
+                              "from the device, 1024 rows when memory allows: fastopd.linear.cuda_chunk_rows; "
+                              "2^23 / V on the CPU reference).")
 
     # ---- optimisation
     steps: int = _f(100, "Optimizer steps to train for (may be raised when resuming).")
