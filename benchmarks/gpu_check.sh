@@ -13,7 +13,7 @@
 # benchmarks/results/gpu/run3 --readme` rewrites the README's GPU table from it.
 #
 # Phases (PHASES, default all, in this order; the time cap of each in brackets, seconds, overridable):
-#   setup    wheels from .whl/ into /tmp/site (on PYTHONPATH), build fastopd._C, versions.txt, nvidia_smi.txt  (~30)
+#   setup    wheels from .whl/ into $SITE (/tmp/site, on PYTHONPATH), build fastopd._C, versions.txt, nvidia_smi.txt  (~30)
 #   stats    bench_token_stats.py at the goal shape only (bf16, N = 16384, V = 151936, K = 16): every impl it
 #            runs by default (triton, triton_inplace, eager, compile and whatever it adds) and every op (the
 #            stats pass, with the KL, the pg / reverse_kl losses fwd + bwd); first the fp64 correctness check
@@ -36,24 +36,25 @@
 # versions.txt then shows the Triton actually imported. torch.compile (the "compile" rows) runs torch's own
 # Triton code against that Triton too: if those rows fail, add STATS_ARGS="--impls triton,triton_inplace,eager".
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-benchmarks/results/gpu/run3}"
 PHASES="${PHASES:-setup stats linear tests summary}"
 PY="${PYTHON:-python3}"
+SITE="${SITE:-/tmp/site}"  # the carried wheels go here (on PYTHONPATH)
 mkdir -p "$OUT"
 unset TRITON_INTERPRET                    # compiled kernels on CUDA tensors
 export TRITON_DEFAULT_FP_FUSION=1         # Triton 3.9's default, stated to silence its warning
 export PYTHONUNBUFFERED=1
 # The wheels of benchmarks/gpu_wheels.sh, when carried (.whl/): installed every time (a fresh machine is bare)
-if ls .whl/*.whl > /dev/null 2>&1 && [[ " $PHASES " == *" setup "* || ! -d /tmp/site ]]; then
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+if ls .whl/*.whl > /dev/null 2>&1 && [[ " $PHASES " == *" setup "* || ! -d "$SITE" ]]; then
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
             .whl/*.whl > "$OUT/wheels.log" 2>&1; then
-        echo "installed into /tmp/site: $(cd .whl && ls *.whl | tr '\n' ' ')" >> "$OUT/wheels.log"
+        echo "installed into $SITE:" .whl/*.whl >> "$OUT/wheels.log"
     else
         echo "wheel install failed (see $OUT/wheels.log): trl / liger rows will say not installed"
     fi
 fi
-[ -d /tmp/site ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+[ -d "$SITE" ] && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)
 status=0
@@ -79,6 +80,7 @@ phase() {
     [ "$rc" -eq 0 ] || status=1
 }
 
+# shellcheck disable=SC2317  # called through phase
 setup() {
     nvidia-smi > "$OUT/nvidia_smi.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/nvidia_smi.txt"
     # The C++ scan (fastopd._C; the release rule) is not built on a fresh machine: build it in place.
@@ -140,7 +142,9 @@ for f in tests/kernels/test_*.py; do
 done
 
 phase setup 0 setup
+# shellcheck disable=SC2086  # STATS_ARGS / LINEAR_ARGS: several words on purpose
 phase stats "${STATS_S:-150}" "$PY" benchmarks/bench_token_stats.py --out-dir "$OUT" --n 16384 --v 151936 ${STATS_ARGS:-}
+# shellcheck disable=SC2086
 phase linear "${LINEAR_S:-180}" "$PY" benchmarks/bench_linear.py --gpu --gpu-n 16384 4096 --out-dir "$OUT" ${LINEAR_ARGS:-}
 phase tests "${TEST_S:-120}" "$PY" -m pytest "${TEST_ARGS[@]}" "${TEST_FILES[@]}"
 phase summary 60 "$PY" benchmarks/gpu_tables.py "$OUT" --summary
