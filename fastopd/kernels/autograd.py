@@ -21,6 +21,7 @@ from fastopd.common import check_loss_options, per_token_loss, reduce_loss, weig
 from fastopd.kernels._helpers import OUT_ADV, OUT_KL, OUT_MARGIN, OUT_S, OUT_U, Rows, check_kernel_dtype
 from fastopd.kernels.loss_backward import launch_loss_backward
 from fastopd.kernels.token_stats import launch_token_stats
+from fastopd.kernels.token_stats_split import check_splits
 from fastopd.types import OPDOutput, TokenStats
 
 
@@ -34,7 +35,7 @@ class _OPDLossFunction(torch.autograd.Function):
         out, _ = launch_token_stats(
             student, teacher, target_ids, v=cfg["v"], k=cfg["k"], temperature=cfg["temperature"],
             ignore_index=cfg["ignore_index"], full_kl=reverse_kl, return_topk=False,
-            block_v=cfg["block_v"], group=cfg["group"], topk_impl=cfg["topk_impl"],
+            block_v=cfg["block_v"], group=cfg["group"], topk_impl=cfg["topk_impl"], splits=cfg["splits"],
         )
         valid = (target_ids != cfg["ignore_index"]).reshape(-1)
         w = w.reshape(-1)
@@ -87,6 +88,7 @@ def opd_loss_triton(
     block_v: int | None = None,
     group: int | None = None,
     topk_impl: str = "auto",
+    splits: int | str | None = None,
 ) -> OPDOutput:
     """The OPD loss of docs/formulas.md §5 with fused Triton forward statistics and a Triton backward.
 
@@ -104,8 +106,9 @@ def opd_loss_triton(
             nothing else reads those logits after this loss's backward (no second loss, no reuse of the
             tensor, no other autograd node that saved it): its values are overwritten and autograd is not
             told (no version-counter bump). The forward results are unaffected.
-        block_v, group, topk_impl: tuning knobs of the kernels; keep the defaults
-            (see :func:`fastopd.kernels.token_stats_triton`).
+        block_v, group, topk_impl, splits: tuning knobs of the kernels; keep the defaults
+            (see :func:`fastopd.kernels.token_stats_triton`; ``splits`` picks the forward's split-V stats
+            pass, :mod:`fastopd.kernels.token_stats_split`; the backward is unchanged).
     """
     v = check_token_inputs(
         student_logits, teacher_logits, target_ids,
@@ -114,9 +117,11 @@ def opd_loss_triton(
     check_loss_options(loss, weights, old_logprobs, target_ids)
     check_kernel_dtype("student_logits", student_logits)
     check_kernel_dtype("teacher_logits", teacher_logits)
+    check_splits(splits)
     cfg = dict(
         v=v, k=k, temperature=float(temperature), ignore_index=ignore_index, loss=loss,
         inplace_backward=bool(inplace_backward), block_v=block_v, group=group, topk_impl=topk_impl,
+        splits=splits,
     )
     valid = target_ids != ignore_index
     w = weight_mask(valid, weights, torch.float32)

@@ -123,56 +123,29 @@ def _stats_chunk(
     return new_m_s, sum_s, new_m_t, sum_t, acc, run
 
 
-@triton.jit(do_not_specialize=["N", "k", "ignore_index"])
-def _token_stats_kernel(
-    zs_ptr, zt_ptr, tgt_ptr, out_ptr, ids_ptr,
-    s_stride, t_stride, s_offs_ptr, t_offs_ptr,
-    N, V, k, ignore_index, tau, inv_tau, scale2,
-    S_OFFS: tl.constexpr, T_OFFS: tl.constexpr,
-    FULL_KL: tl.constexpr, RETURN_TOPK: tl.constexpr,
-    K_PAD: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_SIZE: tl.constexpr, BITONIC: tl.constexpr,
+@triton.jit
+def _stats_ignored(out_ptr, ids_ptr, row, N, k, j, RETURN_TOPK: tl.constexpr, K_PAD: tl.constexpr):
+    """An ignored row (target == ignore_index): zeros in every output row, candidate ids -1
+    (``j = tl.arange(0, K_PAD)``)."""
+    for o in tl.static_range(NUM_OUT):
+        tl.store(out_ptr + o * N + row, 0.0)
+    if RETURN_TOPK:
+        tl.store(ids_ptr + row * k + j, tl.full([K_PAD], -1, tl.int64), mask=j < k)  # -1: no candidate
+
+
+@triton.jit
+def _stats_tail(
+    zs_row, zt_row, out_ptr, ids_ptr, row, y, run, m_s, sum_s, m_t, sum_t, acc, N, V, k, tau, inv_tau, j, lane,
+    FULL_KL: tl.constexpr, RETURN_TOPK: tl.constexpr, K_PAD: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BITONIC: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    y = tl.load(tgt_ptr + row).to(tl.int64)
-    j = tl.arange(0, K_PAD)
-    if y == ignore_index:
-        for o in tl.static_range(NUM_OUT):
-            tl.store(out_ptr + o * N + row, 0.0)
-        if RETURN_TOPK:
-            tl.store(ids_ptr + row * k + j, tl.full([K_PAD], -1, tl.int64), mask=j < k)  # -1: no candidate
-        return
-
-    zs_row = zs_ptr + row_base(row, s_stride, s_offs_ptr, S_OFFS)
-    zt_row = zt_ptr + row_base(row, t_stride, t_offs_ptr, T_OFFS)
-    BLOCK: tl.constexpr = BLOCK_G * GROUP_SIZE
-    tile = tl.arange(0, BLOCK_G)[:, None] * GROUP_SIZE + tl.arange(0, GROUP_SIZE)[None, :]
-    lane = tl.arange(0, GROUP_SIZE)[None, :]
-
-    m_s = -float("inf")
-    sum_s = 0.0
-    m_t = -float("inf")
-    sum_t = 0.0
-    acc = 0.0
-    # Running top-K of *groups* (key = group max, lower group index first): the row's top-K elements lie in
-    # them, so elements are resolved once, after the loop.
-    run = tl.full([K_PAD], SENTINEL, tl.int64)
-    # Full chunks without a mask (so that the loads vectorise whatever V is), then one masked tail chunk.
-    # A while loop, not range(): the interpreter of Triton < 3.8 turns a runtime range bound into an int with
-    # int(ndarray of shape (1,)), which NumPy >= 2.4 rejects (docs/kernels.md, "Triton versions").
-    v_full = (V // BLOCK) * BLOCK
-    start = 0
-    while start < v_full:
-        m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
-            zs_row, zt_row, start, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
-            False, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
-        )
-        start += BLOCK
-    if v_full < V:
-        m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
-            zs_row, zt_row, v_full, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
-            True, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
-        )
-
+    """The end of a row once its streaming state is final (shared by the single-pass kernel and the split
+    pass's combine kernel, :mod:`fastopd.kernels.token_stats_split`): the K candidate groups ``run`` are read
+    again and one top-K picks the K elements; the teacher is gathered at them (margin, with the tie and
+    non-finite rules of the reference) and both models at the target y; the reverse KL from ``acc``; all
+    NUM_OUT outputs of the row (and its ids with RETURN_TOPK) are stored. ``j = tl.arange(0, K_PAD)``,
+    ``lane = tl.arange(0, GROUP_SIZE)[None, :]`` (made by the caller, where the single pass always made them,
+    so that its compiled code is unchanged)."""
     # --- the row's top-K elements, from the K candidate groups (one re-read of K * GROUP columns) ---
     real = (run != SENTINEL)[:, None]
     ecols = tl.where(real, key_index(run)[:, None], 0) * GROUP_SIZE + lane
@@ -217,6 +190,59 @@ def _token_stats_kernel(
         tl.store(ids_ptr + row * k + j, ids.to(tl.int64), mask=cand)
 
 
+@triton.jit(do_not_specialize=["N", "k", "ignore_index"])
+def _token_stats_kernel(
+    zs_ptr, zt_ptr, tgt_ptr, out_ptr, ids_ptr,
+    s_stride, t_stride, s_offs_ptr, t_offs_ptr,
+    N, V, k, ignore_index, tau, inv_tau, scale2,
+    S_OFFS: tl.constexpr, T_OFFS: tl.constexpr,
+    FULL_KL: tl.constexpr, RETURN_TOPK: tl.constexpr,
+    K_PAD: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_SIZE: tl.constexpr, BITONIC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(tgt_ptr + row).to(tl.int64)
+    j = tl.arange(0, K_PAD)
+    if y == ignore_index:
+        _stats_ignored(out_ptr, ids_ptr, row, N, k, j, RETURN_TOPK, K_PAD)
+        return
+
+    zs_row = zs_ptr + row_base(row, s_stride, s_offs_ptr, S_OFFS)
+    zt_row = zt_ptr + row_base(row, t_stride, t_offs_ptr, T_OFFS)
+    BLOCK: tl.constexpr = BLOCK_G * GROUP_SIZE
+    tile = tl.arange(0, BLOCK_G)[:, None] * GROUP_SIZE + tl.arange(0, GROUP_SIZE)[None, :]
+    lane = tl.arange(0, GROUP_SIZE)[None, :]
+
+    m_s = -float("inf")
+    sum_s = 0.0
+    m_t = -float("inf")
+    sum_t = 0.0
+    acc = 0.0
+    # Running top-K of *groups* (key = group max, lower group index first): the row's top-K elements lie in
+    # them, so elements are resolved once, after the loop.
+    run = tl.full([K_PAD], SENTINEL, tl.int64)
+    # Full chunks without a mask (so that the loads vectorise whatever V is), then one masked tail chunk.
+    # A while loop, not range(): the interpreter of Triton < 3.8 turns a runtime range bound into an int with
+    # int(ndarray of shape (1,)), which NumPy >= 2.4 rejects (docs/kernels.md, "Triton versions").
+    v_full = (V // BLOCK) * BLOCK
+    start = 0
+    while start < v_full:
+        m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
+            zs_row, zt_row, start, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
+            False, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
+        )
+        start += BLOCK
+    if v_full < V:
+        m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
+            zs_row, zt_row, v_full, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
+            True, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
+        )
+
+    _stats_tail(
+        zs_row, zt_row, out_ptr, ids_ptr, row, y, run, m_s, sum_s, m_t, sum_t, acc, N, V, k, tau, inv_tau, j, lane,
+        FULL_KL, RETURN_TOPK, K_PAD, GROUP_SIZE, BITONIC,
+    )
+
+
 def stats_launch_config(v: int, k: int, block_v: int | None = None, group: int | None = None,
                         bitonic: bool = True) -> dict:
     """Constexprs and num_warps of the stats kernel.
@@ -254,8 +280,17 @@ def launch_token_stats(
     block_v: int | None = None,
     group: int | None = None,
     topk_impl: str = "auto",
+    splits: int | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the stats kernel on already validated rows; returns the (NUM_OUT, N) fp32 buffer and the ids."""
+    """Run the stats kernel on already validated rows; returns the (NUM_OUT, N) fp32 buffer and the ids.
+
+    ``splits``: None (``FASTOPD_STATS_SPLITS`` if set, else 1), 1 (this module's single-pass kernel), an int
+    >= 2 or ``"auto"`` (the split-V pass of :mod:`fastopd.kernels.token_stats_split`, same outputs;
+    :func:`fastopd.kernels.token_stats_split.resolve_splits` clamps it, and a result of 1 is the single pass).
+    """
+    from fastopd.kernels.token_stats_split import check_splits, launch_token_stats_split, resolve_splits
+
+    check_splits(splits)
     check_triton()
     n = student.n
     device = student.data.device
@@ -265,6 +300,13 @@ def launch_token_stats(
         return out, ids
     tgt = target_ids.reshape(-1)
     cfg = stats_launch_config(v, k, block_v, group, use_bitonic(_token_stats_kernel, topk_impl))
+    n_split = resolve_splits(splits, n, v, cfg["K_PAD"], cfg["BLOCK_G"] * cfg["GROUP_SIZE"], device)
+    if n_split > 1:
+        launch_token_stats_split(
+            student, teacher, target_ids, out, ids, splits=n_split, v=v, k=k, temperature=temperature,
+            ignore_index=ignore_index, full_kl=full_kl, return_topk=return_topk, cfg=cfg,
+        )
+        return out, ids
     tau = float(temperature)
     _token_stats_kernel[(n,)](
         student.data, teacher.data, tgt, out, ids if ids is not None else out,
@@ -290,6 +332,7 @@ def token_stats_triton(
     block_v: int | None = None,
     group: int | None = None,
     topk_impl: str = "auto",
+    splits: int | str | None = None,
 ) -> TokenStats:
     """Per-token statistics of docs/formulas.md §1 by one fused streaming pass per row (no N x V temporary).
 
@@ -303,9 +346,15 @@ def token_stats_triton(
     two widths may differ. Tuning knobs (keep the defaults): ``block_v`` the chunk width (rounded to a power
     of two, default 4096), ``group`` the columns per top-K group (see :func:`stats_launch_config`),
     ``topk_impl`` ``"auto"`` (``tl.topk`` when compiled, a rank-based selection under the interpreter),
-    ``"bitonic"`` or ``"select"``.
+    ``"bitonic"`` or ``"select"``; ``splits`` None (the default: ``FASTOPD_STATS_SPLITS`` if set, else
+    1 = this single pass), an int >= 2 or ``"auto"`` (the split-V pass: each row cut into that many V-slices,
+    clamped to its chunks; :mod:`fastopd.kernels.token_stats_split`, docs/kernels.md). Equal ids and
+    margins either way; log-probs and KL to fp32 rounding.
     """
     from fastopd._validate import check_token_inputs
+    from fastopd.kernels.token_stats_split import check_splits
+
+    check_splits(splits)
 
     v = check_token_inputs(
         student_logits, teacher_logits, target_ids,
@@ -318,7 +367,7 @@ def token_stats_triton(
         out, ids = launch_token_stats(
             student, teacher, target_ids, v=v, k=k, temperature=temperature, ignore_index=ignore_index,
             full_kl=full_kl, return_topk=return_topk, block_v=block_v, group=group,
-            topk_impl=topk_impl,
+            topk_impl=topk_impl, splits=splits,
         )
     shape = target_ids.shape
     stats = TokenStats(
