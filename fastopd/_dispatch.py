@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from fastopd.common import KERNEL_DTYPES, KERNEL_MAX_K, TRITON_FLOOR
+from fastopd.common import KERNEL_DTYPES, KERNEL_LOSSES, KERNEL_MAX_K, LOSSES, TRITON_FLOOR
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -92,11 +92,12 @@ def _dtypes(*ts) -> tuple:
 
 
 
-def resolve_backend(backend: str, device: torch.device, *, dtypes=(), k: int | None = None) -> str:
+def resolve_backend(backend: str, device: torch.device, *, dtypes=(), k: int | None = None,
+                    loss: str | None = None) -> str:
     """Return ``"triton"`` or ``"reference"`` for tensors on ``device``, or raise a clear ValueError.
 
-    ``auto`` picks Triton for CUDA tensors whose ``dtypes`` the kernels take and ``k <= 256``, the
-    reference otherwise (fp64 logits, CPU tensors, no triton installed, or a Triton older than
+    ``auto`` picks Triton for CUDA tensors whose ``dtypes`` the kernels take, ``k <= 256`` and a ``loss`` in
+    :data:`fastopd.common.KERNEL_LOSSES` (or None), the reference otherwise (fp64 logits, CPU tensors, no triton installed, or a Triton older than
     ``TRITON_FLOOR``: then with one RuntimeWarning per process). ``triton`` under a Triton older than the
     floor raises RuntimeError.
     """
@@ -105,9 +106,13 @@ def resolve_backend(backend: str, device: torch.device, *, dtypes=(), k: int | N
     if backend == "reference":
         return "reference"
     if backend == "auto":
-        kernel_ok = all(d in KERNEL_DTYPES for d in dtypes) and (k is None or (isinstance(k, int) and k <= KERNEL_MAX_K))
+        kernel_ok = (all(d in KERNEL_DTYPES for d in dtypes) and (k is None or (isinstance(k, int) and k <= KERNEL_MAX_K))
+                     and (loss is None or loss in KERNEL_LOSSES))
         wants = device.type == "cuda" and kernel_ok and triton_available()
         return "triton" if wants and _triton_ok_for_auto() else "reference"
+    if loss in LOSSES and loss not in KERNEL_LOSSES:  # (an unknown name is the loss's own check's to refuse)
+        raise ValueError(f"loss={loss!r} has no Triton kernel (kernels: {KERNEL_LOSSES}); use backend='auto' or "
+                         "'reference'")
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package (pip install triton); use backend='reference'")
     check_triton()

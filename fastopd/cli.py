@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help=f"steps per arm (default, per task: {per_schedule('steps')})")
     p.add_argument("--seed", type=int, default=0, help="seed of every arm (default 0)")
-    p.add_argument("--loss", choices=("reverse_kl", "pg"), default=None,
+    p.add_argument("--loss", choices=("reverse_kl", "forward_kl", "pg"), default=None,
                    help=f"loss of every arm (default {COMMON['loss']}: the lowest-variance choice for the tiny "
                    "student)")
     p.add_argument("--lr", type=float, default=None,

@@ -30,7 +30,9 @@ import torch
 from fastopd._validate import check_per_token
 from fastopd.types import OPDOutput, ReleaseResult, SegmentMeans, TokenStats
 
-LOSSES = ("pg", "reverse_kl")
+LOSSES = ("pg", "reverse_kl", "forward_kl")
+# The losses whose per-token term is a full-vocabulary divergence (l_t = w_t D_t, row factor c_t = w_t).
+DIVERGENCES = ("reverse_kl", "forward_kl")
 CONTROLS = ("full", "fixed_prefix", "random", "shuffled")
 MODES = ("release",) + CONTROLS
 
@@ -38,6 +40,8 @@ MODES = ("release",) + CONTROLS
 # holds at most 256 candidates); backend="auto" hands anything else to the reference.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_MAX_K = 256
+# The losses the Triton kernels implement; backend="auto" hands any other to the reference, "triton" refuses it.
+KERNEL_LOSSES = ("pg", "reverse_kl")
 # Oldest Triton the kernels compile with (3.3.1 lacks tl.topk); pyproject.toml and the README state the same,
 # fastopd._dispatch enforces it, scripts/ci_triton_matrix.sh compiles the kernels under it (docs/kernels.md).
 TRITON_FLOOR = (3, 4)
@@ -67,11 +71,12 @@ def weight_mask(valid: torch.Tensor, weights: torch.Tensor | None, dtype: torch.
 
 
 class PerTokenLoss(NamedTuple):
-    """l_t, the gradient's row factor c_t, and the advantage the ``pg`` loss used (None for ``reverse_kl``).
+    """l_t, the gradient's row factor c_t, and the advantage the ``pg`` loss used (None for the divergences).
 
     c_t is what multiplies the per-row vector of the gradient w.r.t. the student logits:
-    dl_t/dz_S = c_t (p_S - e_{y_t}) / tau for ``pg`` (c_t = w_t A_t rho_t) and
-    dl_t/dz_S = c_t p_S ((log p_S - log p_T) - KL_t) / tau for ``reverse_kl`` (c_t = w_t). It is detached.
+    dl_t/dz_S = c_t (p_S - e_{y_t}) / tau for ``pg`` (c_t = w_t A_t rho_t),
+    dl_t/dz_S = c_t p_S ((log p_S - log p_T) - KL_t) / tau for ``reverse_kl`` and
+    dl_t/dz_S = c_t (p_S - p_T) / tau for ``forward_kl`` (c_t = w_t for both). It is detached.
     """
 
     per_token: torch.Tensor
@@ -93,11 +98,12 @@ def per_token_loss(
 
     ``pg``: l_t = -w_t sg(A_t) rho_t with rho_t = exp(s_t - sg(s_old_t)) and A_t = u_t - s_old_t, where
     s_old = sg(s) when ``old_logprobs`` is None; needs ``s`` (which may carry a gradient) and ``u``.
-    ``reverse_kl``: l_t = w_t KL_t; needs ``kl`` (which may carry a gradient). ``w`` is
-    :func:`weight_mask`'s; every tensor has one shape and the dtype of ``w``; l_t = 0 at invalid positions.
+    ``reverse_kl`` / ``forward_kl``: l_t = w_t D_t with D_t that divergence (KL(p_S || p_T) or
+    KL(p_T || p_S)), passed as ``kl`` (which may carry a gradient). ``w`` is :func:`weight_mask`'s; every
+    tensor has one shape and the dtype of ``w``; l_t = 0 at invalid positions.
     """
     zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    if loss == "reverse_kl":
+    if loss in DIVERGENCES:
         return PerTokenLoss(torch.where(valid, w * kl, zero), torch.where(valid, w, zero), None)
     s_old = s.detach() if old_logprobs is None else old_logprobs.detach().to(w.dtype)
     adv = torch.where(valid, u - s_old, zero)
@@ -128,7 +134,8 @@ def loss_metrics(stats: TokenStats, weights: torch.Tensor, loss: str) -> dict:
     """Plain-float diagnostics every backend reports with the loss (docs/formulas.md §5).
 
     ``adv_mean`` and ``margin_mean`` over valid tokens, ``kept_fraction`` = #(valid and w > 0) / #valid,
-    ``num_valid``, ``num_kept`` and, for ``reverse_kl``, ``reverse_kl_mean``.
+    ``num_valid``, ``num_kept`` and, for ``reverse_kl`` / ``forward_kl``, ``reverse_kl_mean`` /
+    ``forward_kl_mean``.
     """
     valid = stats.valid
     n_valid = int(valid.sum())
@@ -143,6 +150,8 @@ def loss_metrics(stats: TokenStats, weights: torch.Tensor, loss: str) -> dict:
     }
     if loss == "reverse_kl" and stats.reverse_kl is not None:
         metrics["reverse_kl_mean"] = float(stats.reverse_kl.sum()) / denom
+    if loss == "forward_kl" and stats.forward_kl is not None:
+        metrics["forward_kl_mean"] = float(stats.forward_kl.sum()) / denom
     return metrics
 
 

@@ -27,15 +27,16 @@ How (peak extra memory O(chunk * V), independent of N):
   gradient is sigma * w (what ``out.loss`` sends back: sigma = upstream / normaliser) and scales.
   Recompute (with a release rule, whose weights exist only after the whole forward, or when ``per_token``
   is reduced some other way): the backward recomputes per chunk the student tile (and the teacher's for
-  ``reverse_kl``, whose gradient reads log p_T -- ``pg`` needs only the saved u_t) and does the same.
+  ``reverse_kl`` / ``forward_kl``, whose gradients read log p_T -- ``pg`` needs only the saved u_t) and does
+  the same.
   Either way dl/dz_S comes from the single loss definition (reference: autograd of
   :func:`fastopd.reference.opd_loss` / :func:`fastopd.common.per_token_loss` on the tile; Triton: the
   loss-backward kernel with the coefficient of :func:`fastopd.common.per_token_loss`, written in
   place into the tile). Rows of W and b beyond V get a zero gradient; teacher tensors get none.
 
 Cost: eager, 4 matmuls of N x H x V (two head forwards, grad_h, grad_W) like the logits path. Recompute,
-5 (``pg``) or 6 (``reverse_kl``): the student's head matmul runs again in the backward (and the teacher's
-for ``reverse_kl``), plus the loss's elementwise work on the tile again. Chunks whose rows are all ignored
+5 (``pg``) or 6 (``reverse_kl``, ``forward_kl``): the student's head matmul runs again in the backward (and
+the teacher's for the divergences), plus the loss's elementwise work on the tile again. Chunks whose rows are all ignored
 (or whose incoming gradient is zero) skip the backward matmuls. The weight gradient is accumulated in the
 weight's dtype (one rounding per chunk in bf16).
 """
@@ -48,7 +49,7 @@ import torch
 
 from fastopd._dispatch import cpu_ops, resolve_backend
 from fastopd._validate import check_token_inputs
-from fastopd.common import check_loss_options, per_token_loss, reduce_loss, weight_mask
+from fastopd.common import DIVERGENCES, check_loss_options, per_token_loss, reduce_loss, weight_mask
 from fastopd.head import LMHead, as_lm_head
 from fastopd.types import OPDOutput, TokenStats
 
@@ -269,7 +270,8 @@ class _ReferenceChunks:
                 terms = per_token_loss("pg", valid, w, s=s, u=saved["u"][sl].to(ls.dtype), old_logprobs=old)
             else:
                 _, lt = ref.logprobs(zt, zt.shape[-1], p.temperature)
-                terms = per_token_loss("reverse_kl", valid, w, kl=ref.reverse_kl(ls, lt))
+                divergence = ref.reverse_kl if p.loss == "reverse_kl" else ref.forward_kl
+                terms = per_token_loss(p.loss, valid, w, kl=divergence(ls, lt))
             (dz,) = torch.autograd.grad(terms.per_token, z, g.to(ls.dtype))
         return dz.to(zs.dtype)
 
@@ -382,8 +384,8 @@ class _LinearOPDFunction(torch.autograd.Function):
         per_token = torch.zeros(n, dtype=plan.dtype, device=dev)
         fields = {f: torch.zeros(n, dtype=plan.dtype, device=dev)
                   for f in ("student_logprobs", "teacher_logprobs", "advantages", "margins")}
-        if plan.loss == "reverse_kl":
-            fields["reverse_kl"] = torch.zeros(n, dtype=plan.dtype, device=dev)
+        if plan.loss in DIVERGENCES:  # the per-token divergence, as TokenStats.reverse_kl / .forward_kl
+            fields[plan.loss] = torch.zeros(n, dtype=plan.dtype, device=dev)
         saved = impl.alloc(n, dev)
         need = ctx.needs_input_grad[:3]
         grads = _Grads(sh, sw, sb, v, need) if (eager_w is not None and any(need)) else None
@@ -427,7 +429,7 @@ class _LinearOPDFunction(torch.autograd.Function):
         impl = _chunk_impl(plan, s_cap)
         s_w, s_b = sw[:v], None if sb is None else sb[:v]
         t_w, t_b = tw[:v], None if tb is None else tb[:v]
-        reverse_kl = plan.loss == "reverse_kl"
+        divergence = plan.loss in DIVERGENCES  # its gradient reads the teacher's log-probs
         grads = _Grads(sh, sw, sb, v, need)
         live = (tgt != plan.ignore_index) & (g != 0)
         # chunks where every row's gradient is zero: no recompute, their grad_h rows stay 0 (one host sync)
@@ -437,7 +439,7 @@ class _LinearOPDFunction(torch.autograd.Function):
         padded[:n] = live
         keep = padded.view(chunks, c).any(1).tolist()
         todo = [slice(i * c, min((i + 1) * c, n)) for i in range(chunks) if keep[i]]
-        tiles = (_teacher_tiles(th, t_w, t_b, t_scale, t_cap, todo, plan.overlap) if reverse_kl
+        tiles = (_teacher_tiles(th, t_w, t_b, t_scale, t_cap, todo, plan.overlap) if divergence
                  else ((sl, None) for sl in todo))
         with torch.no_grad(), torch.autocast(device_type=sh.device.type, enabled=False):
             for sl, zt in tiles:
@@ -472,7 +474,7 @@ def _run(student_hidden, student_head, teacher_hidden, teacher_head, target_ids,
     )
     check_loss_options(loss, weights, old_logprobs, target_ids)
     chosen = resolve_backend(backend, student_hidden.device,
-                             dtypes=(student_hidden.dtype, teacher_hidden.dtype), k=k)
+                             dtypes=(student_hidden.dtype, teacher_hidden.dtype), k=k, loss=loss)
     if chosen == "triton":
         from fastopd.kernels._helpers import check_kernel_dtype
 
@@ -507,7 +509,7 @@ def _run(student_hidden, student_head, teacher_hidden, teacher_head, target_ids,
         margins=m.view(shape), valid=valid,
     )
     if kl:
-        stats.reverse_kl = kl[0].view(shape)
+        setattr(stats, loss, kl[0].view(shape))
     return per0.view(shape), stats
 
 
@@ -619,7 +621,7 @@ def linear_opd_loss(
     """:func:`fastopd.opd_loss` on z = softcap(scale (h W[:V]^T + b[:V])) per model, by token chunks (§5, §6).
 
     ``pg``: l_t = -w_t sg(A_t) rho_t with rho_t = exp(s_t - sg(s_old_t)), A_t = u_t - s_old_t; ``reverse_kl``:
-    l_t = w_t KL_t; loss = sum_t l_t / normaliser (default: the number of valid tokens). The gradient flows
+    l_t = w_t KL_t; ``forward_kl``: l_t = w_t KL(p_T || p_S)_t; loss = sum_t l_t / normaliser (default: the number of valid tokens). The gradient flows
     into ``student_hidden`` and the student head's weight and bias (rows >= V get 0); the teacher's tensors,
     ``weights`` and ``old_logprobs`` get none. Peak extra memory is O(chunk_size * V), independent of N.
     Heads are :class:`fastopd.LMHead` or bare weights; the other arguments as in :func:`linear_token_stats`

@@ -39,7 +39,7 @@ def opd_loss(
         target_ids: (...) sampled tokens y_t, ``ignore_index`` where not trained.
         weights: (...) per-token w_t (e.g. from :class:`fastopd.ReleaseRule`); None means the valid mask.
         loss: ``"pg"`` (importance-weighted policy gradient with the reverse-KL advantage A_t = u_t - s_t)
-            or ``"reverse_kl"`` (exact dense reverse KL).
+            or ``"reverse_kl"`` (exact dense reverse KL) or ``"forward_kl"`` (exact dense KL(p_T || p_S)).
         old_logprobs: (...) the sampler's log-probs s_old for ``pg`` (None: s_old = sg(s), rho = 1).
         normalizer: divide the summed loss by this (e.g. TRL's ``num_items_in_batch``); default the number
             of valid tokens.
@@ -63,7 +63,8 @@ def opd_loss(
         k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
     )
     # Each backend validates its arguments itself (once): here only what the choice needs.
-    if resolve_backend(backend, _device(student_logits), dtypes=_dtypes(student_logits, teacher_logits), k=k) == "triton":
+    if resolve_backend(backend, _device(student_logits), dtypes=_dtypes(student_logits, teacher_logits), k=k,
+                       loss=loss) == "triton":
         from fastopd.kernels import opd_loss_triton
 
         return opd_loss_triton(student_logits, teacher_logits, target_ids, inplace_backward=inplace_backward, **kwargs)

@@ -9,7 +9,8 @@ two agree bit for bit.
 
 Sections:
 - 1. token statistics: :func:`token_stats`, and its public pieces :func:`logprobs`, :func:`reverse_kl`,
-  :func:`topk_candidates` (the hidden-state path's CPU backend, :mod:`fastopd.linear`, reuses the first two)
+  :func:`forward_kl`, :func:`topk_candidates` (the hidden-state path's CPU backend, :mod:`fastopd.linear`,
+  reuses the first three)
 - 2. segment means (the segmentation itself is in :mod:`fastopd.segment`): :func:`segment_means`
 - 3. release point: :func:`bic_release`; online release (§8): :func:`online_release`
 - 4. weights: :func:`release_weights`, :func:`control_weights`
@@ -122,6 +123,12 @@ def reverse_kl(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
     """KL_t = sum_v p_S(v) (log p_S(v) - log p_T(v)); terms with p_S(v) = 0 contribute 0."""
     p = ls.exp()
     return torch.where(p > 0, p * (ls - lt), torch.zeros_like(p)).sum(-1)
+
+
+def forward_kl(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+    """KL(p_T || p_S)_t = sum_v p_T(v) (log p_T(v) - log p_S(v)); terms with p_T(v) = 0 contribute 0."""
+    p = lt.exp()
+    return torch.where(p > 0, p * (lt - ls), torch.zeros_like(p)).sum(-1)
 
 
 def logprobs(logits: torch.Tensor, v: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,7 +470,8 @@ def opd_loss(
     """The OPD loss of docs/formulas.md §5 by plain autograd (the oracle for the kernels' backward).
 
     ``pg``: l_t = -w_t sg(A_t) rho_t, rho_t = exp(s_t - sg(s_old_t)), A_t = u_t - s_old_t (s_old = sg(s)
-    when ``old_logprobs`` is None). ``reverse_kl``: l_t = w_t KL_t. loss = sum_t l_t / normaliser, the
+    when ``old_logprobs`` is None). ``reverse_kl``: l_t = w_t KL_t; ``forward_kl``: l_t = w_t KL(p_T || p_S)_t
+    (GKD's forward divergence on the student's own tokens). loss = sum_t l_t / normaliser, the
     normaliser being the number of valid tokens unless given. ``weights=None`` means the valid mask;
     weights at invalid positions are ignored. Teacher logits get no gradient.
     """
@@ -486,6 +494,10 @@ def opd_loss(
         s = ls.gather(-1, tgt).squeeze(-1)
         terms = per_token_loss("pg", valid, w, s=s, u=stats.teacher_logprobs, old_logprobs=old_logprobs)
         stats.advantages = terms.advantages
+    elif loss == "forward_kl":
+        fkl = forward_kl(ls, lt)
+        stats.forward_kl = torch.where(valid, fkl.detach(), torch.zeros((), dtype=fkl.dtype, device=fkl.device))
+        terms = per_token_loss("forward_kl", valid, w, kl=fkl)
     else:
         terms = per_token_loss("reverse_kl", valid, w, kl=reverse_kl(ls, lt))
     return reduce_loss(terms.per_token, stats, w, loss, normalizer)

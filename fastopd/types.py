@@ -23,6 +23,8 @@ class TokenStats:
             divided by the temperature.
         valid: bool mask, ``target_ids != ignore_index``.
         reverse_kl: KL_t = sum_v p_S(v) (log p_S(v) - log p_T(v)); only when ``full_kl=True``.
+        forward_kl: KL(p_T || p_S)_t = sum_v p_T(v) (log p_T(v) - log p_S(v)); only from a loss with
+            ``loss="forward_kl"``.
         topk_ids: int64 (..., K) ids of the student's top-K candidates, ties to the lower index; only when
             ``return_topk=True`` (rows of invalid positions are -1, the padding id of :func:`fastopd.sparse_margins`).
     """
@@ -33,6 +35,7 @@ class TokenStats:
     margins: torch.Tensor
     valid: torch.Tensor
     reverse_kl: torch.Tensor | None = None
+    forward_kl: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
 
 
@@ -101,7 +104,7 @@ class OPDOutput:
         per_token: float32 l_t of ``target_ids.shape`` (0 at invalid positions), differentiable too.
         stats: the :class:`TokenStats` the loss was computed from (detached).
         metrics: plain-float diagnostics: ``adv_mean``, ``margin_mean``, ``kept_fraction``, ``num_valid``,
-            ``num_kept``, ``loss`` and, for ``loss="reverse_kl"``, ``reverse_kl_mean`` (plus the rule's
+            ``num_kept``, ``loss`` and, for ``loss="reverse_kl"`` / ``"forward_kl"``, ``reverse_kl_mean`` / ``forward_kl_mean`` (plus the rule's
             ``accept_rate``, ``gain_mean``, ``release_position`` when :class:`fastopd.OPDLoss` holds a rule).
         release: the :class:`fastopd.ReleaseDecision` when :class:`fastopd.OPDLoss` holds a rule, else None.
     """

@@ -32,6 +32,16 @@ def test_auto_backend_choice():
     assert resolve_backend("reference", cuda) == "reference"
 
 
+def test_a_loss_without_kernel_goes_to_the_reference(monkeypatch):
+    """A loss outside KERNEL_LOSSES: auto runs the reference, triton refuses it, naming the loss."""
+    monkeypatch.setattr(_dispatch, "KERNEL_LOSSES", ("pg",))
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda, dtypes=(torch.bfloat16,), k=16, loss="pg") == "triton"
+    assert resolve_backend("auto", cuda, dtypes=(torch.bfloat16,), k=16, loss="reverse_kl") == "reference"
+    with pytest.raises(ValueError, match="loss='reverse_kl' has no Triton kernel"):
+        resolve_backend("triton", cuda, dtypes=(torch.bfloat16,), k=16, loss="reverse_kl")
+
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLOOR = ".".join(map(str, TRITON_FLOOR))
 CUDA = torch.device("cuda")  # resolve_backend only looks at the device type: no GPU is needed

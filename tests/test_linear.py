@@ -27,7 +27,7 @@ from helpers import LargestTensor, assert_close, grads, leaves, linear_segments,
 @given(
     seed=st.integers(0, 2**31 - 1),
     b=st.integers(1, 3), l=st.integers(1, 9), v=st.integers(4, 40), pad=st.integers(0, 5),
-    chunk=st.integers(1, 30), loss=st.sampled_from(["pg", "reverse_kl"]), bias=st.booleans(),
+    chunk=st.integers(1, 30), loss=st.sampled_from(["pg", "reverse_kl", "forward_kl"]), bias=st.booleans(),
     cap=st.sampled_from([None, 2.5]), scale=st.sampled_from([1.0, 0.6]), use_old=st.booleans(),
     use_w=st.booleans(), dtype=st.sampled_from([torch.float64, torch.float32]),
 )
@@ -59,7 +59,7 @@ def test_matches_fp64_ground_truth(seed, b, l, v, pad, chunk, loss, bias, cap, s
     assert got.metrics["num_valid"] == want.metrics["num_valid"]
 
 
-@pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
+@pytest.mark.parametrize("loss", ["pg", "reverse_kl", "forward_kl"])
 def test_fp32_equals_logits_path(loss):
     """Same fp32 inputs: the chunked path and opd_loss on materialised fp32 logits agree to fp32 rounding."""
     c = make_case(1, lead=(4, 33), v=300, vp=310, hs=32, ht=24, dtype=torch.float32)
@@ -143,7 +143,7 @@ def test_token_stats_equal_logits_path(chunk):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
+@pytest.mark.parametrize("loss", ["pg", "reverse_kl", "forward_kl"])
 def test_opdloss_linear_with_rule_equals_logits_forward(loss):
     """The rule decides from the chunked forward's margins: same weights, loss and gradients as forward()."""
     c = make_case(7, lead=(4, 24), v=60, dtype=torch.float64, ignore_frac=0.1)
@@ -270,7 +270,7 @@ def test_head_vocab_size_cuts_like_the_shared_vocab_size():
     assert torch.all(g[1][20:] == 0) and torch.all(g[2][20:] == 0) and g[1][:20].abs().sum() > 0
 
 
-@pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
+@pytest.mark.parametrize("loss", ["pg", "reverse_kl", "forward_kl"])
 def test_eager_gradient_scaled_and_backward_twice(loss):
     """The eager gradient (computed in the forward for g = w) is scaled by the upstream gradient, and a
     second backward through the same graph (retain_graph) recomputes and gives the same gradient."""
@@ -345,7 +345,7 @@ def test_default_chunk_size_per_device(monkeypatch):
     assert lin.default_chunk_size("triton", 151936, "cuda", 2) == 1024
 
 
-@pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
+@pytest.mark.parametrize("loss", ["pg", "reverse_kl", "forward_kl"])
 def test_same_loss_and_gradients_for_every_chunk_size(loss):
     """fp64: the loss, statistics and gradients do not depend on the chunk size (nor on the overlap switch,
     which has no effect off CUDA), on the eager path and on the recompute path of a release rule."""

@@ -54,7 +54,7 @@ def test_bad_options_raise_clear_errors():
     with pytest.raises(ValueError, match="backend must be one of"):
         fastopd.token_stats(zs, zt, y, k=2, backend="cuda")
     with pytest.raises(ValueError, match="loss must be one of"):
-        fastopd.opd_loss(zs, zt, y, k=2, loss="forward_kl")
+        fastopd.opd_loss(zs, zt, y, k=2, loss="jsd")
     with pytest.raises(ValueError, match="weights must have shape"):
         fastopd.opd_loss(zs, zt, y, k=2, weights=torch.ones(4))
     with pytest.raises(ValueError, match="normalizer"):

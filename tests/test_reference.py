@@ -109,7 +109,7 @@ def test_vocab_size_cuts_both_widths():
 
 
 
-@pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
+@pytest.mark.parametrize("loss", ["pg", "reverse_kl", "forward_kl"])
 @pytest.mark.parametrize("tau", [1.0, 0.6])
 def test_loss_gradcheck_float64(loss, tau):
     zs, zt, y, w = loss_inputs(3)
@@ -165,6 +165,38 @@ def test_reverse_kl_gradient_matches_design_formula():
     kl = (p * (ls - lt)).sum(-1, keepdim=True)
     expect = (w * valid)[..., None] * p * ((ls - lt) - kl) / tau
     torch.testing.assert_close(zs.grad, expect, rtol=1e-10, atol=1e-12)
+
+
+def test_forward_kl_gradient_matches_design_formula():
+    """dF_t/dz_S(v) = (p_S(v) - p_T(v)) / tau, F_t = sum_v p_T(v) (log p_T(v) - log p_S(v)) (docs/formulas.md §5)."""
+    tau = 0.8
+    zs, zt, y, w = loss_inputs(7)
+    zs.requires_grad_(True)
+    out = R.opd_loss(zs, zt, y, weights=w, loss="forward_kl", k=3, temperature=tau, normalizer=2.0)
+    out.loss.backward()
+    valid = (y != -100).double()
+    ls = torch.log_softmax(zs.detach() / tau, -1)
+    lt = torch.log_softmax(zt / tau, -1)
+    expect = (w * valid)[..., None] * (ls.exp() - lt.exp()) / tau / 2.0
+    torch.testing.assert_close(zs.grad, expect, rtol=1e-10, atol=1e-12)
+    fkl = (lt.exp() * (lt - ls)).sum(-1)
+    torch.testing.assert_close(out.per_token, w * valid * fkl)
+    torch.testing.assert_close(out.stats.forward_kl, valid * fkl)
+    assert out.stats.reverse_kl is None
+    assert out.metrics["forward_kl_mean"] == pytest.approx(float((valid * fkl).sum() / valid.sum()), rel=1e-12)
+    assert "reverse_kl_mean" not in out.metrics
+
+
+def test_forward_kl_edge_terms():
+    """p_T(v) = 0 contributes 0 (no 0 * -inf = NaN); a teacher token the student gives p = 0 is +inf."""
+    zt = torch.tensor([[0.0, 1.0, -math.inf]], dtype=torch.float64)
+    zs = torch.tensor([[0.5, -0.5, 2.0]], dtype=torch.float64)
+    fkl = R.forward_kl(torch.log_softmax(zs, -1), torch.log_softmax(zt, -1))
+    pt = torch.softmax(zt[0, :2], -1)
+    ps = torch.softmax(zs, -1)[0, :2]
+    assert float(fkl) == pytest.approx(float((pt * (pt.log() - ps.log())).sum()), rel=1e-12)
+    zs_zero = torch.tensor([[0.5, -math.inf, 2.0]], dtype=torch.float64)
+    assert float(R.forward_kl(torch.log_softmax(zs_zero, -1), torch.log_softmax(zt, -1))) == math.inf
 
 
 def test_loss_defaults_weights_and_normaliser():

@@ -18,13 +18,13 @@ from typing import Any
 
 import yaml
 
+from fastopd.common import LOSSES
 from fastopd.release import MODES as RULE_MODES
 
 MODES = RULE_MODES + ("sft", "online")
 """The trainer's modes: the rule and its controls (fastopd.release.MODES), ``sft``, the baseline, and ``online``,
 the rule decided while sampling (docs/formulas.md §8: each rollout stops at its release point)."""
 
-LOSSES = ("pg", "reverse_kl")
 SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
     "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
@@ -105,7 +105,8 @@ class TrainConfig:
         "release point, so the released suffix is never generated, scored or trained; docs/formulas.md §8).",
         MODES)
     loss: str = _f("pg", "pg: policy gradient with the reverse-KL advantage (Thinking Machines recipe); "
-                   "reverse_kl: exact dense reverse KL.", LOSSES)
+                   "reverse_kl: exact dense reverse KL; forward_kl: exact dense forward KL(teacher || student) on the "
+                   "student's rollouts (GKD's beta = 0).", LOSSES)
     k: int = _f(16, "Student top-K candidates for the teacher margin m_t.")
     loss_temperature: float = _f(1.0, "tau of the loss and the margin: log-probs are log softmax(z / tau).")
     min_segments: int = _f(2, "Fewest sentence segments on each side of a release point.")
