@@ -16,6 +16,9 @@ Switching a TRL distillation run to the release rule is one import and the confi
   drops the ``entropy`` entry rather than report a made-up number. The rule's diagnostics go to TRL's
   metrics as ``opd/accept_rate``, ``opd/kept_fraction``, ``opd/gain_mean``, ``opd/margin_mean``,
   ``opd/adv_mean`` (and ``opd/reverse_kl_mean`` for ``reverse_kl``), rank-local means per logging window.
+  ``opd_mode="full"`` weights every valid token 1 and runs no rule: no segments, no BIC scan (so no
+  ``opd/accept_rate``/``opd/gain_mean``; ``last_opd_output.release`` is None), and the loss takes the eager
+  path of :func:`fastopd.linear_opd_loss` (gradient while each chunk's tiles are live, no recompute).
 - :class:`ReleaseGKDTrainer` subclasses ``trl.experimental.gkd.GKDTrainer`` for fully on-policy GKD
   (``lmbda=1``) and computes the same loss from both models' logits (:class:`fastopd.OPDLoss`).
 
