@@ -261,6 +261,7 @@ def run_cpu(args, save) -> list[dict]:
             row = json.loads(lines[-1])
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+    check_loss_values(rows)
     ok = [(r["method"], r["loss"]) for r in rows if "error" not in r]
     ms = cpu_times(args, ok)
     for r in rows:
