@@ -486,7 +486,7 @@ def opd_loss(
         zt, lt = logprobs(teacher_logits.detach(), v, temperature)
         stats = _stats(
             zs.detach(), zt, ls.detach(), lt, target_ids, valid,
-            k=k, temperature=temperature, full_kl=(loss == "reverse_kl"), return_topk=False,
+            k=k, temperature=temperature, full_kl=False, return_topk=False,
         )
     w = weight_mask(valid, weights, ls.dtype)
     if loss == "pg":
@@ -494,10 +494,8 @@ def opd_loss(
         s = ls.gather(-1, tgt).squeeze(-1)
         terms = per_token_loss("pg", valid, w, s=s, u=stats.teacher_logprobs, old_logprobs=old_logprobs)
         stats.advantages = terms.advantages
-    elif loss == "forward_kl":
-        fkl = forward_kl(ls, lt)
-        stats.forward_kl = torch.where(valid, fkl.detach(), torch.zeros((), dtype=fkl.dtype, device=fkl.device))
-        terms = per_token_loss("forward_kl", valid, w, kl=fkl)
-    else:
-        terms = per_token_loss("reverse_kl", valid, w, kl=reverse_kl(ls, lt))
+    else:  # a divergence, computed once: the loss term, and (detached) its TokenStats field
+        kl = (reverse_kl if loss == "reverse_kl" else forward_kl)(ls, lt)
+        setattr(stats, loss, torch.where(valid, kl.detach(), torch.zeros((), dtype=kl.dtype, device=kl.device)))
+        terms = per_token_loss(loss, valid, w, kl=kl)
     return reduce_loss(terms.per_token, stats, w, loss, normalizer)
