@@ -25,6 +25,7 @@ import triton
 
 from fastopd.kernels.loss_backward import _loss_backward_kernel, backward_launch_config
 from fastopd.kernels.token_stats import _segment_sums_kernel, _token_stats_kernel, stats_launch_config
+from fastopd.kernels.token_stats_split import _stats_combine_kernel, _stats_split_kernel, split_launch_configs
 
 _DT = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
@@ -76,6 +77,33 @@ def stats_variant(dt="bf16", k=16, v=151936, full_kl=True, topk=True, offsets=0,
     return _compile(_token_stats_kernel, sig, const, aligned, num_warps, arch), dict(cfg, num_warps=num_warps)
 
 
+def split_variant(phase="slice", dt="bf16", k=16, v=151936, full_kl=True, topk=False, splits=8, arch=90):
+    """The split-V pass (:mod:`fastopd.kernels.token_stats_split`): ``phase`` "slice" (phase 1, grid
+    (N, SPLITS)) or "combine" (phase 2, SPLITS_PAD = next power of two >= ``splits``), rows by row stride."""
+    phase1, combine = split_launch_configs(v, k, splits)
+    cfg = dict(phase1 if phase == "slice" else combine)
+    num_warps = cfg.pop("num_warps")
+    sig = {"zs_ptr": f"*{_DT[dt]}", "zt_ptr": f"*{_DT[dt]}", "tgt_ptr": "*i64", "part_ptr": "*fp32", "key_ptr": "*i64"}
+    if phase == "slice":
+        sig.update({"s_stride": "i64", "t_stride": "i64", "s_offs_ptr": "*i64", "t_offs_ptr": "*i64",
+                    "N": "i32", "V": "i32", "ignore_index": "i32", "splits": "i32", "n_chunks": "i32",
+                    "scale2": "fp32", "S_OFFS": "constexpr", "T_OFFS": "constexpr", "FULL_KL": "constexpr",
+                    "K_PAD": "constexpr", "BLOCK_G": "constexpr", "GROUP_SIZE": "constexpr", "BITONIC": "constexpr"})
+        fn, const = _stats_split_kernel, dict(S_OFFS=0, T_OFFS=0, FULL_KL=full_kl, **cfg)
+        aligned = ["zs_ptr", "zt_ptr", "tgt_ptr", "part_ptr", "key_ptr", "s_offs_ptr", "t_offs_ptr"]
+    else:
+        sig.update({"out_ptr": "*fp32", "ids_ptr": "*i64", "s_stride": "i64", "t_stride": "i64",
+                    "s_offs_ptr": "*i64", "t_offs_ptr": "*i64", "N": "i32", "V": "i32", "k": "i32",
+                    "ignore_index": "i32", "splits": "i32", "tau": "fp32", "inv_tau": "fp32", "scale2": "fp32",
+                    "S_OFFS": "constexpr", "T_OFFS": "constexpr", "FULL_KL": "constexpr", "RETURN_TOPK": "constexpr",
+                    "K_PAD": "constexpr", "GROUP_SIZE": "constexpr", "BITONIC": "constexpr", "SPLITS_PAD": "constexpr"})
+        fn, const = _stats_combine_kernel, dict(S_OFFS=0, T_OFFS=0, FULL_KL=full_kl, RETURN_TOPK=topk, **cfg)
+        aligned = ["zs_ptr", "zt_ptr", "tgt_ptr", "part_ptr", "key_ptr", "out_ptr", "ids_ptr", "s_offs_ptr",
+                   "t_offs_ptr"]
+    aligned += ["V", "s_stride", "t_stride"] if v % 16 == 0 else []
+    return _compile(fn, sig, const, aligned, num_warps, arch), dict(cfg, num_warps=num_warps)
+
+
 def backward_variant(dt="bf16", reverse_kl=False, v=151936, offsets=0, arch=90):
     cfg = backward_launch_config(v)
     num_warps = cfg.pop("num_warps")
@@ -100,7 +128,8 @@ def segment_variant(arch=90):
 
 # (name, builder, kwargs, hot). Hot = a variant that a default call takes: fp16/bf16/fp32 rows addressed by an
 # aligned row stride (V a multiple of 16), k = 16, for token_stats / the pg loss (no KL) and the reverse-KL
-# loss (FULL_KL), and the backward of both losses. `--check` fails on any spill in these.
+# loss (FULL_KL), and the backward of both losses; and both phases of the split-V stats pass (opt-in,
+# ``splits``) in bf16, k = 16, with and without the KL. `--check` fails on any spill in these.
 HOT_DTYPES = ("bf16", "fp16", "fp32")
 VARIANTS = (
     [(f"token_stats {dt} k=16", stats_variant, dict(dt=dt, k=16, full_kl=False, topk=False), True)
@@ -109,6 +138,8 @@ VARIANTS = (
        for dt in HOT_DTYPES]
     + [(f"loss_backward {dt} {loss}", backward_variant, dict(dt=dt, reverse_kl=loss == "reverse_kl"), True)
        for dt in HOT_DTYPES for loss in ("pg", "reverse_kl")]
+    + [(f"token_stats_split {phase} bf16 k=16{' full_kl' if kl else ''}", split_variant,
+        dict(phase=phase, dt="bf16", k=16, full_kl=kl), True) for phase in ("slice", "combine") for kl in (False, True)]
     + [
         ("token_stats bf16 k=16 full_kl topk", stats_variant, dict(dt="bf16", k=16, full_kl=True, topk=True), False),
         ("token_stats fp32 k=64 full_kl topk", stats_variant, dict(dt="fp32", k=64, full_kl=True, topk=True), False),
@@ -121,6 +152,8 @@ VARIANTS = (
          dict(dt="bf16", k=16, v=50257, full_kl=True), False),
         ("loss_backward fp32 pg row-offsets", backward_variant, dict(dt="fp32", offsets=1), False),
         ("segment_sums", segment_variant, {}, False),
+        ("token_stats_split combine bf16 k=16 full_kl topk splits=64", split_variant,
+         dict(phase="combine", dt="bf16", k=16, full_kl=True, topk=True, splits=64), False),
     ]
 )
 

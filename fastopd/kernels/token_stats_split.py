@@ -6,10 +6,10 @@ of apple/ml-cross-entropy, one small file per kernel phase) cuts every row into 
 
 **Phase 1** (:func:`_stats_split_kernel`, grid (N, SPLITS)). Program (r, i) streams the chunks
 ``[i * C // SPLITS, (i + 1) * C // SPLITS)`` of row r (C = ceil(V / BLOCK_V) chunks; every slice holds at
-least one chunk, the last slice holds the masked tail) with the same per-chunk step as the single pass
-(``_stats_chunk``, imported, not copied), and writes its partial state: M_S,i, sum_S,i, M_T,i, sum_T,i, the
-KL accumulator acc_i (FULL_KL) and its K_PAD running top-K group keys (int64 packed keys, as ``run``; group
-indices are global). Rows whose target is ``ignore_index`` exit before reading any logits and write nothing.
+least one chunk; the last slice holds the masked tail, and streams it first) with the same per-chunk step
+as the single pass (``_stats_chunk``, imported, not copied), and writes its partial state: M_S,i, sum_S,i,
+M_T,i, sum_T,i, the KL accumulator acc_i (FULL_KL) and its K_PAD running top-K group keys (int64 packed keys,
+as ``run``; group indices are global). Rows whose target is ``ignore_index`` exit before reading any logits and write nothing.
 
 **Phase 2** (:func:`_stats_combine_kernel`, one program per row) merges the SPLITS partials exactly, then
 runs the single pass's tail (``_stats_tail``, shared: one copy of the formulas). With c = log2(e) / tau and
@@ -104,23 +104,25 @@ def _stats_split_kernel(
     sum_t = 0.0
     acc = 0.0
     run = tl.full([K_PAD], SENTINEL, tl.int64)
-    # Chunks [c0, c1) of the row: balanced, non-empty (the host keeps splits <= n_chunks).
+    # Chunks [c0, c1) of the row: balanced, non-empty (the host keeps splits <= n_chunks). The last slice
+    # holds the masked tail chunk (when V is not a multiple of BLOCK); it is streamed *first*, so that
+    # nothing but the streaming state is live across the loop (the other order spilled a bound on sm_90).
+    v_full = (V // BLOCK) * BLOCK
+    if (sp == splits - 1) & (v_full < V):
+        m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
+            zs_row, zt_row, v_full, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
+            True, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
+        )
     c0 = (sp * n_chunks) // splits
     c1 = ((sp + 1) * n_chunks) // splits
     start = c0 * BLOCK
-    v_end = tl.minimum(c1 * BLOCK, V)
-    v_full = (v_end // BLOCK) * BLOCK
-    while start < v_full:  # a while loop for the interpreter of Triton < 3.8 (see token_stats.py)
+    end = tl.minimum(c1 * BLOCK, v_full)
+    while start < end:  # a while loop for the interpreter of Triton < 3.8 (see token_stats.py)
         m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
             zs_row, zt_row, start, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
             False, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
         )
         start += BLOCK
-    if v_full < v_end:  # only the last slice: the masked tail chunk (v_end == V there)
-        m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
-            zs_row, zt_row, v_full, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
-            True, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
-        )
 
     ns = N.to(tl.int64) * splits
     idx = row * splits + sp
