@@ -12,7 +12,12 @@ Ops (bf16 logits, K = 16):
                 (forward reads both rows, backward reads the student row and writes the gradient row)
 - ``loss_kl``   opd_loss(loss="reverse_kl") forward + backward      bytes = 5 * N * V * itemsize
 Implementations: ``triton`` (fastopd.kernels), ``triton_inplace`` (loss ops, ``inplace_backward=True``),
-``eager`` (fastopd.reference) and ``compile`` (``torch.compile(reference..., dynamic=True)``).
+``triton_split`` (the split-V stats pass, ``splits="auto"``; in the loss ops its forward) and
+``triton_split<S>`` (e.g. ``triton_split8``: S V-slices per row, clamped to the row's chunks; not in the
+default list), ``eager`` (fastopd.reference) and ``compile`` (``torch.compile(reference..., dynamic=True)``).
+``splits="auto"`` keeps the single pass when the rows alone fill the GPU (N = 16384 on an H200: see
+``fastopd.kernels.token_stats_split.auto_splits``), so at the goal shape ``triton_split`` equals ``triton``;
+``benchmarks/sweep_kernels.py`` times fixed slice counts.
 
 Reported per row: median time (``triton.testing.do_bench`` on CUDA, wall clock on CPU), achieved bandwidth
 = bytes / time and its share of the card's memory roofline (peak table below, or ``--peak-gbps``), and
@@ -68,21 +73,35 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
+def impl_splits(impl: str):
+    """The ``splits`` argument of a Triton implementation name: ``triton`` -> None (the default single
+    pass), ``triton_split`` -> ``"auto"``, ``triton_split8`` -> 8."""
+    if not impl.startswith("triton_split"):
+        return None
+    tail = impl[len("triton_split"):]
+    if not tail:
+        return "auto"
+    if not tail.isdigit() or int(tail) < 1:
+        raise ValueError(f"implementation {impl!r}: expected triton_split or triton_split<N> with N >= 1")
+    return int(tail)
+
+
 def make_fn(op: str, impl: str, zs, zt, y, k: int):
     """A zero-argument callable running ``op`` with ``impl`` (the loss ops include backward)."""
     from fastopd.kernels import opd_loss_triton, token_stats_triton
 
     full_kl = op == "stats_kl"
+    splits = impl_splits(impl)
     if op.startswith("stats"):
-        if impl == "triton":
-            return lambda: token_stats_triton(zs, zt, y, k=k, full_kl=full_kl)
+        if impl == "triton" or impl.startswith("triton_split"):
+            return lambda: token_stats_triton(zs, zt, y, k=k, full_kl=full_kl, splits=splits)
         ref = reference.token_stats
         if impl == "compile":
             ref = torch.compile(reference.token_stats, dynamic=True)
         return lambda: ref(zs, zt, y, k=k, full_kl=full_kl)
     loss = "pg" if op == "loss_pg" else "reverse_kl"
     leaf = zs.detach().clone().requires_grad_(True)
-    if impl in ("triton", "triton_inplace"):
+    if impl in ("triton", "triton_inplace") or impl.startswith("triton_split"):
         inplace = impl == "triton_inplace"
 
         def run():
@@ -90,7 +109,8 @@ def make_fn(op: str, impl: str, zs, zt, y, k: int):
             # call: same work, different values). torch.autograd.grad hands the gradient back as the kernel
             # wrote it, as the backward of an LM head's matmul receives it in training; ``.backward()`` into a
             # leaf would add AccumulateGrad's copy (the leaf's .grad may not alias its data).
-            torch.autograd.grad(opd_loss_triton(leaf, zt, y, loss=loss, k=k, inplace_backward=inplace).loss, leaf)
+            out = opd_loss_triton(leaf, zt, y, loss=loss, k=k, inplace_backward=inplace, splits=splits)
+            torch.autograd.grad(out.loss, leaf)
 
         return run
     ref = reference.opd_loss if impl == "eager" else torch.compile(reference.opd_loss, dynamic=True)
@@ -156,9 +176,11 @@ def kernel_resources() -> list[dict]:
     """Registers and spills of every compiled kernel variant so far (Triton's JIT cache; best effort)."""
     from fastopd.kernels.loss_backward import _loss_backward_kernel
     from fastopd.kernels.token_stats import _token_stats_kernel
+    from fastopd.kernels.token_stats_split import _stats_combine_kernel, _stats_split_kernel
 
     out = []
-    for name, fn in (("token_stats", _token_stats_kernel), ("loss_backward", _loss_backward_kernel)):
+    for name, fn in (("token_stats", _token_stats_kernel), ("loss_backward", _loss_backward_kernel),
+                     ("token_stats_split", _stats_split_kernel), ("token_stats_combine", _stats_combine_kernel)):
         caches = getattr(fn, "device_caches", None) or {}
         for entry in caches.values():
             cache = entry[0] if isinstance(entry, tuple) else entry
@@ -189,8 +211,13 @@ def check_against_reference(n: int, v: int, k: int, device) -> dict:
     reference.opd_loss(leaf_r, zt.double(), y, loss="reverse_kl", k=k).loss.backward()
     out["max_abs_err_grad_reverse_kl"] = float((leaf_t.grad.double() - leaf_r.grad).abs().max())
     out["max_abs_grad_reverse_kl"] = float(leaf_r.grad.abs().max())
+    # The split-V pass (4 V-slices): its error against fp64, and equal margins with the single pass.
+    split = token_stats_triton(zs, zt, y, k=k, full_kl=True, splits=4)
+    for f in ("student_logprobs", "margins", "reverse_kl"):
+        out[f"split4_max_abs_err_{f}"] = float((getattr(split, f).double() - getattr(ref, f).double()).abs().max())
+    out["split4_margins_equal_single_pass"] = bool(torch.equal(split.margins, got.margins))
     out["shape"] = f"N={n}, V={v}, K={k}, bf16 inputs vs the fp64 reference"
-    del zs, zt, y, got, ref, leaf_t, leaf_r
+    del zs, zt, y, got, ref, leaf_t, leaf_r, split
     torch.cuda.empty_cache()
     return out
 
@@ -240,7 +267,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--peak-gbps", type=float, default=None, help="memory roofline of this card in GB/s")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma list of {OPS}")
-    p.add_argument("--impls", default=None, help="comma list of triton,triton_inplace,eager,compile")
+    p.add_argument("--impls", default=None,
+                   help="comma list of triton,triton_inplace,triton_split,triton_split<S>,eager,compile")
     p.add_argument("--n", default=None, help="comma list of N (default 1024,4096,16384 on GPU)")
     p.add_argument("--v", default=None, help="comma list of V (default 32768,151936 on GPU)")
     p.add_argument("--k", type=int, default=16)
@@ -254,12 +282,12 @@ def main(argv=None) -> int:
     if cuda:
         name = torch.cuda.get_device_name()
         ns, vs = [1024, 4096, 16384], [32768, 151936]
-        impls = ["triton", "triton_inplace", "eager", "compile"]
+        impls = ["triton", "triton_inplace", "triton_split", "eager", "compile"]
     else:
         name = "cpu"
         torch.set_num_threads(1)  # a shared CPU: one thread gives steadier (still not meaningful) numbers
         ns, vs = [16], [2048]
-        impls = (["triton"] if interpret else []) + ["eager"] + (["compile"] if args.compile else [])
+        impls = (["triton", "triton_split"] if interpret else []) + ["eager"] + (["compile"] if args.compile else [])
         print("No GPU: running a tiny CPU configuration. These are CPU numbers"
               + (" (Triton under the interpreter)" if interpret else "")
               + "; kernel performance needs a GPU (benchmarks/gpu_check.sh).")
@@ -269,6 +297,15 @@ def main(argv=None) -> int:
         vs = [int(x) for x in args.v.split(",")]
     if args.impls:
         impls = args.impls.split(",")
+        for impl in impls:
+            if impl in ("triton", "triton_inplace", "eager", "compile"):
+                continue
+            if not impl.startswith("triton_split"):
+                p.error(f"unknown impl {impl!r}")
+            try:
+                impl_splits(impl)
+            except ValueError as e:
+                p.error(str(e))
     ops = args.ops.split(",")
     peak = args.peak_gbps or (peak_gbps(name) if cuda else None)
     if cuda and peak is None:
@@ -287,7 +324,7 @@ def main(argv=None) -> int:
     # The goal shape (largest N and V) first, every implementation of it, then the smaller shapes: if a time
     # limit cuts the run, the rows that decide the goals are saved (each row is written as soon as it is done).
     shapes = sorted(((n, v) for v in vs for n in ns), key=lambda nv: (-nv[1], -nv[0]))
-    if cuda and "triton" in impls:
+    if cuda and any(i.startswith("triton") for i in impls):
         try:
             meta["check"] = check_against_reference(min(1024, min(ns)), max(vs), args.k, device)
         except Exception as e:  # noqa: BLE001 - recorded, and the run goes on
