@@ -2,6 +2,8 @@
 
 - :func:`token_stats_triton`: one fused streaming pass per row over the student and teacher logits (online
   log-sum-exp, streaming top-K with ties to the lower index, teacher gathers, optional exact reverse KL).
+- the opt-in split-V variant of that pass (:mod:`fastopd.kernels.token_stats_split`, ``splits=`` or
+  ``FASTOPD_STATS_SPLITS``): per-(row, V-slice) partials, then an exact per-row merge.
 - :func:`opd_loss_triton`: the loss as a ``torch.autograd.Function`` (stats kernel forward, per-row
   gradient kernel backward, optional in-place gradient).
 - :func:`segment_sums_triton`: per-(rollout, segment) sums and counts of a per-token value by atomics

@@ -36,6 +36,10 @@ groups (4 KB per row for K = 16 in bf16) and K + 2 scalars per row; temporaries 
 Registers per Triton version (GROUP = 64 and 128) and GPU timings of other launch configurations:
 docs/kernels.md and benchmarks/results/gpu/. Rows whose start is not 16-element aligned (a row stride such
 as V = 50257) lose load vectorisation (more registers); the caller can pad the vocabulary to a multiple of 16.
+
+``splits`` (default: the single pass here) selects the opt-in split-V pass of
+:mod:`fastopd.kernels.token_stats_split`, which streams V-slices of a row in parallel and merges them exactly;
+both end in :func:`_stats_tail`.
 """
 
 from __future__ import annotations
