@@ -73,7 +73,7 @@ def sweep_stats(n, v, k, full_kl, grid, peak, emit):
             _token_stats_kernel[(n,)](
                 s.data, t.data, y, out, out, s.stride, t.stride, s.offsets_arg(), t.offsets_arg(),
                 n, v, k, -100, 1.0, 1.0, LOG2E,
-                S_OFFS=s.use_offsets, T_OFFS=t.use_offsets, FULL_KL=full_kl, RETURN_TOPK=False, **cfg,
+                S_OFFS=s.use_offsets, T_OFFS=t.use_offsets, KL_KIND=int(bool(full_kl)), RETURN_TOPK=False, **cfg,
             )
 
         row = dict(kernel="stats_kl" if full_kl else "stats", N=n, V=v, K=k, block_v=block, group=group,
@@ -163,7 +163,7 @@ def sweep_backward(n, v, grid, peak, emit):
             _loss_backward_kernel[(n,)](
                 zs, zs, grad, y, coef, stat, s.stride, s.stride, g.stride,
                 s.offsets_arg(), s.offsets_arg(), g.offsets_arg(), n, v, v, 1.0,
-                S_OFFS=s.use_offsets, T_OFFS=s.use_offsets, G_OFFS=g.use_offsets, REVERSE_KL=False,
+                S_OFFS=s.use_offsets, T_OFFS=s.use_offsets, G_OFFS=g.use_offsets, KL_KIND=0,
                 BLOCK=block, num_warps=warps,
             )
 

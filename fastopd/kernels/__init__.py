@@ -1,7 +1,8 @@
 """Triton kernels behind ``fastopd.token_stats`` and ``fastopd.opd_loss`` (docs/formulas.md §1, §2, §5).
 
 - :func:`token_stats_triton`: one fused streaming pass per row over the student and teacher logits (online
-  log-sum-exp, streaming top-K with ties to the lower index, teacher gathers, optional exact reverse KL).
+  log-sum-exp, streaming top-K with ties to the lower index, teacher gathers, optional exact reverse KL, or
+  the forward KL for the ``forward_kl`` loss).
 - the opt-in split-V variant of that pass (:mod:`fastopd.kernels.token_stats_split`, ``splits=`` or
   ``FASTOPD_STATS_SPLITS``): per-(row, V-slice) partials, then an exact per-row merge.
 - :func:`opd_loss_triton`: the loss as a ``torch.autograd.Function`` (stats kernel forward, per-row

@@ -34,6 +34,28 @@ OUT_S, OUT_U, OUT_ADV, OUT_MARGIN, OUT_KL, OUT_MAX_S, OUT_LOGSUM_S, OUT_MAX_T, O
 )
 NUM_OUT = tl.constexpr(9)
 
+# Which divergence the stats kernels accumulate into OUT_KL (their KL_KIND constexpr) and which gradient the
+# backward kernel writes (its KL_KIND: KL_NONE is the ``pg`` loss): none, the reverse KL(p_S || p_T)
+# (``full_kl=True``, the ``reverse_kl`` loss) or the forward KL(p_T || p_S) (the ``forward_kl`` loss).
+KL_NONE, KL_REVERSE, KL_FORWARD = (tl.constexpr(i) for i in range(3))
+KL_KINDS = {None: 0, "reverse": 1, "forward": 2}
+LOSS_KL = {"pg": None, "reverse_kl": "reverse", "forward_kl": "forward"}
+
+
+def kl_kind(kl) -> int:
+    """The KL_KIND constexpr of ``kl``: None (0), ``"reverse"`` (1) or ``"forward"`` (2); a clear error otherwise."""
+    if not (kl is None or (isinstance(kl, str) and kl in KL_KINDS)):
+        raise ValueError(f"kl must be None, 'reverse' or 'forward', got {kl!r}")
+    return KL_KINDS[kl]
+
+
+def loss_kl(loss: str):
+    """The divergence a loss needs from the stats kernel (and the backward's branch): ``pg`` None,
+    ``reverse_kl`` ``"reverse"``, ``forward_kl`` ``"forward"``."""
+    if not (isinstance(loss, str) and loss in LOSS_KL):
+        raise ValueError(f"loss must be one of {tuple(LOSS_KL)}, got {loss!r}")
+    return LOSS_KL[loss]
+
 
 @triton.jit
 def order_bits(x):

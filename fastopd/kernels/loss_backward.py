@@ -2,11 +2,14 @@
 
 Row t gets a per-row coefficient c_t (the incoming gradient of the per-token loss times the loss's own
 factor, computed by :mod:`fastopd.kernels.autograd`) and the saved O(N) statistics of the forward pass:
-the student's running max M_S and log-sum log Z_S (and the teacher's M_T, log Z_T and KL_t for the reverse
-KL). With log p_S(v) = (z_S(v) - M_S) / tau - log Z_S:
+the student's running max M_S and log-sum log Z_S (and the teacher's M_T, log Z_T, and KL_t for the reverse
+KL). With log p_S(v) = (z_S(v) - M_S) / tau - log Z_S and log p_T(v) = (z_T(v) - M_T) / tau - log Z_T:
 
 - ``pg``:         dz_S(v) = c_t * (p_S(v) - [v == y_t]) / tau,            c_t = g_t * w_t * A_t * rho_t
 - ``reverse_kl``: dz_S(v) = c_t * p_S(v) * (log p_S(v) - log p_T(v) - KL_t) / tau,   c_t = g_t * w_t
+- ``forward_kl``: dz_S(v) = c_t * (p_S(v) - p_T(v)) / tau,                c_t = g_t * w_t
+
+The constexpr KL_KIND picks the branch (0 ``pg``, 1 ``reverse_kl``, 2 ``forward_kl``; ``_helpers.KL_*``).
 
 (∂(-w A rho)/∂z = -w A rho (e_y - p) / tau = w A rho (p - e_y) / tau.) Everything is fp32 until the single
 cast to the logits' dtype at the store, so the sampled-token column p - 1 is formed in fp32, not in bf16.
@@ -16,8 +19,8 @@ Columns in [V, W) of a student buffer wider than ``vocab_size`` get exactly 0, a
 Launch configuration (:func:`backward_launch_config`): BLOCK = 4096, num_warps = 8 (registers per Triton
 version: docs/kernels.md); full chunks run without masks so the loads and stores vectorise whatever V is, and
 one masked tail loop covers [V_full, W). Traffic is one read of the student row (plus one of the teacher row
-for ``reverse_kl``) and one write of the gradient row; with the forward's two reads, the loss costs 4 (pg) or 5
-(reverse_kl) passes over N x V elements. With
+for ``reverse_kl`` and ``forward_kl``) and one write of the gradient row; with the forward's two reads, the loss
+costs 4 (pg) or 5 (reverse_kl, forward_kl) passes over N x V elements. With
 ``inplace`` the gradient row overwrites the student row it was computed from (each program reads a chunk
 before writing the same chunk), so no N x V gradient buffer is allocated.
 """
@@ -29,6 +32,8 @@ import triton
 import triton.language as tl
 
 from fastopd.kernels._helpers import (
+    KL_FORWARD,
+    KL_REVERSE,
     OUT_KL,
     OUT_LOGSUM_S,
     OUT_LOGSUM_T,
@@ -36,6 +41,8 @@ from fastopd.kernels._helpers import (
     OUT_MAX_T,
     Rows,
     is_interpreted,
+    kl_kind,
+    loss_kl,
     next_pow2,
     row_base,
 )
@@ -43,7 +50,7 @@ from fastopd.kernels._helpers import (
 @triton.jit
 def _backward_chunk(
     zs_row, zt_row, g_row, cols, V, W, y, m_s, log_s, m_t, log_t, kl, scale, inv_tau,
-    MASKED: tl.constexpr, REVERSE_KL: tl.constexpr,
+    MASKED: tl.constexpr, KL_KIND: tl.constexpr,
 ):
     """Gradient of one chunk of columns (unmasked chunks lie inside [0, V) and so inside [0, W))."""
     if MASKED:
@@ -53,13 +60,19 @@ def _backward_chunk(
         zs = tl.load(zs_row + cols).to(tl.float32)
     ls = (zs - m_s) * inv_tau - log_s
     p = tl.exp(ls)
-    if REVERSE_KL:
+    if KL_KIND == KL_REVERSE:
         if MASKED:
             zt = tl.load(zt_row + cols, mask=inside, other=-float("inf")).to(tl.float32)
         else:
             zt = tl.load(zt_row + cols).to(tl.float32)
         lt = (zt - m_t) * inv_tau - log_t
         g = tl.where(p > 0.0, p * ((ls - lt) - kl), 0.0)
+    elif KL_KIND == KL_FORWARD:
+        if MASKED:
+            zt = tl.load(zt_row + cols, mask=inside, other=-float("inf")).to(tl.float32)
+        else:
+            zt = tl.load(zt_row + cols).to(tl.float32)
+        g = p - tl.exp((zt - m_t) * inv_tau - log_t)
     else:
         g = tl.where(cols == y, p - 1.0, p)
     g = g * scale
@@ -75,7 +88,7 @@ def _loss_backward_kernel(
     s_stride, t_stride, g_stride, s_offs_ptr, t_offs_ptr, g_offs_ptr,
     N, V, W, inv_tau,
     S_OFFS: tl.constexpr, T_OFFS: tl.constexpr, G_OFFS: tl.constexpr,
-    REVERSE_KL: tl.constexpr, BLOCK: tl.constexpr,
+    KL_KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     coef = tl.load(coef_ptr + row)
@@ -105,11 +118,11 @@ def _loss_backward_kernel(
     start = 0
     while start < v_full:
         _backward_chunk(zs_row, zt_row, g_row, start + offs, V, W, y, m_s, log_s, m_t, log_t, kl, scale,
-                        inv_tau, False, REVERSE_KL)
+                        inv_tau, False, KL_KIND)
         start += BLOCK
     while start < W:
         _backward_chunk(zs_row, zt_row, g_row, start + offs, V, W, y, m_s, log_s, m_t, log_t, kl, scale,
-                        inv_tau, True, REVERSE_KL)
+                        inv_tau, True, KL_KIND)
         start += BLOCK
 
 
@@ -128,16 +141,18 @@ def launch_loss_backward(
     *,
     v: int,
     temperature: float,
-    reverse_kl: bool,
+    loss: str,
     inplace: bool,
     block_v: int | None = None,
 ) -> torch.Tensor:
     """dloss/dz_S for every row, shaped like the student logits, in their dtype.
 
-    ``coef`` is the fp32 (N,) c_t, ``stat`` the stats kernel's fp32 (NUM_OUT, N) buffer, of which the
-    rows OUT_MAX_S, OUT_LOGSUM_S, OUT_MAX_T, OUT_LOGSUM_T and OUT_KL are read. With
-    ``inplace`` the result is written into (and returned as) ``student.data``.
+    ``loss`` is ``"pg"``, ``"reverse_kl"`` or ``"forward_kl"`` (the branch of the module docstring), ``coef``
+    the fp32 (N,) c_t, ``stat`` the stats kernel's fp32 (NUM_OUT, N) buffer, of which the rows OUT_MAX_S,
+    OUT_LOGSUM_S, OUT_MAX_T, OUT_LOGSUM_T and OUT_KL are read (for ``reverse_kl``, OUT_KL must hold the
+    reverse KL). With ``inplace`` the result is written into (and returned as) ``student.data``.
     """
+    kind = kl_kind(loss_kl(loss))
     x = student.data
     # The interpreter's fp32 -> bf16 cast truncates (on the GPU it is cvt.rn, round to nearest even): under
     # the interpreter a bf16 gradient is staged in fp32 and rounded by torch. Interpreter-only, for exactness.
@@ -156,7 +171,7 @@ def launch_loss_backward(
             student.offsets_arg(), teacher.offsets_arg(), g_rows.offsets_arg(),
             n, v, student.width, 1.0 / float(temperature),
             S_OFFS=student.use_offsets, T_OFFS=teacher.use_offsets, G_OFFS=g_rows.use_offsets,
-            REVERSE_KL=bool(reverse_kl), **cfg,
+            KL_KIND=kind, **cfg,
         )
     if staged:
         if inplace:

@@ -22,6 +22,18 @@ One program per row streams the student row and the teacher row *together*, once
   KL = ln2 * acc / sum_S - log sum_S + log sum_T (= E_pS[z_S / tau - z_T / tau] - lse_S + lse_T with every
   magnitude centred on the maxima, so no cancellation of large lse values). Terms with p_S(v) = 0
   contribute 0 as in the reference; a finite p_S(v) against z_T(v) = -inf gives +inf.
+- or, for the ``forward_kl`` loss, the exact forward KL F = KL(p_T || p_S): the same accumulator with the
+  roles of S and T swapped, acc = sum_v e_T(v) (x_T(v) - x_S(v)) with e_T = 2^x_T. When the maxima move by
+  dS = (M_S' - M_S) c and dT = (M_T' - M_T) c (c = log2(e) / tau), x_S(v) loses dS, x_T(v) loses dT and
+  e_T(v) is multiplied by alpha_T = 2^-dT, so acc' = alpha_T (acc + shift * sum_T) with the *same*
+  shift = dS - dT as the reverse rule, plus the chunk's terms where(e_T > 0, e_T (x_T - x_S), 0). At the end
+  F = ln2 * acc / sum_T - log sum_T + log sum_S (log p_T = x_T ln2 - log sum_T, log p_S = x_S ln2 - log sum_S).
+  Terms with p_T(v) = 0 contribute 0; a finite p_T(v) against z_S(v) = -inf gives +inf. One guard the
+  reverse rule does not have: an acc of +inf whose weight alpha_T later underflows to 0 (the teacher's
+  maximum rose by more than ~100 tau nats: that p_T(v) is 0 in fp32 and in fp64 alike) becomes 0, not
+  0 * inf = NaN. The constexpr KL_KIND selects the accumulator: 0 none, 1 reverse (``full_kl=True``),
+  2 forward (``launch_token_stats(kl="forward")``; ``_helpers.KL_NONE / KL_REVERSE / KL_FORWARD``); both
+  KLs go to the same output row OUT_KL.
 
 Rows whose target is ``ignore_index`` write zeros (candidate ids -1) and exit before reading any logits.
 Besides the TokenStats fields the kernel writes M_S, log sum_S, M_T, log sum_T per row (O(N)): the loss
@@ -49,6 +61,8 @@ import triton
 import triton.language as tl
 
 from fastopd.kernels._helpers import (
+    KL_FORWARD,
+    KL_REVERSE,
     MAX_K_PAD,
     NUM_OUT,
     OUT_ADV,
@@ -65,6 +79,7 @@ from fastopd.kernels._helpers import (
     check_kernel_dtype,
     check_triton,
     key_index,
+    kl_kind,
     next_pow2,
     order_bits,
     pack_key,
@@ -81,10 +96,11 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _stats_chunk(
     zs_row, zt_row, start, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
-    MASKED: tl.constexpr, FULL_KL: tl.constexpr, K_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
+    MASKED: tl.constexpr, KL_KIND: tl.constexpr, K_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
     GROUP_SIZE: tl.constexpr, BITONIC: tl.constexpr,
 ):
-    """One chunk of the streaming pass: update (M_S, sum_S, M_T, sum_T, acc, running top-K groups)."""
+    """One chunk of the streaming pass: update (M_S, sum_S, M_T, sum_T, acc, running top-K groups); ``acc`` is
+    the accumulator of the divergence KL_KIND selects (module docstring), untouched for KL_NONE."""
     cols = start + tile
     if MASKED:
         inside = cols < V
@@ -117,11 +133,19 @@ def _stats_chunk(
     xt = (zt - safe_t) * scale2
     es = tl.exp2(xs)
     et = tl.exp2(xt)
-    if FULL_KL:
-        # acc in log2 units: sum_v e_v (xs_v - xt_v), rescaled when either maximum moves.
+    if KL_KIND == KL_REVERSE:
+        # acc in log2 units: sum_v e_S(v) (xs_v - xt_v), rescaled when either maximum moves.
         terms = tl.where(es > 0.0, es * (xs - xt), 0.0)
         shift = (safe_s - safe_old_s) * scale2 - (safe_t - safe_old_t) * scale2
         acc = alpha_s * (acc - tl.where(sum_s > 0.0, shift * sum_s, 0.0)) + tl.sum(terms)
+    elif KL_KIND == KL_FORWARD:
+        # The reverse accumulator with S and T swapped: acc = sum_v e_T(v) (xt_v - xs_v), and when the maxima
+        # move, acc <- alpha_T (acc + shift * sum_T). An old acc of +inf (a z_S = -inf under teacher mass)
+        # whose weight alpha_T underflows to 0 contributes 0 (as p_T(v) = 0 does in the reference), not NaN.
+        terms = tl.where(et > 0.0, et * (xt - xs), 0.0)
+        shift = (safe_s - safe_old_s) * scale2 - (safe_t - safe_old_t) * scale2
+        acc = tl.where(alpha_t > 0.0, alpha_t * (acc + tl.where(sum_t > 0.0, shift * sum_t, 0.0)), 0.0)
+        acc = acc + tl.sum(terms)
     sum_s = sum_s * alpha_s + tl.sum(es)
     sum_t = sum_t * alpha_t + tl.sum(et)
     return new_m_s, sum_s, new_m_t, sum_t, acc, run
@@ -140,13 +164,14 @@ def _stats_ignored(out_ptr, ids_ptr, row, N, k, j, RETURN_TOPK: tl.constexpr, K_
 @triton.jit
 def _stats_tail(
     zs_row, zt_row, out_ptr, ids_ptr, row, y, run, m_s, sum_s, m_t, sum_t, acc, N, V, k, tau, inv_tau, j, lane,
-    FULL_KL: tl.constexpr, RETURN_TOPK: tl.constexpr, K_PAD: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    KL_KIND: tl.constexpr, RETURN_TOPK: tl.constexpr, K_PAD: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BITONIC: tl.constexpr,
 ):
     """The end of a row once its streaming state is final (shared by the single-pass kernel and the split
     pass's combine kernel, :mod:`fastopd.kernels.token_stats_split`): the K candidate groups ``run`` are read
     again and one top-K picks the K elements; the teacher is gathered at them (margin, with the tie and
-    non-finite rules of the reference) and both models at the target y; the reverse KL from ``acc``; all
+    non-finite rules of the reference) and both models at the target y; the divergence from ``acc`` (reverse
+    KL = ln2 acc / sum_S - log sum_S + log sum_T, forward KL = ln2 acc / sum_T - log sum_T + log sum_S); all
     NUM_OUT outputs of the row (and its ids with RETURN_TOPK) are stored. ``j = tl.arange(0, K_PAD)``,
     ``lane = tl.arange(0, GROUP_SIZE)[None, :]`` (made by the caller, where the single pass always made them,
     so that its compiled code is unchanged)."""
@@ -178,8 +203,10 @@ def _stats_tail(
     margin = tl.where(finite, margin, float("nan"))
 
     kl = 0.0
-    if FULL_KL:
+    if KL_KIND == KL_REVERSE:
         kl = acc / sum_s * 0.6931471805599453 - log_s + log_t
+    elif KL_KIND == KL_FORWARD:
+        kl = acc / sum_t * 0.6931471805599453 - log_t + log_s
 
     tl.store(out_ptr + OUT_S * N + row, s)
     tl.store(out_ptr + OUT_U * N + row, u)
@@ -200,7 +227,7 @@ def _token_stats_kernel(
     s_stride, t_stride, s_offs_ptr, t_offs_ptr,
     N, V, k, ignore_index, tau, inv_tau, scale2,
     S_OFFS: tl.constexpr, T_OFFS: tl.constexpr,
-    FULL_KL: tl.constexpr, RETURN_TOPK: tl.constexpr,
+    KL_KIND: tl.constexpr, RETURN_TOPK: tl.constexpr,
     K_PAD: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_SIZE: tl.constexpr, BITONIC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -232,18 +259,18 @@ def _token_stats_kernel(
     while start < v_full:
         m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
             zs_row, zt_row, start, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
-            False, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
+            False, KL_KIND, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
         )
         start += BLOCK
     if v_full < V:
         m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
             zs_row, zt_row, v_full, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
-            True, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
+            True, KL_KIND, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
         )
 
     _stats_tail(
         zs_row, zt_row, out_ptr, ids_ptr, row, y, run, m_s, sum_s, m_t, sum_t, acc, N, V, k, tau, inv_tau, j, lane,
-        FULL_KL, RETURN_TOPK, K_PAD, GROUP_SIZE, BITONIC,
+        KL_KIND, RETURN_TOPK, K_PAD, GROUP_SIZE, BITONIC,
     )
 
 
@@ -279,14 +306,19 @@ def launch_token_stats(
     k: int,
     temperature: float,
     ignore_index: int,
-    full_kl: bool,
+    full_kl: bool = False,
     return_topk: bool,
     block_v: int | None = None,
     group: int | None = None,
     topk_impl: str = "auto",
     splits: int | str | None = None,
+    kl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the stats kernel on already validated rows; returns the (NUM_OUT, N) fp32 buffer and the ids.
+
+    The divergence written to row OUT_KL (0 without one): ``kl`` None, ``"reverse"`` (KL(p_S || p_T), what
+    ``full_kl=True`` asks for: the public flag and the ``reverse_kl`` loss) or ``"forward"`` (KL(p_T || p_S),
+    the ``forward_kl`` loss; internal). ``full_kl=True`` with ``kl="forward"`` is a ValueError.
 
     ``splits``: None (``FASTOPD_STATS_SPLITS`` if set, else 1), 1 (this module's single-pass kernel), an int
     >= 2 or ``"auto"`` (the split-V pass of :mod:`fastopd.kernels.token_stats_split`, same outputs;
@@ -295,6 +327,9 @@ def launch_token_stats(
     from fastopd.kernels.token_stats_split import check_splits, launch_token_stats_split, resolve_splits
 
     check_splits(splits)
+    if full_kl and kl not in (None, "reverse"):
+        raise ValueError(f"full_kl=True is the reverse KL; it cannot be combined with kl={kl!r}")
+    kind = kl_kind("reverse" if full_kl and kl is None else kl)
     check_triton()
     n = student.n
     device = student.data.device
@@ -308,7 +343,7 @@ def launch_token_stats(
     if n_split > 1:
         launch_token_stats_split(
             student, teacher, target_ids, out, ids, splits=n_split, v=v, k=k, temperature=temperature,
-            ignore_index=ignore_index, full_kl=full_kl, return_topk=return_topk, cfg=cfg,
+            ignore_index=ignore_index, kind=kind, return_topk=return_topk, cfg=cfg,
         )
         return out, ids
     tau = float(temperature)
@@ -317,7 +352,7 @@ def launch_token_stats(
         student.stride, teacher.stride, student.offsets_arg(), teacher.offsets_arg(),
         n, v, k, ignore_index, tau, 1.0 / tau, LOG2E / tau,
         S_OFFS=student.use_offsets, T_OFFS=teacher.use_offsets,
-        FULL_KL=bool(full_kl), RETURN_TOPK=bool(return_topk), **cfg,
+        KL_KIND=kind, RETURN_TOPK=bool(return_topk), **cfg,
     )
     return out, ids
 

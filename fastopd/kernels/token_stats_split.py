@@ -8,7 +8,8 @@ of apple/ml-cross-entropy, one small file per kernel phase) cuts every row into 
 ``[i * C // SPLITS, (i + 1) * C // SPLITS)`` of row r (C = ceil(V / BLOCK_V) chunks; every slice holds at
 least one chunk; the last slice holds the masked tail, and streams it first) with the same per-chunk step
 as the single pass (``_stats_chunk``, imported, not copied), and writes its partial state: M_S,i, sum_S,i,
-M_T,i, sum_T,i, the KL accumulator acc_i (FULL_KL) and its K_PAD running top-K group keys (int64 packed keys,
+M_T,i, sum_T,i, the KL accumulator acc_i (KL_KIND 1 reverse or 2 forward, as the single pass) and its K_PAD
+running top-K group keys (int64 packed keys,
 as ``run``; group indices are global). Rows whose target is ``ignore_index`` exit before reading any logits and write nothing.
 
 **Phase 2** (:func:`_stats_combine_kernel`, one program per row) merges the SPLITS partials exactly, then
@@ -23,12 +24,17 @@ runs the single pass's tail (``_stats_tail``, shared: one copy of the formulas).
   acc = sum_i alpha_S,i (acc_i - shift_i sum_S,i) with shift_i = (M_S - M_S,i) c - (M_T - M_T,i) c:
   the single pass's rescaling rule with the row maxima as "new" and the slice's as "old" (the term
   shift_i sum_S,i is taken as 0 when sum_S,i = 0, as there). KL = ln2 acc / sum_S - log sum_S + log sum_T.
+- the forward-KL accumulator (KL_KIND 2) by symmetry: slice i kept acc_i = sum_v e_T,i(v) (x_T,i(v) - x_S,i(v))
+  with e_T,i(v) = 2^x_T,i(v); with e_T(v) = alpha_T,i e_T,i(v) and the same shifts of x_S, x_T,
+  acc = sum_i alpha_T,i (acc_i + shift_i sum_T,i), the *same* shift_i (the term shift_i sum_T,i is 0 when
+  sum_T,i = 0, and a slice whose alpha_T,i underflows to 0 adds 0 even when its acc_i is +inf, as in the
+  single pass). F = ln2 acc / sum_T - log sum_T + log sum_S.
 - the top-K groups: the K_PAD largest of the SPLITS * K_PAD slice keys (one ``tl.topk``). Each slice kept
   the exact top-K_PAD group keys of its slice, keys are unique (group indices), so these are the row's
   top-K_PAD group keys, the single pass's ``run``: the candidates, ids and margins are the single pass's
   exactly; the log-probs and KL differ only by fp32 summation order.
 
-Workspace: O(N * SPLITS * (K_PAD + 5)) -- (4 + FULL_KL) fp32 and K_PAD int64 values per (row, slice), e.g.
+Workspace: O(N * SPLITS * (K_PAD + 5)) -- 4 (5 with a KL) fp32 and K_PAD int64 values per (row, slice), e.g.
 N = 16384, SPLITS = 8, K = 16: 19 MB -- on top of the (NUM_OUT, N) outputs. Extra traffic over the single
 pass: that workspace written once and read once (against 2 * V * itemsize bytes per row of logits).
 
@@ -49,6 +55,9 @@ import triton
 import triton.language as tl
 
 from fastopd.kernels._helpers import (
+    KL_FORWARD,
+    KL_NONE,
+    KL_REVERSE,
     SENTINEL,
     Rows,
     check_triton,
@@ -83,7 +92,7 @@ def _stats_split_kernel(
     zs_ptr, zt_ptr, tgt_ptr, part_ptr, key_ptr,
     s_stride, t_stride, s_offs_ptr, t_offs_ptr,
     N, V, ignore_index, splits, n_chunks, scale2,
-    S_OFFS: tl.constexpr, T_OFFS: tl.constexpr, FULL_KL: tl.constexpr,
+    S_OFFS: tl.constexpr, T_OFFS: tl.constexpr, KL_KIND: tl.constexpr,
     K_PAD: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_SIZE: tl.constexpr, BITONIC: tl.constexpr,
 ):
     """Phase 1: the streaming state of one V-slice of one row (grid (N, SPLITS))."""
@@ -111,7 +120,7 @@ def _stats_split_kernel(
     if (sp == splits - 1) & (v_full < V):
         m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
             zs_row, zt_row, v_full, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
-            True, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
+            True, KL_KIND, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
         )
     c0 = (sp * n_chunks) // splits
     c1 = ((sp + 1) * n_chunks) // splits
@@ -120,7 +129,7 @@ def _stats_split_kernel(
     while start < end:  # a while loop for the interpreter of Triton < 3.8 (see token_stats.py)
         m_s, sum_s, m_t, sum_t, acc, run = _stats_chunk(
             zs_row, zt_row, start, V, tile, m_s, sum_s, m_t, sum_t, acc, run, scale2,
-            False, FULL_KL, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
+            False, KL_KIND, K_PAD, BLOCK_G, GROUP_SIZE, BITONIC,
         )
         start += BLOCK
 
@@ -130,7 +139,7 @@ def _stats_split_kernel(
     tl.store(part_ptr + P_SUM_S * ns + idx, sum_s)
     tl.store(part_ptr + P_MAX_T * ns + idx, m_t)
     tl.store(part_ptr + P_SUM_T * ns + idx, sum_t)
-    if FULL_KL:
+    if KL_KIND != KL_NONE:
         tl.store(part_ptr + P_ACC * ns + idx, acc)
     tl.store(key_ptr + idx * K_PAD + tl.arange(0, K_PAD), run)
 
@@ -140,7 +149,7 @@ def _stats_combine_kernel(
     zs_ptr, zt_ptr, tgt_ptr, part_ptr, key_ptr, out_ptr, ids_ptr,
     s_stride, t_stride, s_offs_ptr, t_offs_ptr,
     N, V, k, ignore_index, splits, tau, inv_tau, scale2,
-    S_OFFS: tl.constexpr, T_OFFS: tl.constexpr, FULL_KL: tl.constexpr, RETURN_TOPK: tl.constexpr,
+    S_OFFS: tl.constexpr, T_OFFS: tl.constexpr, KL_KIND: tl.constexpr, RETURN_TOPK: tl.constexpr,
     K_PAD: tl.constexpr, GROUP_SIZE: tl.constexpr, BITONIC: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     """Phase 2: merge one row's SPLITS partials (module docstring), then the single pass's tail."""
@@ -170,13 +179,22 @@ def _stats_combine_kernel(
     sum_s = tl.sum(alpha_s * psum_s, axis=0)
     sum_t = tl.sum(alpha_t * psum_t, axis=0)
     acc = 0.0
-    if FULL_KL:
+    if KL_KIND == KL_REVERSE:
         # acc = sum_i alpha_S,i (acc_i - shift_i sum_S,i), shift_i = (M_S - M_S,i) c - (M_T - M_T,i) c.
         pacc = tl.load(part_ptr + P_ACC * ns + idx, mask=live, other=0.0)
         safe_ps = tl.where(pm_s == -float("inf"), 0.0, pm_s)
         safe_pt = tl.where(pm_t == -float("inf"), 0.0, pm_t)
         shift = (safe_s - safe_ps) * scale2 - (safe_t - safe_pt) * scale2
         acc = tl.sum(alpha_s * (pacc - tl.where(psum_s > 0.0, shift * psum_s, 0.0)), axis=0)
+    elif KL_KIND == KL_FORWARD:
+        # acc = sum_i alpha_T,i (acc_i + shift_i sum_T,i), the same shift_i; a slice whose weight alpha_T,i
+        # underflows to 0 adds 0 (also when its acc_i is +inf), as in _stats_chunk.
+        pacc = tl.load(part_ptr + P_ACC * ns + idx, mask=live, other=0.0)
+        safe_ps = tl.where(pm_s == -float("inf"), 0.0, pm_s)
+        safe_pt = tl.where(pm_t == -float("inf"), 0.0, pm_t)
+        shift = (safe_s - safe_ps) * scale2 - (safe_t - safe_pt) * scale2
+        part = alpha_t * (pacc + tl.where(psum_t > 0.0, shift * psum_t, 0.0))
+        acc = tl.sum(tl.where(alpha_t > 0.0, part, 0.0), axis=0)
 
     # --- top-K_PAD group keys of the row: one top-K over the SPLITS * K_PAD slice keys ---
     kidx = idx[:, None] * K_PAD + tl.arange(0, K_PAD)[None, :]
@@ -187,7 +205,7 @@ def _stats_combine_kernel(
     zt_row = zt_ptr + row_base(row, t_stride, t_offs_ptr, T_OFFS)
     _stats_tail(
         zs_row, zt_row, out_ptr, ids_ptr, row, y, run, m_s, sum_s, m_t, sum_t, acc, N, V, k, tau, inv_tau,
-        j, tl.arange(0, GROUP_SIZE)[None, :], FULL_KL, RETURN_TOPK, K_PAD, GROUP_SIZE, BITONIC,
+        j, tl.arange(0, GROUP_SIZE)[None, :], KL_KIND, RETURN_TOPK, K_PAD, GROUP_SIZE, BITONIC,
     )
 
 
@@ -258,12 +276,13 @@ def launch_token_stats_split(
     k: int,
     temperature: float,
     ignore_index: int,
-    full_kl: bool,
+    kind: int,
     return_topk: bool,
     cfg: dict,
 ) -> None:
     """Run both phases into ``out`` (NUM_OUT, N) and ``ids``; ``splits`` >= 2 already clamped
-    (:func:`resolve_splits`), ``cfg`` the single pass's :func:`stats_launch_config`."""
+    (:func:`resolve_splits`), ``kind`` the KL_KIND (0 none, 1 reverse, 2 forward:
+    :func:`fastopd.kernels._helpers.kl_kind`), ``cfg`` the single pass's :func:`stats_launch_config`."""
     check_triton()
     n = student.n
     device = student.data.device
@@ -272,12 +291,14 @@ def launch_token_stats_split(
     if not 2 <= splits <= n_chunks:
         raise ValueError(f"splits must be in [2, {n_chunks}] (chunks of {block} columns), got {splits}")
     k_pad = cfg["K_PAD"]
-    part = torch.empty((4 + int(bool(full_kl)), n * splits), dtype=torch.float32, device=device)
+    if kind not in (0, 1, 2):
+        raise ValueError(f"kind must be 0 (no KL), 1 (reverse) or 2 (forward), got {kind!r}")
+    part = torch.empty((4 + int(kind != 0), n * splits), dtype=torch.float32, device=device)
     keys = torch.empty((n * splits, k_pad), dtype=torch.int64, device=device)
     tgt = target_ids.reshape(-1)
     tau = float(temperature)
     scale2 = LOG2E / tau
-    common = dict(S_OFFS=student.use_offsets, T_OFFS=teacher.use_offsets, FULL_KL=bool(full_kl),
+    common = dict(S_OFFS=student.use_offsets, T_OFFS=teacher.use_offsets, KL_KIND=int(kind),
                   K_PAD=k_pad, GROUP_SIZE=cfg["GROUP_SIZE"], BITONIC=cfg["BITONIC"])
     _stats_split_kernel[(n, splits)](
         student.data, teacher.data, tgt, part, keys,
