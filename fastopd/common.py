@@ -40,8 +40,9 @@ MODES = ("release",) + CONTROLS
 # holds at most 256 candidates); backend="auto" hands anything else to the reference.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_MAX_K = 256
-# The losses the Triton kernels implement; backend="auto" hands any other to the reference, "triton" refuses it.
-KERNEL_LOSSES = ("pg", "reverse_kl")
+# The losses the Triton kernels implement (all of them now); backend="auto" hands any other to the reference,
+# "triton" refuses it (the mechanism stays for a future loss; tests/test_dispatch.py exercises it).
+KERNEL_LOSSES = LOSSES
 # Oldest Triton the kernels compile with (3.3.1 lacks tl.topk); pyproject.toml and the README state the same,
 # fastopd._dispatch enforces it, scripts/ci_triton_matrix.sh compiles the kernels under it (docs/kernels.md).
 TRITON_FLOOR = (3, 4)

@@ -16,7 +16,7 @@ import torch
 
 from fastopd import _dispatch
 from fastopd._dispatch import parse_version, resolve_backend
-from fastopd.common import TRITON_FLOOR
+from fastopd.common import LOSSES, TRITON_FLOOR
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -30,6 +30,10 @@ def test_auto_backend_choice():
     assert resolve_backend("auto", cuda, dtypes=(torch.float64, torch.float32)) == "reference"
     assert resolve_backend("auto", cuda, dtypes=(torch.bfloat16,), k=512) == "reference"
     assert resolve_backend("reference", cuda) == "reference"
+    # every loss has its kernels: auto runs them on CUDA and "triton" accepts each (forward_kl included)
+    for loss in LOSSES:
+        assert resolve_backend("auto", cuda, dtypes=(torch.bfloat16,), k=16, loss=loss) == "triton", loss
+        assert resolve_backend("triton", cuda, dtypes=(torch.bfloat16,), k=16, loss=loss) == "triton", loss
 
 
 def test_a_loss_without_kernel_goes_to_the_reference(monkeypatch):

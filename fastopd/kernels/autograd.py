@@ -17,8 +17,17 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastopd._validate import check_token_inputs
-from fastopd.common import check_loss_options, per_token_loss, reduce_loss, weight_mask
-from fastopd.kernels._helpers import OUT_ADV, OUT_KL, OUT_MARGIN, OUT_S, OUT_U, Rows, check_kernel_dtype
+from fastopd.common import DIVERGENCES, check_loss_options, per_token_loss, reduce_loss, weight_mask
+from fastopd.kernels._helpers import (
+    OUT_ADV,
+    OUT_KL,
+    OUT_MARGIN,
+    OUT_S,
+    OUT_U,
+    Rows,
+    check_kernel_dtype,
+    loss_kl,
+)
 from fastopd.kernels.loss_backward import launch_loss_backward
 from fastopd.kernels.token_stats import launch_token_stats
 from fastopd.kernels.token_stats_split import check_splits
@@ -31,16 +40,17 @@ class _OPDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, target_ids, w, old_logprobs, cfg):
         student, teacher = Rows(student_logits), Rows(teacher_logits)
-        reverse_kl = cfg["loss"] == "reverse_kl"
+        loss = cfg["loss"]
+        kl = loss_kl(loss)  # the divergence the loss reads from row OUT_KL (None for pg)
         out, _ = launch_token_stats(
             student, teacher, target_ids, v=cfg["v"], k=cfg["k"], temperature=cfg["temperature"],
-            ignore_index=cfg["ignore_index"], full_kl=reverse_kl, return_topk=False,
+            ignore_index=cfg["ignore_index"], kl=kl, return_topk=False,
             block_v=cfg["block_v"], group=cfg["group"], topk_impl=cfg["topk_impl"], splits=cfg["splits"],
         )
         valid = (target_ids != cfg["ignore_index"]).reshape(-1)
         w = w.reshape(-1)
-        if reverse_kl:
-            terms = per_token_loss("reverse_kl", valid, w, kl=out[OUT_KL.value])
+        if kl is not None:
+            terms = per_token_loss(loss, valid, w, kl=out[OUT_KL.value])
             adv = out[OUT_ADV.value].clone()
         else:
             old = None if old_logprobs is None else old_logprobs.reshape(-1)
@@ -66,7 +76,7 @@ class _OPDLossFunction(torch.autograd.Function):
         c = (grad_per_token.reshape(-1).float() * coef).contiguous()
         grad = launch_loss_backward(
             student, teacher, target_ids, c, out, v=cfg["v"], temperature=cfg["temperature"],
-            reverse_kl=cfg["loss"] == "reverse_kl", inplace=cfg["inplace_backward"], block_v=cfg["block_v"],
+            loss=cfg["loss"], inplace=cfg["inplace_backward"], block_v=cfg["block_v"],
         )
         return grad, None, None, None, None, None
 
@@ -93,8 +103,9 @@ def opd_loss_triton(
     """The OPD loss of docs/formulas.md §5 with fused Triton forward statistics and a Triton backward.
 
     Same arguments and result as :func:`fastopd.reference.opd_loss`: ``pg`` l_t = -w_t sg(A_t) rho_t with
-    rho_t = exp(s_t - sg(s_old_t)) and A_t = u_t - s_old_t; ``reverse_kl`` l_t = w_t KL_t; loss = sum_t l_t /
-    normaliser. The per-token loss and its gradient factor are
+    rho_t = exp(s_t - sg(s_old_t)) and A_t = u_t - s_old_t; ``reverse_kl`` l_t = w_t KL_t (KL(p_S || p_T),
+    ``stats.reverse_kl``); ``forward_kl`` l_t = w_t F_t (F_t = KL(p_T || p_S), ``stats.forward_kl``); loss =
+    sum_t l_t / normaliser. The per-token loss and its gradient factor are
     :func:`fastopd.common.per_token_loss`'s, the reduction and metrics :func:`fastopd.common.reduce_loss`'s. The gradient w.r.t. the
     student logits is in their dtype (the sampled-token column p - 1 is formed in fp32); columns at or
     beyond ``vocab_size`` get 0; teacher logits, ``weights`` and ``old_logprobs`` get no gradient; the
@@ -137,6 +148,6 @@ def opd_loss_triton(
         margins=out[OUT_MARGIN.value].view(shape),
         valid=valid,
     )
-    if loss == "reverse_kl":
-        stats.reverse_kl = out[OUT_KL.value].view(shape)
+    if loss in DIVERGENCES:  # TokenStats.reverse_kl / .forward_kl: the divergence the loss used
+        setattr(stats, loss, out[OUT_KL.value].view(shape))
     return reduce_loss(per_token, stats, w, loss, normalizer)

@@ -6,7 +6,8 @@ For one token chunk of logits tiles z_S, z_T (chunk, V), already produced by the
   :func:`fastopd.common.per_token_loss` (the same per-token loss and coefficient c_t as
   :func:`fastopd.kernels.opd_loss_triton`) with w = valid; only the per-token vectors and the (NUM_OUT, chunk) row
   statistics (M, log Z of both models, KL) that the backward kernel reads are kept.
-- backward: the loss-backward kernel on the recomputed student tile (and teacher tile for ``reverse_kl``),
+- backward: the loss-backward kernel on the recomputed student tile (and teacher tile for ``reverse_kl`` and
+  ``forward_kl``),
   with c_t times the incoming gradient; it writes dl/dz_S into the student tile itself (no third tile)
   unless the head soft-caps, whose chain rule still reads z.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastopd.common import per_token_loss
-from fastopd.kernels._helpers import NUM_OUT, OUT_ADV, OUT_KL, OUT_MARGIN, OUT_S, OUT_U, Rows
+from fastopd.kernels._helpers import NUM_OUT, OUT_ADV, OUT_KL, OUT_MARGIN, OUT_S, OUT_U, Rows, loss_kl
 from fastopd.kernels.loss_backward import launch_loss_backward
 from fastopd.kernels.token_stats import launch_token_stats
 from fastopd.types import TokenStats
@@ -30,7 +31,7 @@ class TritonChunks:
         dl/dz into the student tile (False when the head soft-caps: its chain rule reads z after)."""
         self.plan = plan
         self.inplace = inplace
-        self.reverse_kl = plan.loss == "reverse_kl"
+        self.kl = loss_kl(plan.loss)  # the divergence in row OUT_KL: None (pg), "reverse" or "forward"
 
     def alloc(self, n: int, device) -> dict:
         return {
@@ -42,13 +43,13 @@ class TritonChunks:
         p = self.plan
         out, _ = launch_token_stats(
             Rows(zs), Rows(zt), tgt, v=p.v, k=p.k, temperature=p.temperature,
-            ignore_index=p.ignore_index, full_kl=self.reverse_kl, return_topk=False,
+            ignore_index=p.ignore_index, kl=self.kl, return_topk=False,
         )
         valid = tgt != p.ignore_index
         w = valid.float()
         # The same per-token loss and row factor c_t as fastopd.kernels.opd_loss_triton (common.per_token_loss).
-        if self.reverse_kl:
-            terms = per_token_loss("reverse_kl", valid, w, kl=out[OUT_KL.value])
+        if self.kl is not None:
+            terms = per_token_loss(p.loss, valid, w, kl=out[OUT_KL.value])
             adv = out[OUT_ADV.value].clone()
         else:
             terms = per_token_loss("pg", valid, w, s=out[OUT_S.value], u=out[OUT_U.value], old_logprobs=old)
@@ -57,8 +58,10 @@ class TritonChunks:
         saved["out"][:, sl] = out
         stats = TokenStats(
             student_logprobs=out[OUT_S.value], teacher_logprobs=out[OUT_U.value], advantages=adv,
-            margins=out[OUT_MARGIN.value], valid=valid, reverse_kl=out[OUT_KL.value] if self.reverse_kl else None,
+            margins=out[OUT_MARGIN.value], valid=valid,
         )
+        if self.kl is not None:  # TokenStats.reverse_kl / .forward_kl
+            setattr(stats, p.loss, out[OUT_KL.value])
         return terms.per_token, stats
 
     def forward_grad(self, zs, zt, tgt, old, saved, sl, g):
@@ -71,5 +74,5 @@ class TritonChunks:
         coef = (g.float() * saved["coef"][sl]).contiguous()
         return launch_loss_backward(
             Rows(zs), Rows(zt if zt is not None else zs), tgt, coef, saved["out"][:, sl].contiguous(), v=p.v,
-            temperature=p.temperature, reverse_kl=self.reverse_kl, inplace=self.inplace,
+            temperature=p.temperature, loss=p.loss, inplace=self.inplace,
         )
