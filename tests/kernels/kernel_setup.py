@@ -152,7 +152,30 @@ def _stats_three_ways(zs, zt, y, **kw):
     return got, ref, truth
 
 
+def _forward_kl_three_ways(zs, zt, y, *, k=4, temperature=1.0, ignore_index=-100, vocab_size=None, **knobs):
+    """The stats kernel's forward KL F_t = KL(p_T || p_S)_t (``launch_token_stats(kl="forward")``, row OUT_KL:
+    the ``forward_kl`` loss's divergence, which the public ``token_stats`` does not return), and the
+    reference's ``forward_kl`` in the input dtype and on fp64 inputs (the truth), each 0 at ignored positions.
+    ``knobs``: block_v, group, topk_impl, splits of the launch. Returns (kernel, reference, truth, buffer)."""
+    from fastopd.kernels._helpers import OUT_KL, Rows
+    from fastopd.kernels.token_stats import launch_token_stats
+
+    v = zs.shape[-1] if vocab_size is None else vocab_size
+    out, _ = launch_token_stats(Rows(zs), Rows(zt), y, v=v, k=k, temperature=temperature,
+                                ignore_index=ignore_index, kl="forward", return_topk=False, **knobs)
+    valid = y != ignore_index
+
+    def ref(a, b):
+        _, ls = reference.logprobs(a, v, temperature)
+        _, lt = reference.logprobs(b, v, temperature)
+        f = reference.forward_kl(ls, lt)
+        return torch.where(valid, f, torch.zeros((), dtype=f.dtype, device=f.device))
+
+    return out[OUT_KL.value].view(y.shape), ref(zs, zt), ref(zs.double(), zt.double()), out
+
+
 __all__ = [
+    "_forward_kl_three_ways",
     "_CUDA",
     "triton",
     "fastopd",

@@ -26,7 +26,7 @@ pytestmark = KERNEL_MARKS
 
 def _loss_three_ways(zs, zt, y, g, *, inplace=False, **kw):
     """Run kernel / reference-in-dtype / fp64 truth; backprop loss + <per_token, g>; return outputs and grads."""
-    knobs = {key: kw.pop(key) for key in ("block_v",) if key in kw}
+    knobs = {key: kw.pop(key) for key in ("block_v", "splits") if key in kw}
     results = []
     for impl, s_in, t_in, o_in in (
         ("kernel", zs, zt, kw.get("old_logprobs")),
@@ -54,6 +54,9 @@ LOSS_CASES = [
     ("pg", torch.float16, 1.0, True, False, None),
     ("reverse_kl", torch.float32, 1.3, True, False, None),
     ("reverse_kl", torch.bfloat16, 1.0, False, False, 3.0),
+    ("forward_kl", torch.float32, 1.3, True, False, None),
+    ("forward_kl", torch.bfloat16, 1.0, False, False, 3.0),
+    ("forward_kl", torch.float16, 0.7, True, False, None),
 ]
 
 
@@ -77,6 +80,12 @@ def test_loss_and_gradient_match_reference(device, loss, dtype, tau, use_w, use_
     _check_close("per_token", ko.per_token, ro.per_token, to.per_token)
     _check_close("advantages", ko.stats.advantages, ro.stats.advantages, to.stats.advantages)
     _check_close("margins", ko.stats.margins, ro.stats.margins, to.stats.margins)
+    for div in ("reverse_kl", "forward_kl"):  # TokenStats holds the divergence of the loss, and only it
+        if div == loss:
+            _check_close(div, getattr(ko.stats, div), getattr(ro.stats, div), getattr(to.stats, div))
+            assert torch.all(getattr(ko.stats, div)[~ko.stats.valid] == 0)
+        else:
+            assert getattr(ko.stats, div) is None and getattr(ro.stats, div) is None
     assert kg.dtype == dtype and kg.shape == zs.shape
     _check_close("grad", kg, rg, tg, atol=1e-6)
     assert torch.all(kg[~ko.stats.valid] == 0)
@@ -87,10 +96,10 @@ def test_loss_and_gradient_match_reference(device, loss, dtype, tau, use_w, use_
         assert ko.metrics[key] == pytest.approx(val, rel=1e-4, abs=1e-5), key
 
 
-def _loss_sweep(count, seed):
+def _loss_sweep(count, seed, losses=("pg", "reverse_kl")):
     rng = random.Random(seed)
     return [
-        dict(loss=rng.choice(["pg", "reverse_kl"]), v=rng.choice([3, 40, 257, 1100]), n=rng.choice([1, 4, 9]),
+        dict(loss=rng.choice(losses), v=rng.choice([3, 40, 257, 1100]), n=rng.choice([1, 4, 9]),
              dtype=rng.choice([torch.float32, torch.bfloat16, torch.float16]), tau=rng.choice([1.0, 0.8, 2.0]),
              weights=rng.random() < 0.5, old=rng.random() < 0.5, normalizer=rng.choice([None, 5.0]),
              block_v=rng.choice([None, 64, 256]), seed=rng.randrange(10**6))
@@ -98,7 +107,8 @@ def _loss_sweep(count, seed):
     ]
 
 
-@pytest.mark.parametrize("case", _loss_sweep(8, seed=7), ids=lambda c: f"{c['loss']}-v{c['v']}-n{c['n']}-{c['dtype']}")
+@pytest.mark.parametrize("case", _loss_sweep(8, seed=7) + _loss_sweep(4, seed=8, losses=("forward_kl",)),
+                         ids=lambda c: f"{c['loss']}-v{c['v']}-n{c['n']}-{c['dtype']}")
 def test_loss_random_sweep(device, case):
     gen = torch.Generator().manual_seed(case["seed"])
     n, v = case["n"], case["v"]
@@ -116,7 +126,7 @@ def test_loss_random_sweep(device, case):
     _check_close("grad", kg, rg, tg, atol=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
+@pytest.mark.parametrize("loss", ["pg", "reverse_kl", "forward_kl"])
 def test_inplace_backward_and_vocab_cut(device, loss):
     """In-place gradient equals the out-of-place one; columns >= vocab_size get exactly 0; teacher no grad."""
     gen = torch.Generator().manual_seed(8)
@@ -145,6 +155,41 @@ def test_inplace_backward_and_vocab_cut(device, loss):
     truth_leaf = zs.detach().double().requires_grad_(True)
     reference.opd_loss(truth_leaf * 1, zt.double(), y, loss=loss, k=4, vocab_size=v).loss.backward()
     _check_close("grad", grads[0], ref_leaf.grad, truth_leaf.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_forward_kl_edge_rows_and_gradient(device, splits):
+    """forward_kl on rows with edge terms: z_S = -inf where the teacher has mass gives l_t = +inf (kernel and
+    reference); a -inf teacher column, 1e4-magnitude logits and an ignored row stay finite / 0. The gradient
+    is c_t (p_S - p_T) / tau on every row (finite on the +inf row too), as the reference's autograd and the
+    fp64 truth; the ignored row's and the dropped token's rows are exactly 0."""
+    gen = torch.Generator().manual_seed(21)
+    n, v, tau = 6, 400, 0.9
+    zs = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+    zt = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+    zs[0, 17] = -float("inf")  # teacher mass there: +inf
+    zt[1, ::5] = -float("inf")  # drops out
+    zs[2] = (torch.rand(v, generator=gen, dtype=torch.float64) * 2 - 1) * 1e4
+    zt[2] = (torch.rand(v, generator=gen, dtype=torch.float64) * 2 - 1) * 1e4
+    y = torch.tensor([3, 4, 5, -100, 7, 8], device=device)
+    weights = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.0, 1.5], device=device)
+    g = torch.randn(n, generator=gen).to(device)
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = zs.to(dtype).to(device), zt.to(dtype).to(device)
+        (ko, kg), (ro, rg), (to, tg) = _loss_three_ways(
+            a, b, y, g, weights=weights, loss="forward_kl", temperature=tau, k=4, block_v=64, splits=splits)
+        assert ko.per_token[0].item() == ro.per_token[0].item() == float("inf")
+        assert ko.stats.forward_kl[0].item() == float("inf") and ko.loss.item() == float("inf")
+        _check_close("per_token", ko.per_token, ro.per_token, to.per_token, atol=1e-3)
+        _check_close("forward_kl", ko.stats.forward_kl, ro.stats.forward_kl, to.stats.forward_kl, atol=1e-3)
+        assert bool(torch.isfinite(kg).all())
+        _check_close("grad", kg, rg, tg, atol=1e-6)
+        assert torch.all(kg[3] == 0) and torch.all(kg[4] == 0)  # ignored row; weight 0
+        # the formula itself: d l / d z_S = c (p_S - p_T) / tau, c = w (1 / #valid + g) on row 0
+        p_s = torch.softmax(a[0].double() / tau, -1)
+        p_t = torch.softmax(b[0].double() / tau, -1)
+        want = weights[0].double() * (1.0 / 5 + g[0].double()) * (p_s - p_t) / tau
+        assert (kg[0].double() - want).abs().max().item() <= 1e-2 * want.abs().max().item() + 1e-6
 
 
 def test_per_token_is_differentiable(device):

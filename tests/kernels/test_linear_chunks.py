@@ -28,7 +28,7 @@ def _on(c, dtype):
 @pytest.mark.parametrize(
     "loss,cap,use_old,chunk,bias",
     [("pg", None, False, 7, True), ("pg", 8.0, True, 64, False), ("reverse_kl", None, False, 5, True),
-     ("reverse_kl", 8.0, False, 13, True)],
+     ("reverse_kl", 8.0, False, 13, True), ("forward_kl", None, False, 5, True), ("forward_kl", 8.0, False, 13, False)],
 )
 def test_triton_matches_fp64_truth(loss, cap, use_old, chunk, bias):
     v, vp = 300, 307
@@ -47,7 +47,9 @@ def test_triton_matches_fp64_truth(loss, cap, use_old, chunk, bias):
         gs = grads(out.loss, [h, w, b])
         errs[backend] = (out, gs)
     (rt, grt), (tr, gtr) = errs["reference"], errs["triton"]
-    for name, got, ref, want_ in [("loss", tr.loss, rt.loss, want.loss), ("margins", tr.stats.margins, rt.stats.margins, want.stats.margins)] + [
+    divs = [(d, getattr(tr.stats, d), getattr(rt.stats, d), getattr(want.stats, d)) for d in ("reverse_kl", "forward_kl")]
+    for name, got, ref, want_ in [("loss", tr.loss, rt.loss, want.loss), ("per_token", tr.per_token, rt.per_token, want.per_token),
+                                  ("margins", tr.stats.margins, rt.stats.margins, want.stats.margins)] + divs + [
         (f"grad{i}", a, r, e) for i, (a, r, e) in enumerate(zip(gtr, grt, gwant))
     ]:
         if want_ is None:
@@ -56,6 +58,38 @@ def test_triton_matches_fp64_truth(loss, cap, use_old, chunk, bias):
         ref_err = (ref.double().cpu() - want_).abs().max().item()
         assert_close(name, got.cpu(), want_, atol=2 * ref_err + 1e-5, rtol=1e-5)
     assert torch.all(gtr[1][v:] == 0)  # padded head rows
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "forward_kl"])
+def test_triton_recompute_path_matches_reference(loss):
+    """The recompute backward (a reduction of ``per_token`` other than ``out.loss``, and a release rule's
+    weights: OPDLoss.linear) on the Triton backend: it recomputes the teacher tile for the divergence and
+    runs the loss-backward kernel's branch of ``loss``; loss, per-token divergence and gradients equal the
+    reference backend's."""
+    v = 256
+    c = _on(make_case(15, lead=(3, 16), v=v, hs=8, ht=8, dtype=torch.float64), torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    gw = torch.rand(3, 16, generator=gen).to(DEVICE)
+    seg = linear_segments((3, 16), 15).to(DEVICE)
+    res = {}
+    for backend in ("reference", "triton"):
+        h, w, b = leaves(c)
+        out = fastopd.linear_opd_loss(h, fastopd.LMHead(w, b), c["th"], fastopd.LMHead(c["tw"], c["tb"]), c["y"],
+                                      loss=loss, k=4, chunk_size=10, backend=backend)
+        g1 = grads((out.per_token * gw).sum(), [h, w, b])
+        h2, w2, b2 = leaves(c)
+        crit = fastopd.OPDLoss(loss, rule=fastopd.ReleaseRule(k=4, min_gain=-1e9, backend=backend))
+        rule = crit.linear(h2, fastopd.LMHead(w2, b2), c["th"], fastopd.LMHead(c["tw"], c["tb"]), c["y"],
+                           segment_ids=seg, chunk_size=10)
+        res[backend] = (out, g1, rule, grads(rule.loss, [h2, w2, b2]))
+    (ro, rg1, rr, rg2), (to, tg1, tr, tg2) = res["reference"], res["triton"]
+    assert torch.equal(tr.release.weights.cpu(), rr.release.weights.cpu())
+    assert_close("divergence", getattr(to.stats, loss), getattr(ro.stats, loss), atol=1e-5, rtol=1e-5)
+    assert getattr(to.stats, "reverse_kl" if loss == "forward_kl" else "forward_kl") is None
+    pairs = [("per_token", to.per_token, ro.per_token), ("rule loss", tr.loss, rr.loss)]
+    pairs += [(f"grad{i}", a, e) for i, (a, e) in enumerate(zip(tg1 + tg2, rg1 + rg2))]
+    for name, got, want in pairs:
+        assert_close(name, got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_triton_rule_and_stats():

@@ -51,6 +51,68 @@ def test_token_stats_matches_reference(device, n, v, k, dtype, tau, block_v, kin
     _check_stats(got, ref, truth, full_kl=True, return_topk=True, atol=1e-5 if kind != "huge" else 1e-3)
 
 
+# (N, V, k, dtype, temperature, block_v, kind) for the forward KL: mostly k = 4 so that the chunks are small
+# (64 columns at least under the interpreter) and every row has several; odd V, V a multiple of the chunk,
+# every dtype, integer ties, 1e4 logits.
+FORWARD_KL_CASES = [
+    (1, 2, 2, torch.float32, 1.0, None, "normal"),
+    (5, 17, 4, torch.float16, 0.7, None, "normal"),
+    (6, 257, 4, torch.bfloat16, 2.0, 64, "normal"),
+    (4, 1000, 16, torch.float32, 1.0, 256, "normal"),
+    (9, 1531, 4, torch.bfloat16, 1.0, 256, "int"),
+    (3, 2049, 4, torch.float16, 1.3, 512, "normal"),
+    (5, 640, 4, torch.float32, 1.0, 128, "huge"),
+    (4, 700, 4, torch.bfloat16, 1.0, 64, "huge"),
+    (4, 512, 4, torch.float32, 1.0, 128, "normal"),  # V a multiple of the chunk: no masked tail
+]
+
+
+@pytest.mark.parametrize("n,v,k,dtype,tau,block_v,kind", FORWARD_KL_CASES)
+def test_forward_kl_matches_reference(device, n, v, k, dtype, tau, block_v, kind):
+    """The forward-KL accumulator (the ``forward_kl`` loss's F_t = KL(p_T || p_S)_t in row OUT_KL) against the
+    reference's ``forward_kl`` and the fp64 truth, 0 at ignored positions. "normal" rows get a random linear
+    ramp on each model (slopes up to +-8 over the row), so both running maxima move from chunk to chunk, by
+    different amounts: the accumulator's rescaling (shift = dS - dT) is exercised in every row."""
+    gen = torch.Generator().manual_seed(n * 1000 + v + 1)
+    zs = _logits(gen, (n, v), torch.float64, device, kind=kind)
+    zt = _logits(gen, (n, v), torch.float64, device, kind=kind)
+    if kind == "normal":
+        ramp = torch.linspace(0, 1, v, dtype=torch.float64, device=device)
+        slopes = ((torch.rand(2, n, 1, generator=gen, dtype=torch.float64) * 2 - 1) * 8).to(device)
+        zs, zt = zs + slopes[0] * ramp, zt + slopes[1] * ramp
+    zs, zt = zs.to(dtype), zt.to(dtype)
+    y = _targets(gen, (n,), v, device, ignore_frac=0.3 if n > 2 else 0.0)
+    y[0] = 0  # at least one valid row
+    got, ref, truth, _ = _forward_kl_three_ways(zs, zt, y, k=k, temperature=tau, block_v=block_v)
+    _check_close("forward_kl", got, ref, truth, atol=1e-5 if kind != "huge" else 1e-3)
+    assert torch.all(got[y == -100] == 0)
+    assert bool((got[y != -100] > 0).all())  # distinct random rows: KL > 0
+
+
+def test_forward_kl_leaves_the_other_outputs_unchanged(device):
+    """kl="forward" only changes row OUT_KL: every other output row, and the ids, equal a launch without the
+    KL bit for bit (and the public full_kl=True still gives the reverse KL)."""
+    from fastopd.kernels._helpers import OUT_KL, Rows
+    from fastopd.kernels.token_stats import launch_token_stats
+
+    gen = torch.Generator().manual_seed(31)
+    zs, zt = _logits(gen, (4, 333), torch.bfloat16, device), _logits(gen, (4, 333), torch.bfloat16, device)
+    y = _targets(gen, (4,), 333, device, ignore_frac=0.3)
+    kw = dict(v=333, k=4, temperature=0.9, ignore_index=-100, return_topk=True, block_v=64)
+    outs = {kl: launch_token_stats(Rows(zs), Rows(zt), y, kl=kl, **kw) for kl in (None, "forward", "reverse")}
+    rows = [i for i in range(outs[None][0].shape[0]) if i != OUT_KL.value]
+    for kl in ("forward", "reverse"):
+        assert torch.equal(outs[kl][0][rows], outs[None][0][rows]) and torch.equal(outs[kl][1], outs[None][1])
+    assert torch.all(outs[None][0][OUT_KL.value] == 0)
+    rev = token_stats_triton(zs, zt, y, k=4, temperature=0.9, full_kl=True, block_v=64).reverse_kl
+    assert torch.equal(outs["reverse"][0][OUT_KL.value], rev)
+    assert not torch.equal(outs["forward"][0][OUT_KL.value], rev)
+    with pytest.raises(ValueError, match="full_kl=True is the reverse KL"):
+        launch_token_stats(Rows(zs), Rows(zt), y, full_kl=True, kl="forward", **kw)
+    with pytest.raises(ValueError, match="kl must be None, 'reverse' or 'forward'"):
+        launch_token_stats(Rows(zs), Rows(zt), y, kl="both", **kw)
+
+
 def _sweep(count, seed):
     rng = random.Random(seed)
     cases = []
@@ -132,6 +194,11 @@ def test_minus_inf_logits(device):
         _check_stats(got, ref, truth, full_kl=True, return_topk=True)
         assert got.reverse_kl[1].item() == float("inf")
         assert got.margins[3].item() == 0.0
+        # The forward KL: -inf student columns under teacher mass (rows 0 and 3) give +inf; -inf teacher
+        # columns (row 1) and columns -inf in both (row 2) drop out.
+        fk, fr, ft, _ = _forward_kl_three_ways(a, b, y.to(device), k=16, block_v=32)
+        _check_close("forward_kl", fk, fr, ft)
+        assert fk[0].item() == fk[3].item() == float("inf") and bool(torch.isfinite(fk[1:3]).all())
 
 
 @pytest.mark.parametrize("frac", [0.0, 0.5, 1.0])
@@ -145,6 +212,9 @@ def test_ignore_index_sweep(device, frac):
     got, ref, truth = _stats_three_ways(zs, zt, y, k=4, ignore_index=-1, full_kl=True, return_topk=True, block_v=64)
     _check_stats(got, ref, truth, full_kl=True, return_topk=True)
     assert torch.all(got.topk_ids[y == -1] == -1)
+    fk, fr, ft, _ = _forward_kl_three_ways(zs, zt, y, k=4, ignore_index=-1, block_v=64)
+    _check_close("forward_kl", fk, fr, ft)
+    assert torch.all(fk[y == -1] == 0) and bool((fk[y != -1] > 0).all())
     if frac == 1.0:
         assert not bool(got.valid.any())
 
@@ -235,6 +305,13 @@ def test_non_finite_rows_give_nan_margin(device):
         assert torch.isnan(m[:6]).all() and torch.isnan(mr[:6]).all(), m
         assert m[6].item() == 0.0 and torch.isfinite(m[7])
         torch.testing.assert_close(m[7], mr[7], rtol=1e-5, atol=1e-5)
+        # The forward KL is NaN on all six rows (§1: the loss at such a token is not finite), as the kernel's
+        # reverse KL is. The reference agrees on the rows whose student has no log-softmax (0, 2, 4); on the
+        # teacher's (1, 3, 5) its where(p_T > 0, ...) reads NaN > 0 as False and gives 0.
+        fk, fr, _, _ = _forward_kl_three_ways(a, b, y.to(device), k=16, block_v=32)
+        assert torch.isnan(fk[:6].cpu()).all() and torch.isnan(fr[[0, 2, 4]].cpu()).all(), fk
+        assert fk[6].item() == 0.0
+        torch.testing.assert_close(fk[7].cpu(), fr[7].cpu(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")

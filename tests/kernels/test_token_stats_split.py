@@ -130,6 +130,12 @@ def test_split_fixed_cases(device, n, v, k, dtype, splits, block_v, kind):
     assert torch.all(got.topk_ids[-1] == -1)
     single = _run(zs, zt, y, splits=1, block_v=block_v, **kw)
     _check_split_vs_single(got, single, full_kl=True, return_topk=True, tol=1e-4 if kind == "huge" else 1e-5)
+    # The forward KL through the same merge (acc = sum_i alpha_T,i (acc_i + shift_i sum_T,i)).
+    fk, fr, ft, _ = _forward_kl_three_ways(zs, zt, y, k=k, splits=splits, block_v=block_v)
+    _check_close("forward_kl", fk, fr, ft, atol=1e-3 if kind == "huge" else 1e-5)
+    assert fk[-1].item() == 0.0
+    f1 = _forward_kl_three_ways(zs, zt, y, k=k, splits=1, block_v=block_v)[0].double()
+    assert (fk.double() - f1).abs().max().item() <= (1e-4 if kind == "huge" else 1e-5) * (1 + f1.abs().max().item())
 
 
 def test_split_ties_go_to_the_lower_index(device):
@@ -184,6 +190,36 @@ def test_split_non_finite_rows(device):
         _check_split_vs_single(got, _run(a, b, y, splits=1, block_v=64, **kw), full_kl=True, return_topk=False)
 
 
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_forward_kl_edges(device, splits):
+    """The forward KL's edge terms, single pass and split: a z_S = -inf column under teacher mass gives +inf
+    (row 0, in the last chunk; row 1, in the first, before the teacher's maximum); a -inf teacher column
+    under student mass drops out (row 2); and a +inf term whose teacher weight later underflows to 0 (row 3:
+    z_S = -inf at column 5 in the first chunk, then a teacher logit 1e4 higher, so p_T(5) = 0 even in fp64)
+    gives the finite value, not NaN (0 * inf). 1e4-magnitude logits elsewhere (row 4)."""
+    v = 320
+    gen = torch.Generator().manual_seed(77)
+    zs = torch.randn(5, v, generator=gen, dtype=torch.float64) * 2
+    zt = torch.randn(5, v, generator=gen, dtype=torch.float64) * 2
+    zs[0, 300] = -float("inf")
+    zs[1, 3] = -float("inf")
+    zt[1, 250] = 9.0
+    zt[2, ::4] = -float("inf")
+    zs[3, 5] = -float("inf")
+    zt[3, 200] = 1e4
+    zs[4] = (torch.rand(v, generator=gen, dtype=torch.float64) * 2 - 1) * 1e4
+    zt[4] = (torch.rand(v, generator=gen, dtype=torch.float64) * 2 - 1) * 1e4
+    y = torch.tensor([1, 2, 3, 4, 5], device=device)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        a, b = zs.to(dtype).to(device), zt.to(dtype).to(device)
+        fk, fr, ft, _ = _forward_kl_three_ways(a, b, y, k=4, splits=splits, block_v=64)
+        _check_close("forward_kl", fk, fr, ft, atol=1e-3)
+        assert fk[0].item() == fk[1].item() == float("inf"), fk
+        assert bool(torch.isfinite(fk[2:]).all()), fk
+        if splits > 1:
+            assert _n_splits(v, 4, 64, splits, device) == splits
+
+
 def test_split_all_rows_ignored(device):
     zs = _logits(torch.Generator().manual_seed(1), (2, 3, 200), torch.bfloat16, device)
     y = torch.full((2, 3), -1, device=device)
@@ -194,7 +230,8 @@ def test_split_all_rows_ignored(device):
     assert torch.all(got.topk_ids == -1) and got.topk_ids.shape == (2, 3, 4)
 
 
-def test_split_loss_equals_single_pass(device):
+@pytest.mark.parametrize("loss", ["reverse_kl", "forward_kl"])
+def test_split_loss_equals_single_pass(device, loss):
     """opd_loss_triton(splits=...) threads the switch into the forward: same loss and gradient."""
     gen = torch.Generator().manual_seed(9)
     zs = _logits(gen, (3, 300), torch.float32, device)
@@ -203,9 +240,10 @@ def test_split_loss_equals_single_pass(device):
     outs = []
     for splits in (None, 3):
         leaf = zs.clone().requires_grad_(True)
-        out = opd_loss_triton(leaf, zt, y, loss="reverse_kl", k=4, block_v=64, splits=splits)
+        out = opd_loss_triton(leaf, zt, y, loss=loss, k=4, block_v=64, splits=splits)
         out.loss.backward()
         outs.append((out.loss.detach(), leaf.grad, out.stats.margins))
+        assert getattr(out.stats, loss) is not None and bool((getattr(out.stats, loss) > 0).all())
     (l1, g1, m1), (l2, g2, m2) = outs
     assert torch.equal(m1, m2)
     assert abs(l1.item() - l2.item()) <= 1e-5 * (1 + abs(l1.item()))
