@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def per_schedule(key: str) -> str:  # "arithmetic 200 (quick 60), long 50 (quick 15)", read from SCHEDULES
         def text(name: str, s: dict) -> str:
-            full, quick = (format(s[kind].get(key, COMMON.get(key)), "g") for kind in ("full", "quick"))
+            values = (s[kind].get(key, COMMON.get(key)) for kind in ("full", "quick"))
+            full, quick = (v if isinstance(v, str) else format(v, "g") for v in values)
             return f"{name} {full}" + ("" if quick == full else f" (quick {quick})")
 
         return ", ".join(text(name, s) for name, s in SCHEDULES.items())
@@ -214,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"steps per arm (default, per task: {per_schedule('steps')})")
     p.add_argument("--seed", type=int, default=0, help="seed of every arm (default 0)")
     p.add_argument("--loss", choices=("reverse_kl", "forward_kl", "pg"), default=None,
-                   help=f"loss of every arm (default {COMMON['loss']}: the lowest-variance choice for the tiny "
-                   "student)")
+                   help=f"loss of every arm (default, per task: {per_schedule('loss')}; the exact divergences are "
+                   "the lowest-variance choice for the tiny student)")
     p.add_argument("--lr", type=float, default=None,
                    help=f"learning rate of every arm (default, per task: {per_schedule('lr')})")
     p.add_argument("--threads", type=int, default=0,

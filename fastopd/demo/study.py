@@ -125,7 +125,8 @@ def format_study(study: dict, summary: dict) -> str:
         "# fastopd study: the release rule against every control",
         "",
         f"Task `{s.get('task', '?')}` (OOD: `{s.get('ood_task', '?')}`), {s.get('steps', '?')} OPD steps x "
-        f"{s.get('rollouts_per_step', '?')} rollouts per run, loss `{s.get('loss', '?')}`, lr {s.get('lr', '?')}, "
+        f"{s.get('rollouts_per_step', '?')} rollouts per run, loss `{s.get('loss', '?')}`, lr {s.get('lr', '?')} "
+        f"({s.get('lr_scheduler', '?')}), "
         f"seeds {s.get('seeds', '?')}; every run starts from the same shipped student; accuracy is greedy on "
         f"{s.get('eval_problems', '?')} held-out problems of each task. Student before OPD: "
         f"{_pct(study.get('student_before', {}).get('accuracy'))} in-domain, "
@@ -417,7 +418,7 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
         "student_before": base["student_before"], "teacher": base["teacher"], "precondition": pre,
         "setting": {"task": task, "ood_task": sched["ood_task"], "steps": sched["steps"],
                     "rollouts_per_step": sched["prompts_per_step"] * sched["num_samples"], "loss": cfg.loss,
-                    "lr": cfg.lr, "seeds": seed_list, "eval_problems": base["eval_problems"],
+                    "lr": cfg.lr, "lr_scheduler": cfg.lr_scheduler, "seeds": seed_list, "eval_problems": base["eval_problems"],
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "total_time_s": time.perf_counter() - t_start, "runs_trained": trained},
     }
