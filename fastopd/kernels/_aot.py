@@ -23,6 +23,7 @@ import time
 
 import triton
 
+from fastopd.kernels._helpers import kl_kind, loss_kl
 from fastopd.kernels.loss_backward import _loss_backward_kernel, backward_launch_config
 from fastopd.kernels.token_stats import _segment_sums_kernel, _token_stats_kernel, stats_launch_config
 from fastopd.kernels.token_stats_split import _stats_combine_kernel, _stats_split_kernel, split_launch_configs
@@ -59,27 +60,37 @@ def _usage(compiled) -> dict:
                 spill_loads=len(re.findall(r"\bLDL(?:\.\w+)*\s", sass)))
 
 
-def stats_variant(dt="bf16", k=16, v=151936, full_kl=True, topk=True, offsets=0, arch=90, **override):
-    """offsets: 0 row stride, 1 offset table, 2 offset table of 16-aligned offsets (USE_OFFS). ``override``
-    replaces entries of :func:`stats_launch_config`'s result (e.g. ``num_warps=8``) to try a configuration."""
+def _kind(full_kl, kl) -> int:
+    """KL_KIND of a stats variant: ``kl`` (None, "reverse", "forward") when given, else the reverse KL if
+    ``full_kl``."""
+    return kl_kind(kl) if kl is not None else int(bool(full_kl))
+
+
+def stats_variant(dt="bf16", k=16, v=151936, full_kl=True, topk=True, offsets=0, arch=90, kl=None, **override):
+    """offsets: 0 row stride, 1 offset table, 2 offset table of 16-aligned offsets (USE_OFFS). ``kl="forward"``
+    compiles the forward-KL accumulator (the ``forward_kl`` loss) instead of ``full_kl``'s reverse one.
+    ``override`` replaces entries of :func:`stats_launch_config`'s result (e.g. ``num_warps=8``) to try a
+    configuration."""
     cfg = dict(stats_launch_config(v, k), **override)
     num_warps = cfg.pop("num_warps")
     sig = {
         "zs_ptr": f"*{_DT[dt]}", "zt_ptr": f"*{_DT[dt]}", "tgt_ptr": "*i64", "out_ptr": "*fp32", "ids_ptr": "*i64",
         "s_stride": "i64", "t_stride": "i64", "s_offs_ptr": "*i64", "t_offs_ptr": "*i64",
         "N": "i32", "V": "i32", "k": "i32", "ignore_index": "i32", "tau": "fp32", "inv_tau": "fp32", "scale2": "fp32",
-        "S_OFFS": "constexpr", "T_OFFS": "constexpr", "FULL_KL": "constexpr", "RETURN_TOPK": "constexpr",
+        "S_OFFS": "constexpr", "T_OFFS": "constexpr", "KL_KIND": "constexpr", "RETURN_TOPK": "constexpr",
         "K_PAD": "constexpr", "BLOCK_G": "constexpr", "GROUP_SIZE": "constexpr", "BITONIC": "constexpr",
     }
-    const = dict(S_OFFS=int(offsets), T_OFFS=int(offsets), FULL_KL=full_kl, RETURN_TOPK=topk, **cfg)
+    const = dict(S_OFFS=int(offsets), T_OFFS=int(offsets), KL_KIND=_kind(full_kl, kl), RETURN_TOPK=topk, **cfg)
     aligned = ["zs_ptr", "zt_ptr", "tgt_ptr", "out_ptr", "ids_ptr", "s_offs_ptr", "t_offs_ptr", "N"]
     aligned += ["V", "s_stride", "t_stride"] if v % 16 == 0 and not offsets else []
     return _compile(_token_stats_kernel, sig, const, aligned, num_warps, arch), dict(cfg, num_warps=num_warps)
 
 
-def split_variant(phase="slice", dt="bf16", k=16, v=151936, full_kl=True, topk=False, splits=8, arch=90):
+def split_variant(phase="slice", dt="bf16", k=16, v=151936, full_kl=True, topk=False, splits=8, arch=90, kl=None):
     """The split-V pass (:mod:`fastopd.kernels.token_stats_split`): ``phase`` "slice" (phase 1, grid
-    (N, SPLITS)) or "combine" (phase 2, SPLITS_PAD = next power of two >= ``splits``), rows by row stride."""
+    (N, SPLITS)) or "combine" (phase 2, SPLITS_PAD = next power of two >= ``splits``), rows by row stride;
+    ``full_kl`` / ``kl`` as in :func:`stats_variant`."""
+    kind = _kind(full_kl, kl)
     phase1, combine = split_launch_configs(v, k, splits)
     cfg = dict(phase1 if phase == "slice" else combine)
     num_warps = cfg.pop("num_warps")
@@ -87,24 +98,25 @@ def split_variant(phase="slice", dt="bf16", k=16, v=151936, full_kl=True, topk=F
     if phase == "slice":
         sig.update({"s_stride": "i64", "t_stride": "i64", "s_offs_ptr": "*i64", "t_offs_ptr": "*i64",
                     "N": "i32", "V": "i32", "ignore_index": "i32", "splits": "i32", "n_chunks": "i32",
-                    "scale2": "fp32", "S_OFFS": "constexpr", "T_OFFS": "constexpr", "FULL_KL": "constexpr",
+                    "scale2": "fp32", "S_OFFS": "constexpr", "T_OFFS": "constexpr", "KL_KIND": "constexpr",
                     "K_PAD": "constexpr", "BLOCK_G": "constexpr", "GROUP_SIZE": "constexpr", "BITONIC": "constexpr"})
-        fn, const = _stats_split_kernel, dict(S_OFFS=0, T_OFFS=0, FULL_KL=full_kl, **cfg)
+        fn, const = _stats_split_kernel, dict(S_OFFS=0, T_OFFS=0, KL_KIND=kind, **cfg)
         aligned = ["zs_ptr", "zt_ptr", "tgt_ptr", "part_ptr", "key_ptr", "s_offs_ptr", "t_offs_ptr"]
     else:
         sig.update({"out_ptr": "*fp32", "ids_ptr": "*i64", "s_stride": "i64", "t_stride": "i64",
                     "s_offs_ptr": "*i64", "t_offs_ptr": "*i64", "N": "i32", "V": "i32", "k": "i32",
                     "ignore_index": "i32", "splits": "i32", "tau": "fp32", "inv_tau": "fp32", "scale2": "fp32",
-                    "S_OFFS": "constexpr", "T_OFFS": "constexpr", "FULL_KL": "constexpr", "RETURN_TOPK": "constexpr",
+                    "S_OFFS": "constexpr", "T_OFFS": "constexpr", "KL_KIND": "constexpr", "RETURN_TOPK": "constexpr",
                     "K_PAD": "constexpr", "GROUP_SIZE": "constexpr", "BITONIC": "constexpr", "SPLITS_PAD": "constexpr"})
-        fn, const = _stats_combine_kernel, dict(S_OFFS=0, T_OFFS=0, FULL_KL=full_kl, RETURN_TOPK=topk, **cfg)
+        fn, const = _stats_combine_kernel, dict(S_OFFS=0, T_OFFS=0, KL_KIND=kind, RETURN_TOPK=topk, **cfg)
         aligned = ["zs_ptr", "zt_ptr", "tgt_ptr", "part_ptr", "key_ptr", "out_ptr", "ids_ptr", "s_offs_ptr",
                    "t_offs_ptr"]
     aligned += ["V", "s_stride", "t_stride"] if v % 16 == 0 else []
     return _compile(fn, sig, const, aligned, num_warps, arch), dict(cfg, num_warps=num_warps)
 
 
-def backward_variant(dt="bf16", reverse_kl=False, v=151936, offsets=0, arch=90):
+def backward_variant(dt="bf16", loss="pg", v=151936, offsets=0, arch=90):
+    """The loss-backward kernel's branch for ``loss`` (``pg``, ``reverse_kl``, ``forward_kl``)."""
     cfg = backward_launch_config(v)
     num_warps = cfg.pop("num_warps")
     sig = {
@@ -112,9 +124,10 @@ def backward_variant(dt="bf16", reverse_kl=False, v=151936, offsets=0, arch=90):
         "coef_ptr": "*fp32", "stat_ptr": "*fp32", "s_stride": "i64", "t_stride": "i64", "g_stride": "i64",
         "s_offs_ptr": "*i64", "t_offs_ptr": "*i64", "g_offs_ptr": "*i64", "N": "i32", "V": "i32", "W": "i32",
         "inv_tau": "fp32", "S_OFFS": "constexpr", "T_OFFS": "constexpr", "G_OFFS": "constexpr",
-        "REVERSE_KL": "constexpr", "BLOCK": "constexpr",
+        "KL_KIND": "constexpr", "BLOCK": "constexpr",
     }
-    const = dict(S_OFFS=int(offsets), T_OFFS=int(offsets), G_OFFS=int(offsets), REVERSE_KL=reverse_kl, **cfg)
+    const = dict(S_OFFS=int(offsets), T_OFFS=int(offsets), G_OFFS=int(offsets), KL_KIND=kl_kind(loss_kl(loss)),
+                 **cfg)
     aligned = ["zs_ptr", "zt_ptr", "grad_ptr", "tgt_ptr", "coef_ptr", "stat_ptr", "N", "V", "W"]
     aligned += [] if offsets else ["s_stride", "t_stride", "g_stride"]
     return _compile(_loss_backward_kernel, sig, const, aligned, num_warps, arch), dict(cfg, num_warps=num_warps)
@@ -127,19 +140,23 @@ def segment_variant(arch=90):
 
 
 # (name, builder, kwargs, hot). Hot = a variant that a default call takes: fp16/bf16/fp32 rows addressed by an
-# aligned row stride (V a multiple of 16), k = 16, for token_stats / the pg loss (no KL) and the reverse-KL
-# loss (FULL_KL), and the backward of both losses; and both phases of the split-V stats pass (opt-in,
-# ``splits``) in bf16, k = 16, with and without the KL. `--check` fails on any spill in these.
+# aligned row stride (V a multiple of 16), k = 16, for token_stats / the pg loss (no KL), the reverse-KL
+# loss (full_kl) and the forward-KL loss (forward_kl), and the backward of the three losses; and both phases
+# of the split-V stats pass (opt-in, ``splits``) in bf16, k = 16, without a KL, with the reverse KL and with
+# the forward KL. `--check` fails on any spill in these.
 HOT_DTYPES = ("bf16", "fp16", "fp32")
 VARIANTS = (
     [(f"token_stats {dt} k=16", stats_variant, dict(dt=dt, k=16, full_kl=False, topk=False), True)
      for dt in HOT_DTYPES]
     + [(f"token_stats {dt} k=16 full_kl", stats_variant, dict(dt=dt, k=16, full_kl=True, topk=False), True)
        for dt in HOT_DTYPES]
-    + [(f"loss_backward {dt} {loss}", backward_variant, dict(dt=dt, reverse_kl=loss == "reverse_kl"), True)
-       for dt in HOT_DTYPES for loss in ("pg", "reverse_kl")]
-    + [(f"token_stats_split {phase} bf16 k=16{' full_kl' if kl else ''}", split_variant,
-        dict(phase=phase, dt="bf16", k=16, full_kl=kl), True) for phase in ("slice", "combine") for kl in (False, True)]
+    + [(f"token_stats {dt} k=16 forward_kl", stats_variant, dict(dt=dt, k=16, kl="forward", topk=False), True)
+       for dt in HOT_DTYPES]
+    + [(f"loss_backward {dt} {loss}", backward_variant, dict(dt=dt, loss=loss), True)
+       for dt in HOT_DTYPES for loss in ("pg", "reverse_kl", "forward_kl")]
+    + [(f"token_stats_split {phase} bf16 k=16{suffix}", split_variant,
+        dict(phase=phase, dt="bf16", k=16, kl=kl, full_kl=False), True)
+       for phase in ("slice", "combine") for kl, suffix in ((None, ""), ("reverse", " full_kl"), ("forward", " forward_kl"))]
     + [
         ("token_stats bf16 k=16 full_kl topk", stats_variant, dict(dt="bf16", k=16, full_kl=True, topk=True), False),
         ("token_stats fp32 k=64 full_kl topk", stats_variant, dict(dt="fp32", k=64, full_kl=True, topk=True), False),
@@ -150,7 +167,7 @@ VARIANTS = (
          dict(dt="fp16", k=2, v=50257, full_kl=False), False),
         ("token_stats bf16 k=16 full_kl V=50257 (unaligned rows)", stats_variant,
          dict(dt="bf16", k=16, v=50257, full_kl=True), False),
-        ("loss_backward fp32 pg row-offsets", backward_variant, dict(dt="fp32", offsets=1), False),
+        ("loss_backward fp32 pg row-offsets", backward_variant, dict(dt="fp32", loss="pg", offsets=1), False),
         ("segment_sums", segment_variant, {}, False),
         ("token_stats_split combine bf16 k=16 full_kl topk splits=64", split_variant,
          dict(phase="combine", dt="bf16", k=16, full_kl=True, topk=True, splits=64), False),

@@ -39,9 +39,12 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     hot = [r for r in rows if r["hot"]]
-    assert len(hot) == 16 and len(rows) > len(hot)
+    assert len(hot) == 24 and len(rows) > len(hot)
     assert {r["variant"] for r in hot} >= {"token_stats_split slice bf16 k=16 full_kl",
-                                           "token_stats_split combine bf16 k=16"}
+                                           "token_stats_split combine bf16 k=16",
+                                           "token_stats bf16 k=16 forward_kl", "loss_backward bf16 forward_kl",
+                                           "token_stats_split slice bf16 k=16 forward_kl",
+                                           "token_stats_split combine bf16 k=16 forward_kl"}
     for r in hot:
         assert r["regs"] > 0 and r["stack"] == r["local"] == r["spill_stores"] == 0, r
 
@@ -65,9 +68,17 @@ def test_aot_check_verdicts():
     assert _aot.problems([dict(variant="d", hot=True, seconds=0.1)]) == ["d: no resource usage from cuobjdump"]
     assert "| a | yes |" in _aot.table(rows) and "compile error" in _aot.table(broken)
     hot = [name for name, _, _, is_hot in _aot.VARIANTS if is_hot]
-    assert len(hot) == 16 and {"token_stats bf16 k=16", "token_stats fp32 k=16 full_kl",
+    assert len(hot) == 24 and {"token_stats bf16 k=16", "token_stats fp32 k=16 full_kl",
                                "loss_backward fp16 reverse_kl", "token_stats_split slice bf16 k=16",
-                               "token_stats_split combine bf16 k=16 full_kl"} <= set(hot)
+                               "token_stats_split combine bf16 k=16 full_kl", "token_stats bf16 k=16 forward_kl",
+                               "loss_backward fp32 forward_kl", "token_stats_split slice bf16 k=16 forward_kl",
+                               "token_stats_split combine bf16 k=16 forward_kl"} <= set(hot)
+    # each hot forward-KL variant compiles the forward branch (KL_KIND 2), the others keep theirs
+    kinds = {name: kw for name, _, kw, is_hot in _aot.VARIANTS if is_hot}
+    assert kinds["token_stats bf16 k=16 forward_kl"]["kl"] == "forward"
+    assert kinds["token_stats_split combine bf16 k=16 forward_kl"]["kl"] == "forward"
+    assert kinds["loss_backward bf16 forward_kl"]["loss"] == "forward_kl"
+    assert _aot._kind(True, None) == 1 and _aot._kind(False, None) == 0 and _aot._kind(False, "forward") == 2
 
 
 def test_aot_rejects_a_bad_arch(capsys):
