@@ -358,7 +358,7 @@ class _LinearOPDFunction(torch.autograd.Function):
     Two ways to the gradient:
 
     - recompute (always correct; ``eager_w`` None): the backward recomputes the student's tile per chunk
-      (and the teacher's for ``reverse_kl``) and applies the incoming gradient g_t.
+      (and the teacher's for ``reverse_kl`` / ``forward_kl``) and applies the incoming gradient g_t.
     - eager (``eager_w`` = the per-token weights, when they are known at the forward, as in
       :func:`linear_opd_loss`): while each chunk's tiles are live, the forward also computes the gradient
       for g_t = w_t, which is what ``loss = sum_t w_t l0_t / normaliser`` sends back up to one scalar
