@@ -120,15 +120,17 @@ def _stats(
 
 
 def reverse_kl(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
-    """KL_t = sum_v p_S(v) (log p_S(v) - log p_T(v)); terms with p_S(v) = 0 contribute 0."""
+    """KL_t = sum_v p_S(v) (log p_S(v) - log p_T(v)); terms with p_S(v) = 0 contribute 0; a row without a
+    log-softmax (a NaN or +inf logit in either model) gives NaN, as its margin (docs/formulas.md §1)."""
     p = ls.exp()
-    return torch.where(p > 0, p * (ls - lt), torch.zeros_like(p)).sum(-1)
+    return torch.where(p == 0, torch.zeros_like(p), p * (ls - lt)).sum(-1)
 
 
 def forward_kl(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
-    """KL(p_T || p_S)_t = sum_v p_T(v) (log p_T(v) - log p_S(v)); terms with p_T(v) = 0 contribute 0."""
+    """KL(p_T || p_S)_t = sum_v p_T(v) (log p_T(v) - log p_S(v)); terms with p_T(v) = 0 contribute 0; a row
+    without a log-softmax gives NaN, as :func:`reverse_kl`."""
     p = lt.exp()
-    return torch.where(p > 0, p * (lt - ls), torch.zeros_like(p)).sum(-1)
+    return torch.where(p == 0, torch.zeros_like(p), p * (lt - ls)).sum(-1)
 
 
 def logprobs(logits: torch.Tensor, v: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
