@@ -340,7 +340,8 @@ def format_table(table: dict) -> str:
     lines += [
         f"Release arm: accept rate {rel['accept_rate']:.1%} of rollouts, mean release position "
         f"{rel['release_position']:.2f} of the response (accepted rollouts). Every arm: {table['steps']} steps x "
-        f"{table['rollouts_per_step']} rollouts, loss {table.get('loss', '?')}, lr {table.get('lr', float('nan')):g}, "
+        f"{table['rollouts_per_step']} rollouts, loss {table.get('loss', '?')}, lr {table.get('lr', float('nan')):g} "
+        f"({table.get('lr_scheduler', '?')}), "
         f"seed {table['seed']}. KL = -mean A_t (sampled-token estimate), mean of the first / last "
         f"{rel.get('kl_window', '?')} steps. Total demo time {table['total_time_s']:.0f} s.",
     ]
@@ -482,7 +483,7 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
         "teacher_ood_accuracy": ood_of("teacher"), "student_ood_accuracy_before": ood_of("student"),
         "student_ood_nll_before": base["student"].get("ood", {}).get("nll"),
         "precondition": pre,
-        "quick": quick, "seed": seed, "steps": sched["steps"], "loss": cfg.loss, "lr": cfg.lr,
+        "quick": quick, "seed": seed, "steps": sched["steps"], "loss": cfg.loss, "lr": cfg.lr, "lr_scheduler": cfg.lr_scheduler,
         "rollouts_per_step": sched["prompts_per_step"] * sched["num_samples"],
         "eval_problems": base["student"]["total"],
         "teacher_accuracy": base["teacher"]["accuracy"],
