@@ -15,7 +15,7 @@ Switching a TRL distillation run to the release rule is one import and the confi
   n_valid)``; the student's entropy is not computed by fastopd, so ``entropy_sum`` is NaN and TRL's logger
   drops the ``entropy`` entry rather than report a made-up number. The rule's diagnostics go to TRL's
   metrics as ``opd/accept_rate``, ``opd/kept_fraction``, ``opd/gain_mean``, ``opd/margin_mean``,
-  ``opd/adv_mean`` (and ``opd/reverse_kl_mean`` for ``reverse_kl``), rank-local means per logging window.
+  ``opd/adv_mean`` (and ``opd/reverse_kl_mean`` / ``opd/forward_kl_mean`` for the divergences), rank-local means per logging window.
   ``opd_mode="full"`` weights every valid token 1 and runs no rule: no segments, no BIC scan (so no
   ``opd/accept_rate``/``opd/gain_mean``; ``last_opd_output.release`` is None), and the loss takes the eager
   path of :func:`fastopd.linear_opd_loss` (gradient while each chunk's tiles are live, no recompute).
@@ -24,8 +24,8 @@ Switching a TRL distillation run to the release rule is one import and the confi
 
 Options (fields of both configs, :class:`fastopd.integrations._trl_options.OPDOptions`, checked when the
 config is built): ``opd_mode`` (``"release"`` or a control: ``"full"``, ``"fixed_prefix"``, ``"random"``,
-``"shuffled"``), ``opd_loss`` (``"pg"``: -w_t sg(A_t) log-ratio policy gradient, or ``"reverse_kl"``: w_t KL_t,
-which with ``opd_mode="full"`` is TRL's ``beta=1``), ``opd_k`` (student candidates K of the margin),
+``"shuffled"``), ``opd_loss`` (``"pg"``: -w_t sg(A_t) log-ratio policy gradient, ``"reverse_kl"``: w_t KL_t,
+which with ``opd_mode="full"`` is TRL's ``beta=1``, or ``"forward_kl"``: w_t KL(p_T || p_S)_t, TRL's ``beta=0``), ``opd_k`` (student candidates K of the margin),
 ``opd_min_gain`` (BIC gain threshold), ``opd_fraction`` (for ``fixed_prefix``), ``opd_chunk_size`` (token rows
 per head chunk of the hidden-state path; None: fastopd's default). TRL's ``beta`` is not used; the rule's
 ``random``/``shuffled`` draws are seeded by TRL's ``seed``.

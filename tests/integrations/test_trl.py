@@ -3,7 +3,7 @@
 - the loss TRL optimises (ReleaseDistillationTrainer._compute_loss, hidden-state path) equals fastopd's
   OPDLoss with the release rule on the same rollouts, recomputed independently from full logits;
 - with opd_mode="full", opd_loss="reverse_kl" it equals TRL's own beta=1 loss (DistillationTrainer's
-  _compute_loss) on the same tensors;
+  _compute_loss) on the same tensors, loss and gradient; opd_loss="forward_kl" equals beta=0;
 - the rule's metrics reach trainer.state.log_history; the student's weights move;
 - the GKDTrainer logits path (lmbda=1) equals GKD's own beta=1 loss with opd_mode="full", "reverse_kl".
 """
@@ -145,12 +145,14 @@ def test_full_reverse_kl_equals_trl_beta_1(assets, tmp_path):
     assert not any("opd/accept_rate" in h or "opd/gain_mean" in h for h in logged)
 
 
-def test_full_reverse_kl_gradient_equals_trl_beta_1(assets, tmp_path, monkeypatch):
-    """The student's gradient of full/reverse_kl equals that of TRL's beta=1 loss on one sampled batch (the
-    eager hidden-state path against TRL's recompute), and full mode never segments the completions."""
+@pytest.mark.parametrize("loss, beta", [("reverse_kl", 1.0), ("forward_kl", 0.0)])
+def test_full_divergence_gradient_equals_trl(assets, tmp_path, monkeypatch, loss, beta):
+    """The student's loss and gradient of full/reverse_kl equal TRL's beta=1 (reverse KL), and of full/forward_kl
+    TRL's beta=0 (forward KL), on one sampled batch (the eager hidden-state path against TRL's recompute); full
+    mode never segments the completions."""
     import fastopd.integrations.trl as ftrl
 
-    trainer = _trainer(assets, tmp_path, opd_mode="full", opd_loss="reverse_kl", beta=1.0)
+    trainer = _trainer(assets, tmp_path, opd_mode="full", opd_loss=loss, beta=beta)
     _, _, prompts = assets
     trainer.model.train()
     torch.manual_seed(0)
