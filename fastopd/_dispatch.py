@@ -97,8 +97,8 @@ def resolve_backend(backend: str, device: torch.device, *, dtypes=(), k: int | N
     """Return ``"triton"`` or ``"reference"`` for tensors on ``device``, or raise a clear ValueError.
 
     ``auto`` picks Triton for CUDA tensors whose ``dtypes`` the kernels take, ``k <= 256`` and a ``loss`` in
-    :data:`fastopd.common.KERNEL_LOSSES` (or None), the reference otherwise (fp64 logits, CPU tensors, no triton installed, or a Triton older than
-    ``TRITON_FLOOR``: then with one RuntimeWarning per process). ``triton`` under a Triton older than the
+    :data:`fastopd.common.KERNEL_LOSSES` (or None), the reference otherwise (fp64 logits, CPU tensors, no
+    triton installed, or a Triton older than ``TRITON_FLOOR``: then with one RuntimeWarning per process). ``triton`` under a Triton older than the
     floor raises RuntimeError.
     """
     if backend not in BACKENDS:

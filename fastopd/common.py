@@ -149,10 +149,8 @@ def loss_metrics(stats: TokenStats, weights: torch.Tensor, loss: str) -> dict:
         "num_valid": n_valid,
         "num_kept": n_kept,
     }
-    if loss == "reverse_kl" and stats.reverse_kl is not None:
-        metrics["reverse_kl_mean"] = float(stats.reverse_kl.sum()) / denom
-    if loss == "forward_kl" and stats.forward_kl is not None:
-        metrics["forward_kl_mean"] = float(stats.forward_kl.sum()) / denom
+    if loss in DIVERGENCES and getattr(stats, loss) is not None:  # TokenStats.reverse_kl / .forward_kl
+        metrics[f"{loss}_mean"] = float(getattr(stats, loss).sum()) / denom
     return metrics
 
 
