@@ -8,7 +8,7 @@ the oracle never compares a formula with itself. Argument validation lives next 
 
 What is here, each once:
 
-- option names: :data:`LOSSES`, :data:`CONTROLS`, :data:`MODES`; the kernels' limits :data:`KERNEL_DTYPES`,
+- option names: :data:`LOSSES`, :data:`CONTROLS`, :data:`WEIGHTS` (alias :data:`MODES`); the kernels' limits :data:`KERNEL_DTYPES`,
   :data:`KERNEL_MAX_K`, :data:`TRITON_FLOOR`; :func:`check_loss_options`.
 - the per-token loss of docs/formulas.md §5 and the row factor c_t of its gradient: :func:`weight_mask`,
   :func:`per_token_loss`.
@@ -34,7 +34,9 @@ LOSSES = ("pg", "reverse_kl", "forward_kl")
 # The losses whose per-token term is a full-vocabulary divergence (l_t = w_t D_t, row factor c_t = w_t).
 DIVERGENCES = ("reverse_kl", "forward_kl")
 CONTROLS = ("full", "fixed_prefix", "random", "shuffled")
-MODES = ("release",) + CONTROLS
+WEIGHTS = ("release",) + CONTROLS
+"""Which tokens count: the release rule or a control (docs/formulas.md §4, §8); ``ReleaseRule(mode=...)`` takes one."""
+MODES = WEIGHTS  # the name ReleaseRule's ``mode`` argument has always used (fastopd.MODES)
 
 # The Triton kernels read fp16/bf16/fp32 logits (fp32 arithmetic) and take k <= 256 (the streaming top-K
 # holds at most 256 candidates); backend="auto" hands anything else to the reference.

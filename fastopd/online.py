@@ -10,7 +10,7 @@ suffix it would release is never generated, scored or trained.
 
 Segments are finalised as the text grows by :func:`fastopd.segment.segments_so_far`; the generation loop that
 uses both (chunked sampling, the teacher scoring each chunk with its own KV cache) is
-:mod:`fastopd.train.online`.
+:mod:`fastopd.train.online_sampler` (and :class:`OnlineRollout` below, one rollout's bookkeeping).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import math
 import numpy as np
 
 from fastopd._validate import check_confirm_segments, check_ragged, check_scan_options, is_real
-from fastopd.types import OnlineReleaseResult
+from fastopd.types import OnlineReleaseResult, SegmentMeans
 
-__all__ = ["OnlineRelease", "online_release"]
+__all__ = ["OnlineRelease", "OnlineRollout", "collect", "online_release"]
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
@@ -166,3 +166,78 @@ class OnlineRelease:
         return OnlineReleaseResult(
             np.array([release], dtype=np.int64), np.array([gain], dtype=np.float64), np.array([accepted], dtype=bool),
             np.array([len(self._values)], dtype=np.int64), np.array([self._stopped], dtype=bool))
+
+
+class OnlineRollout:
+    """One rollout's online release while it is sampled (docs/formulas.md §8), free of any model or framework.
+
+    A generation loop feeds it, after each chunk, the chunk's tokens of this rollout with the teacher's scores
+    (:meth:`add`: margins m_t, log-probs s_t and u_t), then calls :meth:`advance`, which segments the text so far
+    (:func:`fastopd.segment.segments_so_far`), pushes every newly finalised segment's mean
+    (:func:`fastopd.segment_means`) to its :class:`OnlineRelease`, and ends the rollout at a stop (its kept
+    tokens: segments ``[0, stop_index)``) or when ``complete`` (EOS, the length limit: every token kept).
+    :func:`collect` gathers a batch's decisions and series. Used by the trainer's sampler
+    (:mod:`fastopd.train.online_sampler`) and the Hugging Face stopping criterion
+    (:mod:`fastopd.integrations.hf_stopping`).
+    """
+
+    __slots__ = ("tokens", "margins", "s", "u", "rule", "pushed", "seg", "done", "kept", "stopped", "scored")
+
+    def __init__(self, *, min_segments: int = 2, min_gain: float = 10.0, confirm_segments: int = 2) -> None:
+        self.tokens: list[int] = []
+        self.margins: list[float] = []
+        self.s: list[float] = []  # student log-probs s_t of the tokens (the sampling logits, loss temperature)
+        self.u: list[float] = []  # teacher log-probs u_t
+        self.rule = OnlineRelease(min_segments=min_segments, min_gain=min_gain, confirm_segments=confirm_segments)
+        self.pushed = 0  # segments pushed to the rule
+        self.seg = np.zeros(0, dtype=np.int64)  # segment id of every token so far
+        self.done = False
+        self.kept = 0  # tokens kept once done
+        self.stopped = False
+        self.scored = 0  # positions the teacher scored for this rollout (its pads after an end included)
+
+    def add(self, ids, margins, student_logprobs, teacher_logprobs, *, scored: int) -> None:
+        """Append a chunk's tokens of this rollout (1-D sequences of equal length) and count ``scored``
+        teacher positions."""
+        self.scored += int(scored)
+        self.tokens.extend(ids)
+        self.margins.extend(margins)
+        self.s.extend(student_logprobs)
+        self.u.extend(teacher_logprobs)
+
+    def advance(self, tokenizer, *, complete: bool) -> bool:
+        """Segment the text so far, push the newly final segments' means; end the rollout at a stop or when
+        ``complete``. Returns :attr:`done`."""
+        from fastopd.release import segment_means
+        from fastopd.segment import segments_so_far
+
+        so_far = segments_so_far(tokenizer, np.asarray(self.tokens, dtype=np.int64), complete=complete)
+        self.seg = so_far.segment_ids
+        ft = so_far.final_tokens
+        if so_far.final_segments > self.pushed:
+            m = np.asarray(self.margins[:ft], dtype=np.float32)[None]
+            means = segment_means(m, self.seg[None, :ft], np.ones((1, ft), dtype=bool)).values
+            for j in range(self.pushed, so_far.final_segments):
+                self.pushed = j + 1
+                if self.rule.push(float(means[j])):
+                    self.stopped = self.done = True
+                    self.kept = int(np.searchsorted(self.seg, j + 1, side="left"))  # the tokens of segments [0, j]
+                    return True
+        if complete:
+            self.done = True
+            self.kept = len(self.tokens)
+        return self.done
+
+
+def collect(rollouts) -> tuple[OnlineReleaseResult, SegmentMeans]:
+    """The finished :class:`OnlineRollout` s' decisions (one :class:`fastopd.OnlineReleaseResult`) and the series
+    their rules read (:class:`fastopd.SegmentMeans`, exactly replayable by :func:`online_release`)."""
+    fins = [r.rule.finish() for r in rollouts]
+    names = ("release_index", "gain", "accepted", "stop_index", "stopped")
+    empty = {"release_index": np.int64, "gain": np.float64, "accepted": bool, "stop_index": np.int64, "stopped": bool}
+    decision = OnlineReleaseResult(*(np.concatenate([getattr(f, name) for f in fins]) if fins
+                                     else np.zeros(0, dtype=empty[name]) for name in names))
+    values = np.concatenate([r.rule.values for r in rollouts] + [np.zeros(0)]).astype(np.float64)
+    offsets = np.concatenate([[0], np.cumsum([r.rule.n for r in rollouts])]).astype(np.int64)
+    ids = np.concatenate([np.arange(r.rule.n) for r in rollouts] + [np.zeros(0)]).astype(np.int64)
+    return decision, SegmentMeans(values, offsets, ids)

@@ -262,7 +262,7 @@ class ReleaseRule:
 
 def make_decision(weights, valid, scan, release_segment, release_fraction, series, t0: float) -> ReleaseDecision:
     """The :class:`ReleaseDecision` of per-token ``weights`` (kept fractions and the batch's diagnostics),
-    timed from ``t0`` (``time.perf_counter()``); the offline rule and the online one (fastopd.train.online)."""
+    timed from ``t0`` (``time.perf_counter()``); the offline rule and the online one (fastopd.train.online_sampler)."""
     valid_dev = valid.to(weights.device)
     n_valid = valid_dev.sum(-1).cpu().numpy().astype(np.float64)
     n_kept = ((weights > 0) & valid_dev).sum(-1).cpu().numpy().astype(np.float64)

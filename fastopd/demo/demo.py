@@ -397,7 +397,7 @@ def train_arms(cfgs: list[TrainConfig], *, jobs: int = 1, labels: list[str] | No
     configs' torch threads). Returns the summaries in the order of ``cfgs``."""
     from fastopd.train.trainer import train
 
-    labels = labels or [c.mode for c in cfgs]
+    labels = labels or [c.label for c in cfgs]
 
     def done(i, summary):
         if jobs > 1:

@@ -36,6 +36,11 @@ from pathlib import Path
 import numpy as np
 
 ARMS = ("release", "full", "fixed_prefix", "random", "shuffled", "sft", "online", "truncate")
+# Each arm as the trainer's three choices (docs/formulas.md §8): a ``mode`` shorthand, or the fields themselves.
+# ``truncate`` is the student sampling with a length budget (max_new_tokens: the online arm's mean generated
+# length of the same seed, set in run_study) and every token counted.
+ARM_FIELDS = {arm: {"mode": arm} for arm in ARMS if arm != "truncate"}
+ARM_FIELDS["truncate"] = {"mode": None, "sampler": "student", "weights": "full"}
 ROW_KEYS = ("seed", "accuracy", "ood_accuracy", "tokens", "tokens_supervised", "accept_rate", "gain_mean",
             "time_per_step", "ood_nll", "curve", "tokens_generated", "teacher_tokens", "generated_per_rollout",
             "max_new_tokens")
@@ -294,12 +299,12 @@ def _run_one(cfg, sched, run_dir: Path, progress: bool) -> dict:
            "ood_nll": ood.get("nll"),
            "tokens": a["tokens"], "tokens_supervised": a["tokens_supervised"], "accept_rate": a["accept_rate"],
            "gain_mean": a["gain_mean"], "time_per_step": a["time_per_step"], "kept_fraction": a["kept_fraction"],
-           "share_rule": a.get("share_rule"), "mode": cfg.mode,
+           "share_rule": a.get("share_rule"), "mode": cfg.label,
            "curve": [[int(st), float(acc)] for st, acc in a["eval_curve"]],
            "max_new_tokens": cfg.max_new_tokens}
     row["tokens_generated"], row["teacher_tokens"] = a["tokens_generated"], a["teacher_tokens"]
     row["generated_per_rollout"] = a["tokens_generated"] / max(sum(r.get("rollouts", 0) for r in run["metrics"]), 1)
-    if cfg.mode == "fixed_prefix":
+    if cfg.choices[1] == "fixed_prefix":
         row["fraction"] = cfg.fraction
     (run_dir / "result.json").write_text(json.dumps(row, indent=1) + "\n")
     return row
@@ -372,13 +377,13 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
     rows: dict[tuple, dict] = {}
 
     def job_cfg(seed, mode):
-        run_cfg = dataclasses.replace(cfg, mode=mode, seed=seed)
+        run_cfg = dataclasses.replace(cfg, **ARM_FIELDS[mode], seed=seed)
         if mode == "fixed_prefix":
             rel = rows[(seed, "release")]
             run_cfg = dataclasses.replace(run_cfg, fraction=float(min(1.0, max(rel["kept_fraction"], 1e-3))))
-        if mode == "truncate":  # full OPD on rollouts cut at the online arm's mean generated length
+        if mode == "truncate":  # the length budget: the online arm's mean generated length
             length = max(1, round(rows[(seed, "online")]["generated_per_rollout"]))
-            run_cfg = dataclasses.replace(run_cfg, mode="full", max_new_tokens=int(length))
+            run_cfg = dataclasses.replace(run_cfg, max_new_tokens=int(length))
         return run_cfg
 
     trained = 0

@@ -18,12 +18,58 @@ from typing import Any
 
 import yaml
 
-from fastopd.common import LOSSES
-from fastopd.release import MODES as RULE_MODES
+from fastopd.common import LOSSES, WEIGHTS as WEIGHT_CHOICES
 
-MODES = RULE_MODES + ("sft", "online")
-"""The trainer's modes: the rule and its controls (fastopd.release.MODES), ``sft``, the baseline, and ``online``,
-the rule decided while sampling (docs/formulas.md §8: each rollout stops at its release point)."""
+SAMPLERS = ("student", "online", "teacher")
+"""Who samples (docs/formulas.md §8): the student with HF ``generate``; the student stopping at the online release
+(:mod:`fastopd.train.online_sampler`); the teacher (sequence-level KD, and the ``sft`` baseline)."""
+WEIGHTS = WEIGHT_CHOICES
+"""Which tokens count (docs/formulas.md §4): the release rule or one of its controls (fastopd.common.WEIGHTS)."""
+TRAIN_LOSSES = LOSSES + ("cross_entropy",)
+"""Which loss (docs/formulas.md §5): the OPD losses, or the student's cross-entropy on the sampled tokens (SFT)."""
+MODE_SHORTHANDS = {
+    "release": ("student", "release", None),
+    "full": ("student", "full", None),
+    "fixed_prefix": ("student", "fixed_prefix", None),
+    "random": ("student", "random", None),
+    "shuffled": ("student", "shuffled", None),
+    "online": ("online", "release", None),
+    "sft": ("teacher", "full", "cross_entropy"),
+}
+"""``mode``: a shorthand for (sampler, weights, loss); None in the loss keeps the ``loss`` field. ``sft`` sets the
+loss to cross_entropy whatever ``loss`` says (as the ``sft`` mode always trained). A fixed length budget
+(the study's ``truncate``) is ``mode: full`` with a smaller ``max_new_tokens``."""
+
+
+def step_choices(mode: str | None, sampler: str | None, weights: str | None, loss: str) -> tuple[str, str, str]:
+    """(sampler, weights, loss) of a step: ``mode`` expanded (:data:`MODE_SHORTHANDS`), then the explicit fields (a field that
+    contradicts the mode is an error), then the defaults (student, release); a combination that makes no sense
+    is refused with one line naming it."""
+    if mode is not None and mode not in MODE_SHORTHANDS:
+        raise ValueError(f"config field `mode` must be one of {tuple(MODE_SHORTHANDS)} (a shorthand for sampler, weights and "
+                         f"loss), got {mode!r}")
+    implied = MODE_SHORTHANDS.get(mode, (None, None, None))
+    for name, value, want in (("sampler", sampler, implied[0]), ("weights", weights, implied[1])):
+        if value is not None and want is not None and value != want:
+            raise ValueError(f"config field `{name}: {value}` contradicts `mode: {mode}` (which means {name}: {want}); "
+                             f"set one of them")
+    sampler = sampler or implied[0] or "student"
+    weights = weights or implied[1] or "release"
+    loss = implied[2] or loss
+    for name, value, choices in (("sampler", sampler, SAMPLERS), ("weights", weights, WEIGHTS),
+                                 ("loss", loss, TRAIN_LOSSES)):
+        if value not in choices:
+            raise ValueError(f"config field `{name}` must be one of {choices}, got {value!r}")
+    if sampler == "online" and weights != "release":
+        raise ValueError(f"sampler online stops each rollout at the release rule's point, so its weights are the "
+                         f"rule's: weights must be release, got {weights!r}")
+    if loss == "cross_entropy" and sampler != "teacher":
+        raise ValueError(f"loss cross_entropy trains the student on the sampled tokens themselves (no teacher "
+                         f"scores): it needs sampler teacher, got sampler {sampler!r}")
+    if loss == "cross_entropy" and weights != "full":
+        raise ValueError(f"loss cross_entropy reads no teacher margins, so only weights full apply, got {weights!r}")
+    return sampler, weights, loss
+
 
 SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -95,26 +141,33 @@ class TrainConfig:
     top_k: int = _f(0, "Top-k sampling of the rollouts (0: off).")
 
     # ---- loss and release rule (docs/formulas.md §1-5)
-    mode: str = _f(
-        "release", "Which tokens are supervised: release (the Prefix-Teach/Suffix-Fade rule), or a control: full "
-        "(every token), fixed_prefix (first `fraction` of the tokens), random (cut at a random sentence boundary), "
-        "shuffled (the rule's kept fractions of the batch permuted among its rollouts: same lengths, other places); "
-        "or the baseline sft (the teacher samples the completions, the student is trained on them by cross-entropy: "
-        "supervised fine-tuning on as many teacher completions per step as OPD has rollouts); or online (the release "
-        "rule decided while sampling: the teacher scores each chunk as it is sampled and each rollout stops at its "
-        "release point, so the released suffix is never generated, scored or trained; docs/formulas.md §8).",
-        MODES)
-    loss: str = _f("pg", "pg: policy gradient with the reverse-KL advantage (Thinking Machines recipe); "
-                   "reverse_kl: exact dense reverse KL; forward_kl: exact dense forward KL(teacher || student) on the "
-                   "student's rollouts (GKD's beta = 0).", LOSSES)
+    sampler: str | None = _f(
+        None, "Who samples the rollouts: student (HF generate), online (the student, each rollout stopping where "
+        "the release rule releases it: the teacher scores each chunk as it is sampled, so the released suffix is "
+        "never generated, scored or trained; docs/formulas.md §8) or teacher (sequence-level KD; with loss "
+        "cross_entropy, SFT). Default: from `mode`, else student.", SAMPLERS + (None,))
+    weights: str | None = _f(
+        None, "Which tokens count: release (the Prefix-Teach/Suffix-Fade rule), or a control: full (every token), "
+        "fixed_prefix (first `fraction` of the tokens), random (cut at a random sentence boundary), shuffled (the "
+        "rule's kept fractions of the batch permuted among its rollouts: same lengths, other places). Default: from "
+        "`mode`, else release.", WEIGHTS + (None,))
+    loss: str = _f("pg", "Which loss: pg (policy gradient with the reverse-KL advantage, Thinking Machines recipe); "
+                   "reverse_kl (exact dense reverse KL); forward_kl (exact dense forward KL(teacher || student) on the "
+                   "sampled rollouts, GKD's beta = 0); cross_entropy (the student's cross-entropy on the sampled "
+                   "tokens: with sampler teacher, SFT).", TRAIN_LOSSES)
+    mode: str | None = _f(
+        None, "Shorthand for sampler, weights (and loss): release / full / fixed_prefix / random / shuffled = the "
+        "student samples and those weights; online = sampler online, weights release; sft = sampler teacher, "
+        "weights full, loss cross_entropy (the baseline: supervised fine-tuning on as many teacher completions per "
+        "step as OPD has rollouts). A field set beside it must agree with it.", tuple(MODE_SHORTHANDS) + (None,))
     k: int = _f(16, "Student top-K candidates for the teacher margin m_t.")
     loss_temperature: float = _f(1.0, "tau of the loss and the margin: log-probs are log softmax(z / tau).")
     min_segments: int = _f(2, "Fewest sentence segments on each side of a release point.")
     min_gain: float = _f(10.0, "Release only when the BIC gain exceeds this (10: very strong evidence).")
     fraction: float = _f(0.5, "Kept fraction of the fixed_prefix control.")
-    confirm_segments: int = _f(2, "Mode online: stop a rollout once the rule accepts a release point with at least this "
+    confirm_segments: int = _f(2, "Sampler online: stop a rollout once the rule accepts a release point with at least this "
                                "many segments after it (>= min_segments).")
-    online_chunk_size: int = _f(16, "Mode online: tokens sampled between two scorings by the teacher (and two looks "
+    online_chunk_size: int = _f(16, "Sampler online: tokens sampled between two scorings by the teacher (and two looks "
                                 "at the rollout's finished sentences).")
     backend: str = _f("auto", "Loss backend: auto (Triton on CUDA, reference on CPU), triton, reference.", BACKENDS)
     loss_from: str = _f("hidden", "hidden: the loss from both models' final hidden states and LM heads in token "
@@ -159,6 +212,16 @@ class TrainConfig:
     num_threads: int = _f(0, "torch CPU threads (0: leave torch's default).")
 
     # ------------------------------------------------------------------------------------------------------
+    @property
+    def choices(self) -> tuple[str, str, str]:
+        """(sampler, weights, loss) of a training step: :func:`step_choices` of the fields."""
+        return step_choices(self.mode, self.sampler, self.weights, self.loss)
+
+    @property
+    def label(self) -> str:
+        """The run's name in progress bars and tables: its mode, else sampler/weights/loss."""
+        return self.mode or "/".join(self.choices)
+
     def validate(self) -> "TrainConfig":
         """Raise a ValueError naming the field for every bad value; return self."""
         for name in ("student", "teacher", "train_data", "output_dir"):
@@ -197,6 +260,7 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("config fields `resume` and `overwrite` exclude each other: resume continues the run "
                              "in output_dir, overwrite deletes it")
+        self.choices  # noqa: B018 -- raises for a bad or contradictory sampler / weights / loss / mode
         if self.verifier not in ("boxed", "exact"):
             from fastopd.train.verify import get_verifier
 
@@ -244,7 +308,7 @@ def field_docs() -> list[tuple[str, Any, str]]:
     for f in dataclasses.fields(TrainConfig):
         help_text = f.metadata.get("help", "")
         if "choices" in f.metadata:
-            help_text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
+            help_text += f" One of: {', '.join(str(c) for c in f.metadata['choices'] if c is not None)}."
         out.append((f.name, f.default, help_text))
     return out
 

@@ -20,12 +20,7 @@ from __future__ import annotations
 import torch
 
 from fastopd.head import LMHead, unwrap_model as _unwrap
-
-
-def _accepts(model, arg: str) -> bool:
-    import inspect
-
-    return arg in inspect.signature(_unwrap(model).forward).parameters
+from fastopd.train.models import forward_accepts
 
 
 def completion_hidden(model, rollouts) -> torch.Tensor:
@@ -38,7 +33,7 @@ def completion_hidden(model, rollouts) -> torch.Tensor:
     c = rollouts.targets.shape[1]
     kwargs = dict(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
                   position_ids=rollouts.position_ids, use_cache=False, output_hidden_states=True)
-    if not _accepts(model, "logits_to_keep"):
+    if not forward_accepts(model, "logits_to_keep"):
         raise ValueError(
             f"{type(_unwrap(model)).__name__}.forward has no logits_to_keep: it would build (N, P + C, V) logits; "
             "use loss_from='logits' for this model"
@@ -54,7 +49,7 @@ def hidden_loss(criterion, student, teacher, rollouts, *, autocast=None, chunk_s
     decides from its margins). No (N, C, V) tensor is built; the gradient reaches the student's backbone
     through its hidden states and its head weight (and bias) directly. ``times``, if given, receives
     ``"teacher"``: the seconds of the teacher's forward (CUDA-synchronised). ``weights`` / ``normalizer``: for a
-    criterion without a rule (mode online: the weights were decided while sampling), passed to it as they are.
+    criterion without a rule (sampler online: the weights were decided while sampling), passed to it as they are.
     """
     import contextlib
     import time

@@ -118,3 +118,12 @@ def quiet_transformers():
         if was_enabled:
             hf_logging.enable_progress_bar()
 
+
+
+def forward_accepts(model, arg: str) -> bool:
+    """Whether the model's ``forward`` (inside DDP / FSDP / compiled wrappers) takes the keyword ``arg``."""
+    import inspect
+
+    from fastopd.head import unwrap_model
+
+    return arg in inspect.signature(unwrap_model(model).forward).parameters

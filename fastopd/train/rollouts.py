@@ -2,6 +2,7 @@
 
 - :func:`generate_completions` (HF ``generate``) packs a batch as :class:`Rollouts`; :func:`add_segments`
   adds the sentence segment ids (docs/formulas.md §2); :func:`completion_logits` scores the completions;
+  :func:`kept_rollouts` cuts them to their weighted prefix;
 - :func:`generation_model`: the unwrapped model in eval mode (FSDP parameters gathered) for generation;
 - :func:`evaluate`: greedy accuracy graded by a verifier (:mod:`fastopd.train.verify`);
 - :func:`rollout_records`: the per-rollout lines of ``rollouts.jsonl``.
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from fastopd.train.models import forward_accepts
 
 IGNORE_INDEX = -100
 
@@ -64,7 +67,7 @@ class Rollouts:
     # "teacher_scored" (completion tokens the teacher scored while sampling), "teacher_forwarded" and
     # "student_forwarded" (completion positions of the training forwards, padding included)
     counts: dict = field(default_factory=dict)
-    online: object = None  # fastopd.train.online.OnlineDecisions in mode online (docs/formulas.md §8), else None
+    online: object = None  # fastopd.train.online_sampler.OnlineDecisions of sampler online (docs/formulas.md §8)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -133,20 +136,30 @@ def completion_logits(model, rollouts: Rollouts) -> torch.Tensor:
     c = rollouts.targets.shape[1]
     kwargs = dict(input_ids=rollouts.input_ids, attention_mask=rollouts.attention_mask,
                   position_ids=rollouts.position_ids, use_cache=False)
-    if _accepts(model, "logits_to_keep"):
+    if forward_accepts(model, "logits_to_keep"):
         logits = model(**kwargs, logits_to_keep=c + 1).logits
     else:
         logits = model(**kwargs).logits[:, -(c + 1):]
     return logits[:, :-1]
 
 
-def _accepts(model, arg: str) -> bool:
-    import inspect
+def kept_rollouts(rollouts: Rollouts, weights: torch.Tensor) -> Rollouts:
+    """The rollouts cut to their supervised prefix (w_t > 0): what the training forwards read.
 
-    base = model
-    while hasattr(base, "module"):  # DDP / FSDP / compiled wrappers
-        base = base.module
-    return arg in inspect.signature(base.forward).parameters
+    Tokens past it have w_t = 0, so the loss and its gradient are those of the whole rollouts (a causal LM's
+    outputs at a position do not depend on later tokens); the completion width is the longest kept prefix.
+    """
+    keep = (weights > 0) & rollouts.valid.to(weights.device)
+    keep = keep.to(rollouts.targets.device)
+    kept_len = keep.long().sum(-1)
+    width = max(int(kept_len.max()) if kept_len.numel() else 0, 1)
+    p = rollouts.prompt_width
+    inside = torch.arange(width, device=keep.device)[None] < kept_len[:, None]
+    mask = torch.cat([rollouts.attention_mask[:, :p], inside.to(rollouts.attention_mask.dtype)], dim=1)
+    return Rollouts(rollouts.input_ids[:, :p + width], mask, rollouts.position_ids[:, :p + width], p,
+                    rollouts.targets[:, :width].masked_fill(~inside, IGNORE_INDEX), kept_len, rollouts.stopped,
+                    rollouts.texts, rollouts.segment_ids[:, :width].masked_fill(~inside, -1))
+
 
 
 @contextlib.contextmanager
@@ -236,7 +249,7 @@ def rollout_records(step: int, out, rollouts: Rollouts, correct: list) -> list[d
     """Per-rollout diagnostics for ``rollouts.jsonl`` (the plots of fastopd.train.report)."""
     dec = out.release
     online = rollouts.online
-    # mode online: the margins the rule read while sampling (the training forward covers the kept prefix only)
+    # sampler online: the margins the rule read while sampling (the training forward covers the kept prefix only)
     margins = (online.margins if online is not None else out.stats.margins).float().cpu().numpy()
     valid = rollouts.valid.cpu().numpy()
     seg = rollouts.segment_ids.cpu().numpy()

@@ -1,190 +1,54 @@
-"""On-policy distillation of a Hugging Face causal LM, with the release rule: the step and the loop.
+"""On-policy distillation of a Hugging Face causal LM, with the release rule: one training step, and the loop.
 
-Models and tokenizers are loaded by :mod:`fastopd.train.models`; rollouts are sampled, segmented, scored and
-evaluated by :mod:`fastopd.train.rollouts`.
+A step makes three independent choices (docs/formulas.md §8; ``TrainConfig.sampler`` / ``weights`` / ``loss``,
+or the ``mode`` shorthand): **who samples** (the student with HF ``generate``, the student stopping at the
+online release, the teacher), **which tokens count** (the release rule or a control: full, fixed_prefix, random,
+shuffled) and **which loss** (pg, reverse_kl, forward_kl, or cross_entropy). One optimizer step
+(:func:`train_step`) runs ``grad_accum_steps`` micro-batches of :func:`micro_step`, read top to bottom:
 
-One optimizer step (:func:`train_step`, steps 1-6 in :func:`micro_step`, step 7 in :func:`finish_step`),
-repeated ``cfg.steps`` times by ``train`` (at the bottom; :func:`setup` builds everything a step needs):
+1. **sample**: ``prompts_per_step`` prompts (:class:`fastopd.train.data.PromptSchedule`), ``num_samples`` rollouts
+   each, from the sampler (:data:`SAMPLERS`: :func:`fastopd.train.rollouts.generate_completions`, or
+   :func:`fastopd.train.online_sampler.sample_online_run`, which returns the rule's stops and weights too);
+2. **which tokens count** (:func:`step_weights`): the weights the sampler decided (online), or the rule -- it reads
+   the teacher's margins from the loss's own statistics pass, per sentence segment
+   (``fastopd.segment.batch_token_segments``) -- or every token (cross_entropy);
+3. **score and loss** (:func:`completion_loss`): the teacher scores the completions under ``no_grad``, the student
+   runs forward with gradients, and :class:`fastopd.OPDLoss` returns the loss with those weights (by default from
+   both models' final hidden states and LM heads, ``fastopd.train.hidden``, so that no (N, C, V) logits exist;
+   ``loss_from="logits"``: ``completion_logits``); cross_entropy reads the student alone;
+4. **update**: backward; after ``grad_accum_steps`` micro-batches: clip, AdamW step, LR schedule step;
+5. log (JSONL, tqdm, TensorBoard), evaluate (greedy decoding + a verifier), checkpoint (:func:`finish_step`).
 
-1. take ``prompts_per_step`` prompts (:class:`fastopd.train.data.PromptSchedule`);
-2. the student samples ``num_samples`` completions of each with HF ``generate`` (``generate_completions``);
-3. every completion is cut into sentence segments (``fastopd.segment.batch_token_segments``; -1 at padding);
-4. the teacher scores prompt + completion under ``no_grad``; the student runs forward with gradients
-   (``completion_loss``: by default both models' final hidden states at the positions that predict the
-   completion tokens plus their LM heads, ``fastopd.train.hidden``, so that no (N, C, V) logits exist;
-   ``loss_from="logits"``: ``completion_logits``, logits at position t-1 predict token t);
-5. ``fastopd.OPDLoss(rule=fastopd.ReleaseRule(mode=cfg.mode))`` decides the per-token weights (the release
-   rule, or the ``full`` / ``fixed_prefix`` / ``random`` / ``shuffled`` control) and returns the loss
-   (docs/formulas.md §1-5);
-6. backward; after ``grad_accum_steps`` micro-batches: clip, AdamW step, LR schedule step;
-7. log (JSONL, tqdm, TensorBoard), evaluate (greedy decoding + a verifier), checkpoint.
-
-The same code runs on one CPU, one GPU, or several processes under ``accelerate launch`` (DDP or FSDP): the
-student goes through ``accelerator.prepare``; generation runs on ``accelerator.unwrap_model(student)``;
-metrics are summed over processes with ``accelerator.reduce``. No formula lives here: the weights and the
-loss come from :class:`fastopd.ReleaseRule` and :class:`fastopd.OPDLoss` only.
+Everything the step needs is built once by :func:`fastopd.train.setup.setup`. The same code runs on one CPU, one
+GPU, or several processes under ``accelerate launch`` (DDP or FSDP): the student goes through
+``accelerator.prepare``; generation runs on ``accelerator.unwrap_model(student)``; metrics are summed over
+processes (:class:`fastopd.train.totals.StepTotals`). No OPD formula lives here: the weights and the loss come
+from :class:`fastopd.ReleaseRule` and :class:`fastopd.OPDLoss` (cross_entropy is torch's).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastopd.loss import OPDLoss
-from fastopd.common import RELEASE_SUM_KEYS, release_means, release_sums
-from fastopd.release import ReleaseRule
-from fastopd.train.checkpoint import (
-    latest_checkpoint, list_checkpoints, load_training_state, save_checkpoint,
-)
+from fastopd.train.checkpoint import latest_checkpoint, save_checkpoint
 from fastopd.train.config import TrainConfig
-from fastopd.train.data import PromptSchedule, load_prompts
 from fastopd.train.hidden import hidden_loss
-from fastopd.train.online import online_loss, online_rollouts
-from fastopd.train.models import (
-    attention_implementation, check_same_vocabulary, choose_dtype, load_model, load_teacher_tokenizer,
-    load_tokenizer, output_width, quiet_transformers,
-)
+from fastopd.train.models import quiet_transformers
+from fastopd.train.online_sampler import online_metrics, sample_online_run
 from fastopd.train.rollouts import (
-    IGNORE_INDEX, Rollouts, add_segments, completion_logits, eos_ids_of, evaluate, generate_completions,
-    generation_model, needs_synced_generation, rollout_records,
+    IGNORE_INDEX, Rollouts, add_segments, completion_logits, evaluate, generate_completions, generation_model,
+    kept_rollouts, needs_synced_generation, rollout_records,
 )
-from fastopd.train.runlog import RunLog, read_log
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Set-up: the accelerator
-# ----------------------------------------------------------------------------------------------------------
-
-
-def make_accelerator(cfg: TrainConfig):
-    """An ``Accelerator`` for the config: mixed precision, gradient accumulation, trackers."""
-    from accelerate import Accelerator
-
-    mixed = cfg.mixed_precision
-    if mixed == "auto":
-        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-            mixed = None  # what `accelerate launch --mixed_precision ...` asked for
-        elif torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            mixed = "bf16"
-        else:
-            mixed = "no"
-    log_with = None
-    if cfg.log_with == "tensorboard" or (cfg.log_with == "auto" and tensorboard_available()):
-        log_with = "tensorboard"
-    return Accelerator(
-        mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum_steps,
-        log_with=log_with, project_dir=cfg.output_dir,
-    )
-
-
-def tensorboard_available() -> bool:
-    return importlib.util.find_spec("tensorboard") is not None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Metrics of one optimizer step, summed over micro-batches and processes
-# ----------------------------------------------------------------------------------------------------------
-
-
-class StepTotals:
-    """Sums of one step's diagnostics; ``reduce`` adds them up over processes and returns the means.
-
-    The rule's diagnostics are :func:`fastopd.common.release_sums` added over micro-batches (and
-    processes), turned into means by :func:`fastopd.common.release_means`: one definition for a batch,
-    a step and the demo's logs.
-    """
-
-    KEYS = ("loss", "micro", "adv", "margin", "length", "stopped", "correct", "answered") + RELEASE_SUM_KEYS
-    # what the step cost (Rollouts.counts; docs/training.md): sampled tokens, sampling rows x steps, teacher
-    # tokens (scored while sampling + forwarded for the loss), student positions forwarded for the loss, the
-    # rollouts the online rule stopped, the teacher's and the rule's seconds while sampling
-    COST_KEYS = ("generated", "decode_rows", "teacher_scored", "teacher_forwarded", "student_forwarded",
-                 "online_stopped", "time_generate_teacher", "time_generate_rule")
-
-    def __init__(self):
-        self.sums = dict.fromkeys(self.KEYS + self.COST_KEYS, 0.0)
-
-    def add(self, out, rollouts: Rollouts, correct: int, answered: int) -> None:
-        m, dec = out.metrics, out.release
-        s = self.sums
-        s["loss"] += float(out.loss.detach())
-        s["micro"] += 1
-        s["adv"] += m["adv_mean"] * m["num_valid"]
-        s["margin"] += m["margin_mean"] * m["num_valid"]
-        s["length"] += float(rollouts.lengths.sum())
-        s["stopped"] += float(rollouts.stopped.sum())
-        s["correct"] += correct
-        s["answered"] += answered
-        rule = dec.totals if dec is not None else release_sums([], [], [], m["num_valid"], m["num_kept"])
-        rule = dict(rule, rollouts=float(len(rollouts.texts)))
-        for key in RELEASE_SUM_KEYS:
-            s[key] += rule[key]
-        counts = rollouts.counts
-        s["generated"] += counts.get("generated", float(rollouts.lengths.sum()))
-        s["student_forwarded"] += counts.get("student_forwarded", float(rollouts.targets.numel()))
-        for key in ("decode_rows", "teacher_scored", "teacher_forwarded"):
-            s[key] += counts.get(key, 0)
-        if rollouts.online is not None:
-            s["online_stopped"] += float(rollouts.online.decision.stopped.sum())
-            s["time_generate_teacher"] += rollouts.online.time_teacher
-            s["time_generate_rule"] += rollouts.online.time_rule
-
-    def reduce(self, accelerator) -> dict:
-        keys = self.KEYS + self.COST_KEYS
-        vec = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64)
-        if accelerator.num_processes > 1:
-            vec = accelerator.reduce(vec.to(accelerator.device), reduction="sum").cpu()
-        s = dict(zip(keys, vec.tolist()))
-        nan = float("nan")
-        rule = release_means(s)
-        return {
-            "loss": s["loss"] / max(s["micro"], 1),
-            "adv_mean": s["adv"] / max(s["valid"], 1),
-            "margin_mean": s["margin"] / max(s["valid"], 1),
-            "kept_fraction": rule["kept_fraction"],
-            "accept_rate": rule["accept_rate"],
-            "gain_mean": rule["gain_mean"],
-            "release_position": rule["release_position"],
-            "tokens": int(s["valid"]),
-            "tokens_supervised": int(s["kept"]),
-            "rollouts": int(s["rollouts"]),
-            "completion_length": s["length"] / max(s["rollouts"], 1),
-            "stop_rate": s["stopped"] / max(s["rollouts"], 1),
-            "sample_accuracy": s["correct"] / s["answered"] if s["answered"] else nan,
-            "tokens_generated": int(s["generated"]),
-            "generate_row_steps": int(s["decode_rows"]),
-            "teacher_tokens": int(s["teacher_scored"] + s["teacher_forwarded"]),
-            "teacher_tokens_sampling": int(s["teacher_scored"]),
-            "student_tokens_forwarded": int(s["student_forwarded"]),
-            "online_stop_rate": s["online_stopped"] / max(s["rollouts"], 1),
-            "time_generate_teacher": s["time_generate_teacher"] / max(accelerator.num_processes, 1),
-            "time_generate_rule": s["time_generate_rule"] / max(accelerator.num_processes, 1),
-        }
-
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The training loop
-# ----------------------------------------------------------------------------------------------------------
-
-
-def prepare_output_dir(cfg: TrainConfig) -> None:
-    out = Path(cfg.output_dir)
-    has_run = (out / "metrics.jsonl").exists() or bool(list_checkpoints(out))
-    if has_run and cfg.overwrite:
-        shutil.rmtree(out)
-    elif has_run and not cfg.resume:
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
-                              "or choose another --output-dir")
-    out.mkdir(parents=True, exist_ok=True)
+from fastopd.train.runlog import read_log
+from fastopd.train.setup import Run, setup
+from fastopd.train.totals import StepTotals
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -198,150 +62,141 @@ def train(cfg: TrainConfig) -> dict:
         return _train(cfg)
 
 
-@dataclass
-class Run:
-    """Everything one training step needs, built once by :func:`setup`."""
-
-    cfg: TrainConfig
-    accelerator: object
-    tokenizer: object
-    student: object
-    teacher: object
-    optimizer: object
-    scheduler: object
-    rule: ReleaseRule
-    criterion: OPDLoss
-    schedule: PromptSchedule
-    train_rows: list
-    eval_rows: list
-    eos_ids: list
-    verify: object
-    log: RunLog
-    start: int = 0
-    last_eval: dict | None = None
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
+# ----------------------------------------------------------------------------------------------------------
+# One training step
+# ----------------------------------------------------------------------------------------------------------
 
 
-def setup(cfg: TrainConfig) -> Run:
-    """Accelerator, models, data, optimizer, loss with the rule, and (on resume) the saved state."""
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
+def _generate(run: Run, model, prompts: list[str]) -> Rollouts:
+    cfg = run.cfg
+    return generate_completions(
+        model, run.tokenizer, prompts, eos_ids=run.eos_ids, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, chat_template=cfg.chat_template,
+        max_prompt_tokens=cfg.max_prompt_tokens, synced_gpus=needs_synced_generation(run.accelerator))
 
-    cfg.validate()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    accelerator = make_accelerator(cfg)
-    if accelerator.is_main_process:
-        prepare_output_dir(cfg)
-    accelerator.wait_for_everyone()
-    device = accelerator.device
-    resume_from = latest_checkpoint(cfg.output_dir) if cfg.resume else None
 
-    # ---- models and tokenizer (a resumed run starts from the checkpoint's student)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, trust_remote_code=cfg.trust_remote_code)
-    teacher_tokenizer = load_teacher_tokenizer(cfg, tokenizer)
-    attn = attention_implementation(cfg.attn_implementation, device)
-    student = load_model(str(resume_from / "student") if resume_from else cfg.student,
-                         dtype=choose_dtype(cfg.student_dtype, "student", device), attn=attn,
-                         trust_remote_code=cfg.trust_remote_code)
-    teacher = load_model(cfg.teacher, dtype=choose_dtype(cfg.teacher_dtype, "teacher", device), attn=attn,
-                         trust_remote_code=cfg.trust_remote_code)
-    vocab_size = check_same_vocabulary(tokenizer, teacher_tokenizer, output_width(student), output_width(teacher))
-    eos_ids = eos_ids_of(tokenizer, student)
-    teacher.requires_grad_(False).eval()
-    if cfg.gradient_checkpointing:  # transformers 5 renamed it
-        enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
-        enable()
-    student.train()
+SAMPLERS = {
+    "student": ("student", _generate),
+    "online": ("student", sample_online_run),
+    "teacher": ("teacher", _generate),
+}
+"""Who samples: sampler name -> (the model that samples, ``fn(run, unwrapped_model, prompts) -> Rollouts``)."""
 
-    # ---- data
-    train_rows = load_prompts(cfg.train_data, split=cfg.train_split, prompt_field=cfg.prompt_field,
-                              answer_field=cfg.answer_field)
-    eval_rows = []
-    if cfg.eval_data:
-        eval_rows = load_prompts(cfg.eval_data, split=cfg.eval_split, prompt_field=cfg.prompt_field,
-                                 answer_field=cfg.answer_field)
-        eval_rows = eval_rows[:cfg.eval_size] if cfg.eval_size else eval_rows
-    schedule = PromptSchedule(len(train_rows), seed=cfg.seed, batch=cfg.prompts_per_step,
-                              accum=cfg.grad_accum_steps, world=accelerator.num_processes,
-                              rank=accelerator.process_index)
-    verify = None
-    if any(r["answer"] is not None for r in train_rows):
-        from fastopd.train.verify import get_verifier
 
-        verify = get_verifier(cfg.verifier)
+def sample(run: Run, prompts: list[str]) -> Rollouts:
+    """Step 1: the sampler's rollouts of ``prompts`` (the model unwrapped, in eval mode, without gradients)."""
+    which, fn = SAMPLERS[run.choices[0]]
+    with generation_model(run.accelerator, getattr(run, which)) as model:
+        return fn(run, model, prompts)
 
-    # ---- optimizer, schedule, loss with the release rule (or a control)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    student, optimizer = accelerator.prepare(student, optimizer)
-    teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.steps)  # stepped once per optimizer step, by us
-    rule = ReleaseRule(mode={"sft": "full", "online": "release"}.get(cfg.mode, cfg.mode), k=cfg.k, temperature=cfg.loss_temperature, min_segments=cfg.min_segments,
-                       min_gain=cfg.min_gain, fraction=cfg.fraction, seed=cfg.seed + accelerator.process_index,
-                       backend=cfg.backend)
-    criterion = OPDLoss(cfg.loss, ignore_index=IGNORE_INDEX, vocab_size=vocab_size, rule=rule)  # k, tau: the rule's
 
-    # ---- resume: optimizer, scheduler, RNG, logs
-    run = Run(cfg, accelerator, tokenizer, student, teacher, optimizer, scheduler, rule, criterion, schedule,
-              train_rows, eval_rows, eos_ids, verify, RunLog(cfg.output_dir, enabled=accelerator.is_main_process))
-    if resume_from is not None:
-        run.start = load_training_state(accelerator, resume_from, student=student, optimizer=optimizer,
-                                        scheduler=scheduler, rule=rule)
-        run.log.truncate(run.start)
-        accelerator.print(f"resumed from {resume_from} at step {run.start}")
+def step_weights(run: Run, rollouts: Rollouts):
+    """Step 2, which tokens count: a per-token tensor decided before the loss (the online sampler's), the rule
+    (release and its controls read the teacher's margins inside the loss pass: the rollouts get their sentence
+    segments here), or None (every valid token: cross_entropy)."""
+    if rollouts.online is not None:
+        return rollouts.online.weights
+    if run.criterion is None:
+        return None
+    add_segments(rollouts, run.tokenizer)
+    return run.criterion.rule
+
+
+def completion_loss(run: Run, rollouts: Rollouts, weights=None, times: dict | None = None):
+    """Step 3: the teacher scores the completions, the student runs forward, the loss comes back with ``weights``.
+
+    ``weights``: what :func:`step_weights` returned. A tensor was decided before the loss: only each rollout's
+    weighted prefix is forwarded (:func:`fastopd.train.rollouts.kept_rollouts`), and the loss is divided by the
+    valid tokens of the whole rollouts, so it equals the loss with those weights on the whole rollouts. The rule
+    (``run.criterion.rule``) decides from the margins of this same pass. ``loss_from="hidden"`` (default): final
+    hidden states + LM heads (:func:`fastopd.train.hidden.hidden_loss`), in token chunks, so no (N, C, V) tensor
+    exists; ``"logits"``: both models' completion logits. ``times``: a dict that receives ``"teacher"``, the
+    seconds of the teacher's forward.
+    """
+    cfg, accelerator = run.cfg, run.accelerator
+    if run.criterion is None:
+        return cross_entropy_loss(run, rollouts)
+    whole, normalizer, tensor = rollouts, None, isinstance(weights, torch.Tensor)
+    if tensor:
+        normalizer = max(float(rollouts.valid.sum()), 1.0)
+        rollouts = kept_rollouts(rollouts, weights)
+        weights = weights[:, :rollouts.targets.shape[1]].to(rollouts.targets.device)
+    whole.counts.update(teacher_forwarded=int(rollouts.targets.numel()),
+                        student_forwarded=int(rollouts.targets.numel()))
+    if cfg.loss_from == "hidden":
+        out = hidden_loss(run.criterion, run.student, run.teacher, rollouts, autocast=accelerator.autocast,
+                          chunk_size=cfg.loss_chunk_size or None, times=times, weights=weights if tensor else None,
+                          normalizer=normalizer)
     else:
-        set_seed(cfg.seed, device_specific=True)  # seed + process index
-        run.log.truncate(0)
-    if run.main:
-        (Path(cfg.output_dir) / "config.yaml").write_text(cfg.to_yaml())
-    if accelerator.trackers == [] and accelerator.log_with:
-        accelerator.init_trackers("fastopd", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                                                     for k, v in cfg.to_dict().items()})
-    return run
+        device = getattr(accelerator, "device", None)
+        t0 = _now(device)
+        with torch.no_grad(), accelerator.autocast():
+            teacher_logits = completion_logits(run.teacher, rollouts)
+        if times is not None:
+            times["teacher"] = _now(device) - t0
+        student_logits = completion_logits(run.student, rollouts)
+        given = dict(weights=weights, normalizer=normalizer) if tensor else dict(segment_ids=rollouts.segment_ids)
+        out = run.criterion(student_logits, teacher_logits, rollouts.targets, **given)
+    if whole.online is not None:
+        online_metrics(out, whole)
+    return out
+
+
+class CrossEntropyOutput:
+    """What :func:`cross_entropy_loss` returns: the fields of an ``OPDOutput`` that the step reads (no teacher)."""
+
+    release = None
+    stats = None
+
+    def __init__(self, loss: torch.Tensor, metrics: dict):
+        self.loss, self.metrics = loss, metrics
+
+
+def cross_entropy_loss(run: Run, rollouts: Rollouts) -> CrossEntropyOutput:
+    """Loss cross_entropy: the student's mean cross-entropy on the sampled completion tokens (with the teacher
+    sampling: the ``sft`` baseline), normalised per token like the OPD loss (docs/formulas.md §5:
+    Σ_t ℓ_t / Σ valid_t)."""
+    logits = completion_logits(run.student, rollouts)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rollouts.targets.flatten(),
+                                             ignore_index=IGNORE_INDEX)
+    n = int(rollouts.valid.sum())
+    nan = float("nan")
+    return CrossEntropyOutput(loss, {"adv_mean": nan, "margin_mean": nan, "num_valid": n, "num_kept": n})
 
 
 def micro_step(run: Run, step: int, micro: int, totals: StepTotals, phase: dict | None = None) -> tuple[float, float]:
-    """Steps 1-6 of the module docstring on one micro-batch; returns (generation seconds, grad norm or NaN).
+    """Steps 1-4 of the module docstring on one micro-batch; returns (sampling seconds, grad norm or NaN).
 
     ``phase``: a dict to which the seconds of each of :data:`PHASES` are added."""
     cfg, accelerator, student = run.cfg, run.accelerator, run.student
     phase = dict.fromkeys(PHASES, 0.0) if phase is None else phase
     device = accelerator.device
-    # 1. this micro-batch's prompts, each num_samples times
     rows = [run.train_rows[i] for i in run.schedule.indices(step, micro)]
     prompts = [r["prompt"] for r in rows for _ in range(cfg.num_samples)]
     answers = [r["answer"] for r in rows for _ in range(cfg.num_samples)]
-    # 2. the student samples completions (eval mode, no grad, unwrapped); the sft baseline: the teacher
+    # 1. sample
     t0 = time.perf_counter()
-    with generation_model(accelerator, run.teacher if cfg.mode == "sft" else student) as model:
-        rollouts = online_rollouts(run, model, prompts) if cfg.mode == "online" else generate_completions(
-            model, run.tokenizer, prompts, eos_ids=run.eos_ids, max_new_tokens=cfg.max_new_tokens,
-            do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            chat_template=cfg.chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
-            synced_gpus=needs_synced_generation(accelerator))
+    rollouts = sample(run, prompts)
     t_gen = time.perf_counter() - t0
-    # 3. sentence segments per completion token
+    # 2. which tokens count
     t0 = _now(device)
-    add_segments(rollouts, run.tokenizer)
+    weights = step_weights(run, rollouts)
     phase["time_rule"] += _now(device) - t0
     grad_norm = float("nan")
     with accelerator.accumulate(student):
-        # 4-5. teacher scores (no grad), student forward (grad), completion positions only; release rule ->
-        # weights -> loss (on-policy: old_logprobs = None)
+        # 3. score and loss (on-policy: old_logprobs = None)
         t0 = _now(device)
         times: dict = {}
-        out = sft_loss(run, rollouts) if cfg.mode == "sft" else completion_loss(run, rollouts, times=times)
+        out = completion_loss(run, rollouts, weights, times=times)
         t2 = _now(device)
         rule_s = out.release.elapsed_s if out.release is not None else 0.0
+        if rollouts.online is not None:  # decided while sampling, outside this interval
+            phase["time_rule"] += rule_s
+            rule_s = 0.0
         phase["time_teacher"] += times.get("teacher", 0.0)
         phase["time_rule"] += rule_s
         phase["time_student_forward"] += t2 - t0 - times.get("teacher", 0.0) - rule_s  # student + loss forward
-        # 6. backward; the optimizer acts once per grad_accum_steps micro-batches
+        # 4. backward; the optimizer acts once per grad_accum_steps micro-batches
         accelerator.backward(out.loss)
         t3 = _now(device)
         phase["time_backward"] += t3 - t2
@@ -352,7 +207,7 @@ def micro_step(run: Run, step: int, micro: int, totals: StepTotals, phase: dict 
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
         phase["time_optimizer"] += _now(device) - t3
-    # diagnostics of this micro-batch (for step 7)
+    # diagnostics of this micro-batch (for step 5)
     verify = run.verify
     correct = [bool(verify(t, a)) if (verify and a is not None) else None for t, a in zip(rollouts.texts, answers)]
     totals.add(out, rollouts, sum(c is True for c in correct), sum(c is not None for c in correct))
@@ -362,53 +217,8 @@ def micro_step(run: Run, step: int, micro: int, totals: StepTotals, phase: dict 
     return t_gen, grad_norm
 
 
-def completion_loss(run: Run, rollouts: Rollouts, times: dict | None = None):
-    """Steps 4-5: both models score the completions, the rule decides the weights, the loss is returned.
-
-    ``loss_from="hidden"`` (default): final hidden states + LM heads (:func:`fastopd.train.hidden.hidden_loss`),
-    in token chunks, so no (N, C, V) tensor exists; ``"logits"``: both models' completion logits.
-    ``times``: a dict that receives ``"teacher"``, the seconds of the teacher's forward.
-    """
-    cfg, accelerator = run.cfg, run.accelerator
-    if getattr(cfg, "mode", None) == "online":  # weights decided while sampling; the forwards read the kept prefix
-        return online_loss(run, rollouts, times=times)
-    rollouts.counts.update(teacher_forwarded=rollouts.targets.numel(), student_forwarded=rollouts.targets.numel())
-    if cfg.loss_from == "hidden":
-        return hidden_loss(run.criterion, run.student, run.teacher, rollouts, autocast=accelerator.autocast,
-                           chunk_size=cfg.loss_chunk_size or None, times=times)
-    device = getattr(accelerator, "device", None)
-    t0 = _now(device)
-    with torch.no_grad(), accelerator.autocast():
-        teacher_logits = completion_logits(run.teacher, rollouts)
-    if times is not None:
-        times["teacher"] = _now(device) - t0
-    student_logits = completion_logits(run.student, rollouts)
-    return run.criterion(student_logits, teacher_logits, rollouts.targets, segment_ids=rollouts.segment_ids)
-
-
-@dataclass
-class SFTOutput:
-    """What :func:`sft_loss` returns: the fields of an ``OPDOutput`` that the step reads (no teacher, no rule)."""
-
-    loss: torch.Tensor
-    metrics: dict
-    release: None = None
-    stats: None = None
-
-
-def sft_loss(run: Run, rollouts: Rollouts) -> SFTOutput:
-    """The ``sft`` baseline's loss: the student's mean cross-entropy on the (teacher-sampled) completion tokens,
-    normalised per token like the OPD loss (docs/formulas.md §5: Σ_t ℓ_t / Σ valid_t)."""
-    logits = completion_logits(run.student, rollouts)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rollouts.targets.flatten(),
-                                             ignore_index=IGNORE_INDEX)
-    n = int(rollouts.valid.sum())
-    nan = float("nan")
-    return SFTOutput(loss, {"adv_mean": nan, "margin_mean": nan, "num_valid": n, "num_kept": n})
-
-
 def train_step(run: Run, step: int) -> dict:
-    """One optimizer step: ``grad_accum_steps`` micro-batches (steps 1-6), then their metrics (step 7)."""
+    """One optimizer step: ``grad_accum_steps`` micro-batches (steps 1-4), then their metrics (step 5)."""
     t_step = time.perf_counter()
     totals = StepTotals()
     t_gen, grad_norm = 0.0, float("nan")
@@ -422,6 +232,11 @@ def train_step(run: Run, step: int) -> dict:
     metrics.update(lr=run.scheduler.get_last_lr()[0], grad_norm=grad_norm, time_generate=t_gen, time_step=step_time,
                    **phase)
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop: evaluation, logging, checkpoints
+# ----------------------------------------------------------------------------------------------------------
 
 
 def run_eval(run: Run, step: int) -> dict | None:
@@ -457,7 +272,7 @@ def finish_step(run: Run, step: int, metrics: dict, bar) -> None:
     if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
         save_checkpoint(run.accelerator, step=step, output_dir=cfg.output_dir, student=run.student,
                         tokenizer=run.tokenizer, optimizer=run.optimizer, scheduler=run.scheduler, rule=run.rule,
-                        keep_last=cfg.keep_last, extra={"mode": cfg.mode, "seed": cfg.seed})
+                        keep_last=cfg.keep_last, extra={"mode": cfg.label, "seed": cfg.seed})
 
 
 def _train(cfg: TrainConfig) -> dict:
@@ -465,11 +280,14 @@ def _train(cfg: TrainConfig) -> dict:
     accelerator = run.accelerator
     if run.start == 0 and cfg.eval_at_start:
         run.last_eval = run_eval(run, 0)
+        if run.last_eval is not None:  # the starting point, before any step
+            ev = run.last_eval
+            accelerator.print(f"step 0: eval accuracy {ev['accuracy']:.1%} ({ev['correct']}/{ev['total']})")
     bar = None
     if run.main and cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=run.start, desc=f"OPD ({cfg.mode})", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=run.start, desc=f"OPD ({cfg.label})", dynamic_ncols=True)
     step_times = []
     for step in range(run.start + 1, cfg.steps + 1):
         metrics = train_step(run, step)
@@ -496,6 +314,7 @@ def _train(cfg: TrainConfig) -> dict:
     accelerator.end_training()
     _release_accelerator(accelerator)
     return summary
+
 
 
 PHASES = ("time_teacher", "time_student_forward", "time_rule", "time_backward", "time_optimizer")

@@ -1,4 +1,5 @@
-"""Mode online (docs/formulas.md §8, fastopd/train/online.py): rollouts that stop at the rule's point.
+"""Sampler online (docs/formulas.md §8, fastopd/train/online_sampler.py, fastopd/integrations/hf_stopping.py):
+rollouts that stop at the rule's point.
 
 The sampler samples as HF generate does (token for token, same seed); its sampled tokens' log-probs and margins
 equal a full forward pass's; its decisions replay exactly with fastopd.online_release; a rollout that never
@@ -22,10 +23,10 @@ import fastopd
 from fastopd import reference
 from fastopd.loss import OPDLoss
 from fastopd.release import ReleaseRule
-from fastopd.train.online import (
-    OnlineReleaseStopping, kept_rollouts, online_loss, online_weights, sample_online,
-)
-from fastopd.train.rollouts import completion_logits, eos_ids_of, generate_completions
+from fastopd.integrations.hf_stopping import OnlineReleaseStopping
+from fastopd.train.online_sampler import online_weights, sample_online
+from fastopd.train.rollouts import completion_logits, eos_ids_of, generate_completions, kept_rollouts
+from fastopd.train.trainer import completion_loss
 from fastopd.train.runlog import read_log
 from fastopd.train.trainer import train
 from tiny import load_models, tiny_config
@@ -49,7 +50,7 @@ def demo():
 
 def sample(d, seed=0, **kw):
     torch.manual_seed(seed)
-    opts = dict(eos_ids=d.eos, max_new_tokens=320, chunk_size=16, vocab_size=len(d.tok))
+    opts = dict(eos_ids=d.eos, max_new_tokens=320, chunk_size=16, stats=fastopd.StatsOptions(vocab_size=len(d.tok)))
     opts.update(kw)
     return sample_online(d.student, d.teacher, d.tok, d.prompts, **opts)
 
@@ -68,8 +69,10 @@ def test_sampler_without_stop_is_generate_token_for_token(tiny, opts):
     prompts = ["Q: 12 + 7 = ?\nA:", "Add 3 and 4.", "Compute 5 + 9 + 1, then check it.", "2 + 2"]
     eos = eos_ids_of(tok, student)
     torch.manual_seed(3)
+    sampling = {("sampling_temperature" if k == "temperature" else k): v for k, v in opts.items()}
     got = sample_online(student, teacher, tok, prompts, eos_ids=eos, max_new_tokens=40, chunk_size=7,
-                        vocab_size=len(tok), confirm_segments=10**9, compact=False, **opts)
+                        stats=fastopd.StatsOptions(vocab_size=len(tok)), confirm_segments=10**9, compact=False,
+                        **sampling)
     torch.manual_seed(3)
     want = generate_completions(student, tok, prompts, eos_ids=eos, max_new_tokens=40, do_sample=True, **opts)
     c = got.targets.shape[1]
@@ -142,7 +145,9 @@ def test_confirm_beyond_every_series_is_the_offline_rule(demo):
 def fake_run(d, mode="release", loss_from="logits"):
     cfg = SimpleNamespace(loss="pg", loss_from=loss_from, loss_chunk_size=0, mode=mode)
     rule = ReleaseRule(mode="release", backend="reference")
-    crit = OPDLoss("pg", ignore_index=-100, vocab_size=len(d.tok), rule=rule)
+    # sampler online: the weights were decided while sampling, so the loss has no rule
+    crit = OPDLoss("pg", ignore_index=-100, vocab_size=len(d.tok), backend="reference",
+                   rule=None if mode == "online" else rule)
     return SimpleNamespace(cfg=cfg, accelerator=SimpleNamespace(), rule=rule, criterion=crit, student=d.student,
                            teacher=d.teacher)
 
@@ -159,9 +164,9 @@ def test_a_rollout_that_never_stops_is_trained_as_by_the_offline_rule(demo, loss
     np.testing.assert_array_equal(dec.release_segment, offline.release_segment)
     assert dec.scan.accepted.sum() >= 4 and 0 < dec.metrics["kept_fraction"] < 1
 
-    run = fake_run(demo, loss_from=loss_from)
+    run = fake_run(demo, mode="online", loss_from=loss_from)
     demo.student.zero_grad(set_to_none=True)
-    out = online_loss(run, r)
+    out = completion_loss(run, r, r.online.weights)
     out.loss.backward()
     got = {n: p.grad.clone() for n, p in demo.student.named_parameters() if p.grad is not None}
     assert r.counts["student_forwarded"] < r.targets.numel()  # the released suffixes were not forwarded
@@ -267,7 +272,7 @@ def test_stopping_criteria_decides_as_the_sampler(demo):
     tok = demo.tok
     enc = encode_prompts(tok, demo.prompts, chat_template=False, max_prompt_tokens=512, device="cpu")
     stop = OnlineReleaseStopping(demo.teacher, tok, enc["attention_mask"], eos_ids=demo.eos, chunk_size=16,
-                                 vocab_size=len(tok))
+                                 stats=fastopd.StatsOptions(vocab_size=len(tok)))
     torch.manual_seed(1)
     seqs = demo.student.generate(**enc, do_sample=True, max_new_tokens=320, eos_token_id=demo.eos,
                                  pad_token_id=tok.pad_token_id, top_k=0, logits_processor=[stop.logits_processor],

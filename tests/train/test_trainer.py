@@ -266,7 +266,7 @@ def test_sft_loss_is_the_students_token_mean_cross_entropy(tiny):
     from types import SimpleNamespace
 
     from fastopd.demo.task import format_prompt, make_problems
-    from fastopd.train.trainer import sft_loss
+    from fastopd.train.trainer import cross_entropy_loss as sft_loss
 
     tok, student, _ = models(tiny)
     probs = make_problems(4, 5, min_steps=2, max_steps=4)
