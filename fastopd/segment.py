@@ -46,6 +46,7 @@ __all__ = [
     "PunktFallbackWarning",
     "SegmentsSoFar",
     "batch_token_segments",
+    "completion_segments",
     "decode_with_anchors",
     "final_span_count",
     "segments_so_far",
@@ -334,3 +335,26 @@ def batch_token_segments(tokenizer, batch_token_ids, valid_lengths=None, pad_val
     for b, (r, n) in enumerate(zip(rows, lengths)):
         out[b, :n] = token_segments(tokenizer, np.asarray(r)[:n])
     return out
+
+
+def completion_segments(tokenizer, completion_ids, completion_mask):
+    """Sentence segment id of every completion token (docs/formulas.md §2), -1 after the last masked-in token.
+
+    Each row is decoded up to and including its last position with ``completion_mask != 0`` (so tokens that a
+    mask leaves out inside the completion, e.g. tool output, still give the text its context); positions
+    after it get -1. Returns an int64 (B, L) torch tensor on ``completion_ids``' device (the trainer's and the
+    adapters' one way from a batch of completions to their segments).
+    """
+    import torch
+
+    if completion_ids.dim() != 2 or completion_mask.shape != completion_ids.shape:
+        raise ValueError(
+            "completion_ids and completion_mask must share one (B, L) shape, got "
+            f"{tuple(completion_ids.shape)} and {tuple(completion_mask.shape)}"
+        )
+    mask = (completion_mask != 0).cpu()
+    width = mask.shape[1]
+    pos = torch.arange(1, width + 1).expand_as(mask)
+    lengths = torch.where(mask, pos, torch.zeros_like(pos)).amax(-1) if width else torch.zeros(mask.shape[0], dtype=torch.long)
+    seg = batch_token_segments(tokenizer, completion_ids.cpu(), valid_lengths=lengths.tolist(), pad_value=-1)
+    return torch.from_numpy(np.asarray(seg, dtype=np.int64)).to(completion_ids.device)

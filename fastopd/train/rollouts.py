@@ -117,14 +117,13 @@ def add_segments(rollouts: Rollouts, tokenizer) -> Rollouts:
 
     Rollouts of the online sampler (``rollouts.online`` set) keep the segments it finalised while sampling
     (docs/formulas.md §8): the rule decided on those."""
-    from fastopd.segment import batch_token_segments
+    from fastopd.segment import completion_segments
 
     if rollouts.online is not None and rollouts.segment_ids is not None:
         return rollouts
-
-    completion = rollouts.input_ids[:, rollouts.prompt_width:].cpu()
-    seg = batch_token_segments(tokenizer, completion, valid_lengths=rollouts.lengths.cpu().tolist(), pad_value=-1)
-    rollouts.segment_ids = torch.from_numpy(seg).to(rollouts.targets.device)
+    p = rollouts.prompt_width
+    rollouts.segment_ids = completion_segments(tokenizer, rollouts.input_ids[:, p:], rollouts.attention_mask[:, p:]).to(
+        rollouts.targets.device)
     return rollouts
 
 
