@@ -41,13 +41,12 @@ import torch
 from fastopd.loss import OPDLoss
 from fastopd.common import RELEASE_SUM_KEYS, release_means, release_sums
 from fastopd.release import ReleaseRule
-from fastopd.train.checkpoint import (
-    latest_checkpoint, list_checkpoints, load_training_state, save_checkpoint,
-)
+from fastopd.train.checkpoint import latest_checkpoint, load_training_state, resume_checkpoint, save_checkpoint
 from fastopd.train.config import TrainConfig
 from fastopd.train.data import PromptSchedule, load_prompts
 from fastopd.train.hidden import hidden_loss
 from fastopd.train.online import online_loss, online_rollouts
+from fastopd.train.outdir import prepare_output_dir
 from fastopd.train.models import (
     attention_implementation, check_same_vocabulary, choose_dtype, load_model, load_teacher_tokenizer,
     load_tokenizer, output_width, quiet_transformers,
@@ -176,17 +175,6 @@ class StepTotals:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def prepare_output_dir(cfg: TrainConfig) -> None:
-    out = Path(cfg.output_dir)
-    has_run = (out / "metrics.jsonl").exists() or bool(list_checkpoints(out))
-    if has_run and cfg.overwrite:
-        shutil.rmtree(out)
-    elif has_run and not cfg.resume:
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
-                              "or choose another --output-dir")
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def train(cfg: TrainConfig) -> dict:
     """Train ``cfg.student`` by on-policy distillation from ``cfg.teacher``; return a summary dict.
 
@@ -238,7 +226,7 @@ def setup(cfg: TrainConfig) -> Run:
         prepare_output_dir(cfg)
     accelerator.wait_for_everyone()
     device = accelerator.device
-    resume_from = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    resume_from = resume_checkpoint(cfg.output_dir, log=accelerator.print) if cfg.resume else None
 
     # ---- models and tokenizer (a resumed run starts from the checkpoint's student)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, trust_remote_code=cfg.trust_remote_code)
