@@ -52,6 +52,10 @@ change of any of them (:func:`fastopd.train.outdir.check_resume`). Not here: ``s
 how the same numbers are computed (``backend``, ``loss_from``, ``loss_chunk_size``, ``attn_implementation``,
 ``gradient_checkpointing``), evaluation, logging, checkpointing, progress and thread settings."""
 
+MAY_BE_INFINITE = ("min_gain",)
+"""The float fields that may be infinite (``min_gain=-inf`` accepts every split, ``inf`` none, as in
+:func:`fastopd.bic_release`); NaN is refused there too, and every other float field must be finite."""
+
 # Names used by other trainers (TRL, HF Trainer) -> the field here; only used to suggest the right name.
 ALIASES = {
     "learning_rate": "lr", "max_steps": "steps", "num_train_steps": "steps", "batch_size": "prompts_per_step",
@@ -183,8 +187,12 @@ class TrainConfig:
             check_type(f.name, hints[f.name], getattr(self, f.name))
         for f in dataclasses.fields(self):  # every float setting is finite (NaN and inf would train a NaN model)
             value = getattr(self, f.name)
-            if _base_type(hints[f.name]) is float and value is not None and not math.isfinite(value):
-                raise ValueError(f"config field `{f.name}` must be a finite number, got {value!r}")
+            if _base_type(hints[f.name]) is not float or value is None or math.isfinite(value):
+                continue
+            if f.name in MAY_BE_INFINITE and not math.isnan(value):
+                continue
+            what = "a number (not NaN)" if f.name in MAY_BE_INFINITE else "a finite number"
+            raise ValueError(f"config field `{f.name}` must be {what}, got {value!r}")
         for name in ("student", "teacher", "train_data", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"config field `{name}` is required (set it in the YAML file or with --{name})")
