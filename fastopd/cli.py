@@ -98,12 +98,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     cfg.validate()
-    from fastopd.train.trainer import train
+    from fastopd.train.trainer import eval_line, train
 
     summary = train(cfg)
     ev = summary["eval"]
     if ev is not None:
-        print(f"step {summary['step']}: eval accuracy {ev['accuracy']:.1%} ({ev['correct']}/{ev['total']})")
+        print(eval_line(summary["step"], ev, cfg))
     print(f"done: {summary['output_dir']} (final model in final/, logs in metrics.jsonl)")
     return 0
 
@@ -276,21 +276,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (ValueError, OSError)
+"""What a command reports as one line instead of a traceback: a bad setting or damaged file (ValueError, with
+json.JSONDecodeError and the config's YAML errors) and the file system's answers (OSError: a missing file, a
+path under a file, no permission, a full disk). Anything else is a bug and keeps its traceback;
+FASTOPD_DEBUG=1 shows the traceback of these too."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
     if argv and argv[0] in PASSTHROUGH:
-        return PASSTHROUGH[argv[0]](argv[1:])
-    parser = build_parser()
-    args = parser.parse_args([_dashed(a) for a in argv])
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 0
+        command, func, args = argv[0], PASSTHROUGH[argv[0]], argv[1:]
+    else:
+        parser = build_parser()
+        parsed = parser.parse_args([_dashed(a) for a in argv])
+        if getattr(parsed, "func", None) is None:
+            parser.print_help()
+            return 0
+        command, func, args = parsed.command, parsed.func, parsed
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        return func(args)
+    except USER_ERRORS as e:
         if os.environ.get("FASTOPD_DEBUG"):
             raise
-        print(f"fastopd {args.command}: error: {e}", file=sys.stderr)
+        print(f"fastopd {command}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 2
 
 

@@ -33,8 +33,29 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """A ValueError naming the flag for every bad value, before any model is loaded."""
+    from pathlib import Path
+
+    if args.k < 2:
+        raise ValueError(f"--k must be >= 2 (the student's top-K candidates of the margin), got {args.k}")
+    if args.min_segments < 1:
+        raise ValueError(f"--min-segments must be >= 1, got {args.min_segments}")
+    if math.isnan(args.min_gain):
+        raise ValueError(f"--min-gain must be a number (-inf accepts every split), got {args.min_gain}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if args.json_path:
+        folder = Path(args.json_path).expanduser().parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--json {args.json_path}: the folder {str(folder)!r} does not exist")
+        if Path(args.json_path).is_dir():
+            raise IsADirectoryError(f"--json {args.json_path}: is a folder; give a file name")
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the example and return its result as a dict (also printed as a table)."""
+    check_args(args)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -97,9 +118,11 @@ def run(args: argparse.Namespace) -> dict:
         "mean_advantage": float(stats.advantages.mean()),
     }
     _print(result, args.min_gain)
-    if args.json_path:
+    if args.json_path:  # strict JSON: the -inf gain of a rollout without a split is null
+        from fastopd.train.runlog import finite_json
+
         with open(args.json_path, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(finite_json(result), f, indent=2, allow_nan=False)
     return result
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from helpers import ROOT
@@ -158,3 +159,58 @@ def test_demo_help_states_the_defaults_the_demo_runs(tmp_path, monkeypatch, caps
     code, top, _ = run_cli(["--help"], capsys)
     for text in (out, top):
         assert not re.search(r"\d\s*(s|sec|seconds|min|minutes)\b|-second|-minute", text), text
+
+
+# ---- errors a user can act on, never a traceback (issue 22)
+
+def test_an_output_dir_under_a_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    code, _, err = run_cli(["train", "--student", "gpt2", "--teacher", "gpt2", "--train-data", "d",
+                            "--output-dir", str(f / "run"), "--log-with", "none"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "`output_dir`" in err and "which is a file" in err, err
+    assert f.read_text() == "mine"
+
+
+def test_train_prints_not_graded_when_no_eval_row_has_an_answer(tmp_path, monkeypatch, capsys):
+    import fastopd.train.trainer
+
+    ev = {"accuracy": float("nan"), "correct": 0, "total": 0}
+    monkeypatch.setattr(fastopd.train.trainer, "train", lambda cfg: {"step": 3, "eval": ev, "output_dir": "o"})
+    code, out, err = run_cli(["train", "--student", "gpt2", "--teacher", "gpt2", "--train-data", "d"], capsys)
+    assert code == 0, err
+    assert "step 3: eval not graded (no row of eval_data has an `answer`)" in out
+    assert "%" not in out and "0/0" not in out
+    ev.update(accuracy=0.25, correct=1, total=4)
+    code, out, _ = run_cli(["train", "--student", "gpt2", "--teacher", "gpt2", "--train-data", "d"], capsys)
+    assert "step 3: eval accuracy 25.0% (1/4)" in out
+
+
+def test_report_on_a_missing_or_empty_folder_is_an_error_and_draws_nothing(tmp_path, capsys):
+    plots = tmp_path / "plots"
+    code, out, err = run_cli(["report", str(tmp_path / "no-such-run"), "--out", str(plots)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "run folder not found" in err and str(tmp_path) in err
+    assert not plots.exists() and out == ""
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["report", str(tmp_path / "empty"), "--out", str(plots)], capsys)
+    assert code == 2 and "is not a run folder" in err and not plots.exists()
+
+
+def test_report_on_a_log_with_a_row_that_is_not_a_step_record_names_the_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n[1, 2]\n')
+    code, _, err = run_cli(["report", str(run), "--out", str(tmp_path / "plots")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "metrics.jsonl: row 2 is not a step record" in err, err
+    assert "Traceback" not in err
+
+
+def test_real_bugs_keep_their_traceback(monkeypatch, capsys):
+    import fastopd.train.report
+
+    def bug(*a, **k):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(fastopd.train.report, "make_report", bug)
+    with pytest.raises(KeyError):
+        cli.main(["report", "r", "--out", "o"])

@@ -55,3 +55,36 @@ def test_example_default_threshold_keeps_everything_when_not_accepted(tmp_path):
     if res["accepted"]:  # the verdict itself is checked against the oracle above; here the other branch
         pytest.skip("this completion is accepted at the default threshold")
     assert all(s["kept"] for s in res["segments"]) and res["tokens_kept"] == res["tokens"]
+
+
+# ---- bad arguments and strict JSON (issue 22)
+
+@pytest.mark.parametrize("flags, message", [
+    (["--k", "1"], "--k must be >= 2"),
+    (["--min-gain", "nan"], "--min-gain must be a number"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number > 0"),
+    (["--min-segments", "0"], "--min-segments must be >= 1"),
+    (["--json", "no/such/folder/ex.json"], "the folder 'no/such/folder' does not exist"),
+])
+def test_example_bad_arguments_are_one_line_through_the_cli(flags, message, capsys, monkeypatch, tmp_path):
+    from fastopd import cli
+
+    monkeypatch.chdir(tmp_path)
+    # no model is loaded before the check: loading is made to fail loudly
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: pytest.fail("a model was loaded before the arguments were checked"))
+    assert cli.main(["example", "--completion", COMPLETION, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fastopd example: error: ") and message in err, err
+
+
+def test_example_json_is_strict_json_when_the_gain_is_minus_infinity(tmp_path, capsys):
+    out = tmp_path / "ex.json"
+    # one sentence: no split with two segments on each side, so the gain is -inf
+    assert example.main(["--completion", "The answer is \\boxed{30}.", "--json", str(out)]) == 0
+    text = out.read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    res = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert res["gain"] is None and res["accepted"] is False
+    assert "-inf (no downward split)" in capsys.readouterr().out  # the table still says what it is

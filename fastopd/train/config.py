@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,25 @@ ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
 LOG_WITH = ("auto", "none", "tensorboard")
 BACKENDS = ("auto", "triton", "reference")
 LOSS_FROM = ("hidden", "logits")
+RUN_FIELDS = (
+    "student", "teacher", "tokenizer", "student_dtype", "teacher_dtype", "mixed_precision",
+    "train_data", "train_split", "prompt_field", "answer_field", "chat_template", "max_prompt_tokens",
+    "prompts_per_step", "num_samples", "max_new_tokens", "temperature", "top_p", "top_k",
+    "sampler", "weights", "loss", "mode", "k", "loss_temperature", "min_segments", "min_gain", "fraction", "confirm_segments",
+    "online_chunk_size",
+    "grad_accum_steps", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "lr_scheduler",
+    "warmup_steps", "max_grad_norm", "seed",
+)
+"""The fields that define a run: each changes what a training step computes (the models and their dtypes, the
+prompts, the sampling, the loss and the rule, the optimizer and its schedule, the seed). ``--resume`` refuses a
+change of any of them (:func:`fastopd.train.outdir.check_resume`). Not here: ``steps`` (may grow on resume),
+how the same numbers are computed (``backend``, ``loss_from``, ``loss_chunk_size``, ``attn_implementation``,
+``gradient_checkpointing``), evaluation, logging, checkpointing, progress and thread settings."""
+
+MAY_BE_INFINITE = ("min_gain",)
+"""The float fields that may be infinite (``min_gain=-inf`` accepts every split, ``inf`` none, as in
+:func:`fastopd.bic_release`); NaN is refused there too, and every other float field must be finite."""
+
 # Names used by other trainers (TRL, HF Trainer) -> the field here; only used to suggest the right name.
 ALIASES = {
     "learning_rate": "lr", "max_steps": "steps", "num_train_steps": "steps", "batch_size": "prompts_per_step",
@@ -224,6 +245,17 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise a ValueError naming the field for every bad value; return self."""
+        hints = _field_types()
+        for f in dataclasses.fields(self):  # every value of the field's type (a number where a number goes)
+            check_type(f.name, hints[f.name], getattr(self, f.name))
+        for f in dataclasses.fields(self):  # every float setting is finite (NaN and inf would train a NaN model)
+            value = getattr(self, f.name)
+            if _base_type(hints[f.name]) is not float or value is None or math.isfinite(value):
+                continue
+            if f.name in MAY_BE_INFINITE and not math.isnan(value):
+                continue
+            what = "a number (not NaN)" if f.name in MAY_BE_INFINITE else "a finite number"
+            raise ValueError(f"config field `{f.name}` must be {what}, got {value!r}")
         for name in ("student", "teacher", "train_data", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"config field `{name}` is required (set it in the YAML file or with --{name})")
@@ -257,6 +289,11 @@ class TrainConfig:
             raise ValueError(f"config field `fraction` must be in (0, 1], got {self.fraction}")
         if self.lr <= 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ValueError("config fields `lr` must be > 0, `max_grad_norm` and `weight_decay` >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"config field `{name}` must be in [0, 1), got {getattr(self, name)!r}")
+        if not self.adam_eps >= 0:
+            raise ValueError(f"config field `adam_eps` must be >= 0, got {self.adam_eps!r}")
         if self.resume and self.overwrite:
             raise ValueError("config fields `resume` and `overwrite` exclude each other: resume continues the run "
                              "in output_dir, overwrite deletes it")
@@ -276,14 +313,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict, *, source: str = "config") -> "TrainConfig":
-        """Build from a plain dict; unknown keys are an error that suggests the closest field name."""
+        """Build from a plain dict; unknown keys are an error that suggests the closest field name.
+
+        Each value is read as its field's type (:func:`coerce`): YAML reads ``5e-4`` as a string, which is
+        the float it means here; ``'2'`` for an int field is 2; a value that is not of the type (``k: 16.5``,
+        ``lr: fast``) is a ValueError naming the field, ``source`` and the type expected."""
         names = cls.field_names()
         for key in values:
             if key not in names:
                 close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(str(key), names, n=1)
                 hint = f" (did you mean `{close[0]}`?)" if close else ""
                 raise ValueError(f"unknown field `{key}` in {source}{hint}; fields: {', '.join(names)}")
-        return cls(**values)
+        hints = _field_types()
+        return cls(**{key: coerce(key, hints[key], value, source) for key, value in values.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
@@ -291,7 +333,13 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ValueError(f"{path} is not valid YAML{where}: {problem}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a YAML mapping of config fields, got {type(data).__name__}")
         merged = dict(data)
@@ -300,6 +348,105 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _field_types() -> dict:
+    """Field name -> its annotation (``int``, ``float``, ``str | None``, ...), resolved."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def _base_type(hint):
+    """``int`` of ``int`` and of ``int | None``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def check_type(name: str, hint, value, source: str | None = None) -> None:
+    """A ValueError naming the field (and ``source``) unless ``value`` is of the field's type exactly."""
+    base = _base_type(hint)
+    if value is None and type(None) in typing.get_args(hint):
+        return
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}.get(base, True)
+    if not ok:
+        where = f" in {source}" if source else ""
+        none = " (or null)" if type(None) in typing.get_args(hint) else ""
+        raise ValueError(f"config field `{name}`{where} must be {_TYPE_NAMES[base]}{none}, got {value!r}")
+
+
+def coerce(name: str, hint, value, source: str = "config"):
+    """``value`` read as the field's type where it means one unambiguously, else a ValueError (one line naming
+    the field, ``source`` and the type expected): a float field takes numbers and numeric strings (YAML 1.1
+    reads ``5e-4`` as a string); an int field takes integers, whole floats (``16.0``) and integer strings
+    (``'2'``), not ``16.5``; a bool field takes booleans and true/false/yes/no/on/off/1/0; a string field takes
+    strings and numbers (a split named ``2024``); an optional field takes null (``None``, and ``none``/``null``
+    as text)."""
+    base = _base_type(hint)
+    optional = type(None) in typing.get_args(hint)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        if optional:
+            return None
+    elif base is float and isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    elif base is int and isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    elif base is int and isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return int(value)
+    elif base is bool and isinstance(value, str) and value.strip().lower() in _BOOLS:
+        return _BOOLS[value.strip().lower()]
+    elif base is bool and isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    elif base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    check_type(name, hint, value, source)
+    return value
+
+
+def run_settings(cfg: "TrainConfig | dict", fields=RUN_FIELDS) -> dict:
+    """``{field: value}`` of the fields that define a run (:data:`RUN_FIELDS`), from a config or a dict."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda name, default=None: getattr(cfg, name, default))
+    return {name: get(name) for name in fields}
+
+
+def setting_differences(saved: dict, cfg: "TrainConfig | dict", fields=RUN_FIELDS) -> list[str]:
+    """``"lr 0.001 -> 0.002"`` for every field of ``fields`` whose value in ``cfg`` differs from ``saved``
+    (a dict, e.g. a run's config.yaml). Fields ``saved`` lacks (written by an older version) are not compared;
+    numbers compare as numbers (``1`` and ``1.0`` agree); local paths compare resolved (``runs/a/student`` and
+    its absolute spelling agree)."""
+    now = run_settings(cfg, fields)
+    diffs = []
+    for name in fields:
+        if name not in saved:
+            continue
+        a, b = saved[name], now[name]
+        if _same_setting(a, b):
+            continue
+        diffs.append(f"{name} {a!r} -> {b!r}")
+    return diffs
+
+
+def _same_setting(a, b) -> bool:
+    if a == b:
+        return True
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b) or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, str) and isinstance(b, str):
+        pa, pb = Path(a).expanduser(), Path(b).expanduser()
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    return False
 
 
 def field_docs() -> list[tuple[str, Any, str]]:

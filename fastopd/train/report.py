@@ -183,10 +183,24 @@ def plot_training_curves(runs: dict[str, dict], path: Path) -> Path:
 
 
 def make_report(runs: dict[str, str | Path | dict], out_dir: str | Path, *, min_gain: float = 10.0) -> list[Path]:
-    """Draw the four figures for ``runs`` (name -> run folder or :func:`load_run` dict) into ``out_dir``."""
+    """Draw the four figures for ``runs`` (name -> run folder or :func:`load_run` dict) into ``out_dir``.
+
+    A folder that does not exist or holds none of a run's logs (``metrics.jsonl``, ``eval.jsonl``,
+    ``rollouts.jsonl``) is an error naming it, before anything is drawn or ``out_dir`` is made."""
+    if not math.isfinite(min_gain):
+        raise ValueError(f"min_gain must be a finite number, got {min_gain!r}")
+    for name, run in runs.items():
+        if isinstance(run, dict):
+            continue
+        run_dir = Path(run)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run folder not found: {run_dir}")
+        if not any((run_dir / f"{log}.jsonl").is_file() for log in ("metrics", "eval", "rollouts")):
+            raise ValueError(f"{run_dir} is not a run folder: it holds none of metrics.jsonl, eval.jsonl, "
+                             "rollouts.jsonl (a trainer output_dir)")
+    loaded = {name: (run if isinstance(run, dict) else load_run(run)) for name, run in runs.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = {name: (run if isinstance(run, dict) else load_run(run)) for name, run in runs.items()}
     return [
         plot_margin_profile(loaded, out_dir / "margin_profile.png"),
         plot_gain_histogram(loaded, out_dir / "bic_gains.png", min_gain=min_gain),

@@ -203,7 +203,8 @@ def evaluate(model, tokenizer, rows: list[dict], *, verifier, eos_ids: list[int]
     ``model`` is a plain (unwrapped) model; with an ``accelerator`` each process takes every
     ``num_processes``-th row and the counts are reduced. Returns ``accuracy``, ``correct``, ``total``,
     ``mean_length`` (tokens) and ``stop_rate`` (fraction that ended with EOS), and ``samples`` (the first
-    three completions of this process).
+    three completions of this process). Only rows with an answer are graded; with none, ``total`` is 0 and
+    ``accuracy``, ``mean_length`` and ``stop_rate`` are NaN ("not graded", never 0 %).
     """
     from fastopd.train.verify import get_verifier
 
@@ -239,8 +240,10 @@ def evaluate(model, tokenizer, rows: list[dict], *, verifier, eos_ids: list[int]
     if accelerator is not None and world > 1:
         counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
     correct, total, length, stopped = counts.tolist()
-    return {"accuracy": correct / max(total, 1), "correct": int(correct), "total": int(total),
-            "mean_length": length / max(total, 1), "stop_rate": stopped / max(total, 1), "samples": samples}
+    nan = float("nan")  # no row with an answer: not graded, never 0 %
+    return {"accuracy": correct / total if total else nan, "correct": int(correct), "total": int(total),
+            "mean_length": length / total if total else nan, "stop_rate": stopped / total if total else nan,
+            "samples": samples}
 
 
 

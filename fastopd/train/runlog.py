@@ -43,8 +43,22 @@ def read_jsonl(path: str | Path, *, missing_ok: bool = False, skip_torn: bool = 
 
 
 def read_log(path: str | Path) -> list[dict]:
-    """Rows of a run log: ``read_jsonl(path, missing_ok=True, skip_torn=True)``."""
-    return read_jsonl(path, missing_ok=True, skip_torn=True)
+    """Rows of a run log: ``read_jsonl(path, missing_ok=True, skip_torn=True)``, each a step record (a JSON
+    object with an integer ``step``); any other row (``[1, 2]``, ``{"loss": 1}``, ``{"step": "3"}``) is a
+    ValueError naming the file and the row, not a KeyError in whatever reads the log."""
+    rows = read_jsonl(path, missing_ok=True, skip_torn=True)
+    for i, row in enumerate(rows):
+        if not is_step_record(row):
+            text = json.dumps(row)
+            text = text if len(text) <= 80 else text[:77] + "..."
+            raise ValueError(f"{path}: row {i + 1} is not a step record (a JSON object with an integer `step`): "
+                             f"{text}")
+    return rows
+
+
+def is_step_record(row) -> bool:
+    """A log row: a dict whose ``step`` is an int (not a bool)."""
+    return isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row.get("step"), bool)
 
 
 class RunLog:
@@ -75,7 +89,10 @@ class RunLog:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line torn by a kill
-                if int(row.get("step", 0)) <= step:
+                if not is_step_record(row):
+                    raise ValueError(f"{path}: a row is not a step record (a JSON object with an integer `step`): "
+                                     f"{line[:80]}")
+                if row["step"] <= step:
                     kept.append(line)
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(s + "\n" for s in kept))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +12,10 @@ import torch
 
 from fastopd.loss import OPDLoss
 from fastopd.release import ReleaseRule
-from fastopd.train.checkpoint import latest_checkpoint, list_checkpoints, load_training_state
+from fastopd.train.checkpoint import load_training_state, resume_checkpoint
 from fastopd.train.config import TrainConfig
 from fastopd.train.data import PromptSchedule, load_prompts
+from fastopd.train.outdir import prepare_output_dir
 from fastopd.train.models import (
     attention_implementation, check_same_vocabulary, choose_dtype, load_model, load_teacher_tokenizer,
     load_tokenizer, output_width,
@@ -47,17 +47,6 @@ def make_accelerator(cfg: TrainConfig):
 
 def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
-
-
-def prepare_output_dir(cfg: TrainConfig) -> None:
-    out = Path(cfg.output_dir)
-    has_run = (out / "metrics.jsonl").exists() or bool(list_checkpoints(out))
-    if has_run and cfg.overwrite:
-        shutil.rmtree(out)
-    elif has_run and not cfg.resume:
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
-                              "or choose another --output-dir")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 @dataclass
@@ -105,7 +94,7 @@ def setup(cfg: TrainConfig) -> Run:
         prepare_output_dir(cfg)
     accelerator.wait_for_everyone()
     device = accelerator.device
-    resume_from = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    resume_from = resume_checkpoint(cfg.output_dir, log=accelerator.print) if cfg.resume else None
 
     # ---- models and tokenizer (a resumed run starts from the checkpoint's student)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, trust_remote_code=cfg.trust_remote_code)

@@ -255,6 +255,13 @@ def run_eval(run: Run, step: int) -> dict | None:
     return row
 
 
+def eval_line(step: int, ev: dict, cfg: TrainConfig) -> str:
+    """``step N: eval accuracy 48.0% (48/100)``, or "not graded" when no eval row has an answer."""
+    if ev["total"]:
+        return f"step {step}: eval accuracy {ev['accuracy']:.1%} ({ev['correct']}/{ev['total']})"
+    return f"step {step}: eval not graded (no row of eval_data has an `{cfg.answer_field}`)"
+
+
 def finish_step(run: Run, step: int, metrics: dict, bar) -> None:
     """Step 7: evaluate when due, log the step (JSONL, trackers, tqdm), checkpoint when due."""
     cfg = run.cfg
@@ -281,8 +288,7 @@ def _train(cfg: TrainConfig) -> dict:
     if run.start == 0 and cfg.eval_at_start:
         run.last_eval = run_eval(run, 0)
         if run.last_eval is not None:  # the starting point, before any step
-            ev = run.last_eval
-            accelerator.print(f"step 0: eval accuracy {ev['accuracy']:.1%} ({ev['correct']}/{ev['total']})")
+            accelerator.print(eval_line(0, run.last_eval, cfg))
     bar = None
     if run.main and cfg.progress:
         from tqdm.auto import tqdm

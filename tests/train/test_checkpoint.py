@@ -126,3 +126,75 @@ def test_resume_restores_optimizer_scheduler_and_every_random_stream(parts, tmp_
     assert sched2.get_last_lr() == sched.get_last_lr() == [5e-4]
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert s1.keys() == s2.keys() and all(torch.equal(s1[i]["exp_avg"], s2[i]["exp_avg"]) for i in s1)
+
+
+# ---- damaged checkpoints (issue 22): the file is named; resume falls back to the previous whole checkpoint
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda ck_: _truncate(ck_ / "optimizer.pt"), "optimizer.pt: truncated or damaged"),
+    (lambda ck_: _truncate(ck_ / "student" / "model.safetensors"), "model.safetensors: truncated"),
+    (lambda ck_: _truncate(ck_ / "student" / "model.safetensors", keep=0.0001), "model.safetensors:"),
+    (lambda ck_: (ck_ / "trainer_state.json").write_text("{\"step\": "), "trainer_state.json: unreadable"),
+    (lambda ck_: (ck_ / "trainer_state.json").write_text("[1, 2]"), "trainer_state.json: not a trainer state"),
+    (lambda ck_: (ck_ / "trainer_state.json").write_text('{"step": "2"}'), "trainer_state.json: not a trainer"),
+    (lambda ck_: _truncate(ck_ / "scheduler.pt", keep=0.9), "scheduler.pt: truncated or damaged"),
+    (lambda ck_: (ck_ / "optimizer.pt").unlink(), "optimizer.pt: missing"),
+])
+def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_previous_one(parts, tmp_path, damage, named):
+    acc = OneProcess()
+    first = _save(acc, tmp_path, 1, parts)
+    second = _save(acc, tmp_path, 2, parts)
+    assert ck.checkpoint_problem(first) is None and ck.checkpoint_problem(second) is None
+    damage(second)
+    problem = ck.checkpoint_problem(second)
+    assert problem is not None and "\n" not in problem and named in problem and str(second) in problem
+    said = []
+    assert ck.resume_checkpoint(tmp_path, log=said.append) == first
+    assert len(said) == 1 and named in said[0] and f"resuming from the previous checkpoint {first}" in said[0]
+    # loading the damaged one directly names the file too
+    tok, model = parts
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(ValueError, match=named.split(":")[0]):
+        ck.load_training_state(acc, second, student=model, optimizer=opt, scheduler=sched)
+    # every checkpoint damaged: one error naming each, no silent fresh start
+    damage(first)
+    with pytest.raises(ValueError) as e:
+        ck.resume_checkpoint(tmp_path, log=said.append)
+    assert "no usable checkpoint" in str(e.value) and str(first) in str(e.value) and str(second) in str(e.value)
+
+
+def test_resume_checkpoint_of_whole_checkpoints_is_the_newest_and_says_nothing(parts, tmp_path):
+    acc = OneProcess()
+    _save(acc, tmp_path, 1, parts)
+    newest = _save(acc, tmp_path, 2, parts)
+    said = []
+    assert ck.resume_checkpoint(tmp_path, log=said.append) == newest and said == []
+    assert ck.resume_checkpoint(tmp_path / "none", log=said.append) is None
+
+
+def test_a_torch_file_that_cannot_be_read_is_named(tmp_path):
+    bad = tmp_path / "optimizer.pt"
+    torch.save({"a": torch.ones(100)}, bad)
+    _truncate(bad)
+    with pytest.raises(ValueError, match=r"optimizer\.pt: cannot be read"):
+        ck._load(bad)
+
+
+def test_atomic_write_text_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "result.json"
+    ck.atomic_write_text(path, '{"a": 1}\n')
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.os, "replace", boom)
+    with pytest.raises(OSError):
+        ck.atomic_write_text(path, '{"a": 2, "much": "longer"}\n')
+    assert json.loads(path.read_text()) == {"a": 1}  # the old file, whole

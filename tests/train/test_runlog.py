@@ -61,3 +61,15 @@ def test_read_jsonl_strict_for_data_and_lenient_for_logs(tmp_path):
     assert read_log(tmp_path / "missing.jsonl") == []
     with pytest.raises(FileNotFoundError):
         read_jsonl(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize("row", ['[1, 2]', '{"loss": 0.5}', '{"step": "3"}', '{"step": true}', '7', '"text"'])
+def test_a_log_row_that_is_not_a_step_record_is_one_line_naming_the_file(tmp_path, row):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n' + row + "\n" + '{"step": 2}\n')
+    with pytest.raises(ValueError) as e:
+        read_log(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: row 2 is not a step record")
+    with pytest.raises(ValueError, match="not a step record"):
+        RunLog(tmp_path).truncate(1)  # resuming reads the logs too
