@@ -221,9 +221,11 @@ class TrainConfig:
 
     # ---- outputs, logging, checkpoints
     output_dir: str = _f("runs/opd", "Run folder: metrics.jsonl, eval.jsonl, checkpoints/, final/.")
-    overwrite: bool = _f(False, "Delete an existing run in output_dir first (otherwise an existing run is an error "
+    overwrite: bool = _f(False, "Delete an existing run in output_dir first: only the files a run writes (logs, "
+                         "config.yaml, checkpoints/, final/), never others (otherwise an existing run is an error "
                          "unless resume is set).")
-    resume: bool = _f(False, "Continue from the latest checkpoint in output_dir (no lost or repeated step).")
+    resume: bool = _f(False, "Continue from the latest whole checkpoint in output_dir (no lost or repeated step); "
+                      "refused when a field of RUN_FIELDS differs from the run's config.yaml.")
     save_every: int = _f(0, "Write a checkpoint every this many steps (0: only at the end).")
     keep_last: int = _f(2, "Checkpoints to keep (older ones are deleted).")
     log_with: str = _f("auto", "Trackers: auto (TensorBoard when installed), tensorboard, none.", LOG_WITH)
