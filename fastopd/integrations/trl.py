@@ -41,16 +41,15 @@ from dataclasses import dataclass
 
 import torch
 
-from fastopd.integrations._trl_options import TRL_TESTED, OPDOptions, check_trl_version, log_opd_metrics, make_criterion
+from fastopd.integrations._trl_options import (
+    OPDOptions, check_trl_version, log_opd_metrics, make_criterion, trl_import_message,
+)
 
 try:
     import trl
     from trl import DistillationConfig, DistillationTrainer
-except ImportError as e:  # pragma: no cover - exercised only without the extra
-    lo = ".".join(map(str, TRL_TESTED[0]))
-    raise ImportError(
-        f"fastopd.integrations.trl needs TRL >= {lo} with trl.DistillationTrainer: pip install 'fastopd[trl]'"
-    ) from e
+except ImportError as e:  # TRL missing, or an import error inside it (or a local trl.py shadowing it): say which
+    raise ImportError(trl_import_message(e)) from e
 
 check_trl_version(trl.__version__)
 
