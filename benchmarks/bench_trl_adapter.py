@@ -1,4 +1,4 @@
-"""The TRL adapter's loss call against TRL's own, on the shipped demo models (CPU).
+"""The TRL adapter's loss call vs TRL's own DistillationTrainer, demo models: time (CPU).
 
 Builds TRL's ``DistillationTrainer`` (``beta=1``: reverse KL, TRL's default) and fastopd's
 ``ReleaseDistillationTrainer`` (:mod:`fastopd.integrations.trl`) on the same student, teacher, tokenizer and
