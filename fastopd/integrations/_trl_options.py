@@ -126,7 +126,8 @@ def make_criterion(args, temperature: float) -> OPDLoss:
 def log_opd_metrics(metrics_store, out) -> None:
     """Append the rule's and the loss's diagnostics to TRL's ``self._metrics[mode]`` under ``opd/``."""
     m = out.metrics
-    for key in ("accept_rate", "kept_fraction", "gain_mean", "margin_mean", "adv_mean", "reverse_kl_mean",
-                "forward_kl_mean"):
-        if key in m and not math.isnan(float(m[key])):  # gain_mean is NaN when no rollout has a split
+    for key in ("accept_rate", "kept_fraction", "release_position", "gain_mean", "margin_mean", "adv_mean",
+                "reverse_kl_mean", "forward_kl_mean"):
+        # gain_mean is NaN when no rollout has a candidate split, release_position when none is accepted
+        if key in m and not math.isnan(float(m[key])):
             metrics_store[f"{METRIC_PREFIX}{key}"].append(float(m[key]))

@@ -15,7 +15,8 @@ Switching a TRL distillation run to the release rule is one import and the confi
   n_valid)``: ``entropy_sum`` is the student's entropy at TRL's ``temperature`` summed over the valid tokens
   (:func:`fastopd.integrations.student_entropy_sum`: the head re-applied to the student's hidden states in
   chunks, no autograd, no (N, V) tensor), which TRL's ``compute_loss`` logs as ``entropy``. The rule's
-  diagnostics go to TRL's metrics as ``opd/accept_rate``, ``opd/kept_fraction``, ``opd/gain_mean``, ``opd/margin_mean``,
+  diagnostics go to TRL's metrics as ``opd/accept_rate``, ``opd/kept_fraction``, ``opd/release_position``,
+  ``opd/gain_mean``, ``opd/margin_mean``,
   ``opd/adv_mean`` (and ``opd/reverse_kl_mean`` / ``opd/forward_kl_mean`` for the divergences), rank-local means per logging window.
   ``opd_mode="full"`` weights every valid token 1 and runs no rule: no segments, no BIC scan (so no
   ``opd/accept_rate``/``opd/gain_mean``; ``last_opd_output.release`` is None), and the loss takes the eager
