@@ -276,7 +276,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Modules of the ``train`` extra (pyproject.toml): the library runs without them, the commands do not.
+TRAIN_EXTRA_MODULES = ("transformers", "tokenizers", "accelerate", "tqdm", "matplotlib", "yaml", "safetensors")
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing not in TRAIN_EXTRA_MODULES or os.environ.get("FASTOPD_DEBUG"):
+            raise
+        print(f"fastopd: error: the command needs the train extra ({missing} is not installed): "
+              'pip install "fastopd[train]"', file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:
         return PASSTHROUGH[argv[0]](argv[1:])
