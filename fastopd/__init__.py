@@ -2,6 +2,8 @@
 
 Public API (formulas in docs/formulas.md; the oracle of each is in :mod:`fastopd.reference`):
 
+- :class:`StatsOptions`      the statistics' options (k, temperature, ignore_index, vocab_size, backend,
+  chunk_size) as one frozen, validated object; every function below also takes them as keywords
 - :func:`token_stats`        per-token log-probs, reverse-KL advantage, top-K teacher margin (section 1)
 - :func:`sentence_spans`, :func:`token_segments`, :func:`batch_token_segments`   offline sentence
   segments per token (section 2)
@@ -18,9 +20,10 @@ Public API (formulas in docs/formulas.md; the oracle of each is in :mod:`fastopd
 """
 
 from fastopd.head import LMHead
-from fastopd.linear import linear_opd_loss, linear_token_stats
-from fastopd.loss import OPDLoss, opd_loss
+from fastopd.linear import linear_token_stats
+from fastopd.loss import OPDLoss, linear_opd_loss, opd_loss
 from fastopd.online import OnlineRelease, online_release
+from fastopd.options import StatsOptions
 from fastopd.release import (
     MODES,
     ReleaseDecision,
@@ -50,5 +53,5 @@ __all__ = [
     "LMHead", "MODES", "OPDLoss", "OPDOutput", "ReleaseDecision", "ReleaseResult", "ReleaseRule", "SegmentMeans",
     "SparseMargins", "TokenStats", "bic_release", "control_weights", "linear_opd_loss", "linear_token_stats",
     "opd_loss", "release_weights", "segment_means", "sentence_spans", "sparse_margins", "token_segments",
-    "batch_token_segments", "token_stats", "OnlineRelease", "OnlineReleaseResult", "online_release",
+    "batch_token_segments", "token_stats", "OnlineRelease", "OnlineReleaseResult", "online_release", "StatsOptions",
 ]

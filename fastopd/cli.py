@@ -295,8 +295,23 @@ json.JSONDecodeError and the config's YAML errors) and the file system's answers
 path under a file, no permission, a full disk). Anything else is a bug and keeps its traceback;
 FASTOPD_DEBUG=1 shows the traceback of these too."""
 
+# Modules of the ``train`` extra (pyproject.toml): the library runs without them, the commands do not.
+TRAIN_EXTRA_MODULES = ("transformers", "tokenizers", "accelerate", "tqdm", "matplotlib", "yaml", "safetensors")
+
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing not in TRAIN_EXTRA_MODULES or os.environ.get("FASTOPD_DEBUG"):
+            raise
+        print(f"fastopd: error: the command needs the train extra ({missing} is not installed): "
+              'pip install "fastopd[train]"', file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fastopd._validate import (
+    StatsOptions,
     check_confirm_segments,
     check_fraction,
     check_ragged,
@@ -84,13 +85,13 @@ def _stats(
     lt: torch.Tensor,
     target_ids: torch.Tensor,
     valid: torch.Tensor,
+    opts: StatsOptions,
     *,
-    k: int,
-    temperature: float,
     full_kl: bool,
     return_topk: bool,
 ) -> TokenStats:
     """Section 1 from already computed log-probs ``ls``/``lt`` (shared by token_stats and opd_loss)."""
+    k, temperature = opts.k, opts.temperature
     tgt = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long().unsqueeze(-1)
     zero = torch.zeros((), dtype=ls.dtype, device=ls.device)
     s = torch.where(valid, ls.gather(-1, tgt).squeeze(-1), zero)
@@ -144,29 +145,27 @@ def token_stats(
     teacher_logits: torch.Tensor,
     target_ids: torch.Tensor,
     *,
-    k: int = 16,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    vocab_size: int | None = None,
+    options: StatsOptions | None = None,
     full_kl: bool = False,
     return_topk: bool = False,
+    **fields,
 ) -> TokenStats:
     """Per-token statistics of docs/formulas.md §1, computed the plain way (materialises N x V).
 
     s_t = log p_S(y_t), u_t = log p_T(y_t), A_t = u_t - s_t, m_t = (z_T[a1] - z_T[a2]) / tau over the
     student's top-K candidates C_t (ties to the lower index), and optionally the exact reverse KL_t.
     Returns float32 tensors (float64 for float64 inputs); invalid positions hold 0. No gradient flows.
+    ``options``: a :class:`fastopd.StatsOptions` (k, temperature, ignore_index, vocab_size), or its fields as
+    keywords (``k=4``).
     """
-    v = check_token_inputs(
-        student_logits, teacher_logits, target_ids,
-        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
-    )
+    opts = StatsOptions.of(options, **fields)
+    v = check_token_inputs(student_logits, teacher_logits, target_ids, opts)
     with torch.no_grad():
-        zs, ls = logprobs(student_logits, v, temperature)
-        zt, lt = logprobs(teacher_logits, v, temperature)
+        zs, ls = logprobs(student_logits, v, opts.temperature)
+        zt, lt = logprobs(teacher_logits, v, opts.temperature)
         return _stats(
-            zs, zt, ls, lt, target_ids, target_ids != ignore_index,
-            k=k, temperature=temperature, full_kl=full_kl, return_topk=return_topk,
+            zs, zt, ls, lt, target_ids, target_ids != opts.ignore_index, opts,
+            full_kl=full_kl, return_topk=return_topk,
         )
 
 
@@ -464,10 +463,8 @@ def opd_loss(
     loss: str = "pg",
     old_logprobs: torch.Tensor | None = None,
     normalizer=None,
-    k: int = 16,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    vocab_size: int | None = None,
+    options: StatsOptions | None = None,
+    **fields,
 ) -> OPDOutput:
     """The OPD loss of docs/formulas.md §5 by plain autograd (the oracle for the kernels' backward).
 
@@ -475,21 +472,17 @@ def opd_loss(
     when ``old_logprobs`` is None). ``reverse_kl``: l_t = w_t KL_t; ``forward_kl``: l_t = w_t KL(p_T || p_S)_t
     (GKD's forward divergence on the student's own tokens). loss = sum_t l_t / normaliser, the
     normaliser being the number of valid tokens unless given. ``weights=None`` means the valid mask;
-    weights at invalid positions are ignored. Teacher logits get no gradient.
+    weights at invalid positions are ignored. Teacher logits get no gradient. ``options`` (or its fields as
+    keywords) as in :func:`token_stats`.
     """
-    v = check_token_inputs(
-        student_logits, teacher_logits, target_ids,
-        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
-    )
+    opts = StatsOptions.of(options, **fields)
+    v = check_token_inputs(student_logits, teacher_logits, target_ids, opts)
     check_loss_options(loss, weights, old_logprobs, target_ids)
-    valid = target_ids != ignore_index
-    zs, ls = logprobs(student_logits, v, temperature)
+    valid = target_ids != opts.ignore_index
+    zs, ls = logprobs(student_logits, v, opts.temperature)
     with torch.no_grad():
-        zt, lt = logprobs(teacher_logits.detach(), v, temperature)
-        stats = _stats(
-            zs.detach(), zt, ls.detach(), lt, target_ids, valid,
-            k=k, temperature=temperature, full_kl=False, return_topk=False,
-        )
+        zt, lt = logprobs(teacher_logits.detach(), v, opts.temperature)
+        stats = _stats(zs.detach(), zt, ls.detach(), lt, target_ids, valid, opts, full_kl=False, return_topk=False)
     w = weight_mask(valid, weights, ls.dtype)
     if loss == "pg":
         tgt = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long().unsqueeze(-1)
