@@ -209,6 +209,9 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"config field `{name}` must be >= 1, got {getattr(self, name)!r}")
+        if self.num_threads > 2**31 - 1:
+            raise ValueError(f"config field `num_threads` must be at most 2**31 - 1 (torch's int), got "
+                             f"{self.num_threads!r}")
         for name in ("warmup_steps", "eval_every", "eval_size", "save_every", "num_threads", "top_k",
                      "eval_max_new_tokens", "loss_chunk_size"):
             if int(getattr(self, name)) < 0:
@@ -409,6 +412,10 @@ def check_model_path(field_name: str, value) -> None:
         raise ValueError(f"config field `{field_name}` must be a folder or a Hub id (a string), got {value!r}")
     path = Path(value).expanduser()
     if path.is_dir():
+        if field_name in ("student", "teacher") and not any(
+                (path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise ValueError(f"config field `{field_name}`: the folder {value!r} holds no saved model (no "
+                             "config.json); give the folder save_pretrained wrote, or a Hugging Face Hub id")
         return
     if path.exists():
         raise ValueError(f"config field `{field_name}`: {value!r} is a file; give the model's folder (with "
