@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from fastopd.common import LOSSES
@@ -311,9 +313,10 @@ def check_type(name: str, hint, value, source: str | None = None) -> None:
     base = _base_type(hint)
     if value is None and type(None) in typing.get_args(hint):
         return
-    ok = {bool: isinstance(value, bool),
-          int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+    boolean = isinstance(value, (bool, np.bool_))
+    ok = {bool: boolean,
+          int: isinstance(value, numbers.Integral) and not boolean,  # numpy integers too
+          float: isinstance(value, numbers.Real) and not boolean,
           str: isinstance(value, str)}.get(base, True)
     if not ok:
         where = f" in {source}" if source else ""
