@@ -240,7 +240,7 @@ class TrainConfig:
             raise ValueError(f"config field `adam_eps` must be >= 0, got {self.adam_eps!r}")
         if self.resume and self.overwrite:
             raise ValueError("config fields `resume` and `overwrite` exclude each other: resume continues the run "
-                             "in output_dir, overwrite deletes it")
+                             "in output_dir, overwrite removes its files")
         if self.verifier not in ("boxed", "exact"):
             from fastopd.train.verify import get_verifier
 
