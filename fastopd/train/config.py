@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from fastopd.common import LOSSES, WEIGHTS as WEIGHT_CHOICES
@@ -272,6 +274,9 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"config field `{name}` must be >= 1, got {getattr(self, name)!r}")
+        if self.num_threads > 2**31 - 1:
+            raise ValueError(f"config field `num_threads` must be at most 2**31 - 1 (torch's int), got "
+                             f"{self.num_threads!r}")
         for name in ("warmup_steps", "eval_every", "eval_size", "save_every", "num_threads", "top_k",
                      "eval_max_new_tokens", "loss_chunk_size"):
             if int(getattr(self, name)) < 0:
@@ -298,7 +303,7 @@ class TrainConfig:
             raise ValueError(f"config field `adam_eps` must be >= 0, got {self.adam_eps!r}")
         if self.resume and self.overwrite:
             raise ValueError("config fields `resume` and `overwrite` exclude each other: resume continues the run "
-                             "in output_dir, overwrite deletes it")
+                             "in output_dir, overwrite removes its files")
         self.choices  # noqa: B018 -- raises for a bad or contradictory sampler / weights / loss / mode
         if self.verifier not in ("boxed", "exact"):
             from fastopd.train.verify import get_verifier
@@ -372,9 +377,10 @@ def check_type(name: str, hint, value, source: str | None = None) -> None:
     base = _base_type(hint)
     if value is None and type(None) in typing.get_args(hint):
         return
-    ok = {bool: isinstance(value, bool),
-          int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+    boolean = isinstance(value, (bool, np.bool_))
+    ok = {bool: boolean,
+          int: isinstance(value, numbers.Integral) and not boolean,  # numpy integers too
+          float: isinstance(value, numbers.Real) and not boolean,
           str: isinstance(value, str)}.get(base, True)
     if not ok:
         where = f" in {source}" if source else ""
@@ -473,6 +479,10 @@ def check_model_path(field_name: str, value) -> None:
         raise ValueError(f"config field `{field_name}` must be a folder or a Hub id (a string), got {value!r}")
     path = Path(value).expanduser()
     if path.is_dir():
+        if field_name in ("student", "teacher") and not any(
+                (path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise ValueError(f"config field `{field_name}`: the folder {value!r} holds no saved model (no "
+                             "config.json); give the folder save_pretrained wrote, or a Hugging Face Hub id")
         return
     if path.exists():
         raise ValueError(f"config field `{field_name}`: {value!r} is a file; give the model's folder (with "

@@ -35,6 +35,7 @@ def test_a_model_path_that_is_neither_a_folder_nor_a_hub_id_is_one_line(field, p
 
 def test_folders_and_hub_ids_pass_and_a_file_is_refused(tmp_path):
     (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "config.json").write_text("{}")
     for ok in (str(tmp_path / "student"), "gpt2", "Qwen/Qwen3-0.6B", "org/name.v2_x-y", None, ""):
         check_model_path("student", ok)
     (tmp_path / "model.safetensors").write_text("x")
@@ -169,3 +170,12 @@ def test_run_fields_are_fields_and_exclude_logging_and_steps():
     for name in ("steps", "output_dir", "resume", "overwrite", "progress", "log_with", "eval_every", "save_every",
                  "keep_last", "num_threads", "log_rollouts", "eval_data"):
         assert name not in RUN_FIELDS
+
+
+def test_a_model_folder_without_a_saved_model_and_too_many_threads_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^config field `teacher`: the folder '.*empty' holds no saved model"):
+        check_model_path("teacher", str(tmp_path / "empty"))
+    check_model_path("tokenizer", str(tmp_path / "empty"))  # a tokenizer folder has no config.json to require
+    with pytest.raises(ValueError, match=r"^config field `num_threads` must be at most 2\*\*31 - 1"):
+        TrainConfig(student="s", teacher="t", train_data="d", num_threads=99999999999).validate()
