@@ -164,6 +164,28 @@ def check_segment_ids(segment_ids: torch.Tensor, valid: torch.Tensor) -> None:
     )
 
 
+def check_release_segment(release_segment, b: int) -> torch.Tensor:
+    """r of docs/formulas.md §4 for B rollouts: integers in [0, 2^63) of shape (B,) (not bools, not floats: a
+    NaN or 1.7 is no segment id); returned as an int64 tensor."""
+    if isinstance(release_segment, torch.Tensor):
+        r = release_segment.detach()
+        if r.dtype.is_floating_point or r.dtype.is_complex or r.dtype == torch.bool:
+            raise TypeError(f"release_segment must hold integer segment ids, got {r.dtype}")
+    else:
+        arr = np.asarray(release_segment)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"release_segment must hold integer segment ids (in [0, 2**63)), got {arr.dtype} values "
+                            f"{release_segment!r}"[:200])
+        if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"release_segment must hold ints in [0, 2**63), got {int(arr.max())}")
+        r = torch.from_numpy(arr.astype(np.int64))
+    if tuple(r.shape) != (b,):
+        raise ValueError(f"release_segment must have shape (B,) = ({b},), got {tuple(r.shape)}")
+    if r.numel() and int(r.min()) < 0:
+        raise ValueError(f"release_segment must hold segment ids >= 0 (segments below it are kept), got {int(r.min())}")
+    return r.long()
+
+
 def check_ragged(values, offsets):
     """Validate a ragged batch (values, offsets) for the BIC scan and return them as numpy arrays.
 
@@ -171,7 +193,10 @@ def check_ragged(values, offsets):
     ``0 <= offsets[0] <= offsets[1] <= ... <= offsets[-1] <= len(values)``.
     """
     if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
+        if values.dtype.is_complex:
+            raise TypeError(f"values must be real segment means (float64 expected), got {values.dtype}")
+        values = values.detach().cpu()
+        values = (values.double() if values.dtype.is_floating_point else values).numpy()  # bf16 has no NumPy dtype
     if isinstance(offsets, torch.Tensor):
         offsets = offsets.detach().cpu().numpy()
     values = np.asarray(values)

@@ -212,7 +212,8 @@ class ChunkPlan:
     vocabulary size; ``chunk``: token rows per tile; ``dtype``: of the per-token outputs (float64 for fp64
     inputs on the reference backend, else float32); ``backend``: ``"reference"`` or ``"triton"`` (already
     resolved from ``options.backend``); ``overlap``: teacher tiles on a side CUDA stream
-    (:data:`OVERLAP_TEACHER`); ``loss`` as in :func:`fastopd.opd_loss`.
+    (:data:`OVERLAP_TEACHER`); ``has_ignored``: some target is ``ignore_index`` (those rows are then masked,
+    :func:`_read_rows`); ``loss`` as in :func:`fastopd.opd_loss`.
     """
 
     options: StatsOptions
@@ -222,6 +223,7 @@ class ChunkPlan:
     chunk: int
     dtype: torch.dtype
     overlap: bool = False
+    has_ignored: bool = False
 
     def chunk_options(self) -> StatsOptions:
         """The options a (chunk, V) tile is read with: the tiles are already cut to V columns."""
@@ -393,10 +395,11 @@ class _LinearOPDFunction(torch.autograd.Function):
         grads = _Grads(sh, sw, sb, v, need) if (eager_w is not None and any(need)) else None
         for sl, zt in _teacher_tiles(th, t_w, t_b, t_scale, t_cap, _slices(n, plan.chunk), plan.overlap):
             zs = head_logits(sh[sl], s_w, s_b, s_scale, s_cap)
+            h = _read_rows(plan, sh[sl], zs, zt, tgt[sl])
             o = None if old is None else old[sl]
             if grads is not None and bool((eager_w[sl] != 0).any()):
                 pt, st, dz = impl.forward_grad(zs, zt, tgt[sl], o, saved, sl, eager_w[sl])
-                grads.add(sl, sh[sl], head_raw_grad(zs, dz, s_scale, s_cap), s_w)
+                grads.add(sl, h, head_raw_grad(zs, dz, s_scale, s_cap), s_w)
                 del dz
             else:
                 pt, st = impl.forward(zs, zt, tgt[sl], o, saved, sl)
@@ -446,11 +449,25 @@ class _LinearOPDFunction(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(device_type=sh.device.type, enabled=False):
             for sl, zt in tiles:
                 zs = head_logits(sh[sl], s_w, s_b, s_scale, s_cap)
+                h = _read_rows(plan, sh[sl], zs, zt, tgt[sl])
                 dz = impl.backward(zs, zt, tgt[sl], None if old is None else old[sl], ctx.saved, sl, g[sl])
                 del zt
-                grads.add(sl, sh[sl], head_raw_grad(zs, dz, s_scale, s_cap), s_w)
+                grads.add(sl, h, head_raw_grad(zs, dz, s_scale, s_cap), s_w)
                 del zs, dz
         return (grads.h, grads.w, grads.b, *none)
+
+
+def _read_rows(plan: ChunkPlan, h: torch.Tensor, zs: torch.Tensor, zt, tgt: torch.Tensor) -> torch.Tensor:
+    """Ignored rows are never read (docs/formulas.md §1, §6): when the call has any, their rows of the tiles
+    are zeroed in place and the student's hidden rows that the weight gradient reads are zeros, so a NaN in an
+    ignored row's hidden state (either model's) reaches no gradient (0 * NaN would). Returns those hidden rows."""
+    if not plan.has_ignored:
+        return h
+    skip = (tgt == plan.options.ignore_index).unsqueeze(-1)
+    zs.masked_fill_(skip, 0)
+    if zt is not None:
+        zt.masked_fill_(skip, 0)
+    return h.masked_fill(skip, 0)
 
 
 def _common_scale(g: torch.Tensor, w: torch.Tensor) -> float | None:
@@ -489,7 +506,7 @@ def run_chunks(student_hidden, student_head, teacher_hidden, teacher_head, targe
     plan = ChunkPlan(
         options=opts, v=v, loss=loss, backend=chosen,
         chunk=max(1, min(chunk, max(n, 1))), dtype=torch.float64 if fp64 else torch.float32,
-        overlap=bool(OVERLAP_TEACHER) and student_hidden.is_cuda,
+        overlap=bool(OVERLAP_TEACHER) and student_hidden.is_cuda, has_ignored=not bool(valid.all()),
     )
     eager_w = None
     if eager and torch.is_grad_enabled() and any(

@@ -29,6 +29,7 @@ from fastopd._validate import (
     check_confirm_segments,
     check_fraction,
     check_ragged,
+    check_release_segment,
     check_scan_options,
     check_segment_ids,
     check_token_inputs,
@@ -120,23 +121,36 @@ def _stats(
     return stats
 
 
+def _weighted_log_ratio(p: torch.Tensor, la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """sum_v p(v) (la(v) - lb(v)) with the terms where p(v) = 0 counted as 0 -- in value *and* gradient: the
+    log ratio is masked before the product, so a masked vocabulary entry (a -inf logit: p = 0, la - lb = -inf
+    or NaN) adds 0 to the gradient too, not 0 * inf = NaN (the kernels skip such terms the same way)."""
+    ratio = torch.where(p == 0, torch.zeros_like(p), la - lb)
+    return (p * ratio).sum(-1)
+
+
 def reverse_kl(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
-    """KL_t = sum_v p_S(v) (log p_S(v) - log p_T(v)); terms with p_S(v) = 0 contribute 0; a row without a
-    log-softmax (a NaN or +inf logit in either model) gives NaN, as its margin (docs/formulas.md §1)."""
-    p = ls.exp()
-    return torch.where(p == 0, torch.zeros_like(p), p * (ls - lt)).sum(-1)
+    """KL_t = sum_v p_S(v) (log p_S(v) - log p_T(v)); terms with p_S(v) = 0 contribute 0 (and no gradient); a row
+    without a log-softmax (a NaN or +inf logit in either model) gives NaN, as its margin (docs/formulas.md §1)."""
+    return _weighted_log_ratio(ls.exp(), ls, lt)
 
 
 def forward_kl(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
-    """KL(p_T || p_S)_t = sum_v p_T(v) (log p_T(v) - log p_S(v)); terms with p_T(v) = 0 contribute 0; a row
-    without a log-softmax gives NaN, as :func:`reverse_kl`."""
-    p = lt.exp()
-    return torch.where(p == 0, torch.zeros_like(p), p * (lt - ls)).sum(-1)
+    """KL(p_T || p_S)_t = sum_v p_T(v) (log p_T(v) - log p_S(v)); terms with p_T(v) = 0 contribute 0 (and no
+    gradient); a row without a log-softmax gives NaN, as :func:`reverse_kl`."""
+    return _weighted_log_ratio(lt.exp(), lt, ls)
 
 
-def logprobs(logits: torch.Tensor, v: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, log softmax(z / tau)) over the first ``v`` columns, in the compute dtype."""
+def logprobs(logits: torch.Tensor, v: int, temperature: float,
+             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, log softmax(z / tau)) over the first ``v`` columns, in the compute dtype.
+
+    With ``valid`` (the shape of ``logits[..., 0]``), the rows that are not valid are never read: they are
+    replaced by zeros, so a NaN there reaches neither the result nor (through autograd) the gradient.
+    """
     z = logits[..., :v].to(_compute_dtype(logits))
+    if valid is not None and not bool(valid.all()):
+        z = torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
     return z, torch.log_softmax(z / temperature, dim=-1)
 
 
@@ -199,7 +213,10 @@ def segment_means(values, segment_ids, valid) -> SegmentMeans:
         :class:`SegmentMeans` (float64 values, int64 offsets of length B+1, and the segment id of every
         entry). Every valid token weighs the same; segments without a valid token are left out.
     """
-    vals = _as_numpy(values, "values").astype(np.float64)
+    vals = _as_numpy(values, "values")
+    if np.iscomplexobj(vals) or not (np.issubdtype(vals.dtype, np.number) or vals.dtype == bool):
+        raise TypeError(f"values must be real numbers (e.g. TokenStats.margins), got {vals.dtype}")
+    vals = vals.astype(np.float64)
     seg = _as_numpy(segment_ids, "segment_ids")
     ok = _as_numpy(valid, "valid")
     if vals.ndim != 2:
@@ -364,10 +381,8 @@ def release_weights(segment_ids, valid_mask, release_segment) -> torch.Tensor:
         ``r`` keeps nothing).
     """
     seg, valid = _as_mask_tensors(segment_ids, valid_mask)
-    r = torch.as_tensor(np.asarray(release_segment) if not isinstance(release_segment, torch.Tensor) else release_segment)
-    if r.shape != (seg.shape[0],):
-        raise ValueError(f"release_segment must have shape (B,) = ({seg.shape[0]},), got {tuple(r.shape)}")
-    kept = valid & (seg < r.to(seg.device).long().unsqueeze(-1))
+    r = check_release_segment(release_segment, seg.shape[0])
+    kept = valid & (seg < r.to(seg.device).unsqueeze(-1))
     return _rescale(kept, valid)
 
 
@@ -479,9 +494,10 @@ def opd_loss(
     v = check_token_inputs(student_logits, teacher_logits, target_ids, opts)
     check_loss_options(loss, weights, old_logprobs, target_ids)
     valid = target_ids != opts.ignore_index
-    zs, ls = logprobs(student_logits, v, opts.temperature)
+    # ignored rows are never read (docs/formulas.md §1): a NaN there must not poison the gradient
+    zs, ls = logprobs(student_logits, v, opts.temperature, valid)
     with torch.no_grad():
-        zt, lt = logprobs(teacher_logits.detach(), v, opts.temperature)
+        zt, lt = logprobs(teacher_logits.detach(), v, opts.temperature, valid)
         stats = _stats(zs.detach(), zt, ls.detach(), lt, target_ids, valid, opts, full_kl=False, return_topk=False)
     w = weight_mask(valid, weights, ls.dtype)
     if loss == "pg":
