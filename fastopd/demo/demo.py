@@ -440,7 +440,7 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
     ``steps``, ``loss`` and ``lr`` override the schedule's values (every arm). ``jobs``: arms trained at once,
     one process each (0: :func:`default_jobs`, one per core).
     """
-    from fastopd.train.report import load_run, make_report
+    from fastopd.train.report import load_run, make_report, plot_training_curves
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -495,7 +495,9 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
     runs = {label: out_dir / arm for arm, label in (("full", "full"), ("release", "release rule"))}
     if pre is not None:
         runs = {"before OPD (precondition)": out_dir / "precondition", **runs}
-    figures = make_report(runs, out_dir, min_gain=cfg.min_gain)
+    figures = make_report(runs, out_dir, min_gain=cfg.min_gain, k=cfg.k)
+    # the training curves of every arm the demo trained (make_report drew those of the rule's two)
+    plot_training_curves({label: load_run(out_dir / arm) for arm, label in todo}, out_dir / "training_curves.png")
     figures.append(plot_accuracy(table, out_dir / "accuracy.png"))
     table["figures"] = [str(p) for p in figures]
     table["total_time_s"] = time.perf_counter() - t_start
