@@ -414,7 +414,7 @@ def plot_accuracy(table: dict, path: Path) -> Path:
     from fastopd.train.report import _pyplot
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
     for arm, label in ARMS:
         if arm in table["arms"]:
             steps, acc = zip(*table["arms"][arm]["eval_curve"])
@@ -423,9 +423,10 @@ def plot_accuracy(table: dict, path: Path) -> Path:
     ax.axhline(100 * table["teacher_accuracy"], color="black", ls=":", lw=1, label="teacher")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"greedy accuracy, {table['eval_problems']} held-out problems (%)")
-    ax.set_title(f"fastopd demo ({table.get('task', '?')} task, seed {table['seed']})")
+    ax.set_title(f"Greedy held-out accuracy of each arm over training\n(fastopd demo, {table.get('task', '?')} task, "
+                 f"seed {table['seed']})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)  # off the data
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
