@@ -195,6 +195,8 @@ def _smooth(y: np.ndarray, width: int) -> np.ndarray:
 
 EVAL_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 """Greedy-eval markers, one per run, drawn largest first so that equal points stay visible."""
+LINE_STYLES = (("-", 2.4), ("--", 2.0), ("-.", 1.6), (":", 1.6), ("-", 1.2), ("--", 1.0), ("-.", 0.9), (":", 0.9))
+"""Line style and width per run, widest first, so that a run whose curve equals another's stays visible."""
 
 
 def plot_training_curves(runs: dict[str, dict], path: Path) -> Path:
@@ -216,8 +218,9 @@ def plot_training_curves(runs: dict[str, dict], path: Path) -> Path:
             if rows:
                 x = np.array([r["step"] for r in rows])
                 y = np.array([as_float(r.get(key)) for r in rows], dtype=np.float64)
+                ls, lw = LINE_STYLES[i % len(LINE_STYLES)]
                 ax.plot(x, y, color=color, alpha=0.25, lw=0.8)
-                ax.plot(x, _smooth(y, max(1, len(rows) // 15)), color=color, lw=1.5)
+                ax.plot(x, _smooth(y, max(1, len(rows) // 15)), color=color, ls=ls, lw=lw)
             if key == "sample_accuracy" and run["eval"]:
                 ax.plot([e["step"] for e in run["eval"]], [e["accuracy"] for e in run["eval"]], ls=":", lw=1,
                         marker=marker, color=color, ms=9 - 1.5 * i, mec="black", mew=0.5)
@@ -225,14 +228,15 @@ def plot_training_curves(runs: dict[str, dict], path: Path) -> Path:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=c, lw=1.5, marker=m, mec="black", mew=0.5, label=n) for n, _, c, m in shown]
-    handles += [Line2D([], [], color="gray", lw=1.5, label="sampled rollouts of the step (temperature 1), "
-                                                          "moving mean; thin: raw"),
-                Line2D([], [], color="gray", ls=":", marker="o", mec="black", mew=0.5,
-                       label="greedy eval accuracy on the held-out problems")]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), fontsize=8, frameon=False)
-    fig.suptitle(f"Training curves of {len(shown)} run(s): " + ", ".join(n for n, *_ in shown), fontsize=11)
-    fig.tight_layout(rect=(0, 0.09, 1, 0.97))
+    handles = [Line2D([], [], color=c, ls=LINE_STYLES[i % len(LINE_STYLES)][0], lw=LINE_STYLES[i % len(LINE_STYLES)][1],
+                      marker=m, mec="black", mew=0.5, label=n) for i, (n, _, c, m) in enumerate(shown)]
+    handles += [Line2D([], [], color="gray", lw=1.5, label="lines: per step (moving mean; thin: raw); accuracy of "
+                       "the step's sampled rollouts\n(temperature 1; for an sft baseline the teacher's samples)"),
+                Line2D([], [], color="gray", ls="", marker="o", mec="black", mew=0.5,
+                       label="markers: greedy eval accuracy on the held-out problems")]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(f"Training curves per optimizer step, {len(shown)} run(s) (legend below)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.12, 1, 0.97))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
