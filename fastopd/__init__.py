@@ -22,7 +22,7 @@ Public API (formulas in docs/formulas.md; the oracle of each is in :mod:`fastopd
 from fastopd.head import LMHead
 from fastopd.linear import linear_token_stats
 from fastopd.loss import OPDLoss, linear_opd_loss, opd_loss
-from fastopd.online import OnlineRelease, online_release
+from fastopd.online import OnlineRelease, OnlineRollout, online_release
 from fastopd.options import StatsOptions
 from fastopd.release import (
     MODES,
@@ -53,5 +53,6 @@ __all__ = [
     "LMHead", "MODES", "OPDLoss", "OPDOutput", "ReleaseDecision", "ReleaseResult", "ReleaseRule", "SegmentMeans",
     "SparseMargins", "TokenStats", "bic_release", "control_weights", "linear_opd_loss", "linear_token_stats",
     "opd_loss", "release_weights", "segment_means", "sentence_spans", "sparse_margins", "token_segments",
-    "batch_token_segments", "token_stats", "OnlineRelease", "OnlineReleaseResult", "online_release", "StatsOptions",
+    "batch_token_segments", "token_stats", "OnlineRelease", "OnlineReleaseResult", "OnlineRollout", "online_release",
+    "StatsOptions",
 ]

@@ -414,7 +414,7 @@ def plot_accuracy(table: dict, path: Path) -> Path:
     from fastopd.train.report import _pyplot
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
     for arm, label in ARMS:
         if arm in table["arms"]:
             steps, acc = zip(*table["arms"][arm]["eval_curve"])
@@ -423,9 +423,10 @@ def plot_accuracy(table: dict, path: Path) -> Path:
     ax.axhline(100 * table["teacher_accuracy"], color="black", ls=":", lw=1, label="teacher")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"greedy accuracy, {table['eval_problems']} held-out problems (%)")
-    ax.set_title(f"fastopd demo ({table.get('task', '?')} task, seed {table['seed']})")
+    ax.set_title(f"Greedy held-out accuracy of each arm over training\n(fastopd demo, {table.get('task', '?')} task, "
+                 f"seed {table['seed']})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)  # off the data
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -440,7 +441,7 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
     ``steps``, ``loss`` and ``lr`` override the schedule's values (every arm). ``jobs``: arms trained at once,
     one process each (0: :func:`default_jobs`, one per core).
     """
-    from fastopd.train.report import load_run, make_report
+    from fastopd.train.report import load_run, make_report, plot_training_curves
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -495,7 +496,9 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
     runs = {label: out_dir / arm for arm, label in (("full", "full"), ("release", "release rule"))}
     if pre is not None:
         runs = {"before OPD (precondition)": out_dir / "precondition", **runs}
-    figures = make_report(runs, out_dir, min_gain=cfg.min_gain)
+    figures = make_report(runs, out_dir, min_gain=cfg.min_gain, k=cfg.k)
+    # the training curves of every arm the demo trained (make_report drew those of the rule's two)
+    plot_training_curves({label: load_run(out_dir / arm) for arm, label in todo}, out_dir / "training_curves.png")
     figures.append(plot_accuracy(table, out_dir / "accuracy.png"))
     table["figures"] = [str(p) for p in figures]
     table["total_time_s"] = time.perf_counter() - t_start
