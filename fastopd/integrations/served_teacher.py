@@ -437,6 +437,11 @@ def served_completion_loss(client: ServedTeacher, student, rollouts, *, loss: st
     seqs, plens = rollout_sequences(rollouts)
     width = rollouts.targets.shape[1]
     served = client.score(seqs, plens, width=width)
+    if not torch.equal(served.valid, (rollouts.targets != ignore_index).cpu()):
+        raise ValueError(
+            "rollouts.targets' valid positions must be the first lengths[b] completion tokens of each row "
+            f"(what the server scored); check rollouts.lengths against targets != {ignore_index}"
+        )
     t0 = time.perf_counter()
     logits = completion_logits(student, rollouts)
     t_student = time.perf_counter() - t0
