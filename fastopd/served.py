@@ -27,7 +27,7 @@ from fastopd.reference import _candidate_ids, logprobs, topk_candidates
 from fastopd.sparse import sparse_margins
 from fastopd.types import OPDOutput, TokenStats
 
-__all__ = ["SERVED_LOSSES", "ServedOPDOutput", "served_opd_loss", "topk_forward_kl", "topk_reverse_kl"]
+__all__ = ["SERVED_LOSSES", "ServedOPDOutput", "served_opd_loss", "student_candidates", "topk_forward_kl", "topk_reverse_kl"]
 
 # The losses a served teacher supports: pg exactly, the two divergences as top-k approximations (§7a).
 SERVED_LOSSES = ("pg", "reverse_kl_topk", "forward_kl_topk")
@@ -77,6 +77,23 @@ def topk_reverse_kl(ls: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: tor
     ls_k, lt_k, present = _teacher_terms(ls, topk_ids, topk_logprobs)
     p = ls_k.exp()
     return torch.where(present & (p > 0), p * (ls_k - lt_k), torch.zeros_like(ls_k)).sum(-1)
+
+
+def student_candidates(z: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 (..., K) the student's candidates C_t (docs/formulas.md §1), in the order of
+    ``fastopd.token_stats(..., return_topk=True).topk_ids`` (decreasing z, ties to the lower index).
+
+    ``torch.topk`` gives the set unless the K-th value ties with a value left out; only those rows go through
+    the reference's exact tie rule (which sorts the whole row)."""
+    vals, ids = torch.topk(z, k, dim=-1)
+    kth = vals[..., -1:]
+    ambiguous = (z == kth).sum(-1) > (vals == kth).sum(-1)
+    if bool(ambiguous.any()):
+        za = z[ambiguous]
+        ids[ambiguous] = _candidate_ids(za, topk_candidates(za, k), k)
+    ids = ids.sort(-1).values  # then a stable sort by decreasing z: ties to the lower index
+    order = torch.sort(z.gather(-1, ids), dim=-1, descending=True, stable=True).indices
+    return ids.gather(-1, order)
 
 
 def _check_served(target_ids, token_logprobs, topk_ids, topk_logprobs, v: int) -> None:
@@ -176,7 +193,7 @@ def served_opd_loss(
     zero = torch.zeros((), dtype=ls.dtype, device=dev)
     with torch.no_grad():
         zd = zs.detach()
-        cand = _candidate_ids(zd, topk_candidates(zd, k), k)  # C_t, ties to the lower index (as token_stats)
+        cand = student_candidates(zd, k)
         cand = torch.where(valid.unsqueeze(-1), cand, torch.full_like(cand, -1))
         sm = sparse_margins(cand, t_ids, t_lp.to(ls.dtype), temperature=temperature)
         margins = torch.where(valid, sm.margins.to(ls.dtype), zero)

@@ -10,7 +10,7 @@ import torch
 
 import fastopd
 from fastopd import reference
-from fastopd.served import served_opd_loss, topk_forward_kl, topk_reverse_kl
+from fastopd.served import served_opd_loss, student_candidates, topk_forward_kl, topk_reverse_kl
 
 
 def _batch(seed: int = 0, b: int = 3, l: int = 12, v: int = 40, dtype=torch.float64):
@@ -160,3 +160,13 @@ def test_bad_arguments_name_the_argument():
         served_opd_loss(zs, tgt, u, ids, vals, rule=fastopd.ReleaseRule(k=4), k=8, segment_ids=_segments(tgt))
     with pytest.raises(ValueError, match="old_logprobs is only used"):
         served_opd_loss(zs, tgt, u, ids, vals, loss="forward_kl_topk", old_logprobs=u)
+
+
+def test_student_candidates_are_token_stats_candidates_ties_included():
+    g = torch.Generator().manual_seed(7)
+    z = torch.randint(-3, 3, (6, 20, 30), generator=g).double()  # many ties, at the K-th value too
+    z[0, 0] = 0.0  # a row of equal logits
+    tgt = torch.zeros(6, 20, dtype=torch.long)
+    for k in (2, 5, 16):
+        ref = reference.token_stats(z, z, tgt, k=k, return_topk=True)
+        assert torch.equal(student_candidates(z, k), ref.topk_ids)
