@@ -332,6 +332,8 @@ class ServedTeacher:
             raise ValueError(
                 f"sequences and prompt_lengths must have one entry per rollout, got {len(sequences)} and {len(prompt_lengths)}"
             )
+        if not self._checked:  # the server's model and max_model_len, before the inputs are checked against them
+            self.check()
         seqs = [[int(t) for t in s] for s in sequences]
         for b, (s, p) in enumerate(zip(seqs, prompt_lengths)):
             if not 1 <= int(p) <= len(s):
@@ -343,8 +345,6 @@ class ServedTeacher:
                     f"rollout {b} has {len(s)} tokens, the teacher server's max_model_len is {self.max_model_len} "
                     "(it needs one more for the token it samples): start it with a larger --max-model-len"
                 )
-        if not self._checked:
-            self.check()
         t0 = time.perf_counter()
         counter: list = []
         with ThreadPoolExecutor(max_workers=min(self.concurrency, max(len(seqs), 1))) as pool:

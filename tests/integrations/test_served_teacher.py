@@ -389,3 +389,16 @@ def test_live_failures_are_one_clear_line(demo):
     with pytest.raises(TeacherServerError, match="greater than max allowed: 20") as e:
         c.score([[1, 2, 3]], [1])
     _one_line(e.value)
+
+
+@live
+def test_the_docs_example_trains_the_demo_student_against_the_server(monkeypatch, capsys):
+    import re
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
+    block = re.search(r"<!-- runnable: served -->\n```python\n(.*?)```", doc.read_text(encoding="utf-8"), flags=re.S)
+    monkeypatch.setenv("FASTOPD_VLLM_URL", VLLM_URL)
+    torch.manual_seed(0)
+    exec(compile(block.group(1), "integrations.md:served", "exec"), {"__name__": "__doc_example__"})
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln[:2] in ("0 ", "1 ")]
+    assert len(lines) == 2 and all("margin_exact_share" in ln and "accept_rate" in ln for ln in lines)
