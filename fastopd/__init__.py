@@ -10,7 +10,8 @@ Public API (formulas in docs/formulas.md; the oracle of each is in :mod:`fastopd
 - :func:`segment_means`      per-rollout segment means, ragged, ready for the scan (section 2)
 - :func:`bic_release`        profiled RSS-BIC release point, C++ (section 3)
 - :func:`online_release`, :class:`OnlineRelease`   the online rule (stop a rollout at its release point while it
-  is sampled; docs/formulas.md §8): batched replay on logged series (C++) and the per-rollout object
+  is sampled; docs/formulas.md §8): batched replay on logged series (C++) and the per-rollout object;
+  :class:`OnlineRollout` one rollout's bookkeeping while it is sampled (segments so far, margins, its rule)
 - :func:`release_weights`, :func:`control_weights`   per-token weights (section 4)
 - :func:`opd_loss`, :class:`OPDLoss`   the loss with its gradient (section 5)
 - :func:`linear_token_stats`, :func:`linear_opd_loss`, ``OPDLoss.linear``   the same from final hidden states

@@ -17,7 +17,7 @@ def _blocks() -> dict[str, str]:
 
 
 def test_doc_marks_the_trainer_examples():
-    assert set(_blocks()) == {"trl", "gkd"}
+    assert set(_blocks()) == {"trl", "gkd", "served"}  # "served" runs in tests/integrations/test_served_teacher.py
 
 
 @pytest.mark.parametrize("name", ["trl", "gkd"])
