@@ -47,9 +47,10 @@ __all__ = [
 ]
 
 
-class TeacherServerError(RuntimeError):
+class TeacherServerError(RuntimeError, ValueError):
     """A teacher server that cannot be used: down, too slow, another model or vocabulary, or a refused request.
-    The message is one line that names the server and what to do."""
+    The message is one line that names the server and what to do (a ValueError too, so the CLI prints it as
+    one line, like any bad setting)."""
 
 
 @dataclass

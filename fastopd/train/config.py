@@ -29,8 +29,35 @@ SAMPLERS = ("student", "online", "teacher")
 (:mod:`fastopd.train.online_sampler`); the teacher (sequence-level KD, and the ``sft`` baseline)."""
 WEIGHTS = WEIGHT_CHOICES
 """Which tokens count (docs/formulas.md §4): the release rule or one of its controls (fastopd.common.WEIGHTS)."""
-TRAIN_LOSSES = LOSSES + ("cross_entropy",)
-"""Which loss (docs/formulas.md §5): the OPD losses, or the student's cross-entropy on the sampled tokens (SFT)."""
+TOPK_LOSSES = ("forward_kl_topk", "reverse_kl_topk")
+"""The divergences' top-k approximations (docs/formulas.md §7a): the only divergences a served teacher gives."""
+TRAIN_LOSSES = LOSSES + ("cross_entropy",) + TOPK_LOSSES
+"""Which loss (docs/formulas.md §5): the OPD losses, the student's cross-entropy on the sampled tokens (SFT), or,
+with a teacher on a server, the top-k approximations of the divergences."""
+
+
+def is_served(teacher) -> bool:
+    """Whether the teacher field names an inference server (``http://...``) rather than a model."""
+    return isinstance(teacher, str) and teacher.startswith(("http://", "https://"))
+
+
+def check_served(served: bool, sampler: str, loss: str, loss_temperature: float = 1.0) -> None:
+    """A step's choices against where the teacher is: a served teacher answers with its top-k log-probs, so the
+    exact divergences and samplers that run the teacher in-process are refused with one line; an in-process
+    teacher has no top-k approximation to take."""
+    if served:
+        if loss in ("reverse_kl", "forward_kl"):
+            raise ValueError(f"a served teacher returns its top-k log-probs only, so the exact {loss} is unknown: use "
+                             f"loss {loss}_topk (its top-k approximation, docs/formulas.md §7a) or pg (exact)")
+        if sampler != "student":
+            raise ValueError(f"sampler {sampler} runs the teacher in this process; with a served teacher "
+                             "(teacher: http://...) the student samples (sampler student)")
+        if loss_temperature != 1.0:
+            raise ValueError(f"a served teacher's log-probs are at temperature 1, so loss_temperature must be 1, "
+                             f"got {loss_temperature!r}")
+    elif loss in TOPK_LOSSES:
+        raise ValueError(f"loss {loss} is the top-k approximation for a served teacher (teacher: http://...); with "
+                         f"the teacher in this process use the exact {loss[:-len('_topk')]}")
 MODE_SHORTHANDS = {
     "release": ("student", "release", None),
     "full": ("student", "full", None),
@@ -89,7 +116,7 @@ RUN_FIELDS = (
     "student", "teacher", "tokenizer", "student_dtype", "teacher_dtype", "mixed_precision",
     "train_data", "train_split", "prompt_field", "answer_field", "chat_template", "max_prompt_tokens",
     "prompts_per_step", "num_samples", "max_new_tokens", "temperature", "top_p", "top_k",
-    "sampler", "weights", "loss", "mode", "k", "loss_temperature", "min_segments", "min_gain", "fraction", "confirm_segments",
+    "sampler", "weights", "loss", "mode", "teacher_topk", "k", "loss_temperature", "min_segments", "min_gain", "fraction", "confirm_segments",
     "online_chunk_size",
     "grad_accum_steps", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "lr_scheduler",
     "warmup_steps", "max_grad_norm", "seed",
@@ -129,7 +156,12 @@ class TrainConfig:
 
     # ---- models
     student: str = _f("", "Student model: a local folder or a Hugging Face hub name (AutoModelForCausalLM). Required.")
-    teacher: str = _f("", "Teacher model: a local folder or a hub name. Must share the student's vocabulary. Required.")
+    teacher: str = _f("", "Teacher model: a local folder or a hub name, or the URL of an OpenAI-compatible vLLM server "
+                      "that serves it (http://host:port: the teacher's log-probs come from prompt_logprobs, "
+                      "docs/integrations.md). Must share the student's vocabulary. Required.")
+    teacher_topk: int = _f(20, "Served teacher only: the top-k log-probs per position asked of the server (vLLM's "
+                           "--max-logprobs caps it); the margins are exact where two of the student's top-K lie in it.")
+    teacher_timeout: float = _f(120.0, "Served teacher only: seconds per request before it fails.")
     tokenizer: str | None = _f(None, "Tokenizer to use for both models (default: the student's).")
     teacher_tokenizer: str | None = _f(
         None, "The teacher's tokenizer, only for the vocabulary check (default: the teacher's own, or `tokenizer`).")
@@ -263,7 +295,7 @@ class TrainConfig:
         for name in ("student", "teacher", "train_data", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"config field `{name}` is required (set it in the YAML file or with --{name})")
-        for name in ("student", "teacher", "tokenizer", "teacher_tokenizer"):
+        for name in ("student", "tokenizer", "teacher_tokenizer") + (() if is_served(self.teacher) else ("teacher",)):
             check_model_path(name, getattr(self, name))
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -304,7 +336,10 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("config fields `resume` and `overwrite` exclude each other: resume continues the run "
                              "in output_dir, overwrite removes its files")
-        self.choices  # noqa: B018 -- raises for a bad or contradictory sampler / weights / loss / mode
+        sampler, _, loss = self.choices  # raises for a bad or contradictory sampler / weights / loss / mode
+        check_served(is_served(self.teacher), sampler, loss, self.loss_temperature)
+        if self.teacher_topk < 1 or not self.teacher_timeout > 0:
+            raise ValueError("config fields `teacher_topk` must be >= 1 and `teacher_timeout` > 0")
         if self.verifier not in ("boxed", "exact"):
             from fastopd.train.verify import get_verifier
 

@@ -402,3 +402,74 @@ def test_the_docs_example_trains_the_demo_student_against_the_server(monkeypatch
     exec(compile(block.group(1), "integrations.md:served", "exec"), {"__name__": "__doc_example__"})
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln[:2] in ("0 ", "1 ")]
     assert len(lines) == 2 and all("margin_exact_share" in ln and "accept_rate" in ln for ln in lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fastopd train with teacher: http://... (docs/training.md, docs/integrations.md)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _served_config(out: Path, url: str, **kw):
+    from fastopd.demo.task import demo_asset_paths
+    from fastopd.train.config import TrainConfig
+
+    paths = demo_asset_paths()
+    base = dict(student=str(paths.student), teacher=url, tokenizer=str(paths.tokenizer),
+                train_data=str(Path(paths.student).parent / "data" / "long_train.jsonl"), output_dir=str(out),
+                steps=2, prompts_per_step=2, num_samples=2, max_new_tokens=200, lr=5e-4, progress=False,
+                log_with="none", num_threads=1, eval_at_start=False, loss="pg", teacher_topk=20)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(loss="forward_kl"), "use loss forward_kl_topk"),
+    (dict(loss="reverse_kl"), "use loss reverse_kl_topk"),
+    (dict(mode="online"), "sampler online runs the teacher in this process"),
+    (dict(mode="sft"), "sampler teacher runs the teacher in this process"),
+    (dict(loss_temperature=2.0), "loss_temperature must be 1"),
+])
+def test_a_served_teacher_refuses_what_it_cannot_give_in_one_line(tmp_path, kw, message):
+    cfg = _served_config(tmp_path / "run", "http://127.0.0.1:1", **kw)
+    with pytest.raises(ValueError, match=message) as e:
+        cfg.validate()
+    _one_line(e.value)
+
+
+def test_a_top_k_loss_needs_a_served_teacher(tmp_path):
+    from fastopd.demo.task import demo_asset_paths
+
+    cfg = _served_config(tmp_path / "run", str(demo_asset_paths().teacher), loss="forward_kl_topk")
+    with pytest.raises(ValueError, match="with the teacher in this process use the exact forward_kl"):
+        cfg.validate()
+
+
+def test_fastopd_train_against_a_server_that_is_down_is_one_line_and_makes_no_folder(tmp_path, capsys):
+    from fastopd.cli import main
+
+    out = tmp_path / "run"
+    cfg = _served_config(out, f"http://127.0.0.1:{_closed_port()}")
+    args = ["train", "--student", cfg.student, "--teacher", cfg.teacher, "--tokenizer", cfg.tokenizer,
+            "--train-data", cfg.train_data, "--output-dir", str(out), "--steps", "1", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and cfg.teacher in err[0], err
+    assert not out.exists()
+
+
+@live
+def test_fastopd_train_two_steps_against_the_server_with_the_release_rule(tmp_path):
+    """Two steps of the demo student on the long task, the teacher's log-probs from the live server: the rule
+    reads the served margins (exact share logged), and the loss is pg (exact)."""
+    from fastopd.train.runlog import read_log
+    from fastopd.train.trainer import train
+
+    out = tmp_path / "run"
+    summary = train(_served_config(out, VLLM_URL, log_rollouts=True))
+    rows = read_log(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and summary["step"] == 2
+    for r in rows:
+        assert r["margin_exact_share"] > 0.9 and r["teacher_latency_s"] > 0 and r["time_teacher"] > 0
+        assert math.isfinite(r["loss"]) and r["tokens"] > 0
+    assert sum(r["accept_rate"] for r in rows) > 0  # the rule released some long-task rollouts
+    assert (out / "final" / "model.safetensors").is_file()
