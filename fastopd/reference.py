@@ -243,6 +243,39 @@ def segment_means(values, segment_ids, valid) -> SegmentMeans:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# A series with max |x_i| in [2^(E-1), 2^E) is scanned as x_i 2^-E when E + n.bit_length() > _SCALE_LIMIT: below
+# it the centred values |d_i| < 2^(E+1), S2 < 2^(2E+k+3) and (S1[b] - S1[a])^2 < 2^(2E+2k+4) <= 2^1020 cannot
+# overflow (docs/formulas.md §3, "Decision (huge values)"; kScaleLimit in csrc/bic_scan.cpp).
+_SCALE_LIMIT = 508
+
+
+def _scale_exponent(x: list[float]) -> int:
+    """E such that the (finite, non-empty) series is scanned as x_i 2^-E, or 0 when it is scanned as given."""
+    amax = 0.0
+    for v in x:
+        a = math.fabs(v)
+        amax = a if a > amax else amax
+    if amax == 0.0:
+        return 0
+    e = math.frexp(amax)[1]
+    return e if e + len(x).bit_length() > _SCALE_LIMIT else 0
+
+
+def _log_scaled(q: float, e2: int) -> float:
+    """ln(q 2^e2 + eps): BIC's log argument RSS/n + eps of a series as given, from q = RSS'/n of its copy scaled
+    by 2^-(e2/2), without forming RSS/n (it may overflow) or eps 2^-e2 (it may underflow).
+
+    With a = ln(q 2^e2) and u = a - ln eps: a + log1p(e^-u) if u > 0, else ln eps + log1p(e^u); q = 0 gives
+    ln eps. The operation order of log_scaled in csrc/bic_scan.cpp.
+    """
+    log_eps = math.log(BIC_EPS)
+    if q == 0.0:
+        return log_eps
+    a = math.log(q) + float(e2) * math.log(2.0)
+    u = a - log_eps
+    return a + math.log1p(math.exp(-u)) if u > 0.0 else log_eps + math.log1p(math.exp(u))
+
+
 def _scan_one(x: list[float], m: int, min_gain: float) -> tuple[int, float, bool]:
     """(release_index, gain, accepted) for one series; the exact operation order of csrc/bic_scan.cpp."""
     n = len(x)
@@ -250,6 +283,13 @@ def _scan_one(x: list[float], m: int, min_gain: float) -> tuple[int, float, bool
         return n, math.nan, False
     if n < 2 * m:
         return n, -math.inf, False
+    e = _scale_exponent(x)
+    if e:  # huge values: scan x 2^-e (exact), every log argument taken back to the series as given
+        x = [math.ldexp(v, -e) for v in x]
+
+    def log_arg(r: float) -> float:  # ln(r/n + eps) of the series as given, r the (scaled) RSS
+        return math.log(r / n + BIC_EPS) if not e else _log_scaled(r / n, 2 * e)
+
     total = 0.0
     for v in x:
         total += v
@@ -267,13 +307,13 @@ def _scan_one(x: list[float], m: int, min_gain: float) -> tuple[int, float, bool
         return r if r > 0.0 else 0.0
 
     log_n = math.log(n)
-    bic0 = n * math.log(rss(0, n) / n + BIC_EPS) + 2.0 * log_n
+    bic0 = n * log_arg(rss(0, n)) + 2.0 * log_n
     best_tau, best_bic = -1, math.inf
     for tau in range(m, n - m + 1):
         left = s1[tau] / tau
         right = (s1[n] - s1[tau]) / (n - tau)
         if right < left:
-            bic1 = n * math.log((rss(0, tau) + rss(tau, n)) / n + BIC_EPS) + 4.0 * log_n
+            bic1 = n * log_arg(rss(0, tau) + rss(tau, n)) + 4.0 * log_n
             if best_tau < 0 or bic1 < best_bic:
                 best_tau, best_bic = tau, bic1
     if best_tau < 0:
