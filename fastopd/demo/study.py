@@ -317,7 +317,7 @@ def check_study_settings(out_dir: Path, settings: dict) -> None:
     """Refuse a study folder made with other settings (one line naming each difference); nothing to check in a
     new folder. A folder that holds a study's files but no settings.json (an older version) is refused too:
     what its runs were trained with is unknown."""
-    from fastopd.train.config import setting_differences
+    from fastopd.train.outdir import setting_differences
 
     path = out_dir / "settings.json"
     if not path.is_file():

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastopd.train.config import MODE_SHORTHANDS, SAMPLERS, TRAIN_LOSSES, WEIGHTS, TrainConfig, step_choices
+from fastopd.train.choices import MODE_SHORTHANDS, SAMPLERS, TRAIN_LOSSES, WEIGHTS, step_choices
+from fastopd.train.config import TrainConfig
 from fastopd.train.runlog import read_log
 from fastopd.train.trainer import SAMPLERS as STEP_SAMPLERS, train
 from tiny import tiny_config
@@ -58,7 +59,9 @@ def test_every_sensible_combination_is_accepted():
           if not (s == "online" and w != "release") and not (l == "cross_entropy" and (s, w) != ("teacher", "full"))]
     for s, w, l in ok:
         assert step_choices(None, s, w, l) == (s, w, l)
-    assert len(ok) == 2 * 5 * 3 + 3 + 1  # student/teacher x 5 weights x 3 OPD losses, online x 3, teacher+full+CE
+    # student/teacher x 5 weights x 5 OPD losses (3 exact, 2 top-k: where the teacher is decides, check_served),
+    # online x 5, teacher + full + cross_entropy
+    assert len(ok) == 2 * 5 * 5 + 5 + 1
     assert set(STEP_SAMPLERS) == set(SAMPLERS)  # the trainer has a sampler for every name
     assert set(MODE_SHORTHANDS) == set(WEIGHTS) | {"online", "sft"}
 

@@ -125,7 +125,8 @@ def test_yaml_values_are_read_as_the_type_they_mean(tmp_path):
     ("lr: fast", "config field `lr` in {} must be a number, got 'fast'"),
     ("steps: [1, 2]", "config field `steps` in {} must be an integer, got [1, 2]"),
     ("progress: maybe", "config field `progress` in {} must be true or false, got 'maybe'"),
-    ("mode: {a: 1}", "config field `mode` in {} must be a string, got {'a': 1}"),
+    ("verifier: {a: 1}", "config field `verifier` in {} must be a string, got {'a': 1}"),
+    ("mode: {a: 1}", "config field `mode` in {} must be a string (or null), got {'a': 1}"),
     ("steps: true", "config field `steps` in {} must be an integer, got True"),
 ])
 def test_a_yaml_value_of_the_wrong_type_is_one_line_naming_field_and_file(tmp_path, line, message):
