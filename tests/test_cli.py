@@ -223,3 +223,14 @@ def test_real_bugs_keep_their_traceback(monkeypatch, capsys):
     monkeypatch.setattr(fastopd.train.report, "make_report", bug)
     with pytest.raises(KeyError):
         cli.main(["report", "r", "--out", "o"])
+
+
+def test_demo_refuses_bad_settings_before_making_its_folder(tmp_path, capsys):
+    from fastopd.cli import main
+
+    for args in (["--steps", "0"], ["--lr", "nan"], ["--lr", "-1"], ["--jobs", "-2"]):
+        out = tmp_path / "demo"
+        assert main(["demo", "--out", str(out), *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error" in err[0], (args, err)
+        assert not out.exists(), args

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -444,6 +445,13 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
     from fastopd.train.report import load_run, make_report, plot_training_curves
 
     t_start = time.perf_counter()
+    # the settings a user gives are checked before any folder is made or any model is loaded
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
+        raise ValueError(f"jobs must be an int >= 0 (0: one per core), got {jobs!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_threads = num_threads or DEFAULT_THREADS
