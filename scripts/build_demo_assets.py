@@ -3,6 +3,16 @@
 
     python scripts/build_demo_assets.py            # writes fastopd/assets/demo/{tokenizer,teacher,student,data,...}
     python scripts/build_demo_assets.py --readme-only   # rewrite README.md from build.json
+    python scripts/build_demo_assets.py --task check    # the check task's models -> fastopd/assets/demo_check/
+
+``--task check`` (:mod:`fastopd.demo.check_task`, the task where the fade's position varies) builds a teacher and a
+student for that task mixed with the arithmetic task, into its own folder; the shipped ``fastopd/assets/demo``
+is not touched. Its defaults (``CHECK_DEFAULTS``): the demo tokenizer is reused (``--tokenizer``; every number
+and word of the check task is in its vocabulary), the teacher starts from the shipped long-task teacher's
+weights (``--init-teacher``: the derivation is the long task's) and is trained by the slip stage only, on the
+check task; the student is trained from scratch as the long task's was. ``--part teacher`` / ``--part student``
+run one model's stages alone (two processes at once on two cores) and ``--part finish`` then re-measures,
+writes the prompt files, build.json and README.md.
 
 Everything is deterministic given the seeds below (two builds wrote byte-identical files) and runs on CPU with
 1 torch thread: 15.7 min on the project's shared 2-core machine at load average ~2-3, 38.6 min at 6-7.
@@ -45,7 +55,7 @@ from fastopd.demo.task import (  # noqa: E402
     EVAL_SEED, TRAIN_SEED, MAX_ADD, MAX_MUL, MAX_START, MAX_VALUE,
     format_prompt, make_problems, solution_completion, write_jsonl,
 )
-from fastopd.demo import long_task  # noqa: E402
+from fastopd.demo import check_task, long_task  # noqa: E402
 from fastopd.train.verify import boxed_match  # noqa: E402
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -58,6 +68,14 @@ TEACHER_CFG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, 
 # small for OPD to teach (docs/training.md, "Why distillation did not teach").
 STUDENT_CFG = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=24)
+
+TASKS = {"long": long_task, "check": check_task}
+TASK = long_task
+"""The in-domain task module of this build (``--task``; the other task of the mix is always the arithmetic one)."""
+CHECK_DEFAULTS = dict(out=ROOT / "fastopd" / "assets" / "demo_check", tokenizer=ROOT / "fastopd" / "assets" / "demo"
+                      / "tokenizer", init_teacher=ROOT / "fastopd" / "assets" / "demo" / "teacher",
+                      teacher_slip_steps=300, teacher_slip_lr=1.5e-3, teacher_slip_evals=3)
+"""``--task check``'s defaults where an argument is not given."""
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
@@ -89,7 +107,7 @@ def mixed_problems(n: int, seed: int, *, split: str, long_fraction: float):
     """``n`` training problems: a ``long_fraction`` of the long task (fastopd.demo.long_task), the rest of the
     arithmetic task (fastopd.demo.task), shuffled together deterministically."""
     n_long = int(round(n * long_fraction))
-    rows = (long_task.make_problems(n_long, seed, split=split, unique=False)
+    rows = (TASK.make_problems(n_long, seed, split=split, unique=False)
             + make_problems(n - n_long, seed, split=split, unique=False))
     random.Random(f"mix/{seed}/{split}").shuffle(rows)
     return rows
@@ -112,7 +130,7 @@ def encode_sft(tok, problems: Sequence[Dict[str, str]], *, slips: float = 0.0, s
     for p, prob in zip(prompts, problems):
         spans = []
         if slips > 0 and is_long(prob) and rng.random() < 0.5:
-            text, spans = long_task.slipped_solution(prob, rng, slips)
+            text, spans = TASK.slipped_solution(prob, rng, slips)
             text = " " + text
             spans = [(a + 1, b + 1) for a, b in spans]
         else:
@@ -255,7 +273,17 @@ def dir_size(path: Path) -> int:
 # ----------------------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "fastopd" / "assets" / "demo")
+    ap.add_argument("--task", choices=sorted(TASKS), default="long",
+                    help="the in-domain task: long (fastopd.demo.long_task, the shipped assets) or check "
+                         "(fastopd.demo.check_task; defaults CHECK_DEFAULTS, into fastopd/assets/demo_check)")
+    ap.add_argument("--part", choices=["all", "teacher", "student", "finish"], default="all",
+                    help="teacher / student: only that model's stages (results to build_<part>.json); finish: "
+                         "re-measure both, write data, build.json, README.md")
+    ap.add_argument("--tokenizer", type=Path, default=None, help="copy this tokenizer folder instead of training one")
+    ap.add_argument("--init-teacher", type=Path, default=None,
+                    help="start the teacher from this model folder's weights and run the slip stage only")
+    ap.add_argument("--teacher-slip-evals", type=int, default=1, help="validation points along the slip stage")
+    ap.add_argument("--out", type=Path, default=None, help="default fastopd/assets/demo (--task check: demo_check)")
     ap.add_argument("--vocab-size", type=int, default=640)
     ap.add_argument("--long-fraction", type=float, default=0.75,
                     help="fraction of SFT examples from the long task (the rest: the arithmetic task)")
@@ -263,9 +291,9 @@ def main(argv=None):
     ap.add_argument("--teacher-lr", type=float, default=3e-3)
     ap.add_argument("--teacher-batch", type=int, default=32)
     ap.add_argument("--teacher-evals", type=int, default=4, help="validation points along the teacher's SFT")
-    ap.add_argument("--teacher-slip-steps", type=int, default=200,
-                    help="steps of the teacher's second SFT stage, with slips (0: clean SFT only)")
-    ap.add_argument("--teacher-slip-lr", type=float, default=1e-3, help="peak LR of the slip stage")
+    ap.add_argument("--teacher-slip-steps", type=int, default=None,
+                    help="steps of the teacher's second SFT stage, with slips (0: clean SFT only; default 200)")
+    ap.add_argument("--teacher-slip-lr", type=float, default=None, help="peak LR of the slip stage (default 1e-3)")
     ap.add_argument("--clean-teacher", type=Path, default=None,
                     help="reuse this folder as the clean SFT stage's teacher (a previous build's; its build.json "
                          "one folder up gives its numbers) instead of training it")
@@ -289,6 +317,16 @@ def main(argv=None):
     ap.add_argument("--skip-student", action="store_true", help="reuse the student already in --out")
     ap.add_argument("--readme-only", action="store_true", help="only rewrite README.md from --out/build.json")
     args = ap.parse_args(argv)
+    global TASK
+    TASK = TASKS[args.task]
+    defaults = dict(out=ROOT / "fastopd" / "assets" / "demo", teacher_slip_steps=200, teacher_slip_lr=1e-3)
+    if args.task == "check":
+        defaults = CHECK_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.task == "check" and args.teacher_slip_evals == 1 and "--teacher-slip-evals" not in (argv or sys.argv):
+        args.teacher_slip_evals = CHECK_DEFAULTS["teacher_slip_evals"]
     if args.readme_only:
         return readme_only(args.out)
 
@@ -302,18 +340,22 @@ def main(argv=None):
 
     # held-out problems of both tasks (eval: the final numbers; val: checkpoint selection), disjoint
     def eval_and_val(make, seed_val):
-        ev = make(args.n_eval, EVAL_SEED if make is make_problems else long_task.EVAL_SEED, split="eval")
+        ev = make(args.n_eval, EVAL_SEED if make is make_problems else TASK.EVAL_SEED, split="eval")
         seen = {p["prompt"] for p in ev}
         val = [p for p in make(args.n_val + args.n_eval, seed_val, split="eval") if p["prompt"] not in seen]
         return ev, val[:args.n_val]
 
-    eval_problems, val_problems = eval_and_val(long_task.make_problems, VAL_SEED)
+    eval_problems, val_problems = eval_and_val(TASK.make_problems, VAL_SEED)
     arith_eval, arith_val = eval_and_val(make_problems, VAL_SEED)
 
     # 1. tokenizer
     t0 = time.time()
     tok_dir = out / "tokenizer"
-    if not args.skip_teacher:
+    if args.tokenizer is not None and args.part != "finish":  # reuse a tokenizer (the check task: the demo's)
+        # (copied once: two parts started together must not rewrite the files the other is reading)
+        if tok_dir.resolve() != args.tokenizer.resolve() and not (tok_dir / "tokenizer.json").exists():
+            shutil.copytree(args.tokenizer, tok_dir, dirs_exist_ok=True)
+    elif not args.skip_teacher and args.part in ("all", "teacher"):
         tok = train_tokenizer(args.vocab_size, TRAIN_SEED)
         if tok_dir.exists():
             shutil.rmtree(tok_dir)
@@ -334,9 +376,15 @@ def main(argv=None):
     # 2. teacher: (a) SFT on clean solutions; (b) a shorter SFT from (a)'s saved weights with student-like
     # slips in half of the long-task examples (slipped numbers masked), so that it continues soundly from the
     # states a weak student's rollouts are in (docs/training.md, "Why distillation did not teach")
-    if not args.skip_teacher:
+    if not args.skip_teacher and args.part in ("all", "teacher"):
         t0 = time.time()
-        if args.clean_teacher is None:
+        if args.init_teacher is not None:  # start from another model's weights: the slip stage only
+            results["teacher_init"] = str(args.init_teacher.relative_to(ROOT) if args.init_teacher.is_absolute()
+                                          and ROOT in args.init_teacher.parents else args.init_teacher)
+            teacher = AutoModelForCausalLM.from_pretrained(args.init_teacher)
+            save_model(teacher, tok_dir, out / "teacher", save_dtype)
+            del teacher
+        elif args.clean_teacher is None:
             teacher = make_model(TEACHER_CFG, tok, seed=1)
             print(f"teacher: {n_params(teacher):,} params", flush=True)
             snaps = sft(teacher, tok, steps=args.teacher_steps, batch_size=args.teacher_batch, lr=args.teacher_lr,
@@ -360,7 +408,8 @@ def main(argv=None):
             teacher = AutoModelForCausalLM.from_pretrained(out / "teacher")  # the saved (rounded) weights
             snaps = sft(teacher, tok, steps=args.teacher_slip_steps, batch_size=args.teacher_batch,
                         lr=args.teacher_slip_lr, seed=TRAIN_SEED + 4, desc="teacher slip SFT", warmup=20,
-                        eval_every=args.teacher_slip_steps, val_problems=val_problems, ood_val_problems=arith_val,
+                        eval_every=max(1, args.teacher_slip_steps // args.teacher_slip_evals),
+                        val_problems=val_problems, ood_val_problems=arith_val,
                         long_fraction=args.long_fraction, slips=args.teacher_slips)
             results["teacher_slip_curve"] = [(s[0], s[1], s[3]) for s in snaps]
             results["teacher_acc_fp32"] = greedy_accuracy(teacher, tok, eval_problems)
@@ -369,13 +418,21 @@ def main(argv=None):
             del teacher, snaps
         print(f"teacher: fp32 acc {results['teacher_acc_fp32']:.3f} ({time.time() - t0:.0f}s)", flush=True)
 
+    if args.part == "teacher":
+        return _save_part(out, "teacher", results, timings)
+
     # 3. student
-    if args.skip_student:  # keep the shipped student and the numbers of the build that made it
+    if args.part == "finish":
+        for part in ("teacher", "student"):
+            saved = json.loads((out / f"build_{part}.json").read_text())
+            results.update(saved["results"])
+            timings.update(saved["timings_s"])
+    elif args.skip_student:  # keep the shipped student and the numbers of the build that made it
         previous = json.loads((out / "build.json").read_text())["results"]
         for key in ("student_val_curve", "student_step", "student_acc_fp32"):
             results[key] = previous[key]
         timings["student"] = 0.0
-    else:
+    elif args.part in ("all", "student"):
         t0 = time.time()
         student = make_model(STUDENT_CFG, tok, seed=2)
         print(f"student: {n_params(student):,} params", flush=True)
@@ -394,6 +451,8 @@ def main(argv=None):
         timings["student"] = time.time() - t0
         print(f"student: kept step {step} (val {val_acc:.3f}); fp32 acc {results['student_acc_fp32']:.3f} "
               f"({timings['student']:.0f}s)", flush=True)
+    if args.part == "student":
+        return _save_part(out, "student", results, timings)
 
     # 4. reload through the public code paths and re-measure, on both tasks
     t0 = time.time()
@@ -406,19 +465,22 @@ def main(argv=None):
         results[f"{name}_arith_acc"] = greedy_accuracy(m, t, arith_eval)
         results[f"{name}_params"] = n_params(m)
         results[f"{name}_samples"] = comps[:2]
-        print(f"{name} (reloaded from {args.save_dtype} safetensors as fp32): long-task acc {acc:.3f}, "
+        print(f"{name} (reloaded from {args.save_dtype} safetensors as fp32): {args.task}-task acc {acc:.3f}, "
               f"arithmetic acc {results[name + '_arith_acc']:.3f} on {len(eval_problems)} held-out problems each",
               flush=True)
     timings["reload_eval"] = time.time() - t0
     timings["total"] = time.time() - t_start
+    if args.part == "finish":  # the parts ran at once: the wall time is the longer part plus this one
+        timings["total"] = max(timings.get("teacher", 0) + timings.get("teacher_slips", 0),
+                               timings.get("student", 0)) + timings["reload_eval"] + timings["tokenizer"]
 
     # 5. prompt files for the OPD demo (JSONL with prompt + answer, prompts already formatted)
     data = out / "data"
     write_jsonl(data / "train.jsonl", make_problems(args.n_train_prompts, TRAIN_SEED + 3, split="train"))
     write_jsonl(data / "eval.jsonl", arith_eval)
-    write_jsonl(data / "long_train.jsonl",
-                long_task.make_problems(args.n_train_prompts, long_task.TRAIN_SEED + 3, split="train"))
-    write_jsonl(data / "long_eval.jsonl", eval_problems)
+    write_jsonl(data / f"{args.task}_train.jsonl",
+                TASK.make_problems(args.n_train_prompts, TASK.TRAIN_SEED + 3, split="train"))
+    write_jsonl(data / f"{args.task}_eval.jsonl", eval_problems)
 
     sizes = {name: dir_size(out / name) for name in ("tokenizer", "teacher", "student", "data")}
     (out / "build.json").write_text(json.dumps(
@@ -430,6 +492,14 @@ def main(argv=None):
     print(json.dumps({"results": {k: v for k, v in results.items() if not k.endswith("samples")},
                       "sizes_bytes": sizes, "total_bytes": dir_size(out),
                       "timings_s": {k: round(v, 1) for k, v in timings.items()}}, indent=1), flush=True)
+
+
+def _save_part(out: Path, part: str, results: dict, timings: dict) -> None:
+    """``--part teacher|student``: this part's numbers to ``build_<part>.json`` for ``--part finish``."""
+    (out / f"build_{part}.json").write_text(json.dumps(
+        {"results": {k: v for k, v in results.items() if k != "vocab"},
+         "timings_s": {k: round(v, 1) for k, v in timings.items() if k != "tokenizer"}}, indent=1) + "\n")
+    print(f"{part}: done, numbers in {out / f'build_{part}.json'}", flush=True)
 
 
 def _threads(n: int) -> str:
