@@ -74,8 +74,17 @@ TASK = long_task
 """The in-domain task module of this build (``--task``; the other task of the mix is always the arithmetic one)."""
 CHECK_DEFAULTS = dict(out=ROOT / "fastopd" / "assets" / "demo_check", tokenizer=ROOT / "fastopd" / "assets" / "demo"
                       / "tokenizer", init_teacher=ROOT / "fastopd" / "assets" / "demo" / "teacher",
-                      teacher_slip_steps=300, teacher_slip_lr=1.5e-3, teacher_slip_evals=3)
+                      init_student=ROOT / "fastopd" / "assets" / "demo" / "student",
+                      teacher_slip_steps=200, teacher_slip_lr=1.5e-3, teacher_slip_evals=2)
 """``--task check``'s defaults where an argument is not given."""
+CHECK_STUDENT_ARGS = "--student-lr 1e-3 --student-steps 120 --student-eval-every 60 --student-stop 2 --student-target 0.45"
+CHECK_BUILD_COMMANDS = [
+    "python scripts/build_demo_assets.py --task check --part teacher &",
+    f"python scripts/build_demo_assets.py --task check --part student {CHECK_STUDENT_ARGS}",
+    "wait",
+    f"python scripts/build_demo_assets.py --task check --part finish --n-eval 400 {CHECK_STUDENT_ARGS}",
+]
+"""How fastopd/assets/demo_check was built (the two parts at once, then the finish)."""
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
@@ -283,6 +292,8 @@ def main(argv=None):
     ap.add_argument("--init-teacher", type=Path, default=None,
                     help="start the teacher from this model folder's weights and run the slip stage only")
     ap.add_argument("--teacher-slip-evals", type=int, default=1, help="validation points along the slip stage")
+    ap.add_argument("--init-student", type=Path, default=None,
+                    help="start the student from this model folder's weights instead of a random initialisation")
     ap.add_argument("--out", type=Path, default=None, help="default fastopd/assets/demo (--task check: demo_check)")
     ap.add_argument("--vocab-size", type=int, default=640)
     ap.add_argument("--long-fraction", type=float, default=0.75,
@@ -434,7 +445,12 @@ def main(argv=None):
         timings["student"] = 0.0
     elif args.part in ("all", "student"):
         t0 = time.time()
-        student = make_model(STUDENT_CFG, tok, seed=2)
+        if args.init_student is not None:
+            student = AutoModelForCausalLM.from_pretrained(args.init_student)
+            results["student_init"] = str(args.init_student.relative_to(ROOT) if args.init_student.is_absolute()
+                                          and ROOT in args.init_student.parents else args.init_student)
+        else:
+            student = make_model(STUDENT_CFG, tok, seed=2)
         print(f"student: {n_params(student):,} params", flush=True)
         snaps = sft(student, tok, steps=args.student_steps, batch_size=args.student_batch, lr=args.student_lr,
                     seed=TRAIN_SEED + 2, desc="student SFT", eval_every=args.student_eval_every,
@@ -507,6 +523,8 @@ def _threads(n: int) -> str:
 
 
 def write_readme(out: Path, args, results, timings, sizes, eval_problems):
+    if getattr(args, "task", "long") == "check":
+        return write_check_readme(out, args, results, timings, sizes, eval_problems)
     from transformers import AutoConfig
 
     def cfg_line(name):
@@ -638,11 +656,110 @@ def write_readme(out: Path, args, results, timings, sizes, eval_problems):
     (out / "README.md").write_text("\n".join(lines))
 
 
+def write_check_readme(out: Path, args, results, timings, sizes, eval_problems):
+    """README.md of a ``--task check`` build (fastopd/assets/demo_check)."""
+    from transformers import AutoConfig
+
+    def cfg_line(name):
+        c = AutoConfig.from_pretrained(out / name)
+        return (f"`Qwen3ForCausalLM`: hidden {c.hidden_size}, layers {c.num_hidden_layers}, heads "
+                f"{c.num_attention_heads}, kv heads {c.num_key_value_heads}, head_dim {c.head_dim}, "
+                f"intermediate {c.intermediate_size}, vocab {c.vocab_size}, tied embeddings, "
+                f"{results.get(name + '_params', 0):,} parameters")
+
+    def curve(key):
+        return ", ".join(f"{s}: {a:.0%} / {o:.0%}" for s, a, o in results.get(key) or []) or "-"
+
+    with_check = next(p for p in eval_problems if check_task.has_check(p["prompt"]))
+    without = next(p for p in eval_problems if not check_task.has_check(p["prompt"]))
+    lines = [
+        "# fastopd check-task demo assets",
+        "",
+        "Tiny models for the check task of `fastopd/demo/check_task.py` (`fastopd demo --task check`, `fastopd study "
+        "--task check`): a forced derivation of 2-14 steps, then a check whose length the prompt sets independently "
+        "(none for a quarter of the problems), so the place where the teacher's margin fades varies from rollout to "
+        "rollout. The out-of-domain task is the arithmetic task of `fastopd/demo/task.py`. Built by "
+        "`scripts/build_demo_assets.py --task check` (deterministic seeds, CPU); the shipped `fastopd/assets/demo` "
+        "is not touched.",
+        "",
+        "| folder | what |",
+        "|---|---|",
+        f"| `tokenizer/` | the demo's tokenizer (`fastopd/assets/demo/tokenizer`, copied): vocab {results['vocab']}; "
+        f"every number 0..{MAX_VALUE} is one token |",
+        f"| `teacher/` | {cfg_line('teacher')} |",
+        f"| `student/` | {cfg_line('student')} |",
+        f"| `data/` | `check_train.jsonl` / `train.jsonl`: {args.n_train_prompts} train-split prompts of the check / "
+        f"arithmetic task; `check_eval.jsonl` / `eval.jsonl`: {len(eval_problems)} held-out problems of each |",
+        "| `build.json` | the numbers below, as the build printed them (`build_teacher.json`, `build_student.json`: "
+        "the two parts, run at once) |",
+        "",
+        "## The task",
+        "",
+        "```",
+        format_prompt(with_check["prompt"]) + solution_completion(with_check) + EOS,
+        "",
+        format_prompt(without["prompt"]) + solution_completion(without) + EOS,
+        "```",
+        "",
+        "## How they were trained",
+        "",
+        f"SFT on a mix of {args.long_fraction:.0%} check-task and {1 - args.long_fraction:.0%} arithmetic problems, "
+        "loss on the solution tokens + EOS only, AdamW (betas 0.9/0.98, weight decay 0.01), cosine decay to 10 % of "
+        f"the peak LR, gradient clipping 1.0, fp32 on CPU with {_threads(args.threads)}. Both models start from the "
+        "shipped long-task models' weights (the derivation is the long task's), because the build shares two "
+        "cores with other work:",
+        "",
+        f"- teacher: from `{results.get('teacher_init', '?')}`, {args.teacher_slip_steps} steps x batch "
+        f"{args.teacher_batch}, peak LR {args.teacher_slip_lr}, 20 warmup steps; half of the check-task examples "
+        f"carry student-like slips in their derivation (each sentence with probability {args.teacher_slips}), the "
+        "slipped numbers masked out of the loss, so the teacher continues soundly from a student's slips. "
+        f"Validation (step: check / arithmetic greedy accuracy, {args.n_val} problems each): "
+        f"{curve('teacher_slip_curve')}.",
+        f"- student: from `{results.get('student_init', 'a random initialisation')}`, {args.student_steps} steps x "
+        f"batch {args.student_batch}, peak LR {args.student_lr}, 50 warmup steps, validated every "
+        f"{args.student_eval_every} steps; the checkpoint nearest {args.student_target:.0%} inside 5-40 % is kept "
+        f"(as for the long task's student): step {results['student_step']}. Validation: {curve('student_val_curve')}.",
+        "",
+        "## Measured accuracy",
+        "",
+        f"Greedy decoding, {len(eval_problems)} held-out problems of each task, after reloading the saved files as "
+        "fp32:",
+        "",
+        "| model | check task (fp32 before saving, first 200) | check task (reloaded) | arithmetic task (reloaded) |",
+        "|---|---|---|---|",
+        f"| teacher | {results.get('teacher_acc_fp32', float('nan')):.1%} | {results['teacher_acc']:.1%} | "
+        f"{results['teacher_arith_acc']:.1%} |",
+        f"| student | {results['student_acc_fp32']:.1%} | {results['student_acc']:.1%} | "
+        f"{results['student_arith_acc']:.1%} |",
+        "",
+    ]
+    if results.get("student_samples"):
+        lines += ["Sample greedy completions of the student:", "", "```",
+                  *[s.strip() for s in results["student_samples"]], "```", ""]
+    lines += [
+        "## Size and time",
+        "",
+        f"Sizes: teacher {sizes['teacher'] / 1e6:.2f} MB, student {sizes['student'] / 1e6:.2f} MB, data "
+        f"{sizes['data'] / 1e3:.0f} kB. Build time on the shared 2-core CPU (load 4-10 from other work; the teacher "
+        "and student parts ran at once): " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+        + f" ({timings['total'] / 60:.1f} min of wall time).",
+        "",
+        "## Rebuild",
+        "",
+        "```",
+        *CHECK_BUILD_COMMANDS,
+        "```",
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
+
+
 def readme_only(out: Path, argv=None) -> None:
     """Rewrite README.md from build.json (e.g. after editing the text), without retraining."""
     build = json.loads((out / "build.json").read_text())
     args = argparse.Namespace(**build["args"])
-    eval_problems = long_task.make_problems(args.n_eval, long_task.EVAL_SEED, split="eval")
+    module = TASKS[getattr(args, "task", "long")]
+    eval_problems = module.make_problems(args.n_eval, module.EVAL_SEED, split="eval")
     write_readme(out, args, build["results"], build["timings_s"], build["sizes_bytes"], eval_problems)
 
 
