@@ -230,7 +230,13 @@ def summarise_check_split(records: list[dict], with_check: list[bool]) -> dict:
     both = flags & acc & np.isfinite(fade) & (fade < 1)
     corr = float(np.corrcoef(rel[both], fade[both])[0, 1]) if both.sum() > 2 else float("nan")
     offsets = [d["offset"] for d in dec if d["offset"] is not None]
+    # by what the rollout wrote (a student may check where none was asked, or skip an asked check)
+    wrote = np.array([d["kind"] in ("on time", "early", "late", "missed fade") for d in dec])
+    none = np.array([d["kind"] in ("kept whole", "false release") for d in dec])
     return {
+        "accept_check_written": float(acc[wrote].mean()) if wrote.any() else float("nan"),
+        "accept_no_check_written": float(acc[none].mean()) if none.any() else float("nan"),
+        "rollouts_check_written": int(wrote.sum()), "rollouts_no_check_written": int(none.sum()),
         "rollouts_with_check": int(flags.sum()), "rollouts_without_check": int((~flags).sum()),
         "accept_with_check": float(acc[flags].mean()) if flags.any() else float("nan"),
         "accept_without_check": float(acc[~flags].mean()) if (~flags).any() else float("nan"),
@@ -254,7 +260,10 @@ def format_check_split(c: dict) -> str:
             f"rollouts of problems with a check (target >= {t['accept_with_check']:.0%}: "
             f"{ok(c['accept_with_check'] >= t['accept_with_check'])}) and {c['accept_without_check']:.1%} of the "
             f"{c['rollouts_without_check']} without one (target <= {t['accept_without_check']:.0%}: "
-            f"{ok(c['accept_without_check'] <= t['accept_without_check'])}). Release fractions of the accepted "
+            f"{ok(c['accept_without_check'] <= t['accept_without_check'])}). By what the rollout wrote: "
+            f"{c['accept_check_written']:.1%} of the {c['rollouts_check_written']} that wrote a check after a boxed "
+            f"sum, {c['accept_no_check_written']:.1%} of the {c['rollouts_no_check_written']} that ended at it. "
+            f"Release fractions of the accepted "
             f"rollouts: quartiles {ra['q1']:.2f} / {ra['median']:.2f} / {ra['q3']:.2f}, interquartile range "
             f"{ra['iqr']:.2f} (target >= {t['release_iqr']}: {ok(ra['iqr'] >= t['release_iqr'])}); over all rollouts "
             f"(1.0 when kept whole) {c['release_all']['iqr']:.2f}. Where the check really begins in the rollouts with "

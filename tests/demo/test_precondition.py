@@ -108,6 +108,8 @@ def test_check_split_accept_rates_and_release_spread():
     assert c["release_all"]["n"] == 5
     assert c["decisions"] == {"on time": 1, "late": 1, "missed fade": 1, "kept whole": 1, "false release": 1}
     assert c["offset_segments_mean"] == pytest.approx(1.0)
+    assert c["accept_check_written"] == pytest.approx(2 / 3) and c["rollouts_check_written"] == 3
+    assert c["accept_no_check_written"] == pytest.approx(1 / 2) and c["rollouts_no_check_written"] == 2
     text = format_check_split(c)
     assert "66.7%" in text and f"target >= {CHECK_TARGETS['accept_with_check']:.0%}: misses" in text
     assert f"target <= {CHECK_TARGETS['accept_without_check']:.0%}: misses" in text
