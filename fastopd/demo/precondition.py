@@ -146,7 +146,7 @@ def measure_precondition(student, teacher, tokenizer, prompts: list[str], *, n_r
 
     if all(_formatted_check(p) for p in prompts):  # the check task: issue 24's split by the prompt
         summary["check_split"] = summarise_check_split(
-            records, [check_task.has_check(r["prompt"]) for r in records])
+            records, [check_task.has_check(r["prompt"]) for r in records], fixed_fraction=summary["kept_fraction"])
     answered = [r["correct"] for r in records if r["correct"] is not None]
     summary.update(sample_accuracy=float(np.mean(answered)) if answered else float("nan"), k=k, min_gain=min_gain,
                    min_segments=min_segments, temperature=temperature, seed=seed,
@@ -202,12 +202,15 @@ def rule_decision(rec: dict) -> dict:
     return dict(out, kind="on time" if r == fade else ("early" if r < fade else "late"))
 
 
-def summarise_check_split(records: list[dict], with_check: list[bool]) -> dict:
+def summarise_check_split(records: list[dict], with_check: list[bool], fixed_fraction: float | None = None) -> dict:
     """Issue 24's precondition figures on the check task, per group of prompts (``with_check[i]``: the prompt of
     ``records[i]`` asks for a check): the accept rate of each group; over the accepted rollouts the release
     fractions' quartiles and interquartile range; over all rollouts (1.0 where not accepted) too; the rule's
     decisions against the true fade (:func:`rule_decision`, counts per kind) and the correlation between the
-    release fraction and the fade fraction over rollouts with a check."""
+    release fraction and the fade fraction over rollouts with a check. With ``fixed_fraction`` (the rule's kept
+    fraction: the ``fixed_prefix`` control), the same comparison for a cut at that fraction of every rollout:
+    ``fixed_cut`` = the share of the rollouts that wrote a check where it cuts into the derivation (before the
+    fade) and its mean |cut - fade|, and the share of the forced tokens it drops from rollouts that wrote none."""
     if len(records) != len(with_check) or not records:
         raise ValueError(f"records and with_check must be non-empty and of one length, got {len(records)} and "
                          f"{len(with_check)}")
@@ -233,7 +236,16 @@ def summarise_check_split(records: list[dict], with_check: list[bool]) -> dict:
     # by what the rollout wrote (a student may check where none was asked, or skip an asked check)
     wrote = np.array([d["kind"] in ("on time", "early", "late", "missed fade") for d in dec])
     none = np.array([d["kind"] in ("kept whole", "false release") for d in dec])
+    fixed = None
+    if fixed_fraction is not None:
+        f = float(fixed_fraction)
+        wf = wrote & np.isfinite(fade)
+        fixed = {"fraction": f,
+                 "cuts_derivation": float((f < fade[wf]).mean()) if wf.any() else float("nan"),
+                 "mean_abs": float(np.mean(np.abs(f - fade[wf]))) if wf.any() else float("nan"),
+                 "dropped_without_check": 1.0 - f if none.any() else float("nan")}
     return {
+        "fixed_cut": fixed,
         "accept_check_written": float(acc[wrote].mean()) if wrote.any() else float("nan"),
         "accept_no_check_written": float(acc[none].mean()) if none.any() else float("nan"),
         "rollouts_check_written": int(wrote.sum()), "rollouts_no_check_written": int(none.sum()),
@@ -270,7 +282,12 @@ def format_check_split(c: dict) -> str:
             f"one: quartiles {fa['q1']:.2f} / {fa['median']:.2f} / {fa['q3']:.2f}. Release against the true fade "
             f"(accepted rollouts with a check): correlation {c['release_vs_fade_corr']:.2f}, mean |difference| "
             f"{c['release_vs_fade_mean_abs']:.3f} of the response, mean offset {c['offset_segments_mean']:+.2f} "
-            f"segments. Decisions: {dec}.")
+            f"segments. Decisions: {dec}."
+            + (f" A fixed cut at {c['fixed_cut']['fraction']:.2f} of every rollout (the rule's kept fraction) falls "
+               f"inside the derivation of {c['fixed_cut']['cuts_derivation']:.0%} of the rollouts that wrote a check "
+               f"(mean |cut - fade| {c['fixed_cut']['mean_abs']:.3f} of the response) and drops the last "
+               f"{c['fixed_cut']['dropped_without_check']:.0%} of every rollout that wrote none."
+               if c.get("fixed_cut") else ""))
 
 
 def _formatted_check(prompt: str) -> bool:

@@ -110,6 +110,10 @@ def test_check_split_accept_rates_and_release_spread():
     assert c["offset_segments_mean"] == pytest.approx(1.0)
     assert c["accept_check_written"] == pytest.approx(2 / 3) and c["rollouts_check_written"] == 3
     assert c["accept_no_check_written"] == pytest.approx(1 / 2) and c["rollouts_no_check_written"] == 2
+    fixed = summarise_check_split(recs, with_check, fixed_fraction=0.6)["fixed_cut"]
+    # fades of the written checks at 4/8 of each: a cut at 0.6 is after all of them, 0.1 from each
+    assert fixed["cuts_derivation"] == 0.0 and fixed["mean_abs"] == pytest.approx(0.1)
+    assert fixed["dropped_without_check"] == pytest.approx(0.4) and c["fixed_cut"] is None
     text = format_check_split(c)
     assert "66.7%" in text and f"target >= {CHECK_TARGETS['accept_with_check']:.0%}: misses" in text
     assert f"target <= {CHECK_TARGETS['accept_without_check']:.0%}: misses" in text
