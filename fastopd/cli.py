@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastopd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    from fastopd.demo import long_task, task
+    from fastopd.demo import check_task, long_task, task
     from fastopd.demo.demo import COMMON, DEFAULT_THREADS, SCHEDULES
 
     def per_schedule(key: str) -> str:  # "arithmetic 200 (quick 60), long 50 (quick 15)", read from SCHEDULES
@@ -222,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the short schedule (fewer steps)")
     p.add_argument("--task", choices=tuple(SCHEDULES), default="long",
                    help="long: %d-%d-sentence answers whose check the teacher may phrase freely (default); "
-                   "arithmetic: the short %d-%d-sentence task" % (*long_task.SENTENCES, *task.SENTENCES))
+                   "arithmetic: the short %d-%d-sentence task; check: %d-%d-sentence answers whose check has a "
+                   "length the prompt sets, often none (the fade's place varies; models in fastopd/assets/"
+                   "demo_check)" % (*long_task.SENTENCES, *task.SENTENCES, *check_task.SENTENCES))
     p.add_argument("--out", default="fastopd-demo", help="report folder (default: ./fastopd-demo)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"steps per arm (default, per task: {per_schedule('steps')})")
@@ -249,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="fastopd-study", help="study folder (default: ./fastopd-study)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1; default 3)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the demo's schedule)")
-    p.add_argument("--task", choices=("long", "arithmetic"), default="long", help="in-domain task (default long)")
+    p.add_argument("--task", choices=tuple(SCHEDULES), default="long",
+                   help="in-domain task (default long; check: the task where the fade's place varies, with "
+                   "fixed_prefix at the precondition's kept fraction, accuracy split by problems with and without "
+                   "a check, and per-problem paired intervals)")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (release is required)")
     p.add_argument("--threads", type=int, default=0, help=f"torch CPU threads per run (default {DEFAULT_THREADS})")
     p.add_argument("--eval-every", type=int, default=None,

@@ -3,6 +3,16 @@
 
     python scripts/build_demo_assets.py            # writes fastopd/assets/demo/{tokenizer,teacher,student,data,...}
     python scripts/build_demo_assets.py --readme-only   # rewrite README.md from build.json
+    python scripts/build_demo_assets.py --task check    # the check task's models -> fastopd/assets/demo_check/
+
+``--task check`` (:mod:`fastopd.demo.check_task`, the task where the fade's position varies) builds a teacher and a
+student for that task mixed with the arithmetic task, into its own folder; the shipped ``fastopd/assets/demo``
+is not touched. Its defaults (``CHECK_DEFAULTS``): the demo tokenizer is reused (``--tokenizer``; every number
+and word of the check task is in its vocabulary), the teacher starts from the shipped long-task teacher's
+weights (``--init-teacher``: the derivation is the long task's) and is trained by the slip stage only, on the
+check task; the student is trained from scratch as the long task's was. ``--part teacher`` / ``--part student``
+run one model's stages alone (two processes at once on two cores) and ``--part finish`` then re-measures,
+writes the prompt files, build.json and README.md.
 
 Everything is deterministic given the seeds below (two builds wrote byte-identical files) and runs on CPU with
 1 torch thread: 15.7 min on the project's shared 2-core machine at load average ~2-3, 38.6 min at 6-7.
@@ -45,7 +55,7 @@ from fastopd.demo.task import (  # noqa: E402
     EVAL_SEED, TRAIN_SEED, MAX_ADD, MAX_MUL, MAX_START, MAX_VALUE,
     format_prompt, make_problems, solution_completion, write_jsonl,
 )
-from fastopd.demo import long_task  # noqa: E402
+from fastopd.demo import check_task, long_task  # noqa: E402
 from fastopd.train.verify import boxed_match  # noqa: E402
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -58,6 +68,23 @@ TEACHER_CFG = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, 
 # small for OPD to teach (docs/training.md, "Why distillation did not teach").
 STUDENT_CFG = dict(hidden_size=96, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=24)
+
+TASKS = {"long": long_task, "check": check_task}
+TASK = long_task
+"""The in-domain task module of this build (``--task``; the other task of the mix is always the arithmetic one)."""
+CHECK_DEFAULTS = dict(out=ROOT / "fastopd" / "assets" / "demo_check", tokenizer=ROOT / "fastopd" / "assets" / "demo"
+                      / "tokenizer", init_teacher=ROOT / "fastopd" / "assets" / "demo" / "teacher",
+                      init_student=ROOT / "fastopd" / "assets" / "demo" / "student",
+                      teacher_slip_steps=200, teacher_slip_lr=1.5e-3, teacher_slip_evals=2)
+"""``--task check``'s defaults where an argument is not given."""
+CHECK_STUDENT_ARGS = "--student-lr 1e-3 --student-steps 120 --student-eval-every 60 --student-stop 2 --student-target 0.45"
+CHECK_BUILD_COMMANDS = [
+    "python scripts/build_demo_assets.py --task check --part teacher &",
+    f"python scripts/build_demo_assets.py --task check --part student {CHECK_STUDENT_ARGS}",
+    "wait",
+    f"python scripts/build_demo_assets.py --task check --part finish --n-eval 400 {CHECK_STUDENT_ARGS}",
+]
+"""How fastopd/assets/demo_check was built (the two parts at once, then the finish)."""
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
@@ -89,7 +116,7 @@ def mixed_problems(n: int, seed: int, *, split: str, long_fraction: float):
     """``n`` training problems: a ``long_fraction`` of the long task (fastopd.demo.long_task), the rest of the
     arithmetic task (fastopd.demo.task), shuffled together deterministically."""
     n_long = int(round(n * long_fraction))
-    rows = (long_task.make_problems(n_long, seed, split=split, unique=False)
+    rows = (TASK.make_problems(n_long, seed, split=split, unique=False)
             + make_problems(n - n_long, seed, split=split, unique=False))
     random.Random(f"mix/{seed}/{split}").shuffle(rows)
     return rows
@@ -112,7 +139,7 @@ def encode_sft(tok, problems: Sequence[Dict[str, str]], *, slips: float = 0.0, s
     for p, prob in zip(prompts, problems):
         spans = []
         if slips > 0 and is_long(prob) and rng.random() < 0.5:
-            text, spans = long_task.slipped_solution(prob, rng, slips)
+            text, spans = TASK.slipped_solution(prob, rng, slips)
             text = " " + text
             spans = [(a + 1, b + 1) for a, b in spans]
         else:
@@ -255,7 +282,19 @@ def dir_size(path: Path) -> int:
 # ----------------------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "fastopd" / "assets" / "demo")
+    ap.add_argument("--task", choices=sorted(TASKS), default="long",
+                    help="the in-domain task: long (fastopd.demo.long_task, the shipped assets) or check "
+                         "(fastopd.demo.check_task; defaults CHECK_DEFAULTS, into fastopd/assets/demo_check)")
+    ap.add_argument("--part", choices=["all", "teacher", "student", "finish"], default="all",
+                    help="teacher / student: only that model's stages (results to build_<part>.json); finish: "
+                         "re-measure both, write data, build.json, README.md")
+    ap.add_argument("--tokenizer", type=Path, default=None, help="copy this tokenizer folder instead of training one")
+    ap.add_argument("--init-teacher", type=Path, default=None,
+                    help="start the teacher from this model folder's weights and run the slip stage only")
+    ap.add_argument("--teacher-slip-evals", type=int, default=1, help="validation points along the slip stage")
+    ap.add_argument("--init-student", type=Path, default=None,
+                    help="start the student from this model folder's weights instead of a random initialisation")
+    ap.add_argument("--out", type=Path, default=None, help="default fastopd/assets/demo (--task check: demo_check)")
     ap.add_argument("--vocab-size", type=int, default=640)
     ap.add_argument("--long-fraction", type=float, default=0.75,
                     help="fraction of SFT examples from the long task (the rest: the arithmetic task)")
@@ -263,9 +302,9 @@ def main(argv=None):
     ap.add_argument("--teacher-lr", type=float, default=3e-3)
     ap.add_argument("--teacher-batch", type=int, default=32)
     ap.add_argument("--teacher-evals", type=int, default=4, help="validation points along the teacher's SFT")
-    ap.add_argument("--teacher-slip-steps", type=int, default=200,
-                    help="steps of the teacher's second SFT stage, with slips (0: clean SFT only)")
-    ap.add_argument("--teacher-slip-lr", type=float, default=1e-3, help="peak LR of the slip stage")
+    ap.add_argument("--teacher-slip-steps", type=int, default=None,
+                    help="steps of the teacher's second SFT stage, with slips (0: clean SFT only; default 200)")
+    ap.add_argument("--teacher-slip-lr", type=float, default=None, help="peak LR of the slip stage (default 1e-3)")
     ap.add_argument("--clean-teacher", type=Path, default=None,
                     help="reuse this folder as the clean SFT stage's teacher (a previous build's; its build.json "
                          "one folder up gives its numbers) instead of training it")
@@ -289,6 +328,16 @@ def main(argv=None):
     ap.add_argument("--skip-student", action="store_true", help="reuse the student already in --out")
     ap.add_argument("--readme-only", action="store_true", help="only rewrite README.md from --out/build.json")
     args = ap.parse_args(argv)
+    global TASK
+    TASK = TASKS[args.task]
+    defaults = dict(out=ROOT / "fastopd" / "assets" / "demo", teacher_slip_steps=200, teacher_slip_lr=1e-3)
+    if args.task == "check":
+        defaults = CHECK_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.task == "check" and args.teacher_slip_evals == 1 and "--teacher-slip-evals" not in (argv or sys.argv):
+        args.teacher_slip_evals = CHECK_DEFAULTS["teacher_slip_evals"]
     if args.readme_only:
         return readme_only(args.out)
 
@@ -302,18 +351,22 @@ def main(argv=None):
 
     # held-out problems of both tasks (eval: the final numbers; val: checkpoint selection), disjoint
     def eval_and_val(make, seed_val):
-        ev = make(args.n_eval, EVAL_SEED if make is make_problems else long_task.EVAL_SEED, split="eval")
+        ev = make(args.n_eval, EVAL_SEED if make is make_problems else TASK.EVAL_SEED, split="eval")
         seen = {p["prompt"] for p in ev}
         val = [p for p in make(args.n_val + args.n_eval, seed_val, split="eval") if p["prompt"] not in seen]
         return ev, val[:args.n_val]
 
-    eval_problems, val_problems = eval_and_val(long_task.make_problems, VAL_SEED)
+    eval_problems, val_problems = eval_and_val(TASK.make_problems, VAL_SEED)
     arith_eval, arith_val = eval_and_val(make_problems, VAL_SEED)
 
     # 1. tokenizer
     t0 = time.time()
     tok_dir = out / "tokenizer"
-    if not args.skip_teacher:
+    if args.tokenizer is not None and args.part != "finish":  # reuse a tokenizer (the check task: the demo's)
+        # (copied once: two parts started together must not rewrite the files the other is reading)
+        if tok_dir.resolve() != args.tokenizer.resolve() and not (tok_dir / "tokenizer.json").exists():
+            shutil.copytree(args.tokenizer, tok_dir, dirs_exist_ok=True)
+    elif not args.skip_teacher and args.part in ("all", "teacher"):
         tok = train_tokenizer(args.vocab_size, TRAIN_SEED)
         if tok_dir.exists():
             shutil.rmtree(tok_dir)
@@ -334,9 +387,15 @@ def main(argv=None):
     # 2. teacher: (a) SFT on clean solutions; (b) a shorter SFT from (a)'s saved weights with student-like
     # slips in half of the long-task examples (slipped numbers masked), so that it continues soundly from the
     # states a weak student's rollouts are in (docs/training.md, "Why distillation did not teach")
-    if not args.skip_teacher:
+    if not args.skip_teacher and args.part in ("all", "teacher"):
         t0 = time.time()
-        if args.clean_teacher is None:
+        if args.init_teacher is not None:  # start from another model's weights: the slip stage only
+            results["teacher_init"] = str(args.init_teacher.relative_to(ROOT) if args.init_teacher.is_absolute()
+                                          and ROOT in args.init_teacher.parents else args.init_teacher)
+            teacher = AutoModelForCausalLM.from_pretrained(args.init_teacher)
+            save_model(teacher, tok_dir, out / "teacher", save_dtype)
+            del teacher
+        elif args.clean_teacher is None:
             teacher = make_model(TEACHER_CFG, tok, seed=1)
             print(f"teacher: {n_params(teacher):,} params", flush=True)
             snaps = sft(teacher, tok, steps=args.teacher_steps, batch_size=args.teacher_batch, lr=args.teacher_lr,
@@ -360,7 +419,8 @@ def main(argv=None):
             teacher = AutoModelForCausalLM.from_pretrained(out / "teacher")  # the saved (rounded) weights
             snaps = sft(teacher, tok, steps=args.teacher_slip_steps, batch_size=args.teacher_batch,
                         lr=args.teacher_slip_lr, seed=TRAIN_SEED + 4, desc="teacher slip SFT", warmup=20,
-                        eval_every=args.teacher_slip_steps, val_problems=val_problems, ood_val_problems=arith_val,
+                        eval_every=max(1, args.teacher_slip_steps // args.teacher_slip_evals),
+                        val_problems=val_problems, ood_val_problems=arith_val,
                         long_fraction=args.long_fraction, slips=args.teacher_slips)
             results["teacher_slip_curve"] = [(s[0], s[1], s[3]) for s in snaps]
             results["teacher_acc_fp32"] = greedy_accuracy(teacher, tok, eval_problems)
@@ -369,15 +429,28 @@ def main(argv=None):
             del teacher, snaps
         print(f"teacher: fp32 acc {results['teacher_acc_fp32']:.3f} ({time.time() - t0:.0f}s)", flush=True)
 
+    if args.part == "teacher":
+        return _save_part(out, "teacher", results, timings)
+
     # 3. student
-    if args.skip_student:  # keep the shipped student and the numbers of the build that made it
+    if args.part == "finish":
+        for part in ("teacher", "student"):
+            saved = json.loads((out / f"build_{part}.json").read_text())
+            results.update(saved["results"])
+            timings.update(saved["timings_s"])
+    elif args.skip_student:  # keep the shipped student and the numbers of the build that made it
         previous = json.loads((out / "build.json").read_text())["results"]
         for key in ("student_val_curve", "student_step", "student_acc_fp32"):
             results[key] = previous[key]
         timings["student"] = 0.0
-    else:
+    elif args.part in ("all", "student"):
         t0 = time.time()
-        student = make_model(STUDENT_CFG, tok, seed=2)
+        if args.init_student is not None:
+            student = AutoModelForCausalLM.from_pretrained(args.init_student)
+            results["student_init"] = str(args.init_student.relative_to(ROOT) if args.init_student.is_absolute()
+                                          and ROOT in args.init_student.parents else args.init_student)
+        else:
+            student = make_model(STUDENT_CFG, tok, seed=2)
         print(f"student: {n_params(student):,} params", flush=True)
         snaps = sft(student, tok, steps=args.student_steps, batch_size=args.student_batch, lr=args.student_lr,
                     seed=TRAIN_SEED + 2, desc="student SFT", eval_every=args.student_eval_every,
@@ -394,6 +467,8 @@ def main(argv=None):
         timings["student"] = time.time() - t0
         print(f"student: kept step {step} (val {val_acc:.3f}); fp32 acc {results['student_acc_fp32']:.3f} "
               f"({timings['student']:.0f}s)", flush=True)
+    if args.part == "student":
+        return _save_part(out, "student", results, timings)
 
     # 4. reload through the public code paths and re-measure, on both tasks
     t0 = time.time()
@@ -406,19 +481,22 @@ def main(argv=None):
         results[f"{name}_arith_acc"] = greedy_accuracy(m, t, arith_eval)
         results[f"{name}_params"] = n_params(m)
         results[f"{name}_samples"] = comps[:2]
-        print(f"{name} (reloaded from {args.save_dtype} safetensors as fp32): long-task acc {acc:.3f}, "
+        print(f"{name} (reloaded from {args.save_dtype} safetensors as fp32): {args.task}-task acc {acc:.3f}, "
               f"arithmetic acc {results[name + '_arith_acc']:.3f} on {len(eval_problems)} held-out problems each",
               flush=True)
     timings["reload_eval"] = time.time() - t0
     timings["total"] = time.time() - t_start
+    if args.part == "finish":  # the parts ran at once: the wall time is the longer part plus this one
+        timings["total"] = max(timings.get("teacher", 0) + timings.get("teacher_slips", 0),
+                               timings.get("student", 0)) + timings["reload_eval"] + timings["tokenizer"]
 
     # 5. prompt files for the OPD demo (JSONL with prompt + answer, prompts already formatted)
     data = out / "data"
     write_jsonl(data / "train.jsonl", make_problems(args.n_train_prompts, TRAIN_SEED + 3, split="train"))
     write_jsonl(data / "eval.jsonl", arith_eval)
-    write_jsonl(data / "long_train.jsonl",
-                long_task.make_problems(args.n_train_prompts, long_task.TRAIN_SEED + 3, split="train"))
-    write_jsonl(data / "long_eval.jsonl", eval_problems)
+    write_jsonl(data / f"{args.task}_train.jsonl",
+                TASK.make_problems(args.n_train_prompts, TASK.TRAIN_SEED + 3, split="train"))
+    write_jsonl(data / f"{args.task}_eval.jsonl", eval_problems)
 
     sizes = {name: dir_size(out / name) for name in ("tokenizer", "teacher", "student", "data")}
     (out / "build.json").write_text(json.dumps(
@@ -432,11 +510,21 @@ def main(argv=None):
                       "timings_s": {k: round(v, 1) for k, v in timings.items()}}, indent=1), flush=True)
 
 
+def _save_part(out: Path, part: str, results: dict, timings: dict) -> None:
+    """``--part teacher|student``: this part's numbers to ``build_<part>.json`` for ``--part finish``."""
+    (out / f"build_{part}.json").write_text(json.dumps(
+        {"results": {k: v for k, v in results.items() if k != "vocab"},
+         "timings_s": {k: round(v, 1) for k, v in timings.items() if k != "tokenizer"}}, indent=1) + "\n")
+    print(f"{part}: done, numbers in {out / f'build_{part}.json'}", flush=True)
+
+
 def _threads(n: int) -> str:
     return f"{n} torch thread" + ("s" if n != 1 else "")
 
 
 def write_readme(out: Path, args, results, timings, sizes, eval_problems):
+    if getattr(args, "task", "long") == "check":
+        return write_check_readme(out, args, results, timings, sizes, eval_problems)
     from transformers import AutoConfig
 
     def cfg_line(name):
@@ -568,11 +656,110 @@ def write_readme(out: Path, args, results, timings, sizes, eval_problems):
     (out / "README.md").write_text("\n".join(lines))
 
 
+def write_check_readme(out: Path, args, results, timings, sizes, eval_problems):
+    """README.md of a ``--task check`` build (fastopd/assets/demo_check)."""
+    from transformers import AutoConfig
+
+    def cfg_line(name):
+        c = AutoConfig.from_pretrained(out / name)
+        return (f"`Qwen3ForCausalLM`: hidden {c.hidden_size}, layers {c.num_hidden_layers}, heads "
+                f"{c.num_attention_heads}, kv heads {c.num_key_value_heads}, head_dim {c.head_dim}, "
+                f"intermediate {c.intermediate_size}, vocab {c.vocab_size}, tied embeddings, "
+                f"{results.get(name + '_params', 0):,} parameters")
+
+    def curve(key):
+        return ", ".join(f"{s}: {a:.0%} / {o:.0%}" for s, a, o in results.get(key) or []) or "-"
+
+    with_check = next(p for p in eval_problems if check_task.has_check(p["prompt"]))
+    without = next(p for p in eval_problems if not check_task.has_check(p["prompt"]))
+    lines = [
+        "# fastopd check-task demo assets",
+        "",
+        "Tiny models for the check task of `fastopd/demo/check_task.py` (`fastopd demo --task check`, `fastopd study "
+        "--task check`): a forced derivation of 2-14 steps, then a check whose length the prompt sets independently "
+        "(none for a quarter of the problems), so the place where the teacher's margin fades varies from rollout to "
+        "rollout. The out-of-domain task is the arithmetic task of `fastopd/demo/task.py`. Built by "
+        "`scripts/build_demo_assets.py --task check` (deterministic seeds, CPU); the shipped `fastopd/assets/demo` "
+        "is not touched.",
+        "",
+        "| folder | what |",
+        "|---|---|",
+        f"| `tokenizer/` | the demo's tokenizer (`fastopd/assets/demo/tokenizer`, copied): vocab {results['vocab']}; "
+        f"every number 0..{MAX_VALUE} is one token |",
+        f"| `teacher/` | {cfg_line('teacher')} |",
+        f"| `student/` | {cfg_line('student')} |",
+        f"| `data/` | `check_train.jsonl` / `train.jsonl`: {args.n_train_prompts} train-split prompts of the check / "
+        f"arithmetic task; `check_eval.jsonl` / `eval.jsonl`: {len(eval_problems)} held-out problems of each |",
+        "| `build.json` | the numbers below, as the build printed them (`build_teacher.json`, `build_student.json`: "
+        "the two parts, run at once) |",
+        "",
+        "## The task",
+        "",
+        "```",
+        format_prompt(with_check["prompt"]) + solution_completion(with_check) + EOS,
+        "",
+        format_prompt(without["prompt"]) + solution_completion(without) + EOS,
+        "```",
+        "",
+        "## How they were trained",
+        "",
+        f"SFT on a mix of {args.long_fraction:.0%} check-task and {1 - args.long_fraction:.0%} arithmetic problems, "
+        "loss on the solution tokens + EOS only, AdamW (betas 0.9/0.98, weight decay 0.01), cosine decay to 10 % of "
+        f"the peak LR, gradient clipping 1.0, fp32 on CPU with {_threads(args.threads)}. Both models start from the "
+        "shipped long-task models' weights (the derivation is the long task's), because the build shares two "
+        "cores with other work:",
+        "",
+        f"- teacher: from `{results.get('teacher_init', '?')}`, {args.teacher_slip_steps} steps x batch "
+        f"{args.teacher_batch}, peak LR {args.teacher_slip_lr}, 20 warmup steps; half of the check-task examples "
+        f"carry student-like slips in their derivation (each sentence with probability {args.teacher_slips}), the "
+        "slipped numbers masked out of the loss, so the teacher continues soundly from a student's slips. "
+        f"Validation (step: check / arithmetic greedy accuracy, {args.n_val} problems each): "
+        f"{curve('teacher_slip_curve')}.",
+        f"- student: from `{results.get('student_init', 'a random initialisation')}`, {args.student_steps} steps x "
+        f"batch {args.student_batch}, peak LR {args.student_lr}, 50 warmup steps, validated every "
+        f"{args.student_eval_every} steps; the checkpoint nearest {args.student_target:.0%} inside 5-40 % is kept "
+        f"(as for the long task's student): step {results['student_step']}. Validation: {curve('student_val_curve')}.",
+        "",
+        "## Measured accuracy",
+        "",
+        f"Greedy decoding, {len(eval_problems)} held-out problems of each task, after reloading the saved files as "
+        "fp32:",
+        "",
+        "| model | check task (fp32 before saving, first 200) | check task (reloaded) | arithmetic task (reloaded) |",
+        "|---|---|---|---|",
+        f"| teacher | {results.get('teacher_acc_fp32', float('nan')):.1%} | {results['teacher_acc']:.1%} | "
+        f"{results['teacher_arith_acc']:.1%} |",
+        f"| student | {results['student_acc_fp32']:.1%} | {results['student_acc']:.1%} | "
+        f"{results['student_arith_acc']:.1%} |",
+        "",
+    ]
+    if results.get("student_samples"):
+        lines += ["Sample greedy completions of the student:", "", "```",
+                  *[s.strip() for s in results["student_samples"]], "```", ""]
+    lines += [
+        "## Size and time",
+        "",
+        f"Sizes: teacher {sizes['teacher'] / 1e6:.2f} MB, student {sizes['student'] / 1e6:.2f} MB, data "
+        f"{sizes['data'] / 1e3:.0f} kB. Build time on the shared 2-core CPU (load 4-10 from other work; the teacher "
+        "and student parts ran at once): " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+        + f" ({timings['total'] / 60:.1f} min of wall time).",
+        "",
+        "## Rebuild",
+        "",
+        "```",
+        *CHECK_BUILD_COMMANDS,
+        "```",
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
+
+
 def readme_only(out: Path, argv=None) -> None:
     """Rewrite README.md from build.json (e.g. after editing the text), without retraining."""
     build = json.loads((out / "build.json").read_text())
     args = argparse.Namespace(**build["args"])
-    eval_problems = long_task.make_problems(args.n_eval, long_task.EVAL_SEED, split="eval")
+    module = TASKS[getattr(args, "task", "long")]
+    eval_problems = module.make_problems(args.n_eval, module.EVAL_SEED, split="eval")
     write_readme(out, args, build["results"], build["timings_s"], build["sizes_bytes"], eval_problems)
 
 

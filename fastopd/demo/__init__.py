@@ -1,7 +1,8 @@
 """The paper's embedded experiment on the shipped tiny models: ``fastopd demo`` and ``fastopd study``.
 
-- task.py, long_task.py: the two synthetic tasks (problems, prompts, solutions; graded by the trainer's
-  ``boxed`` verifier, :mod:`fastopd.train.verify`); :func:`demo_asset_paths`: the shipped models' folders;
+- task.py, long_task.py, check_task.py: the synthetic tasks (problems, prompts, solutions; graded by the trainer's
+  ``boxed`` verifier, :mod:`fastopd.train.verify`); check_task is the one where the fade's position varies
+  (its models: ``fastopd/assets/demo_check``); :func:`demo_asset_paths`: the shipped models' folders;
 - precondition.py: the teacher's margin profile on the student's own rollouts, before any OPD step;
 - demo.py: :func:`run_demo`, ``fastopd demo`` (full OPD against the release rule, one seed);
 - study.py: :func:`run_study`, ``fastopd study`` (the rule against every control, several seeds).

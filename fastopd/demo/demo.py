@@ -54,11 +54,23 @@ SCHEDULES = {
         "quick": dict(steps=30, prompts_per_step=8, num_samples=4, eval_size=100, eval_every=15, n_train=500,
                       precondition=128, lr=5e-4, loss="forward_kl", lr_scheduler="cosine"),
     },
+    # check task (fastopd.demo.check_task: the fade's position varies, a quarter of the problems have no check;
+    # models in fastopd/assets/demo_check): the long task's recipe.
+    "check": {
+        "full": dict(steps=60, prompts_per_step=8, num_samples=4, eval_size=400, eval_every=20, n_train=2000,
+                     precondition=256, lr=5e-4, loss="forward_kl", lr_scheduler="cosine", sft=True, online=True),
+        "quick": dict(steps=30, prompts_per_step=8, num_samples=4, eval_size=100, eval_every=15, n_train=500,
+                      precondition=128, lr=5e-4, loss="forward_kl", lr_scheduler="cosine"),
+    },
 }
-# Per task: the shipped prompt files (fastopd/assets/demo/data), the longest completion, the OOD task.
+# Per task: the shipped prompt files (fastopd/assets/<assets>/data), the longest completion, the OOD task, the
+# models' folder under fastopd/assets.
 TASKS = {
-    "long": dict(train="long_train.jsonl", eval="long_eval.jsonl", max_new_tokens=192, ood="arithmetic"),
-    "arithmetic": dict(train="train.jsonl", eval="eval.jsonl", max_new_tokens=72, ood="long"),
+    "long": dict(train="long_train.jsonl", eval="long_eval.jsonl", max_new_tokens=192, ood="arithmetic",
+                 assets="demo"),
+    "arithmetic": dict(train="train.jsonl", eval="eval.jsonl", max_new_tokens=72, ood="long", assets="demo"),
+    "check": dict(train="check_train.jsonl", eval="check_eval.jsonl", max_new_tokens=192, ood="arithmetic",
+                  assets="demo_check"),
 }
 # The exact dense divergence rather than the trainer's default `pg`: with a tiny student and a few minutes of CPU,
 # its lower-variance gradient is what moves the student towards the teacher (see docs/training.md, "The demo");
@@ -82,11 +94,12 @@ def demo_config(out_dir: Path, *, quick: bool, seed: int = 0, steps: int | None 
     if task not in TASKS:
         raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
 
-    paths = demo_asset_paths()
+    paths = demo_asset_paths(TASKS[task]["assets"])
+    build = "python scripts/build_demo_assets.py" + (" --task check" if task == "check" else "")
     missing = [str(paths[k]) for k in ("teacher", "student", "tokenizer") if not Path(paths[k]).exists()]
     if missing:
         raise FileNotFoundError(f"the demo models are missing ({', '.join(missing)}); "
-                                "rebuild them with `python scripts/build_demo_assets.py`")
+                                f"rebuild them with `{build}`")
     sched = dict(SCHEDULES[task]["quick" if quick else "full"])
     if steps is not None:
         sched["steps"] = steps
@@ -96,9 +109,9 @@ def demo_config(out_dir: Path, *, quick: bool, seed: int = 0, steps: int | None 
                  ood_max_new_tokens=ood["max_new_tokens"])
     if (shipped / spec["train"]).is_file() and (shipped / spec["eval"]).is_file():
         train_path, eval_path = shipped / spec["train"], shipped / spec["eval"]
-    elif task == "long":
-        raise FileNotFoundError(f"the long task's prompt files are missing in {shipped}; rebuild the demo assets "
-                                "with `python scripts/build_demo_assets.py`")
+    elif task != "arithmetic":
+        raise FileNotFoundError(f"the {task} task's prompt files are missing in {shipped}; rebuild the demo assets "
+                                f"with `{build}`")
     else:
         data = out_dir / "data"
         train_path = write_jsonl(data / "train.jsonl", make_problems(sched["n_train"], TRAIN_SEED, split="train"))
@@ -168,11 +181,11 @@ def reference_nll(model, tok, task: str, n: int, batch_size: int = 50) -> float:
     (the problems of the shipped eval files, regenerated with their seed), given ``format_prompt``."""
     import torch.nn.functional as F
 
-    from fastopd.demo import long_task, task as arith
+    from fastopd.demo import check_task, long_task, task as arith
     from fastopd.demo.task import format_prompt, solution_completion
 
-    problems = (long_task.make_problems(n, long_task.EVAL_SEED, split="eval") if task == "long"
-                else arith.make_problems(n, arith.EVAL_SEED, split="eval"))
+    module = {"long": long_task, "check": check_task}.get(task, arith)
+    problems = module.make_problems(n, module.EVAL_SEED, split="eval")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

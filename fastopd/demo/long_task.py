@@ -54,7 +54,7 @@ from fastopd.demo.task import draw_problems, format_prompt, split_of  # noqa: F4
 __all__ = [
     "MIN_TERMS", "MAX_TERMS", "SENTENCES", "MAX_TERM", "MAX_TOTAL", "TRAIN_SEED", "EVAL_SEED", "DEMO_VERIFIER",
     "CHECK_SUBJECTS", "CHECK_VERBS", "CHECK_VERDICTS", "OPEN_WORDS", "CLOSE_WORDS",
-    "make_problem", "make_problems", "slipped_solution", "check_solution", "parse_terms", "free_slots",
+    "make_problem", "make_problems", "slipped_solution", "slip_derivation", "check_solution", "parse_terms", "free_slots",
 ]
 
 MIN_TERMS = 7
@@ -125,9 +125,20 @@ def slipped_solution(problem: Dict[str, str], rng: random.Random, p_slip: float)
     while it learns to continue soundly from a history with slips: the states a weak student's rollouts are
     in (docs/training.md, "Why distillation did not teach").
     """
+    terms = parse_terms(problem["prompt"])
+    parts, spans, running = slip_derivation(terms, rng, p_slip)
+    rest = problem["solution"].split(" The sum is ", 1)[1]
+    rest = "The sum is \\boxed{" + str(running) + "}" + rest[rest.index("}") + 1:]
+    return " ".join(parts + [rest]), spans
+
+
+def slip_derivation(terms: List[int], rng: random.Random, p_slip: float) -> tuple:
+    """The opening and the ``a plus b is c`` sentences of ``terms`` with slips, as :func:`slipped_solution`
+    describes: ``(sentences, spans, running)``, ``spans`` the character ranges of the slipped numbers in
+    ``" ".join(sentences)`` and ``running`` the last written total (shared with :mod:`fastopd.demo.check_task`).
+    """
     if not 0.0 <= p_slip <= 1.0:
         raise ValueError(f"p_slip must be in [0, 1], got {p_slip!r}")
-    terms = parse_terms(problem["prompt"])
     parts: List[str] = [OPENING]
     spans: List[tuple] = []
     text_len = len(OPENING)
@@ -161,9 +172,7 @@ def slipped_solution(problem: Dict[str, str], rng: random.Random, p_slip: float)
         parts.append(sentence)
         text_len = start + len(sentence)
         running = c
-    rest = problem["solution"].split(" The sum is ", 1)[1]
-    rest = "The sum is \\boxed{" + str(running) + "}" + rest[rest.index("}") + 1:]
-    return " ".join(parts + [rest]), spans
+    return parts, spans, running
 
 
 def make_problems(n: int, seed: int, min_terms: int = MIN_TERMS, max_terms: int = MAX_TERMS, split: str = "train",

@@ -66,7 +66,17 @@ STUDY_FIELDS = ("steps", "prompts_per_step", "num_samples", "max_new_tokens", "t
 settings.json): the demo schedule's training and evaluation fields. Not here: what a study varies (``seed``,
 ``mode``, the fixed_prefix ``fraction``, the truncate arm's ``max_new_tokens`` derive from it), and paths."""
 
-__all__ = ["ARMS", "run_study", "aggregate", "paired_bootstrap", "format_study", "plot_study"]
+CHECK_METRICS = METRICS[:1] + (("accuracy_check", "accuracy, problems with a check"),
+                                ("accuracy_nocheck", "accuracy, problems without a check")) + METRICS[1:]
+"""On the check task (:mod:`fastopd.demo.check_task`) the accuracy is also split by the problem's prompt."""
+PAIRS = (("release", "fixed_prefix"), ("release", "shuffled"), ("release", "full"), ("online", "truncate"))
+"""Issue 24's paired comparisons (a - b, same seed) on the check task."""
+PAIR_KEYS = (("accuracy", "accuracy"), ("accuracy_check", "accuracy with a check"),
+             ("accuracy_nocheck", "accuracy without a check"), ("tokens_supervised", "tokens supervised"),
+             ("tokens_generated", "tokens generated"), ("time_per_step", "time / step (s)"))
+
+__all__ = ["ARMS", "run_study", "aggregate", "paired_bootstrap", "problem_bootstrap", "paired_pairs",
+           "format_study", "plot_study", "CHECK_METRICS", "PAIRS"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,8 +103,62 @@ def paired_bootstrap(diffs, *, n_boot: int = 10_000, level: float = 0.95, seed: 
             "n": int(d.size)}
 
 
+def problem_bootstrap(correct_a, correct_b, *, n_boot: int = 10_000, level: float = 0.95, seed: int = 0) -> dict:
+    """Paired per-problem interval of accuracy(a) - accuracy(b): ``correct_a``/``correct_b`` are (seeds, problems)
+    0/1 arrays of the same held-out problems (row s of both: the same seed); each problem's difference is averaged
+    over the seeds and the problems are resampled with replacement. It measures how much the difference depends
+    on which problems were held out, not how much it varies between training seeds (:func:`paired_bootstrap`).
+
+    Returns ``{"mean", "lo", "hi", "n"}`` (``n``: problems)."""
+    a = np.asarray(correct_a, dtype=np.float64)
+    b = np.asarray(correct_b, dtype=np.float64)
+    if a.ndim != 2 or a.shape != b.shape or a.shape[1] == 0:
+        raise ValueError(f"correct_a and correct_b must be (seeds, problems) arrays of one non-empty shape, got "
+                         f"{a.shape} and {b.shape}")
+    d = (a - b).mean(axis=0)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(d.size)}
+
+
+def paired_pairs(arms: dict[str, list[dict]], pairs=PAIRS, keys=PAIR_KEYS, *, n_boot: int = 10_000,
+                 with_check: list[bool] | None = None) -> dict:
+    """For each pair ``(a, b)`` present in ``arms`` and each key: the paired difference a - b over the seeds both
+    have, with :func:`paired_bootstrap`'s interval (``"seeds"``); for the accuracies, with the rows' per-problem
+    ``correct`` lists, also :func:`problem_bootstrap`'s (``"problems"``; ``with_check`` selects the problems of
+    ``accuracy_check`` / ``accuracy_nocheck``). Returns ``{"a - b": {key: {"seeds": ..., "problems": ...}}}``."""
+    out = {}
+    for a, b in pairs:
+        if a not in arms or b not in arms:
+            continue
+        ra = {r["seed"]: r for r in arms[a]}
+        rb = {r["seed"]: r for r in arms[b]}
+        seeds = sorted(set(ra) & set(rb))
+        cell = {}
+        for key, _ in keys:
+            diffs = [ra[s][key] - rb[s][key] for s in seeds
+                     if ra[s].get(key) is not None and rb[s].get(key) is not None
+                     and math.isfinite(ra[s][key]) and math.isfinite(rb[s][key])]
+            cell[key] = {"seeds": paired_bootstrap(diffs, n_boot=n_boot) if diffs else None, "problems": None}
+            if key.startswith("accuracy") and all(ra[s].get("correct") and rb[s].get("correct") for s in seeds) \
+                    and seeds:
+                ca = np.array([ra[s]["correct"] for s in seeds], dtype=np.float64)
+                cb = np.array([rb[s]["correct"] for s in seeds], dtype=np.float64)
+                if key != "accuracy":
+                    if with_check is None:
+                        continue
+                    keep = np.asarray(with_check, dtype=bool)
+                    keep = keep if key == "accuracy_check" else ~keep
+                    ca, cb = ca[:, keep], cb[:, keep]
+                if ca.shape[1]:
+                    cell[key]["problems"] = problem_bootstrap(ca, cb, n_boot=n_boot)
+        out[f"{a} - {b}"] = cell
+    return out
+
+
 def aggregate(arms: dict[str, list[dict]], *, reference: str = "release", n_boot: int = 10_000,
-              start: float | None = None) -> dict:
+              start: float | None = None, metrics=METRICS) -> dict:
     """Per arm and metric: mean, std (ddof 1; 0 with one seed), n; per control: the paired difference
     ``reference - control`` over the seeds both have, with its bootstrap interval (:func:`paired_bootstrap`).
 
@@ -108,7 +172,7 @@ def aggregate(arms: dict[str, list[dict]], *, reference: str = "release", n_boot
         if start is not None:
             rows = [dict(r, gain_vs_start=r["accuracy"] - start) if r.get("accuracy") is not None else r for r in rows]
             summary["above_start"][mode] = {"seeds": sum(r.get("gain_vs_start", 0) > 0 for r in rows), "of": len(rows)}
-        for key, _ in METRICS:
+        for key, _ in metrics:
             v = np.array([r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])], dtype=np.float64)
             s[key] = {"mean": float(v.mean()) if v.size else float("nan"),
                       "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
@@ -128,7 +192,7 @@ def aggregate(arms: dict[str, list[dict]], *, reference: str = "release", n_boot
 def _fmt(key: str, m: dict) -> str:
     if m["n"] == 0:
         return "-"
-    if key in ("accuracy", "ood_accuracy", "accept_rate"):
+    if key in ("accuracy", "ood_accuracy", "accept_rate", "accuracy_check", "accuracy_nocheck"):
         return f"{m['mean']:.1%} ± {m['std']:.1%}"
     if key == "gain_vs_start":
         return f"{100 * m['mean']:+.1f} ± {100 * m['std']:.1f} pts"
@@ -142,6 +206,7 @@ def _fmt(key: str, m: dict) -> str:
 def format_study(study: dict, summary: dict) -> str:
     """study.md: the setting, mean ± std per arm, the paired differences with their intervals."""
     s = study.get("setting", {})
+    metrics = CHECK_METRICS if s.get("task") == "check" else METRICS
     lines = [
         "# fastopd study: the release rule against every control",
         "",
@@ -154,12 +219,12 @@ def format_study(study: dict, summary: dict) -> str:
         f"{_pct(study.get('student_before', {}).get('ood_accuracy'))} OOD (reference NLL "
         f"{study.get('student_before', {}).get('ood_nll') or float('nan'):.4f} nats/token).",
         "",
-        "| arm | seeds | " + " | ".join(label for _, label in METRICS) + " |",
-        "|---|---|" + "---|" * len(METRICS),
+        "| arm | seeds | " + " | ".join(label for _, label in metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
     ]
     for mode, rows in study["arms"].items():
         a = summary["arms"][mode]
-        lines.append(f"| {mode} | {len(rows)} | " + " | ".join(_fmt(k, a[k]) for k, _ in METRICS) + " |")
+        lines.append(f"| {mode} | {len(rows)} | " + " | ".join(_fmt(k, a[k]) for k, _ in metrics) + " |")
     above = summary.get("above_start") or {}
     if above:
         lines += ["", "Seeds that ended above the starting student: " + ", ".join(
@@ -188,6 +253,44 @@ def format_study(study: dict, summary: dict) -> str:
             else:
                 cells.append(f"{b['mean']:+.1%} [{b['lo']:+.1%}, {b['hi']:+.1%}] (n={b['n']})")
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    if summary.get("pairs"):
+        lines += ["", "Issue 24's paired differences a − b (same seed): mean, 95 % bootstrap interval over seeds "
+                  "[seeds] and, for accuracies, over the held-out problems with each problem's difference averaged "
+                  "over the seeds {problems} (that one shows how much the held-out sample matters, not the spread "
+                  "between training seeds):", "",
+                  "| a − b | " + " | ".join(label for _, label in PAIR_KEYS) + " |",
+                  "|---|" + "---|" * len(PAIR_KEYS)]
+        for name, cell in summary["pairs"].items():
+            cells = []
+            for key, _ in PAIR_KEYS:
+                c = cell.get(key) or {}
+                b, q = c.get("seeds"), c.get("problems")
+                if b is None:
+                    cells.append("-")
+                    continue
+                if key.startswith("accuracy"):
+                    text = f"{100 * b['mean']:+.1f} pts [{100 * b['lo']:+.1f}, {100 * b['hi']:+.1f}]"
+                    if q is not None:
+                        text += f" {{{100 * q['lo']:+.1f}, {100 * q['hi']:+.1f}}}"
+                elif key == "time_per_step":
+                    text = f"{b['mean']:+.2f} [{b['lo']:+.2f}, {b['hi']:+.2f}]"
+                else:
+                    text = f"{b['mean']:+,.0f} [{b['lo']:+,.0f}, {b['hi']:+,.0f}]"
+                cells.append(text + f" (n={b['n']})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    decisions = {m: [r.get("decisions") for r in rows if r.get("decisions")] for m, rows in study["arms"].items()}
+    if any(decisions.values()):
+        kinds = ("on time", "early", "late", "missed fade", "false release", "kept whole", "no answer")
+        lines += ["", "The rule's decisions on each arm's logged training rollouts against where the check really "
+                  "begins (fastopd.demo.precondition.rule_decision; in the control arms what the rule would have "
+                  "decided; share of rollouts, all seeds):", "",
+                  "| arm | rollouts | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+        for mode, ds in decisions.items():
+            if not ds:
+                continue
+            tot = {k: sum(d.get(k, 0) for d in ds) for k in kinds}
+            n = sum(sum(d.values()) for d in ds)
+            lines.append(f"| {mode} | {n:,} | " + " | ".join(f"{tot[k] / max(n, 1):.1%}" for k in kinds) + " |")
     full = {r["seed"]: r for r in study["arms"].get("full", [])}
     online = [r for r in study["arms"].get("online", []) if r["seed"] in full]
     if online:
@@ -207,7 +310,10 @@ def format_study(study: dict, summary: dict) -> str:
             lines += ["", "truncate lengths (the online arm's mean generated length of the same seed, tokens): "
                       + ", ".join(str(t) for t in tr) + "."]
     fp = [r.get("fraction") for r in study["arms"].get("fixed_prefix", []) if r.get("fraction") is not None]
-    if fp:
+    if fp and s.get("task") == "check":
+        lines += ["", "fixed_prefix fraction (the rule's kept fraction in the precondition, every seed): "
+                  + ", ".join(f"{f:.3f}" for f in fp) + "."]
+    elif fp:
         lines += ["", "fixed_prefix fractions (the release arm's mean kept fraction of the same seed): "
                   + ", ".join(f"{f:.3f}" for f in fp) + "."]
     if study.get("precondition"):
@@ -376,8 +482,50 @@ def _run_one(cfg, sched, run_dir: Path, progress: bool) -> dict:
     row["generated_per_rollout"] = a["tokens_generated"] / max(sum(r.get("rollouts", 0) for r in run["metrics"]), 1)
     if cfg.choices[1] == "fixed_prefix":
         row["fraction"] = cfg.fraction
+    if sched.get("task") == "check":  # issue 24: per-problem grades (split by check) and the rule's decisions
+        from fastopd.demo.check_task import has_check
+        from fastopd.demo.precondition import rule_decision
+        from fastopd.train.data import load_prompts
+
+        rows = load_prompts(cfg.eval_data)[:cfg.eval_size or None]
+        row["correct"] = grade_per_problem(run_dir / "final", cfg, rows)
+        flags = np.array([has_check(r["prompt"]) for r in rows])
+        corr = np.array(row["correct"], dtype=np.float64)
+        row["accuracy"] = float(corr.mean())
+        row["accuracy_check"] = float(corr[flags].mean()) if flags.any() else None
+        row["accuracy_nocheck"] = float(corr[~flags].mean()) if (~flags).any() else None
+        kinds: dict = {}
+        for rec in run["rollouts"]:
+            k = rule_decision(rec)["kind"]
+            kinds[k] = kinds.get(k, 0) + 1
+        row["decisions"] = kinds
     atomic_write_text(run_dir / "result.json", json.dumps(row, indent=1) + "\n")
     return row
+
+
+def grade_per_problem(model_dir, cfg, rows: list[dict]) -> list[int]:
+    """Greedy 0/1 grade of a saved model on each row (``{"prompt", "answer"}``), in order: the trainer's evaluation
+    (same generation, verifier and batch size) kept per problem, for per-problem paired intervals."""
+    import torch
+
+    from fastopd.train.models import load_model, load_tokenizer, quiet_transformers
+    from fastopd.train.rollouts import eos_ids_of, generate_completions
+    from fastopd.train.verify import get_verifier
+
+    tok = load_tokenizer(cfg.tokenizer)
+    check = get_verifier(cfg.verifier)
+    with quiet_transformers():
+        model = load_model(str(model_dir), dtype=torch.float32, attn="sdpa")
+    model.eval()
+    out = []
+    bs = cfg.eval_batch_size
+    with torch.no_grad():
+        for i in range(0, len(rows), bs):
+            chunk = rows[i:i + bs]
+            ro = generate_completions(model, tok, [r["prompt"] for r in chunk], eos_ids=eos_ids_of(tok, model),
+                                      max_new_tokens=cfg.max_new_tokens, do_sample=False)
+            out += [int(bool(check(t, r["answer"]))) for r, t in zip(chunk, ro.texts)]
+    return out
 
 
 def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] = 3, steps: int | None = None,
@@ -459,6 +607,11 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
     # runs that set their schedule from another arm of the same seed come second: fixed_prefix (the release
     # arm's kept fraction)
     needs = {"fixed_prefix": "release", "truncate": "online"}
+    if task == "check":  # issue 24: fixed_prefix at the rule's kept fraction measured in the precondition
+        if pre is None:
+            raise ValueError("the check task's study needs the precondition (its kept fraction sets fixed_prefix); "
+                             "got precondition=False")
+        needs.pop("fixed_prefix")
     first = [m for m in arms if m not in needs]
     second = [m for m in arms if m in needs]
     all_jobs = [(seed, mode) for seed in seed_list for mode in first + second]
@@ -471,7 +624,9 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
 
     def job_cfg(seed, mode):
         run_cfg = dataclasses.replace(cfg, **ARM_FIELDS[mode], seed=seed)
-        if mode == "fixed_prefix":
+        if mode == "fixed_prefix" and task == "check":
+            run_cfg = dataclasses.replace(run_cfg, fraction=float(min(1.0, max(pre["kept_fraction"], 1e-3))))
+        elif mode == "fixed_prefix":
             rel = rows[(seed, "release")]
             run_cfg = dataclasses.replace(run_cfg, fraction=float(min(1.0, max(rel["kept_fraction"], 1e-3))))
         if mode == "truncate":  # the length budget: the online arm's mean generated length
@@ -511,7 +666,9 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
             run_dirs[mode].append(out_dir / "runs" / f"{mode}-s{seed}")
 
     study = {
-        "arms": {m: [{k: r.get(k) for k in ROW_KEYS} | ({"fraction": r["fraction"]} if "fraction" in r else {})
+        "arms": {m: [{k: r.get(k) for k in ROW_KEYS} | {k: r[k] for k in ("fraction", "accuracy_check",
+                                                                          "accuracy_nocheck", "decisions", "correct")
+                                                          if k in r}
                      for r in results[m]] for m in arms},
         "student_before": base["student_before"], "teacher": base["teacher"], "precondition": pre,
         "setting": {"task": task, "ood_task": sched["ood_task"], "steps": sched["steps"],
@@ -520,7 +677,13 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                     "total_time_s": time.perf_counter() - t_start, "runs_trained": trained},
     }
-    summary = aggregate(study["arms"], start=start)
+    summary = aggregate(study["arms"], start=start, metrics=CHECK_METRICS if task == "check" else METRICS)
+    if task == "check":
+        from fastopd.demo.check_task import has_check
+        from fastopd.train.data import load_prompts
+
+        flags = [has_check(r["prompt"]) for r in load_prompts(cfg.eval_data)[:cfg.eval_size or None]]
+        summary["pairs"] = paired_pairs(study["arms"], with_check=flags)
     study["summary"] = summary
     atomic_write_text(out_dir / "study.json", json.dumps(study, indent=1) + "\n")
     md = format_study(study, summary)

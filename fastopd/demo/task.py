@@ -251,18 +251,23 @@ class DemoAssets(dict):
             raise AttributeError(name) from None
 
 
-def demo_asset_paths() -> DemoAssets:
+def demo_asset_paths(folder: str = "demo") -> DemoAssets:
     """Local folders of the shipped demo models, for ``AutoModelForCausalLM/AutoTokenizer.from_pretrained``.
 
     Returns ``DemoAssets(teacher=Path, student=Path, tokenizer=Path, root=Path)``. The teacher and
     student folders also hold a copy of the tokenizer. The folders may be missing in a source checkout
     where ``scripts/build_demo_assets.py`` has not been run; check ``path.exists()``. The environment variable
-    ``FASTOPD_DEMO_ASSETS`` points the demo at another folder of the same layout.
+    ``FASTOPD_DEMO_ASSETS`` points the demo at another folder of the same layout. ``folder``: which shipped
+    folder under ``fastopd/assets`` (``"demo"``; ``"demo_check"``: the check task's models, built by
+    ``scripts/build_demo_assets.py --task check``; the environment variable applies to ``"demo"`` only).
     The weights are stored in bf16 but ``config.json`` says ``dtype: float32``, so a plain
     ``from_pretrained(path)`` gives an fp32 model (pass ``dtype=torch.bfloat16`` for half precision).
     """
     import os
 
     # FASTOPD_DEMO_ASSETS: another folder of the same layout (e.g. a rebuild in progress)
-    root = Path(os.environ.get("FASTOPD_DEMO_ASSETS") or Path(__file__).resolve().parent.parent / "assets" / "demo")
+    if not isinstance(folder, str) or not folder or "/" in folder or folder.startswith("."):
+        raise ValueError(f"folder must be the name of a folder under fastopd/assets, got {folder!r}")
+    env = os.environ.get("FASTOPD_DEMO_ASSETS") if folder == "demo" else None
+    root = Path(env or Path(__file__).resolve().parent.parent / "assets" / folder)
     return DemoAssets(teacher=root / "teacher", student=root / "student", tokenizer=root / "tokenizer", root=root)

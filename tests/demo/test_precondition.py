@@ -64,3 +64,58 @@ def test_records_read_back_from_strict_jsonl_give_the_same_summary(tmp_path):
         else:
             assert got[key] == pytest.approx(want[key], nan_ok=True), key
     assert got["gain_mean"] == 20.0 and got["kept_fraction"] == pytest.approx((2 + 8) / 12)
+
+
+def _check_rec(text, accepted, release_segment):
+    """A record whose segments are the text's sentences, one token each (enough for the split's figures)."""
+    from fastopd.segment import sentence_spans
+
+    n = len(sentence_spans(text))
+    return _rec([1.0] * n, list(range(n)), 20.0 if accepted else 1.0, accepted, release_segment if accepted else n,
+                1.0) | {"text": text}
+
+
+DERIV = "We add the numbers from left to right. 1 plus 2 is 3. 3 plus 4 is 7. The sum is \\boxed{7}."
+CHECK = " Now we check 2 steps. Step 1 is right. Line 2 looks fine. So the sum is good."
+
+
+def test_rule_decision_names_what_the_rule_did_against_the_true_fade():
+    from fastopd.demo.precondition import fade_segment, rule_decision
+
+    assert fade_segment(DERIV) == 4 and fade_segment(DERIV + CHECK) == 4 and fade_segment("1 plus 2 is 3.") is None
+    assert rule_decision(_check_rec(DERIV, False, 0))["kind"] == "kept whole"
+    assert rule_decision(_check_rec(DERIV, True, 2))["kind"] == "false release"
+    assert rule_decision(_check_rec(DERIV + CHECK, False, 0))["kind"] == "missed fade"
+    on = rule_decision(_check_rec(DERIV + CHECK, True, 4))
+    assert on["kind"] == "on time" and on["offset"] == 0
+    assert on["fade_fraction"] == pytest.approx(4 / 8) and on["release_fraction"] == pytest.approx(4 / 8)
+    assert rule_decision(_check_rec(DERIV + CHECK, True, 2))["kind"] == "early"
+    late = rule_decision(_check_rec(DERIV + CHECK, True, 6))
+    assert late["kind"] == "late" and late["offset"] == 2
+    assert rule_decision(_check_rec("We add. 1 plus 2 is 3.", True, 1))["kind"] == "no answer"
+
+
+def test_check_split_accept_rates_and_release_spread():
+    from fastopd.demo.precondition import CHECK_TARGETS, format_check_split, summarise_check_split
+
+    recs = [_check_rec(DERIV + CHECK, True, 4), _check_rec(DERIV + CHECK, True, 6),
+            _check_rec(DERIV + CHECK, False, 0), _check_rec(DERIV, False, 0), _check_rec(DERIV, True, 2)]
+    with_check = [True, True, True, False, False]
+    c = summarise_check_split(recs, with_check)
+    assert c["accept_with_check"] == pytest.approx(2 / 3) and c["accept_without_check"] == pytest.approx(0.5)
+    # accepted release fractions: 4/8, 6/8, 2/4 -> quartiles of [0.5, 0.5, 0.75]
+    assert c["release_accepted"]["n"] == 3 and c["release_accepted"]["iqr"] == pytest.approx(0.125)
+    assert c["release_all"]["n"] == 5
+    assert c["decisions"] == {"on time": 1, "late": 1, "missed fade": 1, "kept whole": 1, "false release": 1}
+    assert c["offset_segments_mean"] == pytest.approx(1.0)
+    assert c["accept_check_written"] == pytest.approx(2 / 3) and c["rollouts_check_written"] == 3
+    assert c["accept_no_check_written"] == pytest.approx(1 / 2) and c["rollouts_no_check_written"] == 2
+    fixed = summarise_check_split(recs, with_check, fixed_fraction=0.6)["fixed_cut"]
+    # fades of the written checks at 4/8 of each: a cut at 0.6 is after all of them, 0.1 from each
+    assert fixed["cuts_derivation"] == 0.0 and fixed["mean_abs"] == pytest.approx(0.1)
+    assert fixed["dropped_without_check"] == pytest.approx(0.4) and c["fixed_cut"] is None
+    text = format_check_split(c)
+    assert "66.7%" in text and f"target >= {CHECK_TARGETS['accept_with_check']:.0%}: misses" in text
+    assert f"target <= {CHECK_TARGETS['accept_without_check']:.0%}: misses" in text
+    with pytest.raises(ValueError, match="with_check"):
+        summarise_check_split(recs, with_check[:2])
