@@ -1,4 +1,4 @@
-"""The demo teacher on a real vLLM server vs in-process: exact-margin share and what a step costs.
+"""The demo teacher on a real vLLM server vs in-process: exact-margin share and what a step costs (CPU; needs the vLLM server).
 
 Needs a running server with the demo teacher (docs/integrations.md, "A teacher on a vLLM server")::
 

@@ -131,9 +131,10 @@ class TrainConfig:
         "rule's kept fractions of the batch permuted among its rollouts: same lengths, other places). Default: from "
         "`mode`, else release.", WEIGHTS + (None,))
     loss: str = _f("pg", "Which loss: pg (policy gradient with the reverse-KL advantage, Thinking Machines recipe); "
-                   "reverse_kl (exact dense reverse KL); forward_kl (exact dense forward KL(teacher || student) on the "
+                   "reverse_kl (exact dense reverse KL); forward_kl (exact dense forward KL(teacher ‖ student) on the "
                    "sampled rollouts, GKD's beta = 0); cross_entropy (the student's cross-entropy on the sampled "
-                   "tokens: with sampler teacher, SFT).", TRAIN_LOSSES)
+                   "tokens: with sampler teacher, SFT); forward_kl_topk, reverse_kl_topk (with a served teacher: "
+                   "the divergences' top-k approximations, docs/formulas.md §7a).", TRAIN_LOSSES)
     mode: str | None = _f(
         None, "Shorthand for sampler, weights (and loss): release / full / fixed_prefix / random / shuffled = the "
         "student samples and those weights; online = sampler online, weights release; sft = sampler teacher, "

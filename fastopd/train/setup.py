@@ -91,11 +91,11 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     # a served teacher (teacher: http://...) is checked before anything is made: its model and vocabulary
-    served = None
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, trust_remote_code=cfg.trust_remote_code)
+    served, tokenizer = None, None
     if is_served(cfg.teacher):
         from fastopd.integrations.served_teacher import ServedTeacher
 
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, trust_remote_code=cfg.trust_remote_code)
         served = ServedTeacher(cfg.teacher, k=cfg.teacher_topk, tokenizer=tokenizer, timeout=cfg.teacher_timeout)
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
@@ -105,6 +105,8 @@ def setup(cfg: TrainConfig) -> Run:
     resume_from = resume_checkpoint(cfg.output_dir, log=accelerator.print) if cfg.resume else None
 
     # ---- models (a resumed run starts from the checkpoint's student; a served teacher is not loaded here)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, trust_remote_code=cfg.trust_remote_code)
     attn = attention_implementation(cfg.attn_implementation, device)
     student = load_model(str(resume_from / "student") if resume_from else cfg.student,
                          dtype=choose_dtype(cfg.student_dtype, "student", device), attn=attn,

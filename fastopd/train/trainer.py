@@ -114,7 +114,8 @@ def completion_loss(run: Run, rollouts: Rollouts, weights=None, times: dict | No
     seconds of the teacher's forward.
     """
     cfg, accelerator = run.cfg, run.accelerator
-    if run.choices[2] == "cross_entropy":
+    served = getattr(run, "served", None)  # the teacher on an inference server (teacher: http://...)
+    if run.criterion is None and served is None:  # loss cross_entropy: the student alone
         return cross_entropy_loss(run, rollouts)
     whole, normalizer, tensor = rollouts, None, isinstance(weights, torch.Tensor)
     if tensor:
@@ -123,13 +124,13 @@ def completion_loss(run: Run, rollouts: Rollouts, weights=None, times: dict | No
         weights = weights[:, :rollouts.targets.shape[1]].to(rollouts.targets.device)
     whole.counts.update(teacher_forwarded=int(rollouts.targets.numel()),
                         student_forwarded=int(rollouts.targets.numel()))
-    if run.served is not None:  # the teacher's log-probs from its server; the student's completion logits
+    if served is not None:  # the teacher's log-probs from its server; the student's completion logits
         from fastopd.integrations.served_teacher import served_completion_loss
 
-        out = served_completion_loss(run.served, run.student, rollouts, loss=run.choices[2],
+        out = served_completion_loss(served, run.student, rollouts, loss=run.choices[2],
                                      rule=None if tensor else weights, weights=weights if tensor else None,
                                      normalizer=normalizer, k=cfg.k, ignore_index=IGNORE_INDEX,
-                                     vocab_size=run.served.vocab_size, times=times)
+                                     vocab_size=served.vocab_size, times=times)
     elif cfg.loss_from == "hidden":
         out = hidden_loss(run.criterion, run.student, run.teacher, rollouts, autocast=accelerator.autocast,
                           chunk_size=cfg.loss_chunk_size or None, times=times, weights=weights if tensor else None,
