@@ -305,3 +305,20 @@ def test_stopping_criteria_checks_its_use(demo):
                               pad_token_id=tok.pad_token_id)
     with pytest.raises(ValueError, match="chunk_size"):
         OnlineReleaseStopping(demo.teacher, tok, enc["attention_mask"], chunk_size=0)
+
+
+def test_lazy_segmentation_decides_as_segmenting_every_chunk(demo, monkeypatch):
+    """OnlineRollout.advance skips segmenting a row whose new chunk cannot finalise a segment: the same seed gives
+    the same tokens, stops, release indices and series as segmenting every row after every chunk."""
+    from fastopd.online import OnlineRollout
+
+    lazy = sample(demo, seed=1, chunk_size=8)
+    monkeypatch.setattr(OnlineRollout, "_unchanged", lambda self, tokenizer: False)
+    eager = sample(demo, seed=1, chunk_size=8)
+    assert lazy.online.decision.stopped.sum() >= 2
+    for name in ("stop_index", "release_index", "stopped", "accepted", "gain"):
+        np.testing.assert_array_equal(getattr(lazy.online.decision, name), getattr(eager.online.decision, name))
+    np.testing.assert_array_equal(lazy.online.series.values, eager.online.series.values)
+    np.testing.assert_array_equal(lazy.online.series.offsets, eager.online.series.offsets)
+    assert torch.equal(lazy.input_ids, eager.input_ids) and torch.equal(lazy.segment_ids, eager.segment_ids)
+    assert torch.equal(lazy.online.weights, eager.online.weights)
