@@ -28,7 +28,8 @@ from fastopd._validate import (
     is_real,
     scan_int,
 )
-from fastopd.release import bic_release, segment_means
+from fastopd.common import series_from_sums
+from fastopd.release import bic_release
 from fastopd.segment import segments_so_far, sentence_break_ids
 from fastopd.types import OnlineReleaseResult, SegmentMeans
 
@@ -227,8 +228,8 @@ class OnlineRollout:
         added since the last segmentation can finalise a segment (:meth:`_unchanged`; otherwise the final
         segments are provably the same, so the decisions are those of segmenting every time, bit for bit);
         each finalised segment's mean is computed once, from its own tokens (the same sums as over the whole
-        prefix: :func:`fastopd.segment_means` adds each segment's tokens in order); the rule scans only when a
-        segment was pushed.
+        prefix: :func:`fastopd.segment_means`' bincount adds each segment's tokens in order); the rule scans only
+        when a segment was pushed.
         """
         if not complete and self._unchanged(tokenizer):
             return self.done
@@ -240,8 +241,11 @@ class OnlineRollout:
         ft = so_far.final_tokens
         if so_far.final_segments > self.pushed:
             a = self.pushed_tokens  # the first token of segment `pushed`
-            m = np.asarray(self.margins[a:ft], dtype=np.float32)[None]
-            means = segment_means(m, self.seg[None, a:ft] - self.pushed, np.ones((1, ft - a), dtype=bool)).values
+            # fastopd.reference.segment_means' float64 bincount sums and series_from_sums on the new segments' tokens
+            # (the same additions in the same order as over the whole prefix), without its argument checks
+            ids = self.seg[a:ft] - self.pushed
+            vals = np.asarray(self.margins[a:ft], dtype=np.float32).astype(np.float64)
+            means = series_from_sums(np.bincount(ids, weights=vals)[None], np.bincount(ids)[None]).values
             first = self.pushed
             self.pushed_tokens = ft
             for j in range(first, so_far.final_segments):
