@@ -327,7 +327,11 @@ def _break_chars() -> tuple[re.Pattern, frozenset, frozenset]:
     pattern = lang.re_boundary_realignment.pattern
     cls = pattern[:pattern.index("]+?") + 1]  # its leading character class, e.g. ["')\]}...]
     match = re.compile(cls).fullmatch
-    closing = frozenset(c for c in map(chr, range(0x10000)) if match(c))  # the basic plane: once per process
+    escaped = re.findall(r"\\u([0-9a-fA-F]{4})|\\x([0-9a-fA-F]{2})", cls)
+    candidates = set(cls) | {chr(int(u or x, 16)) for u, x in escaped}
+    if "-" in cls[1:-1]:  # a range: look at the whole basic plane instead
+        candidates = map(chr, range(0x10000))
+    closing = frozenset(c for c in candidates if match(c))
     if not closing:
         raise RuntimeError(f"cannot read the closing characters of Punkt's boundary realignment from {pattern!r}")
     return re.compile("[" + re.escape(chars) + "]"), frozenset(chars.encode("ascii")), closing

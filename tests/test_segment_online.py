@@ -203,3 +203,19 @@ def test_online_rollout_pushes_what_segmenting_every_chunk_gives(byte_bpe, chunk
     assert row.segmentations < len(range(0, len(ids), chunk))  # some chunks were not segmented again
     row.advance(byte_bpe, complete=True)
     np.testing.assert_array_equal(row.seg, token_segments(byte_bpe, ids))
+
+
+def test_break_characters_are_punkts():
+    """The characters open_break looks for are Punkt's: its sentence-end characters and newline, and every
+    character its boundary realignment moves (the whole basic plane checked against its pattern)."""
+    import re
+
+    from fastopd.segment import _break_chars, _punkt_tokenizer
+
+    lang = _punkt_tokenizer()._lang_vars
+    breaks, break_bytes, closing = _break_chars()
+    assert {chr(b) for b in break_bytes} == set(lang.sent_end_chars) | {"\n"}
+    assert all(breaks.fullmatch(c) for c in lang.sent_end_chars + ("\n",))
+    cls = lang.re_boundary_realignment.pattern
+    cls = re.compile(cls[:cls.index("]+?") + 1])
+    assert closing == {c for c in map(chr, range(0x10000)) if cls.fullmatch(c)} and ")" in closing
