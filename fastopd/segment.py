@@ -95,10 +95,33 @@ def _load_english_parameters():
     return params
 
 
+_SENTBREAK_MEMO = 1 << 16  # contexts remembered by the Punkt tokenizer below (then forgotten all at once)
+
+
 @functools.lru_cache(maxsize=1)
 def _punkt_tokenizer():
-    """The process-wide Punkt sentence tokenizer (built once)."""
+    """The process-wide Punkt sentence tokenizer (built once).
+
+    Its ``text_contains_sentbreak`` -- Punkt's decision for one candidate break from the candidate's context (the
+    word before it, the candidate, the token after it) -- is memoised: with fixed parameters it is a function of
+    that string alone, so the spans are the same; a growing completion segmented after every chunk
+    (:func:`segments_so_far`) then decides each old candidate once instead of once per chunk.
+    """
     from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    class _MemoPunkt(PunktSentenceTokenizer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._sentbreak: dict[str, bool] = {}
+
+        def text_contains_sentbreak(self, text: str) -> bool:
+            memo = self._sentbreak
+            found = memo.get(text)
+            if found is None:
+                if len(memo) >= _SENTBREAK_MEMO:
+                    memo.clear()
+                found = memo[text] = super().text_contains_sentbreak(text)
+            return found
 
     try:
         params = _load_english_parameters()
@@ -110,8 +133,8 @@ def _punkt_tokenizer():
             PunktFallbackWarning,
             stacklevel=3,
         )
-        return PunktSentenceTokenizer()
-    return PunktSentenceTokenizer(params)  # a PunktParameters "train_text" is used as is
+        return _MemoPunkt()
+    return _MemoPunkt(params)  # a PunktParameters "train_text" is used as is
 
 
 _LINE = re.compile(r"[^\n]+")

@@ -219,3 +219,19 @@ def test_break_characters_are_punkts():
     cls = lang.re_boundary_realignment.pattern
     cls = re.compile(cls[:cls.index("]+?") + 1])
     assert closing == {c for c in map(chr, range(0x10000)) if cls.fullmatch(c)} and ")" in closing
+
+
+def test_memoised_punkt_splits_as_punkt():
+    """The process-wide Punkt tokenizer memoises its per-candidate decision (text_contains_sentbreak); on texts and
+    their growing prefixes (warm memo) its spans are those of a plain NLTK PunktSentenceTokenizer."""
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    from fastopd.segment import _load_english_parameters, _punkt_tokenizer
+
+    plain, memo = PunktSentenceTokenizer(_load_english_parameters()), _punkt_tokenizer()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        text = random_text(rng, TRICKY + FRAGMENTS, int(rng.integers(3, 20)))
+        for k in range(0, len(text) + 1, 7):
+            assert list(memo.span_tokenize(text[:k])) == list(plain.span_tokenize(text[:k])), text[:k]
+    assert memo._sentbreak  # the memo is in use
