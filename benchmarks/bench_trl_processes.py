@@ -14,7 +14,8 @@ Per step and worker: the forward of the loss call (the trainer's ``_compute_loss
 loss; fastopd's ``opd_mode="full"`` computes the loss's gradient here, in the same chunk pass, where TRL does it
 in the backward), the backward (``accelerator.backward``), their sum (the loss call as the round-robin benchmark
 times it), and TRL's own logged ``step_time`` (the whole step with generation). Prints medians over the steps after
-``--warmup`` and the per-step paired ratios to ``trl`` (their medians).
+``--warmup`` and the per-step paired ratios to ``trl`` (their medians; per completion token, which is the same
+ratio when the rollouts are the same -- they are for ``full``; ``release`` draws other rollouts).
 
 Usage::
 
@@ -155,8 +156,12 @@ def main(argv=None) -> int:
         for m in methods:
             if m == "trl":
                 continue
-            assert all(a["tokens"] == b["tokens"] for a, b in zip(kept[m], kept["trl"])), "different rollouts"
-            ratios[m] = {k: statistics.median(a[k] / b[k] for a, b in zip(kept[m], kept["trl"])) for k in keys}
+            # the same seed gives the same completions, unless the method draws from the global RNG (then the
+            # ratios are per completion token, and the table says so)
+            same = all(a["tokens"] == b["tokens"] for a, b in zip(kept[m], kept["trl"]))
+            ratios[m] = {k: statistics.median((a[k] / a["tokens"]) / (b[k] / b["tokens"])
+                                              for a, b in zip(kept[m], kept["trl"])) for k in keys}
+            ratios[m]["same_rollouts"] = same
     load1 = os.getloadavg()
     lines = [f"Each trainer in its own process, steps interleaved; {args.rounds} round(s) x {args.steps} steps "
              f"(medians after {args.warmup} warm-up step(s) per worker), batch {args.batch} x up to {args.completion} "
@@ -167,7 +172,8 @@ def main(argv=None) -> int:
     for m in methods:
         s = summary[m]
         rr = ratios.get(m)
-        rtxt = " / ".join(f"{rr[k]:.3f}" for k in keys) if rr else "1"
+        rtxt = (" / ".join(f"{rr[k]:.3f}" for k in keys) + ("" if rr["same_rollouts"] else " (per token: other "
+                "rollouts than trl's)")) if rr else "1"
         lines.append(f"| {m} | {s['forward_s']:.3f} | {s['backward_s']:.3f} | {s['loss_call_s']:.3f} | "
                      f"{s['step_time']:.2f} | {rtxt} |")
     print("\n".join(lines))
