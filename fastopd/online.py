@@ -191,7 +191,7 @@ class OnlineRollout:
         self.done = False
         self.kept = 0  # tokens kept once done
         self.stopped = False
-        self.scored = 0  # positions the teacher scored for this rollout (its pads after an end included)
+        self.scored = 0  # teacher positions counted for this rollout by the caller (add's `scored`)
         self.open_break = False  # the last segmentation's SegmentsSoFar.open_break
         self.checked = 0  # tokens known: segmented, or looked up in the break table since
         self.segmentations = 0  # calls of segments_so_far (the rule's cost)
