@@ -28,8 +28,9 @@ from fastopd._validate import (
     is_real,
     scan_int,
 )
-from fastopd.release import bic_release, segment_means
-from fastopd.segment import segments_so_far
+from fastopd.common import series_from_sums
+from fastopd.release import bic_release
+from fastopd.segment import segments_so_far, sentence_break_ids
 from fastopd.types import OnlineReleaseResult, SegmentMeans
 
 __all__ = ["OnlineRelease", "OnlineRollout", "collect", "online_release"]
@@ -175,7 +176,8 @@ class OnlineRollout:
     (:mod:`fastopd.integrations.hf_stopping`).
     """
 
-    __slots__ = ("tokens", "margins", "s", "u", "rule", "pushed", "seg", "done", "kept", "stopped", "scored")
+    __slots__ = ("tokens", "margins", "s", "u", "rule", "pushed", "seg", "done", "kept", "stopped", "scored",
+                 "open_break", "checked", "pushed_tokens", "segmentations")
 
     def __init__(self, *, min_segments: int = 2, min_gain: float = 10.0, confirm_segments: int = 2) -> None:
         self.tokens: list[int] = []
@@ -184,11 +186,15 @@ class OnlineRollout:
         self.u: list[float] = []  # teacher log-probs u_t
         self.rule = OnlineRelease(min_segments=min_segments, min_gain=min_gain, confirm_segments=confirm_segments)
         self.pushed = 0  # segments pushed to the rule
-        self.seg = np.zeros(0, dtype=np.int64)  # segment id of every token so far
+        self.pushed_tokens = 0  # the tokens of those segments
+        self.seg = np.zeros(0, dtype=np.int64)  # segment id of every token at the last segmentation (all, once done)
         self.done = False
         self.kept = 0  # tokens kept once done
         self.stopped = False
-        self.scored = 0  # positions the teacher scored for this rollout (its pads after an end included)
+        self.scored = 0  # teacher positions counted for this rollout by the caller (add's `scored`)
+        self.open_break = False  # the last segmentation's SegmentsSoFar.open_break
+        self.checked = 0  # tokens known: segmented, or looked up in the break table since
+        self.segmentations = 0  # calls of segments_so_far (the rule's cost)
 
     def add(self, ids, margins, student_logprobs, teacher_logprobs, *, scored: int) -> None:
         """Append a chunk's tokens of this rollout (1-D sequences of equal length) and count ``scored``
@@ -199,18 +205,52 @@ class OnlineRollout:
         self.s.extend(student_logprobs)
         self.u.extend(teacher_logprobs)
 
+    def _unchanged(self, tokenizer) -> bool:
+        """True when the tokens added since the last segmentation cannot finalise a segment: that segmentation
+        left no open sentence break (:attr:`fastopd.segment.SegmentsSoFar.open_break`) and none of the new
+        tokens holds a sentence-end character or newline (:func:`fastopd.segment.sentence_break_ids`)."""
+        if self.open_break:
+            return False
+        breaks = sentence_break_ids(tokenizer)
+        if breaks is None:
+            return False
+        new = np.asarray(self.tokens[self.checked:], dtype=np.int64)
+        if new.size and bool(breaks[new[new < breaks.size]].any()):
+            return False
+        self.checked = len(self.tokens)
+        return True
+
     def advance(self, tokenizer, *, complete: bool) -> bool:
         """Segment the text so far, push the newly final segments' means; end the rollout at a stop or when
-        ``complete``. Returns :attr:`done`."""
+        ``complete``. Returns :attr:`done`.
+
+        Costs what changed: while the rollout is incomplete, its text is segmented again only when the tokens
+        added since the last segmentation can finalise a segment (:meth:`_unchanged`; otherwise the final
+        segments are provably the same, so the decisions are those of segmenting every time, bit for bit);
+        each finalised segment's mean is computed once, from its own tokens (the same sums as over the whole
+        prefix: :func:`fastopd.segment_means`' bincount adds each segment's tokens in order); the rule scans only
+        when a segment was pushed.
+        """
+        if not complete and self._unchanged(tokenizer):
+            return self.done
         so_far = segments_so_far(tokenizer, np.asarray(self.tokens, dtype=np.int64), complete=complete)
+        self.segmentations += 1
         self.seg = so_far.segment_ids
+        self.open_break = so_far.open_break
+        self.checked = len(self.tokens)
         ft = so_far.final_tokens
         if so_far.final_segments > self.pushed:
-            m = np.asarray(self.margins[:ft], dtype=np.float32)[None]
-            means = segment_means(m, self.seg[None, :ft], np.ones((1, ft), dtype=bool)).values
-            for j in range(self.pushed, so_far.final_segments):
+            a = self.pushed_tokens  # the first token of segment `pushed`
+            # fastopd.reference.segment_means' float64 bincount sums and series_from_sums on the new segments' tokens
+            # (the same additions in the same order as over the whole prefix), without its argument checks
+            ids = self.seg[a:ft] - self.pushed
+            vals = np.asarray(self.margins[a:ft], dtype=np.float32).astype(np.float64)
+            means = series_from_sums(np.bincount(ids, weights=vals)[None], np.bincount(ids)[None]).values
+            first = self.pushed
+            self.pushed_tokens = ft
+            for j in range(first, so_far.final_segments):
                 self.pushed = j + 1
-                if self.rule.push(float(means[j])):
+                if self.rule.push(float(means[j - first])):
                     self.stopped = self.done = True
                     self.kept = int(np.searchsorted(self.seg, j + 1, side="left"))  # the tokens of segments [0, j]
                     return True

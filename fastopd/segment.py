@@ -50,6 +50,7 @@ __all__ = [
     "decode_with_anchors",
     "final_span_count",
     "segments_so_far",
+    "sentence_break_ids",
     "sentence_spans",
     "token_segments",
 ]
@@ -94,10 +95,33 @@ def _load_english_parameters():
     return params
 
 
+_SENTBREAK_MEMO = 1 << 16  # contexts remembered by the Punkt tokenizer below (then forgotten all at once)
+
+
 @functools.lru_cache(maxsize=1)
 def _punkt_tokenizer():
-    """The process-wide Punkt sentence tokenizer (built once)."""
+    """The process-wide Punkt sentence tokenizer (built once).
+
+    Its ``text_contains_sentbreak`` -- Punkt's decision for one candidate break from the candidate's context (the
+    word before it, the candidate, the token after it) -- is memoised: with fixed parameters it is a function of
+    that string alone, so the spans are the same; a growing completion segmented after every chunk
+    (:func:`segments_so_far`) then decides each old candidate once instead of once per chunk.
+    """
     from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    class _MemoPunkt(PunktSentenceTokenizer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._sentbreak: dict[str, bool] = {}
+
+        def text_contains_sentbreak(self, text: str) -> bool:
+            memo = self._sentbreak
+            found = memo.get(text)
+            if found is None:
+                if len(memo) >= _SENTBREAK_MEMO:
+                    memo.clear()
+                found = memo[text] = super().text_contains_sentbreak(text)
+            return found
 
     try:
         params = _load_english_parameters()
@@ -109,8 +133,8 @@ def _punkt_tokenizer():
             PunktFallbackWarning,
             stacklevel=3,
         )
-        return PunktSentenceTokenizer()
-    return PunktSentenceTokenizer(params)  # a PunktParameters "train_text" is used as is
+        return _MemoPunkt()
+    return _MemoPunkt(params)  # a PunktParameters "train_text" is used as is
 
 
 _LINE = re.compile(r"[^\n]+")
@@ -261,11 +285,16 @@ class SegmentsSoFar(NamedTuple):
             segment ids of those tokens in the finished completion, whatever is sampled next.
         final_segments: the number of final segments (ids 0..final_segments-1; every token of each is among
             the first ``final_tokens``).
+        open_break: whether tokens without a sentence end or newline (:func:`sentence_break_ids`) appended to
+            these ids could still finalise a segment: the text from the first non-final span's start holds
+            '.', '?', '!' or a newline, or its tail may still change (``stable`` < its length). When False, no
+            continuation made of such tokens changes ``final_segments`` or ``final_tokens``.
     """
 
     segment_ids: np.ndarray
     final_tokens: int
     final_segments: int
+    open_break: bool = True
 
 
 def segments_so_far(tokenizer, token_ids, *, complete: bool = False) -> SegmentsSoFar:
@@ -284,16 +313,75 @@ def segments_so_far(tokenizer, token_ids, *, complete: bool = False) -> Segments
     """
     text, anchors = decode_with_anchors(tokenizer, token_ids)
     if anchors.size == 0:
-        return SegmentsSoFar(np.zeros(0, dtype=np.int64), 0, 0)
+        return SegmentsSoFar(np.zeros(0, dtype=np.int64), 0, 0, False)
     spans = sentence_spans(text)
     raw = _span_of_tokens(spans, anchors)
     dense = _dense_ids(raw)
     if complete:
-        return SegmentsSoFar(dense, int(dense.size), int(dense[-1]) + 1)
-    final = final_span_count(text, spans, stable_length(tokenizer, token_ids, text, anchors))
+        return SegmentsSoFar(dense, int(dense.size), int(dense[-1]) + 1, False)
+    stable = stable_length(tokenizer, token_ids, text, anchors)
+    final = final_span_count(text, spans, stable)
     final_tokens = int(np.searchsorted(raw, final, side="left"))
     final_segments = int(dense[final_tokens - 1]) + 1 if final_tokens else 0
-    return SegmentsSoFar(dense, final_tokens, final_segments)
+    # Can a continuation without break characters finalise a span? (final_span_count's proof, continued) The
+    # first ``final`` spans never change, and span ``final`` exists whenever final > 0. Span ``final`` becomes final
+    # once a span follows it (and (a) or (b) of final_span_count holds), so ``open_break`` when: a span already
+    # follows it; the tail may still change; span ``final`` holds a break character (a Punkt candidate '.', '?',
+    # '!', or a newline; the text between span final-1 and span final is whitespace, and a newline there precedes
+    # span ``final``); or span ``final`` starts with a closing quote or bracket, which Punkt's boundary realignment
+    # may move, with the whitespace after it, to the sentence that ends at span final-1 (then a newline between
+    # them splits that sentence into two spans and the next word starts a new one). Otherwise tokens without break
+    # bytes add no Punkt candidate and no newline, so one span follows the final ones and the count stays.
+    start = spans[final][0] if final < len(spans) else len(text)
+    open_break = (stable < len(text) or len(spans) > final + 1 or text[start:start + 1] in _break_chars()[2]
+                  or _break_chars()[0].search(text, start) is not None)
+    return SegmentsSoFar(dense, final_tokens, final_segments, open_break)
+
+
+
+
+@functools.lru_cache(maxsize=1)
+def _break_chars() -> tuple[re.Pattern, frozenset, frozenset]:
+    """The characters that can end a span: Punkt's sentence-end characters (``sent_end_chars``: '.', '?', '!')
+    and the newline, as a regular expression and as bytes (all ASCII); and the closing quotes and brackets that
+    Punkt's boundary realignment (``re_boundary_realignment``) moves to the previous sentence."""
+    lang = _punkt_tokenizer()._lang_vars
+    chars = "".join(lang.sent_end_chars) + "\n"
+    pattern = lang.re_boundary_realignment.pattern
+    cls = pattern[:pattern.index("]+?") + 1]  # its leading character class, e.g. ["')\]}...]
+    match = re.compile(cls).fullmatch
+    escaped = re.findall(r"\\u([0-9a-fA-F]{4})|\\x([0-9a-fA-F]{2})", cls)
+    candidates = set(cls) | {chr(int(u or x, 16)) for u, x in escaped}
+    if "-" in cls[1:-1]:  # a range: look at the whole basic plane instead
+        candidates = map(chr, range(0x10000))
+    closing = frozenset(c for c in candidates if match(c))
+    if not closing:
+        raise RuntimeError(f"cannot read the closing characters of Punkt's boundary realignment from {pattern!r}")
+    return re.compile("[" + re.escape(chars) + "]"), frozenset(chars.encode("ascii")), closing
+
+
+_BREAK_TABLES: dict = {}  # id(vocabulary table) -> (table, bool per id)
+
+
+def sentence_break_ids(tokenizer) -> np.ndarray | None:
+    """Bool per token id: its decoded bytes hold a character that can end a span (Punkt's sentence-end
+    characters, newline; :attr:`SegmentsSoFar.open_break`); built once per tokenizer. None for a tokenizer decoded
+    by the generic path of :mod:`fastopd.token_chars` (then every token counts as one). Ids beyond the array decode
+    to nothing."""
+    from fastopd.token_chars import _table_for
+
+    table = _table_for(tokenizer)
+    if table.family == "generic":
+        return None
+    cached = _BREAK_TABLES.get(id(table))
+    if cached is not None and cached[0] is table:
+        return cached[1]
+    chars = _break_chars()[1]
+    breaks = np.fromiter((not chars.isdisjoint(p) for p in table.pieces), dtype=bool, count=table.size)
+    if len(_BREAK_TABLES) >= 8:  # a few tokenizers per process; drop the oldest entry
+        del _BREAK_TABLES[next(iter(_BREAK_TABLES))]
+    _BREAK_TABLES[id(table)] = (table, breaks)
+    return breaks
 
 
 def batch_token_segments(tokenizer, batch_token_ids, valid_lengths=None, pad_value: int = -1) -> np.ndarray:

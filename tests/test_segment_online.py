@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastopd.segment import final_span_count, segments_so_far, sentence_spans, token_segments
+from fastopd.segment import final_span_count, segments_so_far, sentence_break_ids, sentence_spans, token_segments
 
 # the tokenizer fixtures of the offline tests (byte-level BPE, two SentencePiece styles)
 from test_segment import FRAGMENTS, any_tok, byte_bpe, sp_llama, sp_metaspace  # noqa: F401, F811
@@ -133,3 +133,105 @@ def test_segments_so_far_sentencepiece_byte_run(sp_llama):
     assert tail == ["<0x29>", "<0xC2>", "<0xA0>"]  # the case is exercised
     assert segments_so_far(sp_llama, ids[:-2]).final_tokens == 0  # ')' may still turn into U+FFFD
     check_ids(sp_llama, ids + sp_llama(" Then more words here", add_special_tokens=False)["input_ids"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# open_break: when a growing completion need not be segmented again (fastopd.OnlineRollout's lazy advance)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_open_break(tok, ids: list[int]) -> int:
+    """After every prefix with ``open_break`` False, appending tokens without a break character leaves the final
+    tokens and segments as they are. Returns how many such continuations were checked."""
+    breaks = sentence_break_ids(tok)
+    if breaks is None:
+        return 0
+    checked = 0
+    for k in range(len(ids) + 1):
+        got = segments_so_far(tok, ids[:k])
+        if got.open_break:
+            continue
+        for k2 in range(k + 1, len(ids) + 1):
+            t = ids[k2 - 1]
+            if t < breaks.size and breaks[t]:
+                break
+            later = segments_so_far(tok, ids[:k2])
+            assert (later.final_tokens, later.final_segments) == (got.final_tokens, got.final_segments), (k, k2)
+            checked += 1
+    return checked
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.tuples(st.sampled_from(TRICKY + FRAGMENTS), st.sampled_from(SEPS)), min_size=2,
+                      max_size=8))
+def test_open_break_false_means_no_change_without_a_break_token(any_tok, parts):
+    check_open_break(any_tok, any_tok("".join(a + b for a, b in parts), add_special_tokens=False)["input_ids"])
+
+
+def test_open_break_is_exercised(byte_bpe, sp_llama):
+    text = "First one is here. Second one. Then a long sentence without an end for many words\nNext line is here"
+    for tok in (byte_bpe, sp_llama):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert check_open_break(tok, ids) > 20  # the lazy path is taken, not only its guard
+        breaks = sentence_break_ids(tok)
+        assert breaks[tok.convert_tokens_to_ids(tok.tokenize("."))[-1]] and not breaks[ids[0]]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_online_rollout_pushes_what_segmenting_every_chunk_gives(byte_bpe, chunk):
+    """OnlineRollout.advance segments only when a chunk can finalise a segment; at every chunk its pushed
+    segments and their means are those of segmenting the whole prefix, bit for bit."""
+    from fastopd import segment_means
+    from fastopd.online import OnlineRollout
+
+    rng = np.random.default_rng(chunk)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "it", "ran", "far", "away", "from", "home"]
+    text = " ".join(" ".join(rng.choice(words, int(rng.integers(6, 16)))) + rng.choice(TRICKY + [".", "\n"])
+                    for _ in range(12))
+    ids = byte_bpe(text, add_special_tokens=False)["input_ids"]
+    margins = rng.normal(size=len(ids)).astype(np.float32)
+    row = OnlineRollout(min_segments=2, min_gain=1e9, confirm_segments=2)  # never stops: every chunk is compared
+    for a in range(0, len(ids), chunk):
+        b = min(a + chunk, len(ids))
+        row.add(ids[a:b], margins[a:b].tolist(), [0.0] * (b - a), [0.0] * (b - a), scored=b - a)
+        row.advance(byte_bpe, complete=False)
+        want = segments_so_far(byte_bpe, ids[:b])
+        assert row.pushed == want.final_segments
+        ft = want.final_tokens
+        means = segment_means(margins[None, :ft], want.segment_ids[None, :ft], np.ones((1, ft), bool)).values
+        np.testing.assert_array_equal(row.rule.values, means)
+    assert row.segmentations < len(range(0, len(ids), chunk))  # some chunks were not segmented again
+    row.advance(byte_bpe, complete=True)
+    np.testing.assert_array_equal(row.seg, token_segments(byte_bpe, ids))
+
+
+def test_break_characters_are_punkts():
+    """The characters open_break looks for are Punkt's: its sentence-end characters and newline, and every
+    character its boundary realignment moves (the whole basic plane checked against its pattern)."""
+    import re
+
+    from fastopd.segment import _break_chars, _punkt_tokenizer
+
+    lang = _punkt_tokenizer()._lang_vars
+    breaks, break_bytes, closing = _break_chars()
+    assert {chr(b) for b in break_bytes} == set(lang.sent_end_chars) | {"\n"}
+    assert all(breaks.fullmatch(c) for c in lang.sent_end_chars + ("\n",))
+    cls = lang.re_boundary_realignment.pattern
+    cls = re.compile(cls[:cls.index("]+?") + 1])
+    assert closing == {c for c in map(chr, range(0x10000)) if cls.fullmatch(c)} and ")" in closing
+
+
+def test_memoised_punkt_splits_as_punkt():
+    """The process-wide Punkt tokenizer memoises its per-candidate decision (text_contains_sentbreak); on texts and
+    their growing prefixes (warm memo) its spans are those of a plain NLTK PunktSentenceTokenizer."""
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    from fastopd.segment import _load_english_parameters, _punkt_tokenizer
+
+    plain, memo = PunktSentenceTokenizer(_load_english_parameters()), _punkt_tokenizer()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        text = random_text(rng, TRICKY + FRAGMENTS, int(rng.integers(3, 20)))
+        for k in range(0, len(text) + 1, 7):
+            assert list(memo.span_tokenize(text[:k])) == list(plain.span_tokenize(text[:k])), text[:k]
+    assert memo._sentbreak  # the memo is in use

@@ -43,13 +43,16 @@ def completion_hidden(model, rollouts) -> torch.Tensor:
 
 
 def hidden_loss(criterion, student, teacher, rollouts, *, autocast=None, chunk_size: int | None = None,
-                times: dict | None = None, weights: torch.Tensor | None = None, normalizer=None):
+                times: dict | None = None, weights: torch.Tensor | None = None, normalizer=None,
+                teacher_hidden: torch.Tensor | None = None):
     """Steps 4-5 of a training step from hidden states: the teacher's final hidden states under ``no_grad``
     (and ``autocast``), the student's with gradients, both heads, then ``criterion.linear`` (the release rule
     decides from its margins). No (N, C, V) tensor is built; the gradient reaches the student's backbone
     through its hidden states and its head weight (and bias) directly. ``times``, if given, receives
     ``"teacher"``: the seconds of the teacher's forward (CUDA-synchronised). ``weights`` / ``normalizer``: for a
     criterion without a rule (sampler online: the weights were decided while sampling), passed to it as they are.
+    ``teacher_hidden``: the teacher's (N, C, H) final hidden states at those positions, already computed (the online
+    sampler's chunk scoring keeps them): the teacher is not run again, only its head is read.
     """
     import contextlib
     import time
@@ -57,7 +60,14 @@ def hidden_loss(criterion, student, teacher, rollouts, *, autocast=None, chunk_s
     ctx = autocast if autocast is not None else contextlib.nullcontext
     t0 = time.perf_counter()
     with torch.no_grad(), ctx():
-        th = completion_hidden(teacher, rollouts)
+        if teacher_hidden is None:
+            th = completion_hidden(teacher, rollouts)
+        else:
+            c = rollouts.targets.shape[1]
+            if teacher_hidden.dim() != 3 or tuple(teacher_hidden.shape[:2]) != tuple(rollouts.targets.shape):
+                raise ValueError(f"teacher_hidden must have shape (N, C, H) = {tuple(rollouts.targets.shape)} + (H,), "
+                                 f"got {tuple(teacher_hidden.shape)}")
+            th = teacher_hidden.to(rollouts.targets.device)[:, :c]
         t_head = LMHead.from_model(teacher, th.dtype)
     if times is not None:
         if th.is_cuda:

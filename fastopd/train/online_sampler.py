@@ -116,12 +116,18 @@ class OnlineDecisions:
             elsewhere) from the sampling logits and the teacher's chunk scoring, at the loss temperature.
         generated: int64 (N,) tokens the student sampled for each rollout (EOS included; after a stop, the rest of
             the chunk too, which is cut).
-        teacher_scored: int64 (N,) token positions the teacher scored for each rollout while sampling.
-        decode_rows: rows x decode steps of the student's sampling forwards (the batch shrinks as rollouts end).
-        time_teacher: seconds of the teacher's chunk scoring (CUDA-synchronised).
-        time_rule: seconds of the segmentation so far, the segment means and the rule's scans while sampling.
+        teacher_scored: int64 (N,) tokens of each rollout the teacher scored while sampling (= ``generated``).
+        decode_rows: rows x decode steps of the student's sampling forwards (the batch shrinks as rollouts end;
+            a row that ends inside a chunk is fed pads to the chunk's end).
+        teacher_positions: rows x positions of the teacher's chunk forwards (those pads included).
+        time_teacher: seconds of the teacher's prefill, chunk forwards and chunk statistics (CUDA-synchronised).
+        time_rule: seconds of the segmentation so far, the segment means and the rule's scans while sampling
+            (:func:`online_weights`' are ``release.elapsed_s``).
         release, weights: :func:`online_weights` of the rollouts: the decision and the per-token weights the
             step trains with.
+        teacher_hidden: (N, C, H) the teacher's final hidden states that predict each kept token, from the chunk
+            scoring (``keep_teacher_hidden``; 0 past each rollout's kept tokens), or None: the hidden-state loss
+            reads them instead of forwarding the teacher again (:func:`fastopd.train.trainer.completion_loss`).
     """
 
     decision: OnlineReleaseResult
@@ -132,10 +138,12 @@ class OnlineDecisions:
     generated: np.ndarray
     teacher_scored: np.ndarray
     decode_rows: int = 0
+    teacher_positions: int = 0
     time_teacher: float = 0.0
     time_rule: float = 0.0
     release: ReleaseDecision | None = None  # the decision as the trainer logs it (online_weights)
     weights: torch.Tensor | None = None  # §4's weights over the rollouts' tokens (online_weights)
+    teacher_hidden: torch.Tensor | None = None
 
     def record(self, b: int) -> dict:
         """Rollout b's online fields for ``rollouts.jsonl``."""
@@ -149,7 +157,8 @@ class OnlineDecisions:
 def sample_online(student, teacher, tokenizer, prompts: list[str], *, eos_ids: list[int], max_new_tokens: int,
                   sampling_temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, chunk_size: int = 16,
                   stats=None, min_segments: int = 2, min_gain: float = 10.0, confirm_segments: int = 2,
-                  chat_template: bool = False, max_prompt_tokens: int = 512, compact: bool = True) -> Rollouts:
+                  chat_template: bool = False, max_prompt_tokens: int = 512, compact: bool = True,
+                  keep_teacher_hidden: bool = False) -> Rollouts:
     """Sample the prompts' rollouts with the online release rule (module docstring, docs/formulas.md §8).
 
     Args:
@@ -162,6 +171,8 @@ def sample_online(student, teacher, tokenizer, prompts: list[str], *, eos_ids: l
         min_segments, min_gain, confirm_segments: the rule's (:class:`fastopd.OnlineRelease`).
         compact: drop ended rollouts from both models' batches (their KV-cache rows); False keeps them, fed the
             pad token, as HF ``generate`` does (then, with no stop, the tokens are generate's, draw for draw).
+        keep_teacher_hidden: keep the teacher's final hidden states of the kept tokens from the chunk scoring
+            (``online.teacher_hidden``), for a hidden-state loss without a second teacher forward.
 
     Returns:
         :class:`~fastopd.train.rollouts.Rollouts` of the kept tokens (a stopped rollout ends after its stopping
@@ -187,51 +198,61 @@ def sample_online(student, teacher, tokenizer, prompts: list[str], *, eos_ids: l
         stats = StatsOptions()
     s_model = CachedModel(student)
     scorer = ChunkScorer(teacher, eos, k=stats.k, temperature=stats.temperature, vocab_size=stats.vocab_size,
-                         backend=stats.backend)
+                         backend=stats.backend, keep_hidden=keep_teacher_hidden)
     active = torch.arange(n, device=device)  # original row of each batch row
-    pmask = prompt_mask  # the prompt's attention mask (left padding), of the batch rows
+    # the attention mask of prompt + every completion position, allocated once (generate concatenates a column
+    # per step); the student's forward at step t reads its first p + t + 1 columns
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones((n, max(max_new_tokens, 1)))], dim=-1)
     pos = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)  # as generate computes them
     first_pos = pos[:, -1] + 1  # position of each row's first completion token
     logits_next = s_model(prompt_ids, prompt_mask, pos, last_only=True)[:, -1].to(dtype=torch.float32, copy=True)
     scorer.prefill(prompt_ids, prompt_mask, pos)
-    unfinished = torch.ones(n, dtype=torch.long, device=device)
+    unfinished = torch.ones(n, dtype=torch.bool, device=device)
+    pad_t = torch.tensor(pad, dtype=prompt_ids.dtype, device=device)
+    eos_list = eos.tolist()
     pending = None  # the last sampled token of every batch row, not yet read by the student
-    steps = read = decode_rows = 0  # tokens sampled, tokens the student has read (per row: all rows alike)
+    steps = read = decode_rows = teacher_positions = 0  # tokens sampled, tokens the student has read (all rows)
     time_rule = 0.0
-    while steps < max_new_tokens and bool(unfinished.any()):
+    hidden_chunks = []  # (original rows, first step, teacher hidden (B, L, H)) per chunk (keep_teacher_hidden)
+    while steps < max_new_tokens:
         chunk_tokens, chunk_logits = [], []
         alive = unfinished.clone()  # rows still sampling at the chunk's start
-        for _ in range(min(chunk_size, max_new_tokens - steps)):
+        length = min(chunk_size, max_new_tokens - steps)
+        for _ in range(length):
             if pending is not None:  # the student reads the previous token (generate: its next loop's forward)
-                mask = torch.cat([pmask, pmask.new_ones((pmask.shape[0], read + 1))], dim=-1)
-                logits_next = s_model(pending[:, None], mask, (first_pos + read)[:, None], last_only=True)[:, -1].to(
-                    dtype=torch.float32, copy=True)
+                logits_next = s_model(pending[:, None], mask[:, :p + read + 1], (first_pos + read)[:, None],
+                                      last_only=True)[:, -1].to(dtype=torch.float32, copy=True)
                 read += 1
-            scores = warpers(None, logits_next)
+            scores = warpers(None, logits_next) if warpers else logits_next
             tok = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            tok = tok * unfinished + pad * (1 - unfinished)  # ended rows get the pad token, as in generate
+            tok = torch.where(unfinished, tok, pad_t)  # ended rows get the pad token, as in generate
             chunk_tokens.append(tok)
             chunk_logits.append(logits_next)
             decode_rows += tok.shape[0]
-            unfinished = unfinished & ~torch.isin(tok, eos)
+            ended = tok == eos_list[0] if len(eos_list) == 1 else torch.isin(tok, eos)
+            unfinished &= ~ended
             steps += 1
             pending = tok
             if not bool(unfinished.any()):
                 break
         ids = torch.stack(chunk_tokens, dim=1)  # (B, L): completion tokens steps - L .. steps - 1
-        c_ids, c_valid, c_m, c_s, c_u = scorer.score(ids, torch.stack(chunk_logits, dim=1), alive, pmask, first_pos,
-                                                     steps)
+        c_ids, c_valid, c_m, c_s, c_u = scorer.score(ids, torch.stack(chunk_logits, dim=1), alive, mask[:, :p],
+                                                     first_pos, steps)
+        teacher_positions += ids.numel()
+        if keep_teacher_hidden:
+            hidden_chunks.append((active, steps - ids.shape[1], scorer.hidden))
         keep = []
         t0 = time.perf_counter()
+        ended_rows = (~unfinished).tolist()
         for i, orig in enumerate(active.tolist()):
             row = rows[orig]
             if row.done:
                 continue
             got = c_valid[i]
-            row.add(c_ids[i][got].tolist(), c_m[i][got].tolist(), c_s[i][got].tolist(), c_u[i][got].tolist(),
-                    scored=ids.shape[1])
-            if row.advance(tokenizer, complete=(not bool(unfinished[i])) or steps >= max_new_tokens):
-                unfinished[i] = 0
+            m = int(got.sum())
+            row.add(c_ids[i][:m].tolist(), c_m[i][:m].tolist(), c_s[i][:m].tolist(), c_u[i][:m].tolist(), scored=m)
+            if row.advance(tokenizer, complete=ended_rows[i] or steps >= max_new_tokens):
+                unfinished[i] = False
             else:
                 keep.append(i)
         time_rule += time.perf_counter() - t0
@@ -240,16 +261,37 @@ def sample_online(student, teacher, tokenizer, prompts: list[str], *, eos_ids: l
         if compact and len(keep) < active.numel() and s_model.can_select() and scorer.model.can_select():
             sel = torch.tensor(keep, device=device)  # (without a selectable cache the rows stay, fed pads)
             s_model.select(sel)
-            scorer.model.select(sel)
-            active, pmask, first_pos = active[sel], pmask[sel], first_pos[sel]
-            logits_next, scorer.last, unfinished, pending = (logits_next[sel], scorer.last[sel], unfinished[sel],
-                                                             pending[sel])
+            scorer.select(sel)
+            active, mask, first_pos = active[sel], mask[sel], first_pos[sel]
+            logits_next, unfinished, pending = logits_next[sel], unfinished[sel], pending[sel]
+    t0 = time.perf_counter()
     for row in rows:  # every row has ended above (EOS, the length limit, a stop); this guards max_new_tokens = 0
         if not row.done:
             row.advance(tokenizer, complete=True)
+    time_rule += time.perf_counter() - t0
     rollouts = _pack(rows, prompt_ids, prompt_mask, tokenizer, pad, eos_ids, decode_rows, scorer.seconds, time_rule)
-    rollouts.online.release, rollouts.online.weights = online_weights(rollouts)
+    rollouts.online.teacher_positions = teacher_positions
+    if keep_teacher_hidden:
+        rollouts.online.teacher_hidden = _kept_hidden(hidden_chunks, rollouts.lengths, n)
+    rollouts.online.release, rollouts.online.weights = online_weights(rollouts)  # timed in release.elapsed_s
     return rollouts
+
+
+def _kept_hidden(chunks: list, lengths: torch.Tensor, n: int) -> torch.Tensor | None:
+    """The chunks' teacher hidden states at the kept tokens, (N, C, H) with C the longest kept length; 0 past each
+    rollout's kept tokens."""
+    if not chunks:
+        return None
+    first = chunks[0][2]
+    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    out = first.new_zeros((n, width, first.shape[-1]))
+    for rows, start, hidden in chunks:
+        if start >= width:
+            break
+        take = min(hidden.shape[1], width - start)
+        out[rows, start:start + take] = hidden[:, :take]
+    keep = torch.arange(width, device=out.device)[None] < lengths.to(out.device)[:, None]
+    return out.masked_fill_(~keep[..., None], 0)
 
 
 def _pack(rows: list, prompt_ids, prompt_mask, tokenizer, pad: int, eos_ids: list[int], decode_rows: int,
@@ -281,7 +323,7 @@ def _pack(rows: list, prompt_ids, prompt_mask, tokenizer, pad: int, eos_ids: lis
     generated = np.array([len(r.tokens) for r in rows], dtype=np.int64)
     scored = np.array([r.scored for r in rows], dtype=np.int64)
     online = OnlineDecisions(decision, series, margins.to(device), s_lp.to(device), u_lp.to(device), generated,
-                             scored, decode_rows, time_teacher, time_rule)
+                             scored, decode_rows=decode_rows, time_teacher=time_teacher, time_rule=time_rule)
     counts = {"generated": int(generated.sum()), "decode_rows": int(decode_rows), "teacher_scored": int(scored.sum())}
     return Rollouts(torch.cat([prompt_ids, comp.to(device)], dim=1), attention_mask.to(device), position_ids.to(device),
                     p, targets.to(device), lengths.to(device), ends_eos.to(device), texts, seg.to(device),
@@ -305,7 +347,7 @@ def sample_online_run(run, student, prompts: list[str]) -> Rollouts:
         sampling_temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, chunk_size=cfg.online_chunk_size,
         stats=run.criterion.options, min_segments=cfg.min_segments, min_gain=cfg.min_gain,
         confirm_segments=cfg.confirm_segments, chat_template=cfg.chat_template,
-        max_prompt_tokens=cfg.max_prompt_tokens)
+        max_prompt_tokens=cfg.max_prompt_tokens, keep_teacher_hidden=cfg.loss_from == "hidden")
 
 
 def online_weights(rollouts: Rollouts) -> tuple[ReleaseDecision, torch.Tensor]:

@@ -107,7 +107,9 @@ def completion_loss(run: Run, rollouts: Rollouts, weights=None, times: dict | No
 
     ``weights``: what :func:`step_weights` returned. A tensor was decided before the loss: only each rollout's
     weighted prefix is forwarded (:func:`fastopd.train.rollouts.kept_rollouts`), and the loss is divided by the
-    valid tokens of the whole rollouts, so it equals the loss with those weights on the whole rollouts. The rule
+    valid tokens of the whole rollouts, so it equals the loss with those weights on the whole rollouts; with the
+    online sampler's ``teacher_hidden`` (``loss_from="hidden"``) the teacher is not forwarded again (its chunk
+    scoring computed those hidden states; ``"logits"`` forwards it over the kept prefix). The rule
     (``run.criterion.rule``) decides from the margins of this same pass. ``loss_from="hidden"`` (default): final
     hidden states + LM heads (:func:`fastopd.train.hidden.hidden_loss`), in token chunks, so no (N, C, V) tensor
     exists; ``"logits"``: both models' completion logits. ``times``: a dict that receives ``"teacher"``, the
@@ -122,7 +124,11 @@ def completion_loss(run: Run, rollouts: Rollouts, weights=None, times: dict | No
         normalizer = max(float(rollouts.valid.sum()), 1.0)
         rollouts = kept_rollouts(rollouts, weights)
         weights = weights[:, :rollouts.targets.shape[1]].to(rollouts.targets.device)
-    whole.counts.update(teacher_forwarded=int(rollouts.targets.numel()),
+    # the online sampler's chunk scoring kept the teacher's hidden states of the kept tokens: no second forward
+    teacher_hidden = getattr(whole.online, "teacher_hidden", None) if cfg.loss_from == "hidden" else None
+    if teacher_hidden is not None:
+        teacher_hidden = teacher_hidden[:, :rollouts.targets.shape[1]]
+    whole.counts.update(teacher_forwarded=0 if teacher_hidden is not None else int(rollouts.targets.numel()),
                         student_forwarded=int(rollouts.targets.numel()))
     if served is not None:  # the teacher's log-probs from its server; the student's completion logits
         from fastopd.integrations.served_teacher import served_completion_loss
@@ -134,7 +140,7 @@ def completion_loss(run: Run, rollouts: Rollouts, weights=None, times: dict | No
     elif cfg.loss_from == "hidden":
         out = hidden_loss(run.criterion, run.student, run.teacher, rollouts, autocast=accelerator.autocast,
                           chunk_size=cfg.loss_chunk_size or None, times=times, weights=weights if tensor else None,
-                          normalizer=normalizer)
+                          normalizer=normalizer, teacher_hidden=teacher_hidden)
     else:
         device = getattr(accelerator, "device", None)
         t0 = _now(device)

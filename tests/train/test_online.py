@@ -238,8 +238,9 @@ def test_trainer_online_logs_what_it_cost(online_run):
     for m in rows:
         assert m["online_stop_rate"] > 0 and m["rollouts"] == 4
         assert m["tokens_generated"] >= m["tokens"] >= m["tokens_supervised"] > 0
-        assert m["teacher_tokens"] == m["teacher_tokens_sampling"] + m["student_tokens_forwarded"]
-        assert m["teacher_tokens_sampling"] >= m["tokens_generated"]
+        # the teacher runs once per token: its chunk scoring while sampling; the hidden-state loss reads the hidden
+        # states that scoring kept (no second teacher forward over the kept prefix)
+        assert m["teacher_tokens"] == m["teacher_tokens_sampling"] == m["tokens_generated"]
         assert m["student_tokens_forwarded"] >= m["tokens_supervised"]
         assert m["generate_row_steps"] >= m["tokens_generated"]
         assert 0 < m["time_generate_teacher"] + m["time_generate_rule"] < m["time_generate"]
@@ -305,3 +306,55 @@ def test_stopping_criteria_checks_its_use(demo):
                               pad_token_id=tok.pad_token_id)
     with pytest.raises(ValueError, match="chunk_size"):
         OnlineReleaseStopping(demo.teacher, tok, enc["attention_mask"], chunk_size=0)
+
+
+def test_lazy_segmentation_decides_as_segmenting_every_chunk(demo, monkeypatch):
+    """OnlineRollout.advance skips segmenting a row whose new chunk cannot finalise a segment: the same seed gives
+    the same tokens, stops, release indices and series as segmenting every row after every chunk."""
+    from fastopd.online import OnlineRollout
+
+    lazy = sample(demo, seed=1, chunk_size=8)
+    monkeypatch.setattr(OnlineRollout, "_unchanged", lambda self, tokenizer: False)
+    eager = sample(demo, seed=1, chunk_size=8)
+    assert lazy.online.decision.stopped.sum() >= 2
+    for name in ("stop_index", "release_index", "stopped", "accepted", "gain"):
+        np.testing.assert_array_equal(getattr(lazy.online.decision, name), getattr(eager.online.decision, name))
+    np.testing.assert_array_equal(lazy.online.series.values, eager.online.series.values)
+    np.testing.assert_array_equal(lazy.online.series.offsets, eager.online.series.offsets)
+    assert torch.equal(lazy.input_ids, eager.input_ids) and torch.equal(lazy.segment_ids, eager.segment_ids)
+    assert torch.equal(lazy.online.weights, eager.online.weights)
+
+
+@pytest.mark.parametrize("loss", ["pg", "reverse_kl"])
+def test_the_loss_reads_the_teacher_hidden_states_of_the_chunk_scoring(demo, loss):
+    """The teacher runs once per token: the hidden states its chunk scoring computed (KV cache, chunk by chunk)
+    equal a full forward's at every kept token, and the hidden-state loss fed from them -- no second teacher
+    forward -- has the loss and gradient of the loss that forwards the teacher over the kept prefix."""
+    from fastopd.train.hidden import completion_hidden
+
+    r = sample(demo, seed=1, keep_teacher_hidden=True)
+    th = r.online.teacher_hidden
+    assert th is not None and th.shape == (*r.targets.shape, demo.teacher.config.hidden_size)
+    assert r.online.decision.stopped.sum() >= 2 and int(r.counts["teacher_scored"]) == int(r.counts["generated"])
+    with torch.no_grad():
+        want = completion_hidden(demo.teacher, r)
+    v = r.valid
+    torch.testing.assert_close(th[v], want[v], rtol=1e-4, atol=1e-5)
+    assert torch.all(th[~v] == 0)
+
+    run = fake_run(demo, mode="online", loss_from="hidden")
+    run.criterion = OPDLoss(loss, ignore_index=-100, vocab_size=len(demo.tok), backend="reference")
+    grads, losses = [], []
+    for kept in (True, False):
+        r.online.teacher_hidden = th if kept else None
+        demo.student.zero_grad(set_to_none=True)
+        out = completion_loss(run, r, r.online.weights)
+        out.loss.backward()
+        assert (r.counts["teacher_forwarded"] == 0) == kept
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad.clone() for n, p in demo.student.named_parameters() if p.grad is not None})
+    demo.student.zero_grad(set_to_none=True)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
