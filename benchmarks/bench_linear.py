@@ -1,4 +1,7 @@
-"""Benchmark the OPD loss from hidden states (fastopd.linear_opd_loss) against the logits path and others.
+"""OPD loss from hidden states vs the logits path, TRL, Liger: time, memory (CPU; --gpu: GPU).
+
+Benchmarks fastopd.linear_opd_loss (the loss from hidden states) against the logits path and others.
+
 
 One command each::
 

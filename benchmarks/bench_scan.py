@@ -1,4 +1,7 @@
-"""Benchmark of the batched BIC release scan (docs/formulas.md §3) on B equal-length rollouts.
+"""BIC release scan: C++ vs numpy vs the Python reference, time per rollout (CPU).
+
+The batched BIC release scan of docs/formulas.md §3 on B equal-length rollouts.
+
 
 Compares
 - the C++ scan ``fastopd._C.bic_scan`` on one thread and on all threads (and through the public

@@ -1,4 +1,7 @@
-"""Throughput of fastopd.segment.token_segments on long completions (docs/formulas.md §2).
+"""token_segments (sentence segments) throughput on long completions (CPU).
+
+Times ``fastopd.segment.token_segments`` (docs/formulas.md §2).
+
 
 Builds a byte-level BPE tokenizer locally (GPT-2 style ByteLevel pre-tokenizer/decoder, trained on a
 generated corpus; nothing is downloaded), makes completions of ``--tokens`` tokens of multi-sentence text

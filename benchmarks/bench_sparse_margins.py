@@ -1,4 +1,7 @@
-"""How well does a teacher *server's* top-k stand in for the teacher's full logits? (docs/formulas.md §7)
+"""How often a teacher server's top-k gives the exact margins, demo models (CPU).
+
+How well does a teacher *server's* top-k stand in for the teacher's full logits? (docs/formulas.md §7)
+
 
 On the shipped demo models (``fastopd/assets/demo/``: the tiny Qwen3 student samples rollouts of the demo's
 held-out prompts, the tiny Qwen3 teacher scores them), computes the release rule's margins m_t twice:

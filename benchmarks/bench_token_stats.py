@@ -1,4 +1,7 @@
-"""Benchmark the fused Triton token-stats / loss kernels against the PyTorch reference (eager and compiled).
+"""Fused Triton token-stats / loss kernels vs the reference: time, bandwidth (GPU; tiny on CPU).
+
+The reference is timed eager and compiled.
+
 
 One command::
 

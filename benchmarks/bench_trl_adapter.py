@@ -1,9 +1,10 @@
-"""The TRL adapter's loss call against TRL's own, on the shipped demo models (CPU).
+"""The TRL adapter's loss call vs TRL's own DistillationTrainer, demo models: time (CPU).
 
 Builds TRL's ``DistillationTrainer`` (``beta=1``: reverse KL, TRL's default) and fastopd's
 ``ReleaseDistillationTrainer`` (:mod:`fastopd.integrations.trl`) on the same student, teacher, tokenizer and
 config (fastopd/assets/demo; ``per_device_train_batch_size`` prompts of data/train.jsonl, completions of up to
-``max_completion_length`` tokens, as the docs/integrations.md example), samples one batch of completions with
+``max_completion_length`` tokens: the arithmetic task, as the docs/integrations.md example was when this was
+measured; it now runs the long task), samples one batch of completions with
 TRL's own ``_generate_and_score_completions`` (seeded), and times the per-batch loss call of each trainer on that
 same batch: ``trainer.compute_loss(model, inputs)`` (both models' forwards and the loss) and ``loss.backward()``
 (the loss's backward and the student's).

@@ -1,4 +1,6 @@
-"""Read a GPU results folder (benchmarks/gpu_check.sh) and judge issue 17's goals: summary.md in the folder
+"""Judge the GPU goals from a gpu_check.sh results folder and write its tables (no GPU).
+
+Reads a GPU results folder (benchmarks/gpu_check.sh) and judges issue 17's goals: summary.md in the folder
 and/or the README's GPU table between ``<!-- gpu-table -->`` and ``<!-- /gpu-table -->``.
 
     python benchmarks/gpu_tables.py DIR --summary     # DIR/summary.md (gpu_check.sh's last phase)

@@ -1,4 +1,7 @@
-"""Agreement of the online release rule with the offline one, on a run's logged rollouts (docs/formulas.md §8).
+"""Online vs offline release rule on a run's logged rollouts: agreement (CPU).
+
+The online rule: docs/formulas.md §8.
+
 
 Reads ``rollouts.jsonl`` of one or more runs (``log_rollouts: true``; any mode: every mode logs each rollout's
 segment-mean series, its valid tokens' segment ids and its length) and replays, for each ``confirm_segments``

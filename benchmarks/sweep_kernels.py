@@ -1,4 +1,4 @@
-"""Sweep the launch configuration of the fused kernels on a GPU (chunk width, top-K group, warps).
+"""Fused kernels' launch configurations (chunk width, top-K group, warps): time (GPU).
 
 One command, on a machine with a CUDA GPU::
 

@@ -15,13 +15,19 @@
 // vector width changes no bit. It is compiled with -fno-trapping-math (function attribute), which only lets
 // GCC if-convert the comparisons (it stops caring about FP exception flags) and changes no value.
 //
+// Huge values (docs/formulas.md §3, "Decision (huge values)"): a series whose largest |x_i| lies in
+// [2^(E-1), 2^E) (E from frexp) with E + bit_length(n) > kScaleLimit could overflow the centred squares and prefix
+// sums, so it is scanned as x_i 2^-E (exact: a power of two; max |x_i 2^-E| < 1), and every log argument
+// RSS/n + eps of the original series is evaluated from the scaled RSS'/n = q as ln(q 2^(2E) + eps) (log_scaled),
+// so the gain is the formula's gain of the series as given. Every other series takes the unscaled path.
+//
 // One shortcut, which changes no result: BIC1(t) (a log) is evaluated only for the candidates whose log
 // argument y_t = (RSS(0,t) + RSS(t,n))/n + eps is within a relative 1e-9 of the smallest one, y_min (usually
 // a single candidate). For any other candidate the exact ln y_t - ln y_min > ~1e-9, far above the error of
 // libm's log (< 1 ulp, and ln y lies in [-28, 710], where 1 ulp <= 1.2e-13), so the computed ln y_t >
 // computed ln y_min; the gap (about 1e-9 n, relative >= 1e-12) also survives the rounding of n * ln y and of
 // + 4 ln n, so the computed BIC1(t) > the computed BIC1 at y_min: t is neither the reference's argmin nor a
-// tie with it.
+// tie with it. (Scaled series evaluate every candidate: there the log argument is not q alone.)
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -48,6 +54,10 @@ namespace {
 
 constexpr double kBicEps = 1e-12;         // epsilon of docs/formulas.md §3 (reference.BIC_EPS)
 constexpr double kSkipFactor = 1.0 + 1e-9;  // see the header comment: the log-skipping margin
+// Scale a series when E + bit_length(n) > kScaleLimit (E: frexp exponent of max |x_i|, so |x_i| < 2^E): below it
+// |d_i| < 2^(E+1), S2 < 2^(2E+k+3) and (S1[b] - S1[a])^2 < 2^(2E+2k+4) <= 2^1020 cannot overflow.
+// (reference._SCALE_LIMIT)
+constexpr int kScaleLimit = 508;
 
 // Batches at least this large (rollouts, or values in total) run on several threads.
 constexpr int64_t kParallelMinRollouts = 4096;
@@ -65,7 +75,8 @@ struct ScanResult {
 struct Scratch {
   std::vector<double> s1, s2;  // prefix sums S1, S2 of the centred series
   std::vector<double> ys;      // log argument of BIC1 per tau (NaN: no candidate)
-  explicit Scratch(int64_t max_n) : s1(max_n + 1), s2(max_n + 1), ys(max_n + 1) {}
+  std::vector<double> xs;      // the scaled copy of a series with huge values
+  explicit Scratch(int64_t max_n) : s1(max_n + 1), s2(max_n + 1), ys(max_n + 1), xs(max_n) {}
 };
 
 // GCC: vectorise pass 1 (see the header); an AVX2 clone next to the baseline one on x86-64.
@@ -80,12 +91,13 @@ struct Scratch {
 // Pass 1 over tau in [m, n-m], branch-free so that the compiler vectorises it (each lane does exactly the
 // scalar operations; the avx2 clone is picked at load time when the CPU has it):
 //   ys[tau] = (RSS(0,tau) + RSS(tau,n))/n + eps   if mean(x[tau:]) < mean(x[:tau])  (a candidate)
+// (eps = kBicEps, or 0.0 for a scaled series: then ys[tau] is q = RSS/n exactly, as q + 0.0 == q for q >= +0.0)
 //   ys[tau] = NaN                                   otherwise.
-// A candidate's value is never NaN: both RSS are clamped (NaN -> 0), so it lies in [eps, inf].
+// A candidate's value is never NaN: both RSS are clamped (NaN -> 0), so it lies in [eps, inf] ([0, inf) scaled).
 // idx[i] = double(i); s1, s2, idx hold at least n + 1 entries.
 FASTOPD_PASS1_ATTR
 void candidate_y(const double* __restrict s1, const double* __restrict s2, const double* __restrict idx,
-                 double* __restrict ys, int64_t m, int64_t n) {
+                 double* __restrict ys, int64_t m, int64_t n, double eps) {
   const double nd = idx[n];
   const double s1n = s1[n];
   const double s2n = s2[n];
@@ -104,9 +116,39 @@ void candidate_y(const double* __restrict s1, const double* __restrict s2, const
     const double dr = s1n - s1[tau];
     double rr = (s2n - s2[tau]) - dr * dr / nt;
     rr = rr > 0.0 ? rr : 0.0;
-    const double y = (rl + rr) / nd + kBicEps;
+    const double y = (rl + rr) / nd + eps;
     ys[tau] = right < left ? y : nan;
   }
+}
+
+// ln(q 2^e2 + eps) for a scaled series' q = RSS'/n >= 0 (e2 = 2E): the log argument RSS/n + eps of the series
+// as given, without forming RSS/n (it may overflow) or eps 2^-e2 (it may underflow). With a = ln(q 2^e2) and
+// u = a - ln eps: ln(e^a + e^(ln eps)) = a + log1p(e^-u) if u > 0, else ln eps + log1p(e^u); q = 0 gives ln eps.
+// ln 2 and ln eps are libm's log at run time (volatile: not folded by the compiler), as math.log in
+// reference._log_scaled. Mirrors it operation for operation.
+inline double log_scaled(double q, int e2) {
+  volatile double two = 2.0, eps = kBicEps;
+  const double log_eps = std::log(static_cast<double>(eps));
+  if (q == 0.0) return log_eps;
+  const double a = std::log(q) + static_cast<double>(e2) * std::log(static_cast<double>(two));
+  const double u = a - log_eps;
+  return u > 0.0 ? a + std::log1p(std::exp(-u)) : log_eps + std::log1p(std::exp(u));
+}
+
+// The exponent E by which a series is scaled (x_i 2^-E), or 0 when it is scanned as given (see kScaleLimit).
+// n >= 1 and every x_i finite.
+inline int scale_exponent(const double* x, int64_t n) {
+  double amax = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = std::fabs(x[i]);
+    amax = a > amax ? a : amax;
+  }
+  if (amax == 0.0) return 0;
+  int e = 0;
+  std::frexp(amax, &e);
+  int bits = 0;
+  for (uint64_t v = static_cast<uint64_t>(n); v; v >>= 1) ++bits;
+  return e + bits > kScaleLimit ? e : 0;
 }
 
 // The scan of one series x[0..n), m >= 1. Mirrors fastopd.reference._scan_one operation for operation
@@ -120,6 +162,14 @@ inline ScanResult scan_one(const double* x, int64_t n, int64_t m, double min_gai
     if (!std::isfinite(x[i])) return {n, std::numeric_limits<double>::quiet_NaN(), false};
   }
   if (n < m || n - m < m) return {n, -inf, false};  // n < 2m, written so that 2m cannot overflow
+
+  // Huge values: scan x 2^-e instead (exact), and take every log argument back to the series as given.
+  const int e = scale_exponent(x, n);
+  if (e != 0) {
+    double* xs = sc.xs.data();
+    for (int64_t i = 0; i < n; ++i) xs[i] = std::ldexp(x[i], -e);
+    x = xs;
+  }
 
   // Centre: sequential sum, then c = total / n.
   double total = 0.0;
@@ -146,11 +196,12 @@ inline ScanResult scan_one(const double* x, int64_t n, int64_t m, double min_gai
   const double log_n = std::log(nd);
   double r0 = s2[n] - s1[n] * s1[n] / nd;
   r0 = r0 > 0.0 ? r0 : 0.0;
-  const double bic0 = nd * std::log(r0 / nd + kBicEps) + 2.0 * log_n;
+  const double bic0 =
+      (e == 0 ? nd * std::log(r0 / nd + kBicEps) : nd * log_scaled(r0 / nd, 2 * e)) + 2.0 * log_n;
   const double four_log_n = 4.0 * log_n;
 
-  // Pass 1: the log argument y of BIC1 for every candidate tau (NaN for the others).
-  candidate_y(s1, s2, idx, sc.ys.data(), m, n);
+  // Pass 1: the log argument y of BIC1 for every candidate tau (NaN for the others); q = RSS/n when scaled.
+  candidate_y(s1, s2, idx, sc.ys.data(), m, n, e == 0 ? kBicEps : 0.0);
   const double* ys = sc.ys.data();
 
   // Pass 2: y_min, the smallest y over the candidates (a NaN compares false and is skipped).
@@ -167,14 +218,14 @@ inline ScanResult scan_one(const double* x, int64_t n, int64_t m, double min_gai
 
   // Pass 3: argmin of BIC1, the first (smallest tau) on ties, over the candidates with y <= y_min (1 + 1e-9);
   // every other candidate has a strictly larger BIC1 than y_min's (see the header), so it can be neither
-  // the minimum nor tie with it.
-  const double y_limit = y_min * kSkipFactor;
+  // the minimum nor tie with it. A scaled series evaluates every candidate.
+  const double y_limit = e == 0 ? y_min * kSkipFactor : inf;
   int64_t best_tau = -1;
   double best_bic = inf;
   for (int64_t tau = m; tau <= n - m; ++tau) {
     const double y = ys[tau];
     if (!(y <= y_limit)) continue;  // not a candidate, or too far above the minimum
-    const double bic1 = nd * std::log(y) + four_log_n;
+    const double bic1 = (e == 0 ? nd * std::log(y) : nd * log_scaled(y, 2 * e)) + four_log_n;
     if (best_tau < 0 || bic1 < best_bic) {
       best_tau = tau;
       best_bic = bic1;

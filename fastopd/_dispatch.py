@@ -18,9 +18,7 @@ import warnings
 
 import torch
 
-from fastopd.common import KERNEL_DTYPES, KERNEL_LOSSES, KERNEL_MAX_K, LOSSES, TRITON_FLOOR
-
-BACKENDS = ("auto", "triton", "reference")
+from fastopd.common import BACKENDS, KERNEL_DTYPES, KERNEL_LOSSES, KERNEL_MAX_K, LOSSES, TRITON_FLOOR
 
 _warned_old_triton = False  # auto's fallback warning is given once per process
 
@@ -136,3 +134,19 @@ def cpu_ops():
     from fastopd import reference
 
     return reference
+
+
+def load_c(function: str, fallback: str):
+    """The ``fastopd._C`` module, checked to have ``function``; a clear ImportError naming the pure-Python
+    ``fallback`` (e.g. ``"fastopd.reference.bic_release"``) when it is not built or predates ``function``."""
+    try:
+        from fastopd import _C
+    except ImportError as e:  # a source checkout that was never built
+        raise ImportError(
+            "fastopd's C++ extension fastopd._C is not built: run `pip install -e .` in the repository "
+            f"({fallback} is the pure-Python equivalent)"
+        ) from e
+    if not hasattr(_C, function):
+        raise ImportError(f"fastopd._C predates {function}: rebuild it with `pip install -e . --no-build-isolation` "
+                          "or `python setup.py build_ext --inplace`")
+    return _C

@@ -7,42 +7,20 @@ reference and the Triton kernels see the same, already validated, arguments.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 import torch
+
+# the scalar checks live with StatsOptions (fastopd.options); re-exported here for the callers of fastopd._validate
+from fastopd.options import BACKENDS, StatsOptions, as_float, check_k, check_temperature, is_int, is_real  # noqa: F401
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Scalar options. A bool is never a number here: ``True`` is refused where a temperature, a k or a gain is
-# expected (Python would otherwise take it as 1).
+# Scalar options: the checks live with :class:`fastopd.StatsOptions` in :mod:`fastopd.options` (re-exported
+# here). A bool is never a number: ``True`` is refused where a temperature, a k or a gain is expected.
 # ----------------------------------------------------------------------------------------------------------
-
-
-def is_real(value) -> bool:
-    """True for a real number (int, float, NumPy scalar) that is not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def is_int(value) -> bool:
-    """True for an integer (int, NumPy integer) that is not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def check_temperature(temperature, name: str = "temperature") -> None:
-    """tau of the margin and the log-probs: a finite number > 0 (not a bool)."""
-    if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {temperature!r}")
-
-
-def check_k(k, name: str = "k") -> None:
-    """K, the student's candidates for the margin: an int >= 2 (not a bool)."""
-    if not is_int(k):
-        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
-    if k < 2:
-        raise ValueError(f"{name} must be >= 2 (the margin needs a top-1 and a top-2 candidate), got {name}={k}")
 
 
 def check_seed(seed, name: str = "seed") -> None:
@@ -55,17 +33,19 @@ def check_token_inputs(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     target_ids: torch.Tensor,
-    *,
-    k: int,
-    temperature: float,
-    ignore_index: int,
-    vocab_size: int | None,
+    options: StatsOptions | None = None,
+    **fields,
 ) -> int:
     """Validate the inputs of ``token_stats`` / ``opd_loss`` and return the effective vocabulary size V.
 
+    ``options`` is the call's :class:`fastopd.StatsOptions` (its fields were checked when it was built); the
+    fields may instead be given as keywords (:meth:`fastopd.StatsOptions.of`). Here only what needs the
+    tensors: types, shapes, devices, ``vocab_size`` and ``k`` against the widths, the target range.
     Raises ``TypeError`` for wrong types/dtypes and ``ValueError`` for wrong shapes or values; the message
     names the argument and what was expected.
     """
+    opts = StatsOptions.of(options, **fields)
+    k, ignore_index, vocab_size = opts.k, opts.ignore_index, opts.vocab_size
     for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (..., V), got {type(t).__name__}")
@@ -101,19 +81,13 @@ def check_token_inputs(
             )
         v = vs
     else:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
         if vocab_size > min(vs, vt):
             raise ValueError(
                 f"vocab_size={vocab_size} exceeds the logits' widths (student {vs}, teacher {vt})"
             )
         v = vocab_size
-    check_k(k)
     if k > v:
         raise ValueError(f"k must be <= the vocabulary size V={v}, got k={k}")
-    check_temperature(temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if target_ids.numel():
         valid = target_ids != ignore_index
         if valid.any():
@@ -190,6 +164,28 @@ def check_segment_ids(segment_ids: torch.Tensor, valid: torch.Tensor) -> None:
     )
 
 
+def check_release_segment(release_segment, b: int) -> torch.Tensor:
+    """r of docs/formulas.md §4 for B rollouts: integers in [0, 2^63) of shape (B,) (not bools, not floats: a
+    NaN or 1.7 is no segment id); returned as an int64 tensor."""
+    if isinstance(release_segment, torch.Tensor):
+        r = release_segment.detach()
+        if r.dtype.is_floating_point or r.dtype.is_complex or r.dtype == torch.bool:
+            raise TypeError(f"release_segment must hold integer segment ids, got {r.dtype}")
+    else:
+        arr = np.asarray(release_segment)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"release_segment must hold integer segment ids (in [0, 2**63)), got {arr.dtype} values "
+                            f"{release_segment!r}"[:200])
+        if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"release_segment must hold ints in [0, 2**63), got {int(arr.max())}")
+        r = torch.from_numpy(arr.astype(np.int64))
+    if tuple(r.shape) != (b,):
+        raise ValueError(f"release_segment must have shape (B,) = ({b},), got {tuple(r.shape)}")
+    if r.numel() and int(r.min()) < 0:
+        raise ValueError(f"release_segment must hold segment ids >= 0 (segments below it are kept), got {int(r.min())}")
+    return r.long()
+
+
 def check_ragged(values, offsets):
     """Validate a ragged batch (values, offsets) for the BIC scan and return them as numpy arrays.
 
@@ -197,7 +193,10 @@ def check_ragged(values, offsets):
     ``0 <= offsets[0] <= offsets[1] <= ... <= offsets[-1] <= len(values)``.
     """
     if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
+        if values.dtype.is_complex:
+            raise TypeError(f"values must be real segment means (float64 expected), got {values.dtype}")
+        values = values.detach().cpu()
+        values = (values.double() if values.dtype.is_floating_point else values).numpy()  # bf16 has no NumPy dtype
     if isinstance(offsets, torch.Tensor):
         offsets = offsets.detach().cpu().numpy()
     values = np.asarray(values)
@@ -222,13 +221,41 @@ def check_ragged(values, offsets):
     return values, offsets
 
 
-def check_scan_options(min_segments, min_gain) -> None:
-    """Validate the options of the BIC scan (docs/formulas.md §3)."""
-    if not is_int(min_segments) or min_segments < 1:
-        raise ValueError(f"min_segments must be an int >= 1, got {min_segments!r}")
-    if not is_real(min_gain) or math.isnan(min_gain):
-        raise ValueError(f"min_gain must be a number (not NaN), got {min_gain!r}")
+def _number_repr(value) -> str:
+    """``repr(value)``, shortened for an int too long to read."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:12]}...{text[-6:]} ({len(text)} characters)"
 
+
+def check_scan_options(min_segments, min_gain) -> None:
+    """Validate the options of the BIC scan (docs/formulas.md §3): ``min_segments`` an int >= 1 (any size: a
+    value above half a series' length leaves it no candidate split), ``min_gain`` a real number that a float
+    holds (±inf allowed), not NaN."""
+    if not is_int(min_segments) or min_segments < 1:
+        raise ValueError(f"min_segments must be an int >= 1, got {_number_repr(min_segments)}")
+    gain = as_float(min_gain) if is_real(min_gain) else None
+    if gain is None or math.isnan(gain):
+        raise ValueError(
+            f"min_gain must be a number a float can hold (not NaN; -inf/inf allowed), got {_number_repr(min_gain)}"
+        )
+
+
+MAX_THREADS = 1 << 16
+
+
+def check_num_threads(num_threads) -> None:
+    """Threads of the C++ scans: an int in [0, MAX_THREADS] (0: OpenMP's default; not a bool, not None)."""
+    if not is_int(num_threads) or not 0 <= num_threads <= MAX_THREADS:
+        raise ValueError(
+            f"num_threads must be an int >= 0 (0: OpenMP's default) and <= {MAX_THREADS}, got "
+            f"{_number_repr(num_threads)}"
+        )
+
+
+def scan_int(value, values) -> int:
+    """An int option of the C++ scans (m, c) as the int64 it can take without changing the decision: any value
+    above the batch's total length L is the same as L + 1 (no series has that many entries on a side)."""
+    return int(min(int(value), len(values) + 1))
 
 
 def check_confirm_segments(confirm_segments, min_segments) -> None:

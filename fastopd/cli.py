@@ -142,14 +142,27 @@ def benchmarks_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+def benchmark_summary(path: Path) -> str:
+    """The first line of a benchmark script's module docstring (read without running it), or "" when it has none."""
+    import ast
+
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    return doc.strip().splitlines()[0] if doc else ""
+
+
 def cmd_bench(argv: list[str]) -> int:
     import runpy
 
     bench = benchmarks_dir()
     scripts = sorted(p.stem for p in bench.glob("*.py") if not p.name.startswith("_")) if bench.is_dir() else []
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: fastopd bench NAME [ARGS...]\n\nRuns benchmarks/NAME.py (needs a source checkout).")
-        print("available: " + (", ".join(scripts) if scripts else f"none found in {bench}"))
+        print("usage: fastopd bench NAME [ARGS...]\n\nRuns benchmarks/NAME.py (needs a source checkout); "
+              "fastopd bench NAME --help for its options.\n")
+        if not scripts:
+            print(f"available: none found in {bench}")
+        width = max(map(len, scripts), default=0)
+        for name in scripts:  # the first line of each script's docstring: what it measures, and where it runs
+            print(f"  {name:<{width}}  {benchmark_summary(bench / f'{name}.py')}")
         return 0
     name = argv[0].removesuffix(".py")
     if name not in scripts:
@@ -287,8 +300,23 @@ json.JSONDecodeError and the config's YAML errors) and the file system's answers
 path under a file, no permission, a full disk). Anything else is a bug and keeps its traceback;
 FASTOPD_DEBUG=1 shows the traceback of these too."""
 
+# Modules of the ``train`` extra (pyproject.toml): the library runs without them, the commands do not.
+TRAIN_EXTRA_MODULES = ("transformers", "tokenizers", "accelerate", "tqdm", "matplotlib", "yaml", "safetensors")
+
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing not in TRAIN_EXTRA_MODULES or os.environ.get("FASTOPD_DEBUG"):
+            raise
+        print(f"fastopd: error: the command needs the train extra ({missing} is not installed): "
+              'pip install "fastopd[train]"', file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])

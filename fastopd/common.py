@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fastopd._validate import check_per_token
+from fastopd.options import BACKENDS  # noqa: F401  (the backends' names, with the other option names)
 from fastopd.types import OPDOutput, ReleaseResult, SegmentMeans, TokenStats
 
 LOSSES = ("pg", "reverse_kl", "forward_kl")

@@ -1,9 +1,12 @@
 """``fastopd example``: the release rule on one built-in rollout, end to end, on a CPU.
 
-The shipped demo student (a tiny Qwen3 model) samples a solution to a built-in arithmetic problem; the
-shipped teacher scores it; fastopd computes the per-token statistics (docs/formulas.md §1), the sentence
+The shipped demo student (a tiny Qwen3 model) samples a solution to a built-in problem of the long task
+(``--task long``, the default: a derivation the teacher is sure of, then a freely phrased check where its
+margin fades, so the rule releases the check) or of the short arithmetic task (``--task arithmetic``,
+where the margin does not fall and the rule keeps every token); the shipped teacher scores it; fastopd computes the per-token statistics (docs/formulas.md §1), the sentence
 segments (section 2), the profiled RSS-BIC release point (section 3) and the weights (section 4), and
-prints, per segment, its text, its mean margin and whether it is kept or released.
+prints, per segment, its text, its mean margin and whether it is kept or released, then what the rule did:
+the BIC gain against the threshold, the sentence it released from and the fraction of tokens it kept.
 
 Use ``--completion TEXT`` to score a completion of your own instead of a sampled one.
 """
@@ -16,13 +19,22 @@ import math
 
 import torch
 
-DEFAULT_PROBLEM = "Start with 7. Add 5. Multiply by 2. Subtract 3. Add 9. What is the result?"
+DEFAULT_PROBLEMS = {
+    # the first held-out problem of the long task (fastopd/assets/demo/data/long_eval.jsonl, the assets README's
+    # example); on seeds 0-4 the rule accepts it with gains 49-53 and keeps 59 of 107 tokens
+    "long": "Find the sum of 2, 9, 6, 9, 2, 8, 6 and 9, then check every step.",
+    "arithmetic": "Start with 7. Add 5. Multiply by 2. Subtract 3. Add 9. What is the result?",
+}
+"""The built-in problem of each task (``--task``)."""
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """Arguments of ``fastopd example`` (also used by the CLI to print ``--help``)."""
     p = parser or argparse.ArgumentParser(prog="fastopd example", description=__doc__.splitlines()[0])
-    p.add_argument("--problem", default=DEFAULT_PROBLEM, help="problem text (default: a built-in 4-step chain)")
+    p.add_argument("--task", choices=tuple(DEFAULT_PROBLEMS), default="long",
+                   help="whose built-in problem to run: long (default; an 8-number sum and its check, where the "
+                   "rule releases the check) or arithmetic (a 4-step chain, where the rule keeps every token)")
+    p.add_argument("--problem", default=None, help="problem text (default: the --task's built-in problem)")
     p.add_argument("--completion", default=None, help="score this completion instead of sampling one")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the student (default 0)")
     p.add_argument("--temperature", type=float, default=1.0, help="student sampling temperature (default 1.0)")
@@ -73,7 +85,8 @@ def run(args: argparse.Namespace) -> dict:
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
     student = AutoModelForCausalLM.from_pretrained(paths["student"], dtype=torch.float32).eval()
     teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float32).eval()
-    prompt_ids = tok(format_prompt(args.problem), return_tensors="pt").input_ids
+    problem = DEFAULT_PROBLEMS[args.task] if args.problem is None else args.problem
+    prompt_ids = tok(format_prompt(problem), return_tensors="pt").input_ids
     with torch.no_grad():
         if args.completion is None:
             out = student.generate(
@@ -106,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
             "kept": bool((weights[in_seg] > 0).any()),
         })
     result = {
-        "problem": args.problem,
+        "problem": problem,
         "completion": tok.decode(completion_ids, skip_special_tokens=True).strip(),
         "segments": segments,
         "gain": float(scan.gain[0]),
@@ -115,6 +128,7 @@ def run(args: argparse.Namespace) -> dict:
         "release_segment": int(dec.release_segment[0]),
         "tokens": int(stats.valid.sum()),
         "tokens_kept": int((weights > 0).sum()),
+        "kept_fraction": float((weights > 0).sum() / stats.valid.sum()),
         "mean_advantage": float(stats.advantages.mean()),
     }
     _print(result, args.min_gain)
@@ -138,11 +152,15 @@ def _print(result: dict, min_gain: float) -> None:
     gain_s = "-inf (no downward split)" if gain == -math.inf else f"{gain:.2f}"
     verdict = "accepted" if result["accepted"] else f"not accepted (needs > {min_gain:g})"
     print(f"\nBIC gain: {gain_s}; {verdict}")
+    kept = f"{result['tokens_kept']} of {result['tokens']} tokens supervised (kept fraction {result['kept_fraction']:.2f})"
     if result["accepted"]:
-        print(f"release point: segment {result['release_segment']} — "
-              f"{result['tokens_kept']} of {result['tokens']} tokens supervised")
+        released = [s for s in result["segments"] if not s["kept"]]
+        print(f"release point: segment {result['release_segment']} — {kept}")
+        print(f"the rule released the last {len(released)} of {len(result['segments'])} segments, from "
+              f"\"{released[0]['text']}\" on: the teacher's margin falls there, so those tokens get no loss")
     else:
-        print(f"release point: none — all {result['tokens']} tokens supervised")
+        print(f"release point: none — {kept}")
+        print("the rule kept every segment: no downward split of the margins beats the threshold")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,6 +161,9 @@ def config_logit_scale(config) -> float:
         scale = getattr(config, "lm_head_multiplier", None)
     if scale is None and getattr(config, "logits_scaling", None) is not None:
         ls = config.logits_scaling
+        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not math.isfinite(ls) or ls == 0:
+            raise ValueError(f"the model's config has logits_scaling={ls!r}: its logits are divided by it, so it must "
+                             "be a finite nonzero number (fix the model's config.json)")
         scale = ls if getattr(config, "model_type", None) == "hyperclovax" else 1 / ls
     return 1.0 if scale is None else float(scale)
 

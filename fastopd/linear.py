@@ -43,6 +43,7 @@ weight's dtype (one rounding per chunk in bf16).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,8 @@ from fastopd._dispatch import cpu_ops, resolve_backend
 from fastopd._validate import check_token_inputs
 from fastopd.common import DIVERGENCES, check_loss_options, per_token_loss, reduce_loss, weight_mask
 from fastopd.head import LMHead, as_lm_head
+from fastopd.options import StatsOptions
+from fastopd.stats import token_stats
 from fastopd.types import OPDOutput, TokenStats
 
 # Default rows per chunk off CUDA: this many logits elements per tile. The reference holds ~8 fp32 (chunk, V)
@@ -134,30 +137,28 @@ def _check_model(role: str, hidden, head, target_ids) -> LMHead:
     return head
 
 
-def _check_inputs(sh, s_head, th, t_head, target_ids, *, k, temperature, ignore_index, vocab_size,
-                  chunk_size) -> tuple[LMHead, LMHead, int]:
-    """Validate the hidden-state inputs; return both heads as LMHeads and the shared vocabulary size V."""
+def _check_inputs(sh, s_head, th, t_head, target_ids, opts: StatsOptions) -> tuple[LMHead, LMHead, int]:
+    """Validate the hidden-state inputs against the call's options (checked when they were built); return both
+    heads as LMHeads and the shared vocabulary size V."""
     if not isinstance(target_ids, torch.Tensor):
         raise TypeError(f"target_ids must be a torch.Tensor of integer ids, got {type(target_ids).__name__}")
     s_head = _check_model("student", sh, s_head, target_ids)
     t_head = _check_model("teacher", th, t_head, target_ids)
     vs, vt = s_head.out_features, t_head.out_features
+    vocab_size = opts.vocab_size
     if vocab_size is None:
         if vs != vt:
             raise ValueError(
                 f"student_head has {vs} logits (rows) but teacher_head has {vt}; pass vocab_size= the shared "
                 "vocabulary size to cut both heads to their first vocab_size rows"
             )
-    elif not isinstance(vocab_size, bool) and isinstance(vocab_size, int) and vocab_size > min(vs, vt):
+    elif vocab_size > min(vs, vt):
         raise ValueError(f"vocab_size={vocab_size} exceeds the heads' rows (student_head {vs}, teacher_head {vt})")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    # The remaining checks (k, temperature, ignore_index, vocab_size, target range, devices) are the logits
-    # path's own, run on zero-storage stand-ins of the logits' shapes.
+    # The remaining checks (k against V, the target range, devices) are the logits path's own, run on
+    # zero-storage stand-ins of the logits' shapes.
     fake_s = torch.empty((), dtype=sh.dtype, device=sh.device).expand(*target_ids.shape, vs)
     fake_t = torch.empty((), dtype=th.dtype, device=th.device).expand(*target_ids.shape, vt)
-    v = check_token_inputs(fake_s, fake_t, target_ids, k=k, temperature=temperature,
-                           ignore_index=ignore_index, vocab_size=vocab_size)
+    v = check_token_inputs(fake_s, fake_t, target_ids, opts)
     return s_head, t_head, v
 
 
@@ -207,21 +208,26 @@ def default_chunk_size(backend: str, v: int, device=None, itemsize: int = 2) -> 
 class ChunkPlan:
     """The settings of one call of the chunked path, as every chunk (forward and backward) reads them.
 
-    ``v``: the shared vocabulary size; ``chunk``: token rows per tile; ``dtype``: of the per-token outputs
-    (float64 for fp64 inputs on the reference backend, else float32); ``backend``: ``"reference"`` or
-    ``"triton"`` (already resolved); ``overlap``: teacher tiles on a side CUDA stream (:data:`OVERLAP_TEACHER`);
-    the rest as in :func:`fastopd.opd_loss`.
+    ``options``: the call's :class:`fastopd.StatsOptions` (k, temperature, ignore_index); ``v``: the shared
+    vocabulary size; ``chunk``: token rows per tile; ``dtype``: of the per-token outputs (float64 for fp64
+    inputs on the reference backend, else float32); ``backend``: ``"reference"`` or ``"triton"`` (already
+    resolved from ``options.backend``); ``overlap``: teacher tiles on a side CUDA stream
+    (:data:`OVERLAP_TEACHER`); ``has_ignored``: some target is ``ignore_index`` (those rows are then masked,
+    :func:`_read_rows`); ``loss`` as in :func:`fastopd.opd_loss`.
     """
 
+    options: StatsOptions
     v: int
-    k: int
-    temperature: float
-    ignore_index: int
     loss: str
     backend: str
     chunk: int
     dtype: torch.dtype
     overlap: bool = False
+    has_ignored: bool = False
+
+    def chunk_options(self) -> StatsOptions:
+        """The options a (chunk, V) tile is read with: the tiles are already cut to V columns."""
+        return dataclasses.replace(self.options, vocab_size=None, backend=self.backend)
 
 
 class _ReferenceChunks:
@@ -230,16 +236,14 @@ class _ReferenceChunks:
     def __init__(self, plan: ChunkPlan) -> None:
         self.plan = plan
         self.ref = cpu_ops()
+        self.opts = plan.chunk_options()
 
     def alloc(self, n: int, device) -> dict:
         return {"u": torch.zeros(n, dtype=self.plan.dtype, device=device)}
 
     def _loss(self, z, zt, tgt, old):
         p = self.plan
-        return self.ref.opd_loss(
-            z, zt, tgt, loss=p.loss, old_logprobs=old, normalizer=1.0,
-            k=p.k, temperature=p.temperature, ignore_index=p.ignore_index,
-        )
+        return self.ref.opd_loss(z, zt, tgt, loss=p.loss, old_logprobs=old, normalizer=1.0, options=self.opts)
 
     def forward(self, zs, zt, tgt, old, saved, sl):
         out = self._loss(zs, zt, tgt, old)
@@ -259,17 +263,17 @@ class _ReferenceChunks:
         """dl/dz for incoming gradient ``g`` by autograd of common.per_token_loss on the recomputed tile (the
         log-probs and KL by the reference's own functions; ``pg`` reads the saved u_t, not the teacher)."""
         p, ref = self.plan, self.ref
-        valid = tgt != p.ignore_index
+        valid = tgt != self.opts.ignore_index
         with torch.enable_grad():
             z = zs.detach().requires_grad_(True)
-            _, ls = ref.logprobs(z, z.shape[-1], p.temperature)
+            _, ls = ref.logprobs(z, z.shape[-1], self.opts.temperature)
             w = valid.to(ls.dtype)
             if p.loss == "pg":
                 y = torch.where(valid, tgt, torch.zeros_like(tgt)).long().unsqueeze(-1)
                 s = ls.gather(-1, y).squeeze(-1)
                 terms = per_token_loss("pg", valid, w, s=s, u=saved["u"][sl].to(ls.dtype), old_logprobs=old)
             else:
-                _, lt = ref.logprobs(zt, zt.shape[-1], p.temperature)
+                _, lt = ref.logprobs(zt, zt.shape[-1], self.opts.temperature)
                 divergence = ref.reverse_kl if p.loss == "reverse_kl" else ref.forward_kl
                 terms = per_token_loss(p.loss, valid, w, kl=divergence(ls, lt))
             (dz,) = torch.autograd.grad(terms.per_token, z, g.to(ls.dtype))
@@ -391,10 +395,11 @@ class _LinearOPDFunction(torch.autograd.Function):
         grads = _Grads(sh, sw, sb, v, need) if (eager_w is not None and any(need)) else None
         for sl, zt in _teacher_tiles(th, t_w, t_b, t_scale, t_cap, _slices(n, plan.chunk), plan.overlap):
             zs = head_logits(sh[sl], s_w, s_b, s_scale, s_cap)
+            h = _read_rows(plan, sh[sl], zs, zt, tgt[sl])
             o = None if old is None else old[sl]
             if grads is not None and bool((eager_w[sl] != 0).any()):
                 pt, st, dz = impl.forward_grad(zs, zt, tgt[sl], o, saved, sl, eager_w[sl])
-                grads.add(sl, sh[sl], head_raw_grad(zs, dz, s_scale, s_cap), s_w)
+                grads.add(sl, h, head_raw_grad(zs, dz, s_scale, s_cap), s_w)
                 del dz
             else:
                 pt, st = impl.forward(zs, zt, tgt[sl], o, saved, sl)
@@ -431,7 +436,7 @@ class _LinearOPDFunction(torch.autograd.Function):
         t_w, t_b = tw[:v], None if tb is None else tb[:v]
         divergence = plan.loss in DIVERGENCES  # its gradient reads the teacher's log-probs
         grads = _Grads(sh, sw, sb, v, need)
-        live = (tgt != plan.ignore_index) & (g != 0)
+        live = (tgt != plan.options.ignore_index) & (g != 0)
         # chunks where every row's gradient is zero: no recompute, their grad_h rows stay 0 (one host sync)
         n, c = tgt.shape[0], plan.chunk
         chunks = -(-n // c)
@@ -444,11 +449,25 @@ class _LinearOPDFunction(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(device_type=sh.device.type, enabled=False):
             for sl, zt in tiles:
                 zs = head_logits(sh[sl], s_w, s_b, s_scale, s_cap)
+                h = _read_rows(plan, sh[sl], zs, zt, tgt[sl])
                 dz = impl.backward(zs, zt, tgt[sl], None if old is None else old[sl], ctx.saved, sl, g[sl])
                 del zt
-                grads.add(sl, sh[sl], head_raw_grad(zs, dz, s_scale, s_cap), s_w)
+                grads.add(sl, h, head_raw_grad(zs, dz, s_scale, s_cap), s_w)
                 del zs, dz
         return (grads.h, grads.w, grads.b, *none)
+
+
+def _read_rows(plan: ChunkPlan, h: torch.Tensor, zs: torch.Tensor, zt, tgt: torch.Tensor) -> torch.Tensor:
+    """Ignored rows are never read (docs/formulas.md §1, §6): when the call has any, their rows of the tiles
+    are zeroed in place and the student's hidden rows that the weight gradient reads are zeros, so a NaN in an
+    ignored row's hidden state (either model's) reaches no gradient (0 * NaN would). Returns those hidden rows."""
+    if not plan.has_ignored:
+        return h
+    skip = (tgt == plan.options.ignore_index).unsqueeze(-1)
+    zs.masked_fill_(skip, 0)
+    if zt is not None:
+        zt.masked_fill_(skip, 0)
+    return h.masked_fill(skip, 0)
 
 
 def _common_scale(g: torch.Tensor, w: torch.Tensor) -> float | None:
@@ -464,17 +483,15 @@ def _common_scale(g: torch.Tensor, w: torch.Tensor) -> float | None:
     return None
 
 
-def _run(student_hidden, student_head, teacher_hidden, teacher_head, target_ids, *, loss, old_logprobs, k,
-         temperature, ignore_index, vocab_size, chunk_size, backend, weights=None, eager=False):
+def run_chunks(student_hidden, student_head, teacher_hidden, teacher_head, target_ids, opts: StatsOptions, *,
+               loss, old_logprobs, weights=None, eager=False):
     """Validate, then the chunked forward: (unit per-token loss l0, TokenStats). ``eager``: compute the
-    gradient for the known ``weights`` while the tiles are live (see :class:`_LinearOPDFunction`)."""
-    s_head, t_head, v = _check_inputs(
-        student_hidden, student_head, teacher_hidden, teacher_head, target_ids,
-        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size,
-    )
+    gradient for the known ``weights`` while the tiles are live (see :class:`_LinearOPDFunction`).
+    :meth:`fastopd.OPDLoss.linear` is its one caller (and :func:`fastopd.linear_opd_loss` is that method)."""
+    s_head, t_head, v = _check_inputs(student_hidden, student_head, teacher_hidden, teacher_head, target_ids, opts)
     check_loss_options(loss, weights, old_logprobs, target_ids)
-    chosen = resolve_backend(backend, student_hidden.device,
-                             dtypes=(student_hidden.dtype, teacher_hidden.dtype), k=k, loss=loss)
+    chosen = resolve_backend(opts.backend, student_hidden.device,
+                             dtypes=(student_hidden.dtype, teacher_hidden.dtype), k=opts.k, loss=loss)
     if chosen == "triton":
         from fastopd.kernels._helpers import check_kernel_dtype
 
@@ -482,19 +499,19 @@ def _run(student_hidden, student_head, teacher_hidden, teacher_head, target_ids,
         check_kernel_dtype("teacher_hidden", teacher_hidden)
     shape = target_ids.shape
     n = target_ids.numel()
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(
+    chunk = opts.chunk_size if opts.chunk_size is not None else default_chunk_size(
         chosen, v, student_hidden.device, student_hidden.element_size())
     fp64 = student_hidden.dtype == torch.float64 and chosen == "reference"
+    valid = target_ids != opts.ignore_index
     plan = ChunkPlan(
-        v=v, k=k, temperature=float(temperature), ignore_index=ignore_index, loss=loss, backend=chosen,
+        options=opts, v=v, loss=loss, backend=chosen,
         chunk=max(1, min(chunk, max(n, 1))), dtype=torch.float64 if fp64 else torch.float32,
-        overlap=bool(OVERLAP_TEACHER) and student_hidden.is_cuda,
+        overlap=bool(OVERLAP_TEACHER) and student_hidden.is_cuda, has_ignored=not bool(valid.all()),
     )
     eager_w = None
     if eager and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (student_hidden, s_head.weight, s_head.bias)):
-        valid = (target_ids != ignore_index).reshape(n)
-        eager_w = weight_mask(valid, None if weights is None else weights.reshape(n), plan.dtype)
+        eager_w = weight_mask(valid.reshape(n), None if weights is None else weights.reshape(n), plan.dtype)
     sh = student_hidden.reshape(n, student_hidden.shape[-1])
     th = teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1])
     old = None if old_logprobs is None else old_logprobs.detach().reshape(n)
@@ -503,7 +520,6 @@ def _run(student_hidden, student_head, teacher_hidden, teacher_head, target_ids,
         None if t_head.bias is None else t_head.bias.detach(), target_ids.reshape(n), old, eager_w,
         s_head.logit_scale, s_head.softcap, t_head.logit_scale, t_head.softcap, plan,
     )
-    valid = target_ids != ignore_index
     stats = TokenStats(
         student_logprobs=s.view(shape), teacher_logprobs=u.view(shape), advantages=adv.view(shape),
         margins=m.view(shape), valid=valid,
@@ -533,6 +549,7 @@ def linear_token_stats(
     backend: str = "auto",
     full_kl: bool = False,
     return_topk: bool = False,
+    options: StatsOptions | None = None,
 ) -> TokenStats:
     """:func:`fastopd.token_stats` on z = softcap(scale (h W[:V]^T + b[:V])) per model, by token chunks.
 
@@ -552,18 +569,18 @@ def linear_token_stats(
         chunk_size: token rows per tile (default: on CUDA from the device, :func:`cuda_chunk_rows`; off CUDA
             2^23 / V rows on the reference, 2^26 / V on Triton: :func:`default_chunk_size`).
         k, temperature, ignore_index, full_kl, return_topk, backend: as in :func:`fastopd.token_stats`.
+        options: a :class:`fastopd.StatsOptions` instead of k, temperature, ignore_index, vocab_size,
+            chunk_size and backend.
     """
-    s_head, t_head, v = _check_inputs(
-        student_hidden, student_head, teacher_hidden, teacher_head, target_ids,
-        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size, chunk_size=chunk_size,
-    )
-    from fastopd.stats import token_stats
-
-    chosen = resolve_backend(backend, student_hidden.device,
-                             dtypes=(student_hidden.dtype, teacher_hidden.dtype), k=k)
+    opts = StatsOptions.of(options, k=k, temperature=temperature, ignore_index=ignore_index,
+                           vocab_size=vocab_size, chunk_size=chunk_size, backend=backend)
+    s_head, t_head, v = _check_inputs(student_hidden, student_head, teacher_hidden, teacher_head, target_ids, opts)
+    chosen = resolve_backend(opts.backend, student_hidden.device,
+                             dtypes=(student_hidden.dtype, teacher_hidden.dtype), k=opts.k)
     n = target_ids.numel()
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(
+    chunk = opts.chunk_size if opts.chunk_size is not None else default_chunk_size(
         chosen, v, student_hidden.device, student_hidden.element_size())
+    tile_opts = dataclasses.replace(opts, vocab_size=None, backend=chosen)  # the tiles are cut to V already
     s_w, t_w = s_head.weight.detach()[:v], t_head.weight.detach()[:v]
     s_b = None if s_head.bias is None else s_head.bias.detach()[:v]
     t_b = None if t_head.bias is None else t_head.bias.detach()[:v]
@@ -576,14 +593,12 @@ def linear_token_stats(
             parts.append(token_stats(
                 head_logits(sh[sl], s_w, s_b, s_head.logit_scale, s_head.softcap),
                 head_logits(th[sl], t_w, t_b, t_head.logit_scale, t_head.softcap),
-                tgt[sl], k=k, temperature=temperature, ignore_index=ignore_index, full_kl=full_kl,
-                return_topk=return_topk, backend=chosen,
+                tgt[sl], options=tile_opts, full_kl=full_kl, return_topk=return_topk,
             ))
     shape = target_ids.shape
     if not parts:  # N = 0: the logits path on empty (0, V) stand-ins gives the empty result
         z = torch.zeros((0, v), dtype=student_hidden.dtype, device=student_hidden.device)
-        parts.append(token_stats(z, z, tgt, k=k, temperature=temperature, ignore_index=ignore_index,
-                                 full_kl=full_kl, return_topk=return_topk, backend=chosen))
+        parts.append(token_stats(z, z, tgt, options=tile_opts, full_kl=full_kl, return_topk=return_topk))
 
     def cat(f):
         vals = [getattr(p, f) for p in parts]
@@ -591,52 +606,13 @@ def linear_token_stats(
 
     stats = TokenStats(
         student_logprobs=cat("student_logprobs").view(shape), teacher_logprobs=cat("teacher_logprobs").view(shape),
-        advantages=cat("advantages").view(shape), margins=cat("margins").view(shape), valid=target_ids != ignore_index,
+        advantages=cat("advantages").view(shape), margins=cat("margins").view(shape), valid=target_ids != opts.ignore_index,
     )
     if full_kl:
         stats.reverse_kl = cat("reverse_kl").view(shape)
     if return_topk:
-        stats.topk_ids = cat("topk_ids").view(*shape, k)
+        stats.topk_ids = cat("topk_ids").view(*shape, opts.k)
     return stats
-
-
-def linear_opd_loss(
-    student_hidden: torch.Tensor,
-    student_head: LMHead | torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_head: LMHead | torch.Tensor,
-    target_ids: torch.Tensor,
-    *,
-    weights: torch.Tensor | None = None,
-    loss: str = "pg",
-    old_logprobs: torch.Tensor | None = None,
-    normalizer=None,
-    k: int = 16,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    vocab_size: int | None = None,
-    chunk_size: int | None = None,
-    backend: str = "auto",
-) -> OPDOutput:
-    """:func:`fastopd.opd_loss` on z = softcap(scale (h W[:V]^T + b[:V])) per model, by token chunks (§5, §6).
-
-    ``pg``: l_t = -w_t sg(A_t) rho_t with rho_t = exp(s_t - sg(s_old_t)), A_t = u_t - s_old_t; ``reverse_kl``:
-    l_t = w_t KL_t; ``forward_kl``: l_t = w_t KL(p_T || p_S)_t; loss = sum_t l_t / normaliser (default: the number of valid tokens). The gradient flows
-    into ``student_hidden`` and the student head's weight and bias (rows >= V get 0); the teacher's tensors,
-    ``weights`` and ``old_logprobs`` get none. Peak extra memory is O(chunk_size * V), independent of N.
-    Heads are :class:`fastopd.LMHead` or bare weights; the other arguments as in :func:`linear_token_stats`
-    and :func:`fastopd.opd_loss`; returns :class:`fastopd.OPDOutput`.
-
-    Example:
-        >>> out = fastopd.linear_opd_loss(h_s, fastopd.LMHead.from_model(student), h_t, lm_head_t.weight, completion_ids)
-        >>> out.loss.backward()   # grads in h_s (and the student's graph behind it) and the student's head
-    """
-    per0, stats = _run(
-        student_hidden, student_head, teacher_hidden, teacher_head, target_ids, loss=loss,
-        old_logprobs=old_logprobs, k=k, temperature=temperature, ignore_index=ignore_index,
-        vocab_size=vocab_size, chunk_size=chunk_size, backend=backend, weights=weights, eager=True,
-    )
-    return weighted_output(per0, stats, weights, loss, normalizer)
 
 
 def weighted_output(per0: torch.Tensor, stats: TokenStats, weights, loss: str, normalizer) -> OPDOutput:

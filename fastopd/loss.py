@@ -7,11 +7,16 @@ reached through :func:`fastopd._dispatch.cpu_ops`). The per-token formula both u
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from fastopd._dispatch import _device, _dtypes, cpu_ops, resolve_backend
 from fastopd.common import LOSSES, reduce_loss
+from fastopd.head import LMHead
+from fastopd.linear import run_chunks, weighted_output
+from fastopd.options import StatsOptions
 from fastopd.types import OPDOutput
 
 
@@ -30,6 +35,7 @@ def opd_loss(
     vocab_size: int | None = None,
     backend: str = "auto",
     inplace_backward: bool = False,
+    options: StatsOptions | None = None,
 ) -> OPDOutput:
     """On-policy distillation loss from logits (docs/formulas.md §5).
 
@@ -45,6 +51,8 @@ def opd_loss(
             of valid tokens.
         k, temperature, ignore_index, vocab_size: as in :func:`fastopd.token_stats`.
         backend: ``"auto" | "triton" | "reference"``.
+        options: a :class:`fastopd.StatsOptions` instead of k, temperature, ignore_index, vocab_size, backend
+            (as in :func:`fastopd.token_stats`).
         inplace_backward: Triton backend only (ignored by the reference): write dloss/dz_S into the
             student-logits buffer instead of a new tensor, saving one N x V buffer. Legal only when nothing
             else reads those logits after the loss (their values are overwritten by the backward).
@@ -58,17 +66,35 @@ def opd_loss(
         >>> out = fastopd.opd_loss(student_logits, teacher_logits, completion_ids, weights=rule_weights)
         >>> out.loss.backward()
     """
-    kwargs = dict(
-        weights=weights, loss=loss, old_logprobs=old_logprobs, normalizer=normalizer,
-        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
-    )
-    # Each backend validates its arguments itself (once): here only what the choice needs.
-    if resolve_backend(backend, _device(student_logits), dtypes=_dtypes(student_logits, teacher_logits), k=k,
-                       loss=loss) == "triton":
+    opts = StatsOptions.of(options, k=k, temperature=temperature, ignore_index=ignore_index,
+                           vocab_size=vocab_size, backend=backend)
+    return _opd_loss(student_logits, teacher_logits, target_ids, opts, weights=weights, loss=loss,
+                     old_logprobs=old_logprobs, normalizer=normalizer, inplace_backward=inplace_backward)
+
+
+def _opd_loss(student_logits, teacher_logits, target_ids, opts: StatsOptions, *, weights, loss, old_logprobs,
+              normalizer, inplace_backward) -> OPDOutput:
+    """:func:`opd_loss` with its options already built: the backend's loss."""
+    kwargs = dict(weights=weights, loss=loss, old_logprobs=old_logprobs, normalizer=normalizer, options=opts)
+    # Each backend validates the tensors itself (once): here only what the choice needs.
+    if resolve_backend(opts.backend, _device(student_logits), dtypes=_dtypes(student_logits, teacher_logits),
+                       k=opts.k, loss=loss) == "triton":
         from fastopd.kernels import opd_loss_triton
 
         return opd_loss_triton(student_logits, teacher_logits, target_ids, inplace_backward=inplace_backward, **kwargs)
     return cpu_ops().opd_loss(student_logits, teacher_logits, target_ids, **kwargs)
+
+
+def _options_field(name: str) -> property:
+    """A field of ``self.options`` as an attribute; setting it replaces the options (checked again)."""
+
+    def get(self):
+        return getattr(self.options, name)
+
+    def set(self, value):
+        self.options = dataclasses.replace(self.options, **{name: value})
+
+    return property(get, set, doc=f"``options.{name}`` (:class:`fastopd.StatsOptions`).")
 
 
 class OPDLoss(nn.Module):
@@ -78,15 +104,28 @@ class OPDLoss(nn.Module):
     weights by the rule (or its control) from the margins of the loss's own forward statistics -- one read of
     the logits, not two -- weights the unreduced loss with them, and adds the rule's diagnostics (accept
     rate, mean gain, release position) to ``metrics``; ``out.release`` then holds the
-    :class:`fastopd.ReleaseDecision` (it is None without a rule). With a rule, ``k``, ``temperature`` and
-    ``backend`` are the rule's (set them once, on the rule); passing a different value here is an error.
-    The other arguments are those of :func:`opd_loss` (``inplace_backward`` included).
+    :class:`fastopd.ReleaseDecision` (it is None without a rule). The other arguments are those of
+    :func:`opd_loss` (``inplace_backward`` included).
+
+    The loss owns its :class:`fastopd.StatsOptions` (``self.options``; ``self.k`` etc. read it), built once here
+    from ``options=`` or the keywords. The rule's margins come from the loss's own statistics, so ``k``,
+    ``temperature`` and ``backend`` must be the rule's: without ``options=``, each of these keywords left at
+    None is taken from ``rule.options``; a value given (as a keyword, or in ``options=``) that differs from
+    the rule's is a ``ValueError`` naming the field. Without a rule they default to 16, 1.0 and ``"auto"``. A
+    keyword given together with ``options=`` must agree with it. ``segment_ids=`` without a rule is an error
+    (nothing would read them).
 
     Example:
         >>> crit = fastopd.OPDLoss(rule=fastopd.ReleaseRule(k=16))
         >>> out = crit(student_logits, teacher_logits, completion_ids, segment_ids=segment_ids)
         >>> out.loss.backward()
     """
+
+    k = _options_field("k")
+    temperature = _options_field("temperature")
+    ignore_index = _options_field("ignore_index")
+    vocab_size = _options_field("vocab_size")
+    backend = _options_field("backend")
 
     def __init__(
         self,
@@ -99,29 +138,33 @@ class OPDLoss(nn.Module):
         backend: str | None = None,
         inplace_backward: bool = False,
         rule=None,
+        options: StatsOptions | None = None,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        defaults = {"k": 16, "temperature": 1.0, "backend": "auto"}
-        given = {"k": k, "temperature": temperature, "backend": backend}
-        for name, value in given.items():
-            if rule is None:
-                given[name] = defaults[name] if value is None else value
-            elif value is not None and value != getattr(rule, name):
-                raise ValueError(
-                    f"OPDLoss({name}={value!r}) differs from rule.{name}={getattr(rule, name)!r}: with a rule, "
-                    f"{name} is the rule's (the rule reads its margins from the loss's own statistics); set it "
-                    "on the ReleaseRule only"
-                )
-            else:
-                given[name] = getattr(rule, name)
+        shared = {"k": k, "temperature": temperature, "backend": backend}  # None: not given
+        if options is not None:
+            # the keywords given with options= must agree with it (as StatsOptions.of checks them)
+            StatsOptions.of(options, ignore_index=ignore_index, vocab_size=vocab_size,
+                            **{name: v for name, v in shared.items() if v is not None})
+            shared = {name: getattr(options, name) for name in shared}
+        if rule is not None:
+            for name, value in shared.items():
+                theirs = getattr(rule.options, name)
+                if value is not None and value != theirs:
+                    raise ValueError(
+                        f"OPDLoss({name}={value!r}) differs from rule.{name}={theirs!r}: with a rule, {name} is the "
+                        "rule's (the rule reads its margins from the loss's own statistics); set it on the "
+                        "ReleaseRule only"
+                    )
+                shared[name] = theirs
+        given = {name: v for name, v in shared.items() if v is not None}
+        if options is None:
+            self.options = StatsOptions(ignore_index=ignore_index, vocab_size=vocab_size, **given)
+        else:
+            self.options = dataclasses.replace(options, **given) if given else options
         self.loss = loss
-        self.k = given["k"]
-        self.temperature = given["temperature"]
-        self.ignore_index = ignore_index
-        self.vocab_size = vocab_size
-        self.backend = given["backend"]
         self.inplace_backward = inplace_backward
         self.rule = rule
 
@@ -144,17 +187,19 @@ class OPDLoss(nn.Module):
     ) -> OPDOutput:
         """Compute the loss; see :func:`opd_loss`. ``segment_ids`` (B, L) is needed when a rule is set."""
         self._check_rule_args(weights, segment_ids)
-        out = opd_loss(
-            student_logits, teacher_logits, target_ids,
+        out = _opd_loss(
+            student_logits, teacher_logits, target_ids, self.options,
             weights=weights, loss=self.loss, old_logprobs=old_logprobs, normalizer=normalizer,
-            k=self.k, temperature=self.temperature, ignore_index=self.ignore_index,
-            vocab_size=self.vocab_size, backend=self.backend, inplace_backward=self.inplace_backward,
+            inplace_backward=self.inplace_backward,
         )
         if self.rule is None:
             return out
         return self._apply_rule(out.per_token, out.stats, segment_ids, normalizer)
 
     def _check_rule_args(self, weights, segment_ids) -> None:
+        if self.rule is None and segment_ids is not None:
+            raise ValueError("segment_ids= is read only by a release rule (OPDLoss(rule=fastopd.ReleaseRule(...))); "
+                             "without a rule pass weights= (or nothing: w = valid)")
         if self.rule is not None:
             if weights is not None:
                 raise ValueError("pass either weights= or a rule (OPDLoss(rule=...)) with segment_ids=, not both")
@@ -188,6 +233,7 @@ class OPDLoss(nn.Module):
         chunk_size: int | None = None,
     ) -> OPDOutput:
         """:meth:`forward` from final hidden states and LM heads (docs/formulas.md §6): no (N, V) logits.
+        ``chunk_size`` None: ``self.options.chunk_size`` (None: :func:`fastopd.linear.default_chunk_size`).
 
         Each head is a :class:`fastopd.LMHead` (weight, bias, logit scale, soft-cap, vocabulary size; e.g.
         ``LMHead.from_model(model)``) or a bare (V', H) weight tensor. z = softcap(scale (h W[:V]^T + b[:V]))
@@ -195,18 +241,58 @@ class OPDLoss(nn.Module):
         weights are decided from the margins of this same chunked forward and multiply the unit per-token
         loss; the backward then recomputes the student's logits per chunk (the teacher's too for
         ``reverse_kl``) with those weights in its incoming gradient -- no second statistics pass. Without a
-        rule it is :func:`fastopd.linear_opd_loss` (gradient computed while the tiles are live). Gradients
-        reach the student's hidden states and head (weight and bias) only.
+        rule it is what :func:`fastopd.linear_opd_loss` runs (gradient computed while the tiles are live).
+        Gradients reach the student's hidden states and head (weight and bias) only.
         """
-        from fastopd.linear import _run, weighted_output
-
         self._check_rule_args(weights, segment_ids)
-        per0, stats = _run(
-            student_hidden, student_head, teacher_hidden, teacher_head, target_ids, loss=self.loss,
-            old_logprobs=old_logprobs, k=self.k, temperature=self.temperature, ignore_index=self.ignore_index,
-            vocab_size=self.vocab_size, chunk_size=chunk_size, backend=self.backend, weights=weights,
-            eager=self.rule is None,
+        opts = self.options if chunk_size is None else dataclasses.replace(self.options, chunk_size=chunk_size)
+        per0, stats = run_chunks(
+            student_hidden, student_head, teacher_hidden, teacher_head, target_ids, opts, loss=self.loss,
+            old_logprobs=old_logprobs, weights=weights, eager=self.rule is None,
         )
         if self.rule is None:
             return weighted_output(per0, stats, weights, self.loss, normalizer)
         return self._apply_rule(per0, stats, segment_ids, normalizer)
+
+
+def linear_opd_loss(
+    student_hidden: torch.Tensor,
+    student_head: LMHead | torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head: LMHead | torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    loss: str = "pg",
+    old_logprobs: torch.Tensor | None = None,
+    normalizer=None,
+    k: int = 16,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    options: StatsOptions | None = None,
+) -> OPDOutput:
+    """:func:`fastopd.opd_loss` on z = softcap(scale (h W[:V]^T + b[:V])) per model, by token chunks (§5, §6).
+
+    ``pg``: l_t = -w_t sg(A_t) rho_t with rho_t = exp(s_t - sg(s_old_t)), A_t = u_t - s_old_t; ``reverse_kl``:
+    l_t = w_t KL_t; ``forward_kl``: l_t = w_t KL(p_T || p_S)_t; loss = sum_t l_t / normaliser (default: the
+    number of valid tokens). The gradient flows into ``student_hidden`` and the student head's weight and bias
+    (rows >= V get 0); the teacher's tensors, ``weights`` and ``old_logprobs`` get none. Peak extra memory is
+    O(chunk_size * V), independent of N. Heads are :class:`fastopd.LMHead` or bare weights; the other arguments
+    as in :func:`fastopd.linear_token_stats` and :func:`fastopd.opd_loss` (``options``: a
+    :class:`fastopd.StatsOptions` instead of the keywords); returns :class:`fastopd.OPDOutput`.
+
+    It is ``OPDLoss(loss, options=...).linear(...)`` (no rule), the one hidden-state loss path.
+
+    Example:
+        >>> out = fastopd.linear_opd_loss(h_s, fastopd.LMHead.from_model(student), h_t, lm_head_t.weight, completion_ids)
+        >>> out.loss.backward()   # grads in h_s (and the student's graph behind it) and the student's head
+    """
+    opts = StatsOptions.of(options, k=k, temperature=temperature, ignore_index=ignore_index,
+                           vocab_size=vocab_size, chunk_size=chunk_size, backend=backend)
+    return OPDLoss(loss, options=opts).linear(
+        student_hidden, student_head, teacher_hidden, teacher_head, target_ids,
+        weights=weights, old_logprobs=old_logprobs, normalizer=normalizer,
+    )

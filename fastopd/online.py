@@ -19,26 +19,21 @@ import math
 
 import numpy as np
 
-from fastopd._validate import check_confirm_segments, check_ragged, check_scan_options, is_real
+from fastopd._dispatch import load_c
+from fastopd._validate import (
+    check_confirm_segments,
+    check_num_threads,
+    check_ragged,
+    check_scan_options,
+    is_real,
+    scan_int,
+)
+from fastopd.release import bic_release, segment_means
+from fastopd.segment import segments_so_far
 from fastopd.types import OnlineReleaseResult, SegmentMeans
 
 __all__ = ["OnlineRelease", "OnlineRollout", "collect", "online_release"]
 
-_INT64_MAX = int(np.iinfo(np.int64).max)
-
-
-def _load_c():
-    try:
-        from fastopd import _C
-    except ImportError as e:  # a source checkout that was never built
-        raise ImportError(
-            "fastopd's C++ extension fastopd._C is not built: run `pip install -e .` in the repository "
-            "(fastopd.reference.online_release is the pure-Python equivalent)"
-        ) from e
-    if not hasattr(_C, "online_scan"):
-        raise ImportError("fastopd._C predates online_scan: rebuild it with `pip install -e . --no-build-isolation` "
-                          "or `python setup.py build_ext --inplace`")
-    return _C
 
 
 def online_release(values, offsets, *, min_segments: int = 2, min_gain: float = 10.0, confirm_segments: int = 2,
@@ -68,12 +63,13 @@ def online_release(values, offsets, *, min_segments: int = 2, min_gain: float = 
     (docs/formulas.md §8 says why the replay stays exact instead of incremental); series are tens to hundreds of
     segments long.
     """
-    _C = _load_c()
+    _C = load_c("online_scan", "fastopd.reference.online_release")
     check_scan_options(min_segments, min_gain)
     check_confirm_segments(confirm_segments, min_segments)
+    check_num_threads(num_threads)
     vals, offs = check_ragged(values, offsets)
     stop, release, gain, accepted, stopped = _C.online_scan(
-        vals, offs, int(min_segments), float(min_gain), min(int(confirm_segments), _INT64_MAX), int(num_threads))
+        vals, offs, scan_int(min_segments, vals), float(min_gain), scan_int(confirm_segments, vals), int(num_threads))
     return OnlineReleaseResult(release, gain, accepted, stop, stopped)
 
 
@@ -151,8 +147,6 @@ class OnlineRelease:
         return False
 
     def _scan(self) -> tuple[int, float, bool]:
-        from fastopd.release import bic_release
-
         res = bic_release(self.values, np.array([0, len(self._values)], dtype=np.int64),
                           min_segments=self.min_segments, min_gain=self.min_gain)
         return int(res.release_index[0]), float(res.gain[0]), bool(res.accepted[0])
@@ -208,9 +202,6 @@ class OnlineRollout:
     def advance(self, tokenizer, *, complete: bool) -> bool:
         """Segment the text so far, push the newly final segments' means; end the rollout at a stop or when
         ``complete``. Returns :attr:`done`."""
-        from fastopd.release import segment_means
-        from fastopd.segment import segments_so_far
-
         so_far = segments_so_far(tokenizer, np.asarray(self.tokens, dtype=np.int64), complete=complete)
         self.seg = so_far.segment_ids
         ft = so_far.final_tokens

@@ -25,9 +25,11 @@ import numpy as np
 import torch
 
 from fastopd._validate import (
+    StatsOptions,
     check_confirm_segments,
     check_fraction,
     check_ragged,
+    check_release_segment,
     check_scan_options,
     check_segment_ids,
     check_token_inputs,
@@ -84,13 +86,13 @@ def _stats(
     lt: torch.Tensor,
     target_ids: torch.Tensor,
     valid: torch.Tensor,
+    opts: StatsOptions,
     *,
-    k: int,
-    temperature: float,
     full_kl: bool,
     return_topk: bool,
 ) -> TokenStats:
     """Section 1 from already computed log-probs ``ls``/``lt`` (shared by token_stats and opd_loss)."""
+    k, temperature = opts.k, opts.temperature
     tgt = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long().unsqueeze(-1)
     zero = torch.zeros((), dtype=ls.dtype, device=ls.device)
     s = torch.where(valid, ls.gather(-1, tgt).squeeze(-1), zero)
@@ -119,23 +121,36 @@ def _stats(
     return stats
 
 
+def _weighted_log_ratio(p: torch.Tensor, la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """sum_v p(v) (la(v) - lb(v)) with the terms where p(v) = 0 counted as 0 -- in value *and* gradient: the
+    log ratio is masked before the product, so a masked vocabulary entry (a -inf logit: p = 0, la - lb = -inf
+    or NaN) adds 0 to the gradient too, not 0 * inf = NaN (the kernels skip such terms the same way)."""
+    ratio = torch.where(p == 0, torch.zeros_like(p), la - lb)
+    return (p * ratio).sum(-1)
+
+
 def reverse_kl(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
-    """KL_t = sum_v p_S(v) (log p_S(v) - log p_T(v)); terms with p_S(v) = 0 contribute 0; a row without a
-    log-softmax (a NaN or +inf logit in either model) gives NaN, as its margin (docs/formulas.md §1)."""
-    p = ls.exp()
-    return torch.where(p == 0, torch.zeros_like(p), p * (ls - lt)).sum(-1)
+    """KL_t = sum_v p_S(v) (log p_S(v) - log p_T(v)); terms with p_S(v) = 0 contribute 0 (and no gradient); a row
+    without a log-softmax (a NaN or +inf logit in either model) gives NaN, as its margin (docs/formulas.md §1)."""
+    return _weighted_log_ratio(ls.exp(), ls, lt)
 
 
 def forward_kl(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
-    """KL(p_T || p_S)_t = sum_v p_T(v) (log p_T(v) - log p_S(v)); terms with p_T(v) = 0 contribute 0; a row
-    without a log-softmax gives NaN, as :func:`reverse_kl`."""
-    p = lt.exp()
-    return torch.where(p == 0, torch.zeros_like(p), p * (lt - ls)).sum(-1)
+    """KL(p_T || p_S)_t = sum_v p_T(v) (log p_T(v) - log p_S(v)); terms with p_T(v) = 0 contribute 0 (and no
+    gradient); a row without a log-softmax gives NaN, as :func:`reverse_kl`."""
+    return _weighted_log_ratio(lt.exp(), lt, ls)
 
 
-def logprobs(logits: torch.Tensor, v: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, log softmax(z / tau)) over the first ``v`` columns, in the compute dtype."""
+def logprobs(logits: torch.Tensor, v: int, temperature: float,
+             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, log softmax(z / tau)) over the first ``v`` columns, in the compute dtype.
+
+    With ``valid`` (the shape of ``logits[..., 0]``), the rows that are not valid are never read: they are
+    replaced by zeros, so a NaN there reaches neither the result nor (through autograd) the gradient.
+    """
     z = logits[..., :v].to(_compute_dtype(logits))
+    if valid is not None and not bool(valid.all()):
+        z = torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
     return z, torch.log_softmax(z / temperature, dim=-1)
 
 
@@ -144,29 +159,27 @@ def token_stats(
     teacher_logits: torch.Tensor,
     target_ids: torch.Tensor,
     *,
-    k: int = 16,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    vocab_size: int | None = None,
+    options: StatsOptions | None = None,
     full_kl: bool = False,
     return_topk: bool = False,
+    **fields,
 ) -> TokenStats:
     """Per-token statistics of docs/formulas.md §1, computed the plain way (materialises N x V).
 
     s_t = log p_S(y_t), u_t = log p_T(y_t), A_t = u_t - s_t, m_t = (z_T[a1] - z_T[a2]) / tau over the
     student's top-K candidates C_t (ties to the lower index), and optionally the exact reverse KL_t.
     Returns float32 tensors (float64 for float64 inputs); invalid positions hold 0. No gradient flows.
+    ``options``: a :class:`fastopd.StatsOptions` (k, temperature, ignore_index, vocab_size), or its fields as
+    keywords (``k=4``).
     """
-    v = check_token_inputs(
-        student_logits, teacher_logits, target_ids,
-        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
-    )
+    opts = StatsOptions.of(options, **fields)
+    v = check_token_inputs(student_logits, teacher_logits, target_ids, opts)
     with torch.no_grad():
-        zs, ls = logprobs(student_logits, v, temperature)
-        zt, lt = logprobs(teacher_logits, v, temperature)
+        zs, ls = logprobs(student_logits, v, opts.temperature)
+        zt, lt = logprobs(teacher_logits, v, opts.temperature)
         return _stats(
-            zs, zt, ls, lt, target_ids, target_ids != ignore_index,
-            k=k, temperature=temperature, full_kl=full_kl, return_topk=return_topk,
+            zs, zt, ls, lt, target_ids, target_ids != opts.ignore_index, opts,
+            full_kl=full_kl, return_topk=return_topk,
         )
 
 
@@ -200,7 +213,10 @@ def segment_means(values, segment_ids, valid) -> SegmentMeans:
         :class:`SegmentMeans` (float64 values, int64 offsets of length B+1, and the segment id of every
         entry). Every valid token weighs the same; segments without a valid token are left out.
     """
-    vals = _as_numpy(values, "values").astype(np.float64)
+    vals = _as_numpy(values, "values")
+    if np.iscomplexobj(vals) or not (np.issubdtype(vals.dtype, np.number) or vals.dtype == bool):
+        raise TypeError(f"values must be real numbers (e.g. TokenStats.margins), got {vals.dtype}")
+    vals = vals.astype(np.float64)
     seg = _as_numpy(segment_ids, "segment_ids")
     ok = _as_numpy(valid, "valid")
     if vals.ndim != 2:
@@ -227,6 +243,39 @@ def segment_means(values, segment_ids, valid) -> SegmentMeans:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# A series with max |x_i| in [2^(E-1), 2^E) is scanned as x_i 2^-E when E + n.bit_length() > _SCALE_LIMIT: below
+# it the centred values |d_i| < 2^(E+1), S2 < 2^(2E+k+3) and (S1[b] - S1[a])^2 < 2^(2E+2k+4) <= 2^1020 cannot
+# overflow (docs/formulas.md §3, "Decision (huge values)"; kScaleLimit in csrc/bic_scan.cpp).
+_SCALE_LIMIT = 508
+
+
+def _scale_exponent(x: list[float]) -> int:
+    """E such that the (finite, non-empty) series is scanned as x_i 2^-E, or 0 when it is scanned as given."""
+    amax = 0.0
+    for v in x:
+        a = math.fabs(v)
+        amax = a if a > amax else amax
+    if amax == 0.0:
+        return 0
+    e = math.frexp(amax)[1]
+    return e if e + len(x).bit_length() > _SCALE_LIMIT else 0
+
+
+def _log_scaled(q: float, e2: int) -> float:
+    """ln(q 2^e2 + eps): BIC's log argument RSS/n + eps of a series as given, from q = RSS'/n of its copy scaled
+    by 2^-(e2/2), without forming RSS/n (it may overflow) or eps 2^-e2 (it may underflow).
+
+    With a = ln(q 2^e2) and u = a - ln eps: a + log1p(e^-u) if u > 0, else ln eps + log1p(e^u); q = 0 gives
+    ln eps. The operation order of log_scaled in csrc/bic_scan.cpp.
+    """
+    log_eps = math.log(BIC_EPS)
+    if q == 0.0:
+        return log_eps
+    a = math.log(q) + float(e2) * math.log(2.0)
+    u = a - log_eps
+    return a + math.log1p(math.exp(-u)) if u > 0.0 else log_eps + math.log1p(math.exp(u))
+
+
 def _scan_one(x: list[float], m: int, min_gain: float) -> tuple[int, float, bool]:
     """(release_index, gain, accepted) for one series; the exact operation order of csrc/bic_scan.cpp."""
     n = len(x)
@@ -234,6 +283,13 @@ def _scan_one(x: list[float], m: int, min_gain: float) -> tuple[int, float, bool
         return n, math.nan, False
     if n < 2 * m:
         return n, -math.inf, False
+    e = _scale_exponent(x)
+    if e:  # huge values: scan x 2^-e (exact), every log argument taken back to the series as given
+        x = [math.ldexp(v, -e) for v in x]
+
+    def log_arg(r: float) -> float:  # ln(r/n + eps) of the series as given, r the (scaled) RSS
+        return math.log(r / n + BIC_EPS) if not e else _log_scaled(r / n, 2 * e)
+
     total = 0.0
     for v in x:
         total += v
@@ -251,13 +307,13 @@ def _scan_one(x: list[float], m: int, min_gain: float) -> tuple[int, float, bool
         return r if r > 0.0 else 0.0
 
     log_n = math.log(n)
-    bic0 = n * math.log(rss(0, n) / n + BIC_EPS) + 2.0 * log_n
+    bic0 = n * log_arg(rss(0, n)) + 2.0 * log_n
     best_tau, best_bic = -1, math.inf
     for tau in range(m, n - m + 1):
         left = s1[tau] / tau
         right = (s1[n] - s1[tau]) / (n - tau)
         if right < left:
-            bic1 = n * math.log((rss(0, tau) + rss(tau, n)) / n + BIC_EPS) + 4.0 * log_n
+            bic1 = n * log_arg(rss(0, tau) + rss(tau, n)) + 4.0 * log_n
             if best_tau < 0 or bic1 < best_bic:
                 best_tau, best_bic = tau, bic1
     if best_tau < 0:
@@ -365,10 +421,8 @@ def release_weights(segment_ids, valid_mask, release_segment) -> torch.Tensor:
         ``r`` keeps nothing).
     """
     seg, valid = _as_mask_tensors(segment_ids, valid_mask)
-    r = torch.as_tensor(np.asarray(release_segment) if not isinstance(release_segment, torch.Tensor) else release_segment)
-    if r.shape != (seg.shape[0],):
-        raise ValueError(f"release_segment must have shape (B,) = ({seg.shape[0]},), got {tuple(r.shape)}")
-    kept = valid & (seg < r.to(seg.device).long().unsqueeze(-1))
+    r = check_release_segment(release_segment, seg.shape[0])
+    kept = valid & (seg < r.to(seg.device).unsqueeze(-1))
     return _rescale(kept, valid)
 
 
@@ -464,10 +518,8 @@ def opd_loss(
     loss: str = "pg",
     old_logprobs: torch.Tensor | None = None,
     normalizer=None,
-    k: int = 16,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    vocab_size: int | None = None,
+    options: StatsOptions | None = None,
+    **fields,
 ) -> OPDOutput:
     """The OPD loss of docs/formulas.md §5 by plain autograd (the oracle for the kernels' backward).
 
@@ -475,21 +527,18 @@ def opd_loss(
     when ``old_logprobs`` is None). ``reverse_kl``: l_t = w_t KL_t; ``forward_kl``: l_t = w_t KL(p_T || p_S)_t
     (GKD's forward divergence on the student's own tokens). loss = sum_t l_t / normaliser, the
     normaliser being the number of valid tokens unless given. ``weights=None`` means the valid mask;
-    weights at invalid positions are ignored. Teacher logits get no gradient.
+    weights at invalid positions are ignored. Teacher logits get no gradient. ``options`` (or its fields as
+    keywords) as in :func:`token_stats`.
     """
-    v = check_token_inputs(
-        student_logits, teacher_logits, target_ids,
-        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
-    )
+    opts = StatsOptions.of(options, **fields)
+    v = check_token_inputs(student_logits, teacher_logits, target_ids, opts)
     check_loss_options(loss, weights, old_logprobs, target_ids)
-    valid = target_ids != ignore_index
-    zs, ls = logprobs(student_logits, v, temperature)
+    valid = target_ids != opts.ignore_index
+    # ignored rows are never read (docs/formulas.md §1): a NaN there must not poison the gradient
+    zs, ls = logprobs(student_logits, v, opts.temperature, valid)
     with torch.no_grad():
-        zt, lt = logprobs(teacher_logits.detach(), v, temperature)
-        stats = _stats(
-            zs.detach(), zt, ls.detach(), lt, target_ids, valid,
-            k=k, temperature=temperature, full_kl=False, return_topk=False,
-        )
+        zt, lt = logprobs(teacher_logits.detach(), v, opts.temperature, valid)
+        stats = _stats(zs.detach(), zt, ls.detach(), lt, target_ids, valid, opts, full_kl=False, return_topk=False)
     w = weight_mask(valid, weights, ls.dtype)
     if loss == "pg":
         tgt = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long().unsqueeze(-1)

@@ -13,23 +13,22 @@ they are reached through :func:`fastopd._dispatch.cpu_ops` (the CPU dispatch), n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+import dataclasses
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from fastopd._dispatch import BACKENDS, cpu_ops, resolve_backend
+from fastopd._dispatch import cpu_ops, load_c, resolve_backend
 from fastopd._validate import (
     check_fraction,
-    check_k,
+    check_num_threads,
     check_ragged,
     check_scan_options,
     check_seed,
     check_segment_ids,
-    check_temperature,
-    is_int,
+    scan_int,
 )
 from fastopd.common import (
     MODES,
@@ -39,6 +38,8 @@ from fastopd.common import (
     release_sums,
     series_from_sums,
 )
+from fastopd.options import StatsOptions
+from fastopd.stats import token_stats
 from fastopd.types import ReleaseResult, SegmentMeans
 
 
@@ -86,18 +87,11 @@ def bic_release(values, offsets, *, min_segments: int = 2, min_gain: float = 10.
         TypeError: values not a float array, offsets not an integer array.
         ValueError: offsets not non-decreasing or out of range, bad shapes, bad options.
     """
-    try:
-        from fastopd import _C
-    except ImportError as e:  # a source checkout that was never built
-        raise ImportError(
-            "fastopd's C++ extension fastopd._C is not built: run `pip install -e .` in the repository "
-            "(fastopd.reference.bic_release is the pure-Python equivalent)"
-        ) from e
+    _C = load_c("bic_scan", "fastopd.reference.bic_release")
     check_scan_options(min_segments, min_gain)
-    if not is_int(num_threads) or num_threads < 0:
-        raise ValueError(f"num_threads must be an int >= 0 (0: OpenMP's default), got {num_threads!r}")
+    check_num_threads(num_threads)
     vals, offs = check_ragged(values, offsets)
-    release, gain, accepted = _C.bic_scan(vals, offs, int(min_segments), float(min_gain), int(num_threads))
+    release, gain, accepted = _C.bic_scan(vals, offs, scan_int(min_segments, vals), float(min_gain), int(num_threads))
     return ReleaseResult(release, gain, accepted)
 
 
@@ -147,6 +141,8 @@ class ReleaseRule:
         fraction: kept fraction for ``fixed_prefix``.
         seed: seed of the ``random`` and ``shuffled`` controls' generator (None or an int >= 0).
         backend: backend of :func:`fastopd.token_stats` when called on logits.
+        options: a :class:`fastopd.StatsOptions` instead of k, temperature and backend (and, for
+            :meth:`__call__`, the default ignore_index and vocab_size); ``self.options`` holds them either way.
 
     Every option is checked at construction (``ValueError``/``TypeError`` naming it): k an int >= 2,
     temperature a finite number > 0, min_segments an int >= 1, min_gain a number (not NaN; -inf accepts every
@@ -169,25 +165,35 @@ class ReleaseRule:
         fraction: float = 0.5,
         seed: int | None = None,
         backend: str = "auto",
+        options: StatsOptions | None = None,
     ) -> None:
         # Every option is checked here, so a bad rule fails where it is built, not at its first batch.
         if not isinstance(mode, str) or mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(backend, str) or backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        check_k(k)
-        check_temperature(temperature)
+        self.options = StatsOptions.of(options, k=k, temperature=temperature, backend=backend)
         check_scan_options(min_segments, min_gain)
         check_fraction(fraction)
         check_seed(seed)
         self.mode = mode
-        self.k = int(k)
-        self.temperature = float(temperature)
         self.min_segments = int(min_segments)
         self.min_gain = float(min_gain)
         self.fraction = float(fraction)
-        self.backend = backend
         self._rng = np.random.default_rng(seed)
+
+    @property
+    def k(self) -> int:
+        """``options.k``: the student's candidates of the margin."""
+        return self.options.k
+
+    @property
+    def temperature(self) -> float:
+        """``options.temperature``: tau of the margin."""
+        return self.options.temperature
+
+    @property
+    def backend(self) -> str:
+        """``options.backend``: the backend of the statistics and the segment sums."""
+        return self.options.backend
 
     @property
     def generator(self) -> np.random.Generator:
@@ -210,14 +216,12 @@ class ReleaseRule:
         ignore_index: int = -100,
         vocab_size: int | None = None,
     ) -> ReleaseDecision:
-        """Decide the weights of a (B, L) batch from its logits (computes :func:`fastopd.token_stats`)."""
-        from fastopd.stats import token_stats
-
-        stats = token_stats(
-            student_logits, teacher_logits, target_ids,
-            k=self.k, temperature=self.temperature, ignore_index=ignore_index, vocab_size=vocab_size,
-            backend=self.backend,
-        )
+        """Decide the weights of a (B, L) batch from its logits (computes :func:`fastopd.token_stats`).
+        ``ignore_index`` and ``vocab_size`` at their defaults mean ``self.options``' values."""
+        given = {name: value for name, value, default in
+                 (("ignore_index", ignore_index, -100), ("vocab_size", vocab_size, None)) if value != default}
+        opts = dataclasses.replace(self.options, **given) if given else self.options
+        stats = token_stats(student_logits, teacher_logits, target_ids, options=opts)
         return self.from_margins(stats.margins, segment_ids, stats.valid)
 
     def from_margins(self, margins, segment_ids, valid) -> ReleaseDecision:

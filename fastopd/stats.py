@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastopd._dispatch import _device, _dtypes, cpu_ops, resolve_backend
+from fastopd.options import StatsOptions
 from fastopd.types import TokenStats
 
 
@@ -20,6 +21,7 @@ def token_stats(
     full_kl: bool = False,
     return_topk: bool = False,
     backend: str = "auto",
+    options: StatsOptions | None = None,
 ) -> TokenStats:
     """Per-token OPD statistics straight from logits (docs/formulas.md §1).
 
@@ -33,6 +35,8 @@ def token_stats(
         full_kl: also compute the exact full-vocabulary reverse KL_t.
         return_topk: also return the (..., K) candidate ids, by decreasing student logit (-1 at invalid positions).
         backend: ``"auto"`` (Triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
+        options: a :class:`fastopd.StatsOptions` holding k, temperature, ignore_index, vocab_size and backend
+            instead of the keywords (a keyword that is not at its default must then agree with it).
 
     Returns:
         :class:`fastopd.TokenStats` of float32 tensors shaped like ``target_ids`` (0 where ignored).
@@ -42,13 +46,15 @@ def token_stats(
         >>> st.advantages.shape == completion_ids.shape
         True
     """
-    kwargs = dict(
-        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
-        full_kl=full_kl, return_topk=return_topk,
-    )
-    # Each backend validates its arguments itself (once): here only what the choice needs.
-    if resolve_backend(backend, _device(student_logits), dtypes=_dtypes(student_logits, teacher_logits), k=k) == "triton":
+    opts = StatsOptions.of(options, k=k, temperature=temperature, ignore_index=ignore_index,
+                           vocab_size=vocab_size, backend=backend)
+    # Each backend validates the tensors itself (once): here only what the choice needs.
+    chosen = resolve_backend(opts.backend, _device(student_logits), dtypes=_dtypes(student_logits, teacher_logits),
+                             k=opts.k)
+    if chosen == "triton":
         from fastopd.kernels import token_stats_triton
 
-        return token_stats_triton(student_logits, teacher_logits, target_ids, **kwargs)
-    return cpu_ops().token_stats(student_logits, teacher_logits, target_ids, **kwargs)
+        return token_stats_triton(student_logits, teacher_logits, target_ids, options=opts, full_kl=full_kl,
+                                  return_topk=return_topk)
+    return cpu_ops().token_stats(student_logits, teacher_logits, target_ids, options=opts, full_kl=full_kl,
+                                 return_topk=return_topk)

@@ -10,6 +10,7 @@ and, for the gains, equality of the bit patterns (so 0.0 and -0.0 would differ t
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -396,6 +397,169 @@ def test_non_finite_rollout_is_isolated(bad):
     assert_same((got.release_index[[0, 2]], got.gain[[0, 2]], got.accepted[[0, 2]]), alone)
     assert alone.accepted.all()
     assert_same(got, reference.bic_release(values, offsets))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# huge values (issue 22 item 8): a series that could overflow is scanned as x 2^-E, its logs taken back
+# ----------------------------------------------------------------------------------------------------------
+
+
+def exact_formula(x: np.ndarray, m: int, min_gain: float):
+    """(release, gain, accepted, bic1 by tau) of docs/formulas.md §3 in exact rational arithmetic (Fractions of
+    the doubles: no overflow, no rounding) with only the final logs in floating point (math.log of big ints)."""
+    n = len(x)
+    xs = [Fraction(float(v)) for v in x]
+    eps = Fraction(EPS)
+
+    def rss(piece):
+        mu = sum(piece) / len(piece)
+        return sum((v - mu) ** 2 for v in piece)
+
+    def ln(q: Fraction) -> float:
+        return math.log(q.numerator) - math.log(q.denominator)
+
+    bic0 = n * ln(rss(xs) / n + eps) + 2 * math.log(n)
+    bic1 = {}
+    for tau in range(m, n - m + 1):
+        if sum(xs[tau:]) / (n - tau) < sum(xs[:tau]) / tau:
+            bic1[tau] = n * ln((rss(xs[:tau]) + rss(xs[tau:])) / n + eps) + 4 * math.log(n)
+    if not bic1:
+        return n, -math.inf, False, bic1
+    tau = min(bic1, key=lambda t: (bic1[t], t))
+    gain = bic0 - bic1[tau]
+    return (tau if gain > min_gain else n), gain, gain > min_gain, bic1
+
+
+def scan_both(x: np.ndarray, m: int = 2, min_gain: float = 10.0):
+    """fastopd.bic_release of one series, asserted bit for bit equal to the reference's and the raw _C's."""
+    offsets = np.array([0, len(x)])
+    want = reference.bic_release(x, offsets, min_segments=m, min_gain=min_gain)
+    got = fastopd.bic_release(x, offsets, min_segments=m, min_gain=min_gain)
+    assert_same(got, want)
+    assert_same(_C.bic_scan(np.asarray(x, dtype=np.float64), offsets, m, min_gain, 1), want)
+    return int(got.release_index[0]), float(got.gain[0]), bool(got.accepted[0])
+
+
+def test_huge_two_level_series_is_released_at_its_step():
+    """The case of the issue: [1e200]*5 + [-1e200]*5 gave gain +inf and release 2 (overflow); the step is at 5.
+
+    In exact arithmetic gain = 10 ln(1e400 + eps) + 2 ln 10 - 10 ln(eps) - 4 ln 10 ~ 9482. The scan's best split
+    has the rounding noise of the prefix-sum RSS (~1e-16 of the total, far above eps at this scale) instead of
+    0, so its gain is smaller but still finite and far above the threshold."""
+    x = np.array([1e200] * 5 + [-1e200] * 5)
+    rel, gain, acc = scan_both(x)
+    assert rel == 5 and acc and math.isfinite(gain) and gain > 100.0
+    assert exact_formula(x, 2, 10.0)[:1] == (5,)
+    # the same with the signs swapped is an upward step: no candidate
+    rel, gain, acc = scan_both(-x)
+    assert (rel, gain, acc) == (10, -math.inf, False)
+
+
+@pytest.mark.parametrize("k", [-600, -200, 0, 150, 300, 359])
+def test_powers_of_two_copies_release_at_the_same_step(k):
+    """x 2^k for k over most of the exponent range (1e200 2^359 ~ 1.2e308): release 5, accepted, C++ == reference."""
+    x = np.ldexp(np.array([1e200] * 5 + [-1e200] * 5), k)
+    assert scan_both(x)[0:3:2] == (5, True)
+
+
+def test_scaled_copies_of_an_ordinary_series_release_where_it_does():
+    """A noisy downward step scaled by 2^600 (values ~1e181: squares overflow unscaled) and by other powers of
+    two: the release index of the original; the gain that of the exact formula of the copy as given."""
+    rng = np.random.default_rng(8)
+    for trial in range(20):
+        n = int(rng.integers(8, 30))
+        cut = int(rng.integers(2, n - 1))
+        x = np.where(np.arange(n) < cut, 2.0, 0.0) + rng.normal(size=n) * 0.3
+        rel, gain, acc = scan_both(x)
+        if not acc:
+            continue
+        for k in (600, 400, 1000 - int(np.log2(np.abs(x).max())) - 5 if trial % 2 else 700):
+            big = np.ldexp(x, k)
+            b_rel, b_gain, b_acc = scan_both(big)
+            assert b_acc and b_rel == rel, (trial, k)
+            e_rel, e_gain, e_acc, _ = exact_formula(big, 2, 10.0)
+            assert e_rel == b_rel and b_gain == pytest.approx(e_gain, rel=1e-9), (trial, k)
+
+
+def test_huge_series_against_the_exact_formula():
+    """Random series at 1e150..1e308 (mixed magnitudes, steps, near-constant ones): the scan's release and
+    acceptance are the exact formula's, its gain within the rounding bound of test_reference_matches_brute_force
+    (skipping splits whose two means are within 1e-12 relative: there rounding may decide the direction)."""
+    rng = np.random.default_rng(22)
+    compared = accepted = 0
+    for case in range(300):
+        m = int(rng.choice([1, 2, 3]))
+        n = int(rng.integers(2 * m, 25))
+        kind = case % 3
+        if kind == 0:  # a step with noise, at a random huge scale
+            cut = int(rng.integers(1, n))
+            x = np.where(np.arange(n) < cut, 1.0, rng.uniform(-1.0, 1.0)) + rng.normal(size=n) * rng.choice([1e-6, 0.1])
+        elif kind == 1:  # magnitudes spread over many decades
+            x = rng.choice([-1.0, 1.0], size=n) * 10.0 ** rng.uniform(-20, 0, size=n)
+        else:  # near-constant: a few ulp apart
+            x = 1.0 + rng.integers(0, 4, size=n) * 2.0**-52
+        x = x * 10.0 ** rng.uniform(150, 307) / max(1.0, float(np.abs(x).max()) * 2)
+        min_gain = float(rng.choice([10.0, 0.0, -math.inf]))
+        rel, gain, acc = scan_both(x, m, min_gain)
+        e_rel, e_gain, e_acc, bic1 = exact_formula(x, m, min_gain)
+        xf = [float(v) for v in x]
+        means = [(sum(xf[:t]) / t, sum(xf[t:]) / (n - t)) for t in range(m, n - m + 1)]
+        if any(abs(a - b) <= 1e-12 * (abs(a) + abs(b)) for a, b in means):
+            continue
+        compared += 1
+        if math.isinf(e_gain):
+            assert (rel, gain, acc) == (n, e_gain, False), case
+            continue
+        # the bound n err / (RSS + n eps) per log, err = 1e-13 S (S the total sum of squares), in exact
+        # arithmetic (S itself may exceed the largest double)
+        fx = [Fraction(v) for v in xf]
+
+        def rss(piece):
+            mu = sum(piece) / len(piece)
+            return sum((v - mu) ** 2 for v in piece)
+
+        tau = min(bic1, key=lambda t: (bic1[t], t))
+        s_tot, r_best, n_eps = rss(fx), rss(fx[:tau]) + rss(fx[tau:]), n * Fraction(EPS)
+        bound = Fraction(1, 10**13) * n * s_tot * (1 / (r_best + n_eps) + 1 / (s_tot + n_eps))
+        tol = float(min(bound, Fraction(10**300))) + 1e-9 * max(1.0, abs(e_gain))
+        assert abs(gain - e_gain) <= tol, (case, x, gain, e_gain, tol)
+        if abs(e_gain - min_gain) > tol:
+            assert acc == e_acc, case
+            if acc and rel != e_rel:
+                assert abs(bic1[rel] - bic1[e_rel]) <= tol, case  # only a near tie may pick another tau
+            else:
+                assert rel == e_rel, case
+        accepted += acc
+    assert compared >= 200 and 30 <= accepted <= compared - 30
+
+
+def test_near_constant_huge_series_keeps_the_formulas_eps():
+    """Two levels one ulp apart at 1e200: RSS/n ~ 1e367 dwarfs eps = 1e-12, so the formula accepts the step with
+    a gain of thousands. (Had eps been applied to the scaled copy, where RSS/n ~ 1e-33 << eps, the gain would
+    be ~ -2 ln n and the step rejected.)"""
+    v = 1e200
+    x = np.array([np.nextafter(v, np.inf)] * 5 + [v] * 5)
+    rel, gain, acc = scan_both(x)
+    e_rel, e_gain, e_acc, _ = exact_formula(x, 2, 10.0)
+    assert (rel, acc) == (e_rel, e_acc) == (5, True)
+    assert gain == pytest.approx(e_gain, rel=1e-12) and gain > 1000.0
+
+
+def test_scaling_changes_nothing_below_its_limit_and_is_continuous_across_it():
+    """A series is scaled only when max |x| >= 2^(E-1) with E + bit_length(n) > 508; the gains of copies just
+    below and just above that limit (2^k x for consecutive k) are the formula's, so they differ only by the
+    tiny change of the copies' eps relative to their RSS, never by a jump."""
+    rng = np.random.default_rng(4)
+    x = np.where(np.arange(20) < 8, 1.0, 0.0) + rng.normal(size=20) * 0.2
+    x = x / np.abs(x).max() * 0.75  # max |x| in [0.5, 1): E = 0
+    assert reference._scale_exponent(x.tolist()) == 0
+    k_limit = 508 - (20).bit_length()  # 503: 2^k x is scaled for k > k_limit
+    assert reference._scale_exponent(np.ldexp(x, k_limit).tolist()) == 0
+    assert reference._scale_exponent(np.ldexp(x, k_limit + 1).tolist()) == k_limit + 1
+    gains = [scan_both(np.ldexp(x, k))[1] for k in range(k_limit - 2, k_limit + 3)]
+    e_gains = [exact_formula(np.ldexp(x, k), 2, 10.0)[1] for k in range(k_limit - 2, k_limit + 3)]
+    np.testing.assert_allclose(gains, e_gains, rtol=1e-12)
+    assert max(gains) - min(gains) < 1e-9 * abs(gains[0])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,14 @@ def test_example_passes_its_arguments_through(monkeypatch, capsys):
 def test_bench_lists_scripts(capsys):
     code, out, _ = run_cli(["bench", "--help"], capsys)
     assert code == 0 and "usage: fastopd bench" in out
+    # every benchmark is listed with the first line of its docstring (one source): what it measures, and
+    # where it runs, a closing "(CPU...)", "(GPU...)" or "(no GPU)"
+    scripts = sorted(p for p in cli.benchmarks_dir().glob("*.py") if not p.name.startswith("_"))
+    assert len(scripts) >= 5
+    for path in scripts:
+        line = cli.benchmark_summary(path)
+        assert re.fullmatch(r".{20,}\((CPU|GPU|no GPU)[^()]*\)\.", line), f"{path.name}: {line!r}"
+        assert re.search(rf"^  {path.stem} +{re.escape(line)}$", out, flags=re.M), path.stem
     code, _, err = run_cli(["bench", "no_such_benchmark"], capsys)
     assert code == 2 and "unknown benchmark" in err
 
@@ -214,3 +223,14 @@ def test_real_bugs_keep_their_traceback(monkeypatch, capsys):
     monkeypatch.setattr(fastopd.train.report, "make_report", bug)
     with pytest.raises(KeyError):
         cli.main(["report", "r", "--out", "o"])
+
+
+def test_demo_refuses_bad_settings_before_making_its_folder(tmp_path, capsys):
+    from fastopd.cli import main
+
+    for args in (["--steps", "0"], ["--lr", "nan"], ["--lr", "-1"], ["--jobs", "-2"]):
+        out = tmp_path / "demo"
+        assert main(["demo", "--out", str(out), *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error" in err[0], (args, err)
+        assert not out.exists(), args

@@ -218,3 +218,31 @@ def test_demo_configs_hold_the_demos_training_settings(config, task, tmp_path):
             assert (ROOT / a).resolve() == Path(b).resolve(), f.name
         elif f.name not in plumbing:
             assert a == b, f"configs/{config}: {f.name} = {a!r}, the demo's {task} task runs {b!r}"
+
+
+# ------------------------------------------------------------------------------------------ the demo's numbers
+_NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+
+
+def test_training_doc_gives_the_readmes_measured_demo_times_and_the_arms_the_demo_trains():
+    """docs/training.md's quick start states the demo's times as the README measured them (one measurement, two
+    places), and the number of arms and steps the demo's schedules train."""
+    from fastopd.demo.demo import ARMS, SCHEDULES
+
+    readme = _readme()
+    full_time = re.search(r"(\d+ min \d+ s) on the idle 2-core machine", readme).group(1)
+    quick_time = re.search(r"`--quick` \(\d+ steps, \d+\s+problems, (\d+ s) idle\)", readme).group(1)
+    doc = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    quick_line = next(line for line in doc.splitlines() if line.startswith("fastopd demo --quick "))
+    full_line = next(line for line in doc.splitlines() if line.startswith("fastopd demo --out "))
+
+    def arms(kind):
+        s = SCHEDULES["long"][kind]
+        return [a for a, _ in ARMS if a in ("full", "release") or s.get(a, False)]
+
+    assert f"# {quick_time} on an idle 2-core CPU" in quick_line, quick_line
+    assert f"{full_time} on an idle 2-core CPU" in full_line, full_line
+    for line, kind in ((quick_line, "quick"), (full_line, "full")):
+        assert f"({len(arms(kind))} arms, {SCHEDULES['long'][kind]['steps']} steps)" in line, line
+    assert f"trains {_NUMBER_WORDS[len(arms('full'))]} arms from the same student" in doc
+    assert "runs OPD twice" not in doc and "about 10 minutes" not in doc

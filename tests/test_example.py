@@ -19,10 +19,55 @@ COMPLETION = (
 )
 
 
-def _run(tmp_path, *extra):
+# the long task's first held-out problem (example.DEFAULT_PROBLEMS["long"]) and its reference solution
+LONG_COMPLETION = (
+    "We add the numbers from left to right. 2 plus 9 is 11. 11 plus 6 is 17. 17 plus 9 is 26. 26 plus 2 is 28. "
+    "28 plus 8 is 36. 36 plus 6 is 42. 42 plus 9 is 51. The sum is \\boxed{51}. Now we check every step. "
+    "Step 5 is fine. Line 1 is good. Step 2 looks good. Step 6 is correct. Line 3 is correct. Step 7 looks correct. "
+    "Line 4 is fine. Thus the sum looks good."
+)
+
+
+def _run(tmp_path, *extra, completion=COMPLETION, task="arithmetic"):
     out = tmp_path / "ex.json"
-    assert example.main(["--completion", COMPLETION, "--json", str(out), *extra]) == 0
+    argv = ["--task", task, "--json", str(out), *extra]
+    assert example.main(argv + (["--completion", completion] if completion is not None else [])) == 0
     return json.loads(out.read_text())
+
+
+def _check_against_oracle(res, min_gain):
+    """The verdict, release point and kept tokens equal the pure-Python scan's on the printed per-segment means."""
+    means = np.array([s["mean_margin"] for s in res["segments"]])
+    want = reference.bic_release(means, np.array([0, len(means)]), min_segments=2, min_gain=min_gain)
+    r = int(want.release_index[0]) if bool(want.accepted[0]) else len(means)
+    assert res["accepted"] == bool(want.accepted[0])
+    assert [s["kept"] for s in res["segments"]] == [True] * r + [False] * (len(means) - r)
+    assert res["tokens_kept"] == sum(s["tokens"] for s in res["segments"][:r])
+    assert res["kept_fraction"] == pytest.approx(res["tokens_kept"] / res["tokens"])
+    return r
+
+
+def test_example_default_is_the_long_task_where_the_rule_releases_the_check(tmp_path, capsys):
+    # the default run (no --task, no --completion): the student samples a solution to the long task's built-in
+    # problem; the rule must accept at the default threshold and release the check, not the derivation
+    out = tmp_path / "ex.json"
+    assert example.main(["--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["problem"] == example.DEFAULT_PROBLEMS["long"]
+    assert res["accepted"] and res["gain"] > 10.0
+    r = _check_against_oracle(res, 10.0)
+    assert 0 < res["tokens_kept"] < res["tokens"]
+    assert "boxed" in " ".join(s["text"] for s in res["segments"][:r])  # the derivation (with the sum) is kept
+    released = res["segments"][r]["text"]
+    printed = capsys.readouterr().out
+    assert f"from \"{released}\" on" in printed and f"kept fraction {res['kept_fraction']:.2f}" in printed
+
+
+def test_example_long_reference_solution_is_released_at_the_check(tmp_path):
+    # the reference solution: the rule releases exactly at the check's opening sentence
+    res = _run(tmp_path, task="long", completion=LONG_COMPLETION)
+    r = _check_against_oracle(res, 10.0)
+    assert res["accepted"] and res["segments"][r]["text"] == "Now we check every step."
 
 
 def test_example_segments_are_the_sentences(tmp_path, capsys):
@@ -32,6 +77,7 @@ def test_example_segments_are_the_sentences(tmp_path, capsys):
     assert sum(s["tokens"] for s in res["segments"]) == res["tokens"]
     assert all(math.isfinite(s["mean_margin"]) and s["mean_margin"] >= 0 for s in res["segments"])
     assert res["accepted"] == (res["gain"] > 10.0)
+    _check_against_oracle(res, 10.0)
     printed = capsys.readouterr().out
     assert "BIC gain" in printed and "release point" in printed
 

@@ -188,6 +188,24 @@ def test_stop_before_a_non_finite_segment_and_none_after():
                                                      confirm_segments=2))
 
 
+def test_huge_values_stop_at_the_drop():
+    """Issue 22 item 8 in the replay: every prefix of [1e200]*5 + [-1e200]*6 (and its 2^k copies, some prefixes
+    scaled, some not) is scanned as bic_release scans it, so the rule stops c segments after the drop at 5,
+    bit for bit the oracle and the brute force (before the fix the overflowing prefixes released at 2)."""
+    base = np.array([1e200] * 5 + [-1e200] * 6)
+    # the last one: +-0.7 2^505, scanned as given up to 7 segments and scaled from 8 on (505 + bit_length(8) > 508)
+    series = [np.ldexp(base, k) for k in (-300, 0, 200, 359)] + [np.ldexp(np.sign(base) * 0.7, 505)]
+    values, offsets = ragged(series)
+    for c in (2, 3):
+        got = fastopd.online_release(values, offsets, min_segments=2, min_gain=10.0, confirm_segments=c)
+        assert_online_same(got, reference.online_release(values, offsets, min_segments=2, min_gain=10.0,
+                                                         confirm_segments=c))
+        assert_matches_brute(got, brute_online(series, 2, 10.0, c))
+        np.testing.assert_array_equal(got.release_index, [5] * 5)
+        np.testing.assert_array_equal(got.stop_index, [5 + c] * 5)
+        assert got.stopped.all() and np.isfinite(got.gain).all()
+
+
 def test_empty_batch_and_empty_series():
     got = fastopd.online_release(np.zeros(0), np.array([0]))
     assert len(got) == 0 and got.stop_index.shape == (0,)

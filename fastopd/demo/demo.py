@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -427,7 +428,7 @@ def plot_accuracy(table: dict, path: Path) -> Path:
     from fastopd.train.report import _pyplot
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
     for arm, label in ARMS:
         if arm in table["arms"]:
             steps, acc = zip(*table["arms"][arm]["eval_curve"])
@@ -436,9 +437,10 @@ def plot_accuracy(table: dict, path: Path) -> Path:
     ax.axhline(100 * table["teacher_accuracy"], color="black", ls=":", lw=1, label="teacher")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"greedy accuracy, {table['eval_problems']} held-out problems (%)")
-    ax.set_title(f"fastopd demo ({table.get('task', '?')} task, seed {table['seed']})")
+    ax.set_title(f"Greedy held-out accuracy of each arm over training\n(fastopd demo, {table.get('task', '?')} task, "
+                 f"seed {table['seed']})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)  # off the data
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -453,9 +455,16 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
     ``steps``, ``loss`` and ``lr`` override the schedule's values (every arm). ``jobs``: arms trained at once,
     one process each (0: :func:`default_jobs`, one per core).
     """
-    from fastopd.train.report import load_run, make_report
+    from fastopd.train.report import load_run, make_report, plot_training_curves
 
     t_start = time.perf_counter()
+    # the settings a user gives are checked before any folder is made or any model is loaded
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
+        raise ValueError(f"jobs must be an int >= 0 (0: one per core), got {jobs!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_threads = num_threads or DEFAULT_THREADS
@@ -508,7 +517,9 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
     runs = {label: out_dir / arm for arm, label in (("full", "full"), ("release", "release rule"))}
     if pre is not None:
         runs = {"before OPD (precondition)": out_dir / "precondition", **runs}
-    figures = make_report(runs, out_dir, min_gain=cfg.min_gain)
+    figures = make_report(runs, out_dir, min_gain=cfg.min_gain, k=cfg.k)
+    # the training curves of every arm the demo trained (make_report drew those of the rule's two)
+    plot_training_curves({label: load_run(out_dir / arm) for arm, label in todo}, out_dir / "training_curves.png")
     figures.append(plot_accuracy(table, out_dir / "accuracy.png"))
     table["figures"] = [str(p) for p in figures]
     table["total_time_s"] = time.perf_counter() - t_start

@@ -157,7 +157,9 @@ def measure_precondition(student, teacher, tokenizer, prompts: list[str], *, n_r
         with (out / "rollouts.jsonl").open("w") as f:
             for r in records:
                 f.write(json_line(r) + "\n")
-        (out / "precondition.json").write_text(json.dumps(summary, indent=1) + "\n")
+        from fastopd.train.checkpoint import atomic_write_text
+
+        atomic_write_text(out / "precondition.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 

@@ -21,8 +21,15 @@ Output folder::
                                   bootstrap interval
     accuracy.png, margin_profile.png, bic_gains.png
 
+    settings.json                 the settings every run of the folder shares (:data:`STUDY_FIELDS`, the task)
+
 Resumable: a run whose ``result.json`` exists is not rerun (a half-finished run is restarted from scratch), so
-running the same command again after an interruption only does what is missing and rewrites the summary.
+running the same command again after an interruption only does what is missing and rewrites the summary. Seeds
+and arms may be added. A folder whose ``settings.json`` records other settings (another task, other steps, ...)
+is refused in one line naming what differs, before anything is done: its runs, baseline and precondition
+belong to those settings. Every JSON file is written atomically (:func:`fastopd.train.checkpoint.atomic_write_text`);
+a torn ``result.json``, ``baseline.json`` or ``precondition.json`` (written by an older version, or damaged) is
+recomputed, and the study says so.
 """
 
 from __future__ import annotations
@@ -58,6 +65,15 @@ PAIRS = (("release", "fixed_prefix"), ("release", "shuffled"), ("release", "full
 PAIR_KEYS = (("accuracy", "accuracy"), ("accuracy_check", "accuracy with a check"),
              ("accuracy_nocheck", "accuracy without a check"), ("tokens_supervised", "tokens supervised"),
              ("tokens_generated", "tokens generated"), ("time_per_step", "time / step (s)"))
+
+STUDY_FIELDS = ("steps", "prompts_per_step", "num_samples", "max_new_tokens", "temperature", "top_p", "top_k",
+                "loss", "k", "loss_temperature", "min_segments", "min_gain", "confirm_segments", "online_chunk_size",
+                "grad_accum_steps", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "lr_scheduler",
+                "warmup_steps", "max_grad_norm", "max_prompt_tokens", "chat_template", "eval_every", "eval_size",
+                "eval_max_new_tokens", "verifier", "student_dtype", "teacher_dtype", "mixed_precision")
+"""The settings of a study that its runs, baseline and precondition depend on, besides the task (recorded in
+settings.json): the demo schedule's training and evaluation fields. Not here: what a study varies (``seed``,
+``mode``, the fixed_prefix ``fraction``, the truncate arm's ``max_new_tokens`` derive from it), and paths."""
 
 __all__ = ["ARMS", "run_study", "aggregate", "paired_bootstrap", "problem_bootstrap", "paired_pairs",
            "format_study", "plot_study", "CHECK_METRICS", "PAIRS"]
@@ -391,6 +407,60 @@ def plot_study(study: dict, out_dir: Path, run_dirs: dict[str, list[Path]] | Non
 # ----------------------------------------------------------------------------------------------------------
 
 
+def atomic_write_text(path, text: str) -> None:
+    """:func:`fastopd.train.checkpoint.atomic_write_text` (imported when used: it imports torch)."""
+    from fastopd.train.checkpoint import atomic_write_text as write
+
+    write(path, text)
+
+
+def study_settings(cfg, task: str) -> dict:
+    """What settings.json records: the task and :data:`STUDY_FIELDS` of the study's shared config."""
+    return {"task": task, **{name: getattr(cfg, name) for name in STUDY_FIELDS}}
+
+
+def check_study_settings(out_dir: Path, settings: dict) -> None:
+    """Refuse a study folder made with other settings (one line naming each difference); nothing to check in a
+    new folder. A folder that holds a study's files but no settings.json (an older version) is refused too:
+    what its runs were trained with is unknown."""
+    from fastopd.train.outdir import setting_differences
+
+    path = out_dir / "settings.json"
+    if not path.is_file():
+        if any((out_dir / name).exists() for name in ("runs", "baseline.json", "precondition", "study.json")):
+            raise ValueError(f"{out_dir} holds a study without a record of its settings (no settings.json: made "
+                             "by an older fastopd), so its runs may have other settings; choose another --out")
+        return
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not the record of a study's settings (a JSON object); choose another --out")
+    diffs = setting_differences(saved, settings, fields=tuple(settings))
+    if diffs:
+        raise ValueError(f"{out_dir} holds a study of other settings ({'; '.join(diffs)}): its runs, baseline and "
+                         "precondition were made with those; choose another --out, or delete the folder to start "
+                         "over")
+
+
+def read_json(path: Path):
+    """The JSON of ``path``; a file that is not JSON is a ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({type(e).__name__})") from None
+
+
+def read_done(path: Path, what: str):
+    """A finished step's JSON (result.json, baseline.json, precondition.json), or None when it is missing or
+    torn (said, and the step redone)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except ValueError as e:
+        print(f"fastopd study: {e}; {what} is redone", flush=True)
+        return None
+
+
 def _run_one(cfg, sched, run_dir: Path, progress: bool) -> dict:
     """Train one arm (from scratch) and grade it; write and return its result row."""
     from fastopd.demo.demo import arm_summary, ood_metrics
@@ -429,7 +499,7 @@ def _run_one(cfg, sched, run_dir: Path, progress: bool) -> dict:
             k = rule_decision(rec)["kind"]
             kinds[k] = kinds.get(k, 0) + 1
         row["decisions"] = kinds
-    (run_dir / "result.json").write_text(json.dumps(row, indent=1) + "\n")
+    atomic_write_text(run_dir / "result.json", json.dumps(row, indent=1) + "\n")
     return row
 
 
@@ -473,28 +543,52 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
 
     from fastopd.demo.demo import DEFAULT_THREADS, baseline_accuracy, demo_config, in_processes, run_precondition
 
-    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
-        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    from fastopd.demo.demo import TASKS
+
+    def count(name, value, least, optional=False):
+        if optional and value is None:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+    # every argument is checked before anything is done or any folder is made
+    count("jobs", jobs, 1)
+    count("steps", steps, 1, optional=True)
+    count("eval_every", eval_every, 0, optional=True)
+    count("num_threads", num_threads, 0)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
     bad = [a for a in arms if a not in ARMS]
     if bad or "release" not in arms:
         raise ValueError(f"arms must be a subset of {ARMS} that includes 'release', got {arms!r}")
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    if not seed_list:
-        raise ValueError(f"seeds must be a positive count or a non-empty list, got {seeds!r}")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else list(seeds)
+    if not seed_list or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seed_list):
+        raise ValueError(f"seeds must be a positive count or a non-empty list of ints >= 0, got {seeds!r}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    saved_task = None
+    if (out_dir / "settings.json").is_file():  # another task: refused before its data is written
+        saved = read_json(out_dir / "settings.json")
+        saved_task = saved.get("task") if isinstance(saved, dict) else None
+    if saved_task is not None and saved_task != task:
+        raise ValueError(f"{out_dir} holds a study of other settings (task {saved_task!r} -> {task!r}): its runs, "
+                         "baseline and precondition were made with those; choose another --out, or delete the "
+                         "folder to start over")
     num_threads = num_threads or DEFAULT_THREADS
-    torch.set_num_threads(num_threads)
     t_start = time.perf_counter()
     cfg, sched = demo_config(out_dir, quick=quick, steps=steps, progress=progress, num_threads=num_threads, task=task)
     cfg = dataclasses.replace(cfg, log_rollouts=True)  # the schedule's eval points: each run's curve
     if eval_every is not None:
         cfg = dataclasses.replace(cfg, eval_every=eval_every)
+    cfg.validate()
+    settings = study_settings(cfg, task)
+    check_study_settings(out_dir, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "settings.json", json.dumps(settings, indent=1) + "\n")
+    torch.set_num_threads(num_threads)
 
     base_path = out_dir / "baseline.json"
-    if base_path.is_file():
-        base = json.loads(base_path.read_text())
-    else:
+    base = read_done(base_path, "the baseline")
+    if base is None:
         b = baseline_accuracy(cfg, sched)
         base = {"student_before": {"accuracy": b["student"]["accuracy"],
                                    "ood_accuracy": b["student"].get("ood", {}).get("accuracy"),
@@ -502,11 +596,10 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
                 "teacher": {"accuracy": b["teacher"]["accuracy"],
                             "ood_accuracy": b["teacher"].get("ood", {}).get("accuracy")},
                 "eval_problems": b["student"]["total"]}
-        base_path.write_text(json.dumps(base, indent=1) + "\n")
+        atomic_write_text(base_path, json.dumps(base, indent=1) + "\n")
     pre = None
     if precondition:
-        pre_path = out_dir / "precondition" / "precondition.json"
-        pre = json.loads(pre_path.read_text()) if pre_path.is_file() else run_precondition(
+        pre = read_done(out_dir / "precondition" / "precondition.json", "the precondition") or run_precondition(
             cfg, sched, out_dir / "precondition", progress=progress)
 
     results: dict[str, list[dict]] = {m: [] for m in arms}
@@ -546,9 +639,9 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
         todo = []
         for seed in seed_list:
             for mode in phase:
-                done = out_dir / "runs" / f"{mode}-s{seed}" / "result.json"
-                if done.is_file():
-                    rows[(seed, mode)] = json.loads(done.read_text())
+                row = read_done(out_dir / "runs" / f"{mode}-s{seed}" / "result.json", f"run {mode}-s{seed}")
+                if row is not None:
+                    rows[(seed, mode)] = row
                 else:
                     todo.append((seed, mode))
         trained += len(todo)
@@ -563,7 +656,7 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
                          f"{row['time_per_step']:.2f} s/step", flush=True),
                      desc="study runs" if progress else None)
         for seed, mode in todo:
-            rows[(seed, mode)] = json.loads((out_dir / "runs" / f"{mode}-s{seed}" / "result.json").read_text())
+            rows[(seed, mode)] = read_json(out_dir / "runs" / f"{mode}-s{seed}" / "result.json")
     for seed in seed_list:
         for mode in arms:
             row = rows[(seed, mode)]
@@ -592,9 +685,9 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
         flags = [has_check(r["prompt"]) for r in load_prompts(cfg.eval_data)[:cfg.eval_size or None]]
         summary["pairs"] = paired_pairs(study["arms"], with_check=flags)
     study["summary"] = summary
-    (out_dir / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+    atomic_write_text(out_dir / "study.json", json.dumps(study, indent=1) + "\n")
     md = format_study(study, summary)
-    (out_dir / "study.md").write_text(md)
+    atomic_write_text(out_dir / "study.md", md)
     figures = plot_study(study, out_dir, run_dirs, out_dir / "precondition" if pre else None, min_gain=cfg.min_gain)
     print("\n" + md + "\nFigures: " + ", ".join(str(p) for p in figures), flush=True)
     return study

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -22,6 +24,21 @@ from fastopd.release import ReleaseRule
 # pins the same range. It reads TRL internals (DistillationTrainer._compute_loss, _get_last_hidden_state,
 # GKDTrainer.compute_loss), which TRL may change in any minor release.
 TRL_TESTED = ((1, 16), (1, 16))  # (oldest, newest) (major, minor), both included
+
+
+def trl_import_message(error: ImportError) -> str:
+    """The one-line message when ``import trl`` / ``from trl import DistillationTrainer`` failed with ``error``:
+    TRL missing, or the import error that actually happened (TRL's own, one of its dependencies', or a local
+    ``trl.py`` shadowing the installed package -- then named with its path)."""
+    lo = f"{TRL_TESTED[0][0]}.{TRL_TESTED[0][1]}"
+    if isinstance(error, ModuleNotFoundError) and error.name == "trl":
+        return f"fastopd.integrations.trl needs TRL >= {lo}, which is not installed: pip install 'fastopd[trl]'"
+    found = getattr(sys.modules.get("trl"), "__file__", None) or ""
+    shadow = ""
+    if found and os.path.basename(found) != "__init__.py":
+        shadow = f"; {found} is not the TRL package but a file that shadows it on sys.path: rename it"
+    return (f"fastopd.integrations.trl could not import trl.DistillationTrainer: {type(error).__name__}: {error}"
+            f"{shadow}")
 
 
 def check_trl_version(version: str) -> None:
@@ -109,7 +126,8 @@ def make_criterion(args, temperature: float) -> OPDLoss:
 def log_opd_metrics(metrics_store, out) -> None:
     """Append the rule's and the loss's diagnostics to TRL's ``self._metrics[mode]`` under ``opd/``."""
     m = out.metrics
-    for key in ("accept_rate", "kept_fraction", "gain_mean", "margin_mean", "adv_mean", "reverse_kl_mean",
-                "forward_kl_mean"):
-        if key in m and not math.isnan(float(m[key])):  # gain_mean is NaN when no rollout has a split
+    for key in ("accept_rate", "kept_fraction", "release_position", "gain_mean", "margin_mean", "adv_mean",
+                "reverse_kl_mean", "forward_kl_mean"):
+        # gain_mean is NaN when no rollout has a candidate split, release_position when none is accepted
+        if key in m and not math.isnan(float(m[key])):
             metrics_store[f"{METRIC_PREFIX}{key}"].append(float(m[key]))

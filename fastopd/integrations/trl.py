@@ -12,9 +12,11 @@ Switching a TRL distillation run to the release rule is one import and the confi
   (N, V) logits. Segments come from ``self.processing_class`` on ``completion_ids`` under
   ``completion_mask`` (times ``tool_mask``). The loss is sum_t l_t / ``num_items_in_batch`` as TRL's (mean
   over the local valid tokens when it is None), and the return value is TRL's ``(loss, entropy_sum,
-  n_valid)``; the student's entropy is not computed by fastopd, so ``entropy_sum`` is NaN and TRL's logger
-  drops the ``entropy`` entry rather than report a made-up number. The rule's diagnostics go to TRL's
-  metrics as ``opd/accept_rate``, ``opd/kept_fraction``, ``opd/gain_mean``, ``opd/margin_mean``,
+  n_valid)``: ``entropy_sum`` is the student's entropy at TRL's ``temperature`` summed over the valid tokens
+  (:func:`fastopd.integrations.student_entropy_sum`: the head re-applied to the student's hidden states in
+  chunks, no autograd, no (N, V) tensor), which TRL's ``compute_loss`` logs as ``entropy``. The rule's
+  diagnostics go to TRL's metrics as ``opd/accept_rate``, ``opd/kept_fraction``, ``opd/release_position``,
+  ``opd/gain_mean``, ``opd/margin_mean``,
   ``opd/adv_mean`` (and ``opd/reverse_kl_mean`` / ``opd/forward_kl_mean`` for the divergences), rank-local means per logging window.
   ``opd_mode="full"`` weights every valid token 1 and runs no rule: no segments, no BIC scan (so no
   ``opd/accept_rate``/``opd/gain_mean``; ``last_opd_output.release`` is None), and the loss takes the eager
@@ -40,21 +42,20 @@ from dataclasses import dataclass
 
 import torch
 
-from fastopd.integrations._trl_options import TRL_TESTED, OPDOptions, check_trl_version, log_opd_metrics, make_criterion
+from fastopd.integrations._trl_options import (
+    OPDOptions, check_trl_version, log_opd_metrics, make_criterion, trl_import_message,
+)
 
 try:
     import trl
     from trl import DistillationConfig, DistillationTrainer
-except ImportError as e:  # pragma: no cover - exercised only without the extra
-    lo = ".".join(map(str, TRL_TESTED[0]))
-    raise ImportError(
-        f"fastopd.integrations.trl needs TRL >= {lo} with trl.DistillationTrainer: pip install 'fastopd[trl]'"
-    ) from e
+except ImportError as e:  # TRL missing, or an import error inside it (or a local trl.py shadowing it): say which
+    raise ImportError(trl_import_message(e)) from e
 
 check_trl_version(trl.__version__)
 
 from fastopd.head import LMHead  # noqa: E402
-from fastopd.integrations import completion_segments  # noqa: E402
+from fastopd.integrations import completion_segments, student_entropy_sum  # noqa: E402
 
 __all__ = ["ReleaseDistillationConfig", "ReleaseDistillationTrainer", "ReleaseGKDConfig", "ReleaseGKDTrainer"]
 
@@ -128,8 +129,9 @@ class ReleaseDistillationTrainer(DistillationTrainer):
         self.last_opd_output = out
         log_opd_metrics(self._metrics["train" if self.model.training else "eval"], out)
         n_valid = valid.sum()
-        # fastopd does not compute the student's entropy: NaN, which TRL's log() drops, not a made-up 0
-        entropy_sum = torch.tensor(float("nan"), device=device)
+        # TRL's compute_loss gathers this sum and logs entropy_sum / n_valid as "entropy", as for its own loss
+        entropy_sum = student_entropy_sum(student_hidden.detach(), s_head, valid, self.args.temperature,
+                                          self.args.opd_chunk_size)
         return out.loss, entropy_sum, n_valid
 
 

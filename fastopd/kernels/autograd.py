@@ -31,6 +31,7 @@ from fastopd.kernels._helpers import (
 from fastopd.kernels.loss_backward import launch_loss_backward
 from fastopd.kernels.token_stats import launch_token_stats
 from fastopd.kernels.token_stats_split import check_splits
+from fastopd.options import StatsOptions
 from fastopd.types import OPDOutput, TokenStats
 
 
@@ -42,12 +43,12 @@ class _OPDLossFunction(torch.autograd.Function):
         student, teacher = Rows(student_logits), Rows(teacher_logits)
         loss = cfg["loss"]
         kl = loss_kl(loss)  # the divergence the loss reads from row OUT_KL (None for pg)
+        opts = cfg["options"]
         out, _ = launch_token_stats(
-            student, teacher, target_ids, v=cfg["v"], k=cfg["k"], temperature=cfg["temperature"],
-            ignore_index=cfg["ignore_index"], kl=kl, return_topk=False,
+            student, teacher, target_ids, opts, v=cfg["v"], kl=kl, return_topk=False,
             block_v=cfg["block_v"], group=cfg["group"], topk_impl=cfg["topk_impl"], splits=cfg["splits"],
         )
-        valid = (target_ids != cfg["ignore_index"]).reshape(-1)
+        valid = (target_ids != opts.ignore_index).reshape(-1)
         w = w.reshape(-1)
         if kl is not None:
             terms = per_token_loss(loss, valid, w, kl=out[OUT_KL.value])
@@ -75,7 +76,7 @@ class _OPDLossFunction(torch.autograd.Function):
         teacher = Rows.from_parts(zt, ctx.strides[1], t_offs)
         c = (grad_per_token.reshape(-1).float() * coef).contiguous()
         grad = launch_loss_backward(
-            student, teacher, target_ids, c, out, v=cfg["v"], temperature=cfg["temperature"],
+            student, teacher, target_ids, c, out, v=cfg["v"], temperature=cfg["options"].temperature,
             loss=cfg["loss"], inplace=cfg["inplace_backward"], block_v=cfg["block_v"],
         )
         return grad, None, None, None, None, None
@@ -90,15 +91,13 @@ def opd_loss_triton(
     loss: str = "pg",
     old_logprobs: torch.Tensor | None = None,
     normalizer=None,
-    k: int = 16,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    vocab_size: int | None = None,
+    options: StatsOptions | None = None,
     inplace_backward: bool = False,
     block_v: int | None = None,
     group: int | None = None,
     topk_impl: str = "auto",
     splits: int | str | None = None,
+    **fields,
 ) -> OPDOutput:
     """The OPD loss of docs/formulas.md §5 with fused Triton forward statistics and a Triton backward.
 
@@ -111,7 +110,8 @@ def opd_loss_triton(
     beyond ``vocab_size`` get 0; teacher logits, ``weights`` and ``old_logprobs`` get no gradient; the
     backward supports one differentiation (no double backward).
 
-    Extra keywords (not in the reference):
+    ``options``: a :class:`fastopd.StatsOptions` (k, temperature, ignore_index, vocab_size), or its fields as
+    keywords. Extra keywords (not in the reference):
         inplace_backward: write the gradient into the student-logits buffer itself and hand that buffer to
             autograd as the gradient, saving an N x V allocation (as Liger-Kernel does). Only legal when
             nothing else reads those logits after this loss's backward (no second loss, no reuse of the
@@ -121,20 +121,17 @@ def opd_loss_triton(
             (see :func:`fastopd.kernels.token_stats_triton`; ``splits`` picks the forward's split-V stats
             pass, :mod:`fastopd.kernels.token_stats_split`; the backward is unchanged).
     """
-    v = check_token_inputs(
-        student_logits, teacher_logits, target_ids,
-        k=k, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab_size,
-    )
+    opts = StatsOptions.of(options, **fields)
+    v = check_token_inputs(student_logits, teacher_logits, target_ids, opts)
     check_loss_options(loss, weights, old_logprobs, target_ids)
     check_kernel_dtype("student_logits", student_logits)
     check_kernel_dtype("teacher_logits", teacher_logits)
     check_splits(splits)
     cfg = dict(
-        v=v, k=k, temperature=float(temperature), ignore_index=ignore_index, loss=loss,
-        inplace_backward=bool(inplace_backward), block_v=block_v, group=group, topk_impl=topk_impl,
-        splits=splits,
+        options=opts, v=v, loss=loss, inplace_backward=bool(inplace_backward), block_v=block_v, group=group,
+        topk_impl=topk_impl, splits=splits,
     )
-    valid = target_ids != ignore_index
+    valid = target_ids != opts.ignore_index
     w = weight_mask(valid, weights, torch.float32)
     per_token, out, adv = _OPDLossFunction.apply(
         student_logits, teacher_logits.detach(), target_ids, w,

@@ -32,6 +32,7 @@ class TritonChunks:
         self.plan = plan
         self.inplace = inplace
         self.kl = loss_kl(plan.loss)  # the divergence in row OUT_KL: None (pg), "reverse" or "forward"
+        self.opts = plan.chunk_options()
 
     def alloc(self, n: int, device) -> dict:
         return {
@@ -41,11 +42,8 @@ class TritonChunks:
 
     def forward(self, zs, zt, tgt, old, saved, sl):
         p = self.plan
-        out, _ = launch_token_stats(
-            Rows(zs), Rows(zt), tgt, v=p.v, k=p.k, temperature=p.temperature,
-            ignore_index=p.ignore_index, kl=self.kl, return_topk=False,
-        )
-        valid = tgt != p.ignore_index
+        out, _ = launch_token_stats(Rows(zs), Rows(zt), tgt, self.opts, v=p.v, kl=self.kl, return_topk=False)
+        valid = tgt != self.opts.ignore_index
         w = valid.float()
         # The same per-token loss and row factor c_t as fastopd.kernels.opd_loss_triton (common.per_token_loss).
         if self.kl is not None:
@@ -74,5 +72,5 @@ class TritonChunks:
         coef = (g.float() * saved["coef"][sl]).contiguous()
         return launch_loss_backward(
             Rows(zs), Rows(zt if zt is not None else zs), tgt, coef, saved["out"][:, sl].contiguous(), v=p.v,
-            temperature=p.temperature, loss=p.loss, inplace=self.inplace,
+            temperature=self.opts.temperature, loss=p.loss, inplace=self.inplace,
         )

@@ -7,7 +7,7 @@ of apple/ml-cross-entropy, one small file per kernel phase) cuts every row into 
 **Phase 1** (:func:`_stats_split_kernel`, grid (N, SPLITS)). Program (r, i) streams the chunks
 ``[i * C // SPLITS, (i + 1) * C // SPLITS)`` of row r (C = ceil(V / BLOCK_V) chunks; every slice holds at
 least one chunk; the last slice holds the masked tail, and streams it first) with the same per-chunk step
-as the single pass (``_stats_chunk``, imported, not copied), and writes its partial state: M_S,i, sum_S,i,
+as the single pass (``_stats_chunk`` of :mod:`fastopd.kernels.stats_core`, shared, not copied), and writes its partial state: M_S,i, sum_S,i,
 M_T,i, sum_T,i, the KL accumulator acc_i (KL_KIND 1 reverse or 2 forward, as the single pass) and its K_PAD
 running top-K group keys (int64 packed keys,
 as ``run``; group indices are global). Rows whose target is ``ignore_index`` exit before reading any logits and write nothing.
@@ -65,7 +65,7 @@ from fastopd.kernels._helpers import (
     row_base,
     topk_keys,
 )
-from fastopd.kernels.token_stats import (
+from fastopd.kernels.stats_core import (
     LOG2E,
     _stats_chunk,
     _stats_ignored,

@@ -13,65 +13,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from fastopd.common import LOSSES, WEIGHTS as WEIGHT_CHOICES
-
-SAMPLERS = ("student", "online", "teacher")
-"""Who samples (docs/formulas.md §8): the student with HF ``generate``; the student stopping at the online release
-(:mod:`fastopd.train.online_sampler`); the teacher (sequence-level KD, and the ``sft`` baseline)."""
-WEIGHTS = WEIGHT_CHOICES
-"""Which tokens count (docs/formulas.md §4): the release rule or one of its controls (fastopd.common.WEIGHTS)."""
-TRAIN_LOSSES = LOSSES + ("cross_entropy",)
-"""Which loss (docs/formulas.md §5): the OPD losses, or the student's cross-entropy on the sampled tokens (SFT)."""
-MODE_SHORTHANDS = {
-    "release": ("student", "release", None),
-    "full": ("student", "full", None),
-    "fixed_prefix": ("student", "fixed_prefix", None),
-    "random": ("student", "random", None),
-    "shuffled": ("student", "shuffled", None),
-    "online": ("online", "release", None),
-    "sft": ("teacher", "full", "cross_entropy"),
-}
-"""``mode``: a shorthand for (sampler, weights, loss); None in the loss keeps the ``loss`` field. ``sft`` sets the
-loss to cross_entropy whatever ``loss`` says (as the ``sft`` mode always trained). A fixed length budget
-(the study's ``truncate``) is ``mode: full`` with a smaller ``max_new_tokens``."""
-
-
-def step_choices(mode: str | None, sampler: str | None, weights: str | None, loss: str) -> tuple[str, str, str]:
-    """(sampler, weights, loss) of a step: ``mode`` expanded (:data:`MODE_SHORTHANDS`), then the explicit fields (a field that
-    contradicts the mode is an error), then the defaults (student, release); a combination that makes no sense
-    is refused with one line naming it."""
-    if mode is not None and mode not in MODE_SHORTHANDS:
-        raise ValueError(f"config field `mode` must be one of {tuple(MODE_SHORTHANDS)} (a shorthand for sampler, weights and "
-                         f"loss), got {mode!r}")
-    implied = MODE_SHORTHANDS.get(mode, (None, None, None))
-    for name, value, want in (("sampler", sampler, implied[0]), ("weights", weights, implied[1])):
-        if value is not None and want is not None and value != want:
-            raise ValueError(f"config field `{name}: {value}` contradicts `mode: {mode}` (which means {name}: {want}); "
-                             f"set one of them")
-    sampler = sampler or implied[0] or "student"
-    weights = weights or implied[1] or "release"
-    loss = implied[2] or loss
-    for name, value, choices in (("sampler", sampler, SAMPLERS), ("weights", weights, WEIGHTS),
-                                 ("loss", loss, TRAIN_LOSSES)):
-        if value not in choices:
-            raise ValueError(f"config field `{name}` must be one of {choices}, got {value!r}")
-    if sampler == "online" and weights != "release":
-        raise ValueError(f"sampler online stops each rollout at the release rule's point, so its weights are the "
-                         f"rule's: weights must be release, got {weights!r}")
-    if loss == "cross_entropy" and sampler != "teacher":
-        raise ValueError(f"loss cross_entropy trains the student on the sampled tokens themselves (no teacher "
-                         f"scores): it needs sampler teacher, got sampler {sampler!r}")
-    if loss == "cross_entropy" and weights != "full":
-        raise ValueError(f"loss cross_entropy reads no teacher margins, so only weights full apply, got {weights!r}")
-    return sampler, weights, loss
-
+from fastopd.train.choices import (  # noqa: F401 -- the choices' names, re-exported
+    MODE_SHORTHANDS, SAMPLERS, TOPK_LOSSES, TRAIN_LOSSES, WEIGHTS, check_served, is_served, step_choices,
+)
 
 SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -87,7 +40,7 @@ RUN_FIELDS = (
     "student", "teacher", "tokenizer", "student_dtype", "teacher_dtype", "mixed_precision",
     "train_data", "train_split", "prompt_field", "answer_field", "chat_template", "max_prompt_tokens",
     "prompts_per_step", "num_samples", "max_new_tokens", "temperature", "top_p", "top_k",
-    "sampler", "weights", "loss", "mode", "k", "loss_temperature", "min_segments", "min_gain", "fraction", "confirm_segments",
+    "sampler", "weights", "loss", "mode", "teacher_topk", "k", "loss_temperature", "min_segments", "min_gain", "fraction", "confirm_segments",
     "online_chunk_size",
     "grad_accum_steps", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "lr_scheduler",
     "warmup_steps", "max_grad_norm", "seed",
@@ -127,7 +80,12 @@ class TrainConfig:
 
     # ---- models
     student: str = _f("", "Student model: a local folder or a Hugging Face hub name (AutoModelForCausalLM). Required.")
-    teacher: str = _f("", "Teacher model: a local folder or a hub name. Must share the student's vocabulary. Required.")
+    teacher: str = _f("", "Teacher model: a local folder or a hub name, or the URL of an OpenAI-compatible vLLM server "
+                      "that serves it (http://host:port: the teacher's log-probs come from prompt_logprobs, "
+                      "docs/integrations.md). Must share the student's vocabulary. Required.")
+    teacher_topk: int = _f(20, "Served teacher only: the top-k log-probs per position asked of the server (vLLM's "
+                           "--max-logprobs caps it); the margins are exact where two of the student's top-K lie in it.")
+    teacher_timeout: float = _f(120.0, "Served teacher only: seconds per request before it fails.")
     tokenizer: str | None = _f(None, "Tokenizer to use for both models (default: the student's).")
     teacher_tokenizer: str | None = _f(
         None, "The teacher's tokenizer, only for the vocabulary check (default: the teacher's own, or `tokenizer`).")
@@ -221,9 +179,11 @@ class TrainConfig:
 
     # ---- outputs, logging, checkpoints
     output_dir: str = _f("runs/opd", "Run folder: metrics.jsonl, eval.jsonl, checkpoints/, final/.")
-    overwrite: bool = _f(False, "Delete an existing run in output_dir first (otherwise an existing run is an error "
+    overwrite: bool = _f(False, "Delete an existing run in output_dir first: only the files a run writes (logs, "
+                         "config.yaml, checkpoints/, final/), never others (otherwise an existing run is an error "
                          "unless resume is set).")
-    resume: bool = _f(False, "Continue from the latest checkpoint in output_dir (no lost or repeated step).")
+    resume: bool = _f(False, "Continue from the latest whole checkpoint in output_dir (no lost or repeated step); "
+                      "refused when a field of RUN_FIELDS differs from the run's config.yaml.")
     save_every: int = _f(0, "Write a checkpoint every this many steps (0: only at the end).")
     keep_last: int = _f(2, "Checkpoints to keep (older ones are deleted).")
     log_with: str = _f("auto", "Trackers: auto (TensorBoard when installed), tensorboard, none.", LOG_WITH)
@@ -259,7 +219,7 @@ class TrainConfig:
         for name in ("student", "teacher", "train_data", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"config field `{name}` is required (set it in the YAML file or with --{name})")
-        for name in ("student", "teacher", "tokenizer", "teacher_tokenizer"):
+        for name in ("student", "tokenizer", "teacher_tokenizer") + (() if is_served(self.teacher) else ("teacher",)):
             check_model_path(name, getattr(self, name))
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -270,6 +230,9 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"config field `{name}` must be >= 1, got {getattr(self, name)!r}")
+        if self.num_threads > 2**31 - 1:
+            raise ValueError(f"config field `num_threads` must be at most 2**31 - 1 (torch's int), got "
+                             f"{self.num_threads!r}")
         for name in ("warmup_steps", "eval_every", "eval_size", "save_every", "num_threads", "top_k",
                      "eval_max_new_tokens", "loss_chunk_size"):
             if int(getattr(self, name)) < 0:
@@ -296,8 +259,11 @@ class TrainConfig:
             raise ValueError(f"config field `adam_eps` must be >= 0, got {self.adam_eps!r}")
         if self.resume and self.overwrite:
             raise ValueError("config fields `resume` and `overwrite` exclude each other: resume continues the run "
-                             "in output_dir, overwrite deletes it")
-        self.choices  # noqa: B018 -- raises for a bad or contradictory sampler / weights / loss / mode
+                             "in output_dir, overwrite removes its files")
+        sampler, _, loss = self.choices  # raises for a bad or contradictory sampler / weights / loss / mode
+        check_served(is_served(self.teacher), sampler, loss, self.loss_temperature)
+        if self.teacher_topk < 1 or not self.teacher_timeout > 0:
+            raise ValueError("config fields `teacher_topk` must be >= 1 and `teacher_timeout` > 0")
         if self.verifier not in ("boxed", "exact"):
             from fastopd.train.verify import get_verifier
 
@@ -370,9 +336,10 @@ def check_type(name: str, hint, value, source: str | None = None) -> None:
     base = _base_type(hint)
     if value is None and type(None) in typing.get_args(hint):
         return
-    ok = {bool: isinstance(value, bool),
-          int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+    boolean = isinstance(value, (bool, np.bool_))
+    ok = {bool: boolean,
+          int: isinstance(value, numbers.Integral) and not boolean,  # numpy integers too
+          float: isinstance(value, numbers.Real) and not boolean,
           str: isinstance(value, str)}.get(base, True)
     if not ok:
         where = f" in {source}" if source else ""
@@ -414,41 +381,6 @@ def coerce(name: str, hint, value, source: str = "config"):
     return value
 
 
-def run_settings(cfg: "TrainConfig | dict", fields=RUN_FIELDS) -> dict:
-    """``{field: value}`` of the fields that define a run (:data:`RUN_FIELDS`), from a config or a dict."""
-    get = cfg.get if isinstance(cfg, dict) else (lambda name, default=None: getattr(cfg, name, default))
-    return {name: get(name) for name in fields}
-
-
-def setting_differences(saved: dict, cfg: "TrainConfig | dict", fields=RUN_FIELDS) -> list[str]:
-    """``"lr 0.001 -> 0.002"`` for every field of ``fields`` whose value in ``cfg`` differs from ``saved``
-    (a dict, e.g. a run's config.yaml). Fields ``saved`` lacks (written by an older version) are not compared;
-    numbers compare as numbers (``1`` and ``1.0`` agree); local paths compare resolved (``runs/a/student`` and
-    its absolute spelling agree)."""
-    now = run_settings(cfg, fields)
-    diffs = []
-    for name in fields:
-        if name not in saved:
-            continue
-        a, b = saved[name], now[name]
-        if _same_setting(a, b):
-            continue
-        diffs.append(f"{name} {a!r} -> {b!r}")
-    return diffs
-
-
-def _same_setting(a, b) -> bool:
-    if a == b:
-        return True
-    numbers = (int, float)
-    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
-        return float(a) == float(b) or (math.isnan(a) and math.isnan(b))
-    if isinstance(a, str) and isinstance(b, str):
-        pa, pb = Path(a).expanduser(), Path(b).expanduser()
-        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
-    return False
-
-
 def field_docs() -> list[tuple[str, Any, str]]:
     """(name, default, help) of every field, in order: the source of docs/training.md's table and ``--help``."""
     out = []
@@ -471,6 +403,10 @@ def check_model_path(field_name: str, value) -> None:
         raise ValueError(f"config field `{field_name}` must be a folder or a Hub id (a string), got {value!r}")
     path = Path(value).expanduser()
     if path.is_dir():
+        if field_name in ("student", "teacher") and not any(
+                (path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise ValueError(f"config field `{field_name}`: the folder {value!r} holds no saved model (no "
+                             "config.json); give the folder save_pretrained wrote, or a Hugging Face Hub id")
         return
     if path.exists():
         raise ValueError(f"config field `{field_name}`: {value!r} is a file; give the model's folder (with "

@@ -13,12 +13,14 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
 import yaml
 
 from fastopd.train.checkpoint import CHECKPOINT_RE, checkpoint_root, list_checkpoints
+from fastopd.train.config import RUN_FIELDS, TrainConfig
 
 RUN_FILES = ("metrics.jsonl", "eval.jsonl", "rollouts.jsonl", "metrics.jsonl.tmp", "eval.jsonl.tmp",
              "rollouts.jsonl.tmp", "config.yaml")
@@ -93,7 +95,6 @@ def check_resume(cfg, output_dir: str | Path | None = None) -> None:
     :data:`fastopd.train.config.RUN_FIELDS` whose value differs from the run's ``config.yaml`` (``steps`` may
     grow; evaluation, logging and checkpoint settings may change). A run without ``config.yaml`` is not
     checked; a ``config.yaml`` that is not a YAML mapping is a ValueError naming it."""
-    from fastopd.train.config import setting_differences
 
     out = Path(cfg.output_dir if output_dir is None else output_dir)
     path = out / "config.yaml"
@@ -125,3 +126,38 @@ def prepare_output_dir(cfg) -> None:
     elif cfg.resume:
         check_resume(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def run_settings(cfg: "TrainConfig | dict", fields=RUN_FIELDS) -> dict:
+    """``{field: value}`` of the fields that define a run (:data:`RUN_FIELDS`), from a config or a dict."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda name, default=None: getattr(cfg, name, default))
+    return {name: get(name) for name in fields}
+
+
+def setting_differences(saved: dict, cfg: "TrainConfig | dict", fields=RUN_FIELDS) -> list[str]:
+    """``"lr 0.001 -> 0.002"`` for every field of ``fields`` whose value in ``cfg`` differs from ``saved``
+    (a dict, e.g. a run's config.yaml). Fields ``saved`` lacks (written by an older version) are not compared;
+    numbers compare as numbers (``1`` and ``1.0`` agree); local paths compare resolved (``runs/a/student`` and
+    its absolute spelling agree)."""
+    now = run_settings(cfg, fields)
+    diffs = []
+    for name in fields:
+        if name not in saved:
+            continue
+        a, b = saved[name], now[name]
+        if _same_setting(a, b):
+            continue
+        diffs.append(f"{name} {a!r} -> {b!r}")
+    return diffs
+
+
+def _same_setting(a, b) -> bool:
+    if a == b:
+        return True
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b) or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, str) and isinstance(b, str):
+        pa, pb = Path(a).expanduser(), Path(b).expanduser()
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    return False

@@ -13,7 +13,7 @@ import torch
 from fastopd.loss import OPDLoss
 from fastopd.release import ReleaseRule
 from fastopd.train.checkpoint import load_training_state, resume_checkpoint
-from fastopd.train.config import TrainConfig
+from fastopd.train.config import TrainConfig, is_served
 from fastopd.train.data import PromptSchedule, load_prompts
 from fastopd.train.outdir import prepare_output_dir
 from fastopd.train.models import (
@@ -57,7 +57,7 @@ class Run:
     accelerator: object
     tokenizer: object
     student: object
-    teacher: object
+    teacher: object  # None when the teacher is served (``served``)
     optimizer: object
     scheduler: object
     rule: ReleaseRule  # which tokens count (docs/formulas.md §4); its RNG is checkpointed
@@ -70,6 +70,7 @@ class Run:
     log: RunLog
     start: int = 0
     last_eval: dict | None = None
+    served: object = None  # fastopd.integrations.served_teacher.ServedTeacher when teacher is http://...
 
     @property
     def main(self) -> bool:
@@ -89,6 +90,13 @@ def setup(cfg: TrainConfig) -> Run:
     cfg.validate()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    # a served teacher (teacher: http://...) is checked before anything is made: its model and vocabulary
+    served = None
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, trust_remote_code=cfg.trust_remote_code)
+    if is_served(cfg.teacher):
+        from fastopd.integrations.served_teacher import ServedTeacher
+
+        served = ServedTeacher(cfg.teacher, k=cfg.teacher_topk, tokenizer=tokenizer, timeout=cfg.teacher_timeout)
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
         prepare_output_dir(cfg)
@@ -96,18 +104,21 @@ def setup(cfg: TrainConfig) -> Run:
     device = accelerator.device
     resume_from = resume_checkpoint(cfg.output_dir, log=accelerator.print) if cfg.resume else None
 
-    # ---- models and tokenizer (a resumed run starts from the checkpoint's student)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, trust_remote_code=cfg.trust_remote_code)
-    teacher_tokenizer = load_teacher_tokenizer(cfg, tokenizer)
+    # ---- models (a resumed run starts from the checkpoint's student; a served teacher is not loaded here)
     attn = attention_implementation(cfg.attn_implementation, device)
     student = load_model(str(resume_from / "student") if resume_from else cfg.student,
                          dtype=choose_dtype(cfg.student_dtype, "student", device), attn=attn,
                          trust_remote_code=cfg.trust_remote_code)
-    teacher = load_model(cfg.teacher, dtype=choose_dtype(cfg.teacher_dtype, "teacher", device), attn=attn,
-                         trust_remote_code=cfg.trust_remote_code)
-    vocab_size = check_same_vocabulary(tokenizer, teacher_tokenizer, output_width(student), output_width(teacher))
+    teacher = None
+    if served is None:
+        teacher = load_model(cfg.teacher, dtype=choose_dtype(cfg.teacher_dtype, "teacher", device), attn=attn,
+                             trust_remote_code=cfg.trust_remote_code)
+        vocab_size = check_same_vocabulary(tokenizer, load_teacher_tokenizer(cfg, tokenizer), output_width(student),
+                                           output_width(teacher))
+        teacher.requires_grad_(False).eval()
+    else:
+        vocab_size = served.vocab_size  # the client checked the server's vocabulary against the tokenizer's
     eos_ids = eos_ids_of(tokenizer, student)
-    teacher.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:  # transformers 5 renamed it
         enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
         enable()
@@ -134,7 +145,8 @@ def setup(cfg: TrainConfig) -> Run:
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     student, optimizer = accelerator.prepare(student, optimizer)
-    teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    if teacher is not None:
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)  # stepped once per optimizer step, by us
     # which tokens count: the rule (or a control) reads the teacher's margins inside the loss pass; with
@@ -143,14 +155,15 @@ def setup(cfg: TrainConfig) -> Run:
     rule = ReleaseRule(mode=weights, k=cfg.k, temperature=cfg.loss_temperature, min_segments=cfg.min_segments,
                        min_gain=cfg.min_gain, fraction=cfg.fraction, seed=cfg.seed + accelerator.process_index,
                        backend=cfg.backend)
-    criterion = None  # loss cross_entropy: no teacher, no OPD loss
-    if loss != "cross_entropy":
+    criterion = None  # loss cross_entropy: no teacher, no OPD loss; a served teacher: fastopd.served_opd_loss
+    if loss != "cross_entropy" and served is None:
         criterion = OPDLoss(loss, k=cfg.k, temperature=cfg.loss_temperature, ignore_index=IGNORE_INDEX,
                             vocab_size=vocab_size, backend=cfg.backend, rule=None if sampler == "online" else rule)
 
     # ---- resume: optimizer, scheduler, RNG, logs
     run = Run(cfg, accelerator, tokenizer, student, teacher, optimizer, scheduler, rule, criterion, schedule,
-              train_rows, eval_rows, eos_ids, verify, RunLog(cfg.output_dir, enabled=accelerator.is_main_process))
+              train_rows, eval_rows, eos_ids, verify, RunLog(cfg.output_dir, enabled=accelerator.is_main_process),
+              served=served)
     if resume_from is not None:
         run.start = load_training_state(accelerator, resume_from, student=student, optimizer=optimizer,
                                         scheduler=scheduler, rule=rule)

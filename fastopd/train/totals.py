@@ -22,9 +22,11 @@ class StepTotals:
     # rollouts the online rule stopped, the teacher's and the rule's seconds while sampling
     COST_KEYS = ("generated", "decode_rows", "teacher_scored", "teacher_forwarded", "student_forwarded",
                  "online_stopped", "time_generate_teacher", "time_generate_rule")
+    # a served teacher (teacher: http://...): valid tokens whose margin was exact, the server's seconds
+    SERVED_KEYS = ("margin_exact", "server_latency", "served_micro")
 
     def __init__(self):
-        self.sums = dict.fromkeys(self.KEYS + self.COST_KEYS, 0.0)
+        self.sums = dict.fromkeys(self.KEYS + self.COST_KEYS + self.SERVED_KEYS, 0.0)
 
     def add(self, out, rollouts: Rollouts, correct: int, answered: int) -> None:
         m, dec = out.metrics, out.release
@@ -46,20 +48,24 @@ class StepTotals:
         s["student_forwarded"] += counts.get("student_forwarded", float(rollouts.targets.numel()))
         for key in ("decode_rows", "teacher_scored", "teacher_forwarded"):
             s[key] += counts.get(key, 0)
+        if "margin_exact_share" in m:
+            s["margin_exact"] += m["margin_exact_share"] * m["num_valid"]
+            s["server_latency"] += m.get("teacher_latency_s", 0.0)
+            s["served_micro"] += 1
         if rollouts.online is not None:
             s["online_stopped"] += float(rollouts.online.decision.stopped.sum())
             s["time_generate_teacher"] += rollouts.online.time_teacher
             s["time_generate_rule"] += rollouts.online.time_rule
 
     def reduce(self, accelerator) -> dict:
-        keys = self.KEYS + self.COST_KEYS
+        keys = self.KEYS + self.COST_KEYS + self.SERVED_KEYS
         vec = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64)
         if accelerator.num_processes > 1:
             vec = accelerator.reduce(vec.to(accelerator.device), reduction="sum").cpu()
         s = dict(zip(keys, vec.tolist()))
         nan = float("nan")
         rule = release_means(s)
-        return {
+        out = {
             "loss": s["loss"] / max(s["micro"], 1),
             "adv_mean": s["adv"] / max(s["valid"], 1),
             "margin_mean": s["margin"] / max(s["valid"], 1),
@@ -82,3 +88,7 @@ class StepTotals:
             "time_generate_teacher": s["time_generate_teacher"] / max(accelerator.num_processes, 1),
             "time_generate_rule": s["time_generate_rule"] / max(accelerator.num_processes, 1),
         }
+        if s["served_micro"]:  # the share of exact margins (docs/formulas.md §7) and the server's seconds
+            out["margin_exact_share"] = s["margin_exact"] / max(s["valid"], 1)
+            out["teacher_latency_s"] = s["server_latency"] / max(accelerator.num_processes, 1)
+        return out

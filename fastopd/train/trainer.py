@@ -96,10 +96,10 @@ def step_weights(run: Run, rollouts: Rollouts):
     segments here), or None (every valid token: cross_entropy)."""
     if rollouts.online is not None:
         return rollouts.online.weights
-    if run.criterion is None:
+    if run.choices[2] == "cross_entropy":
         return None
     add_segments(rollouts, run.tokenizer)
-    return run.criterion.rule
+    return run.rule
 
 
 def completion_loss(run: Run, rollouts: Rollouts, weights=None, times: dict | None = None):
@@ -114,7 +114,7 @@ def completion_loss(run: Run, rollouts: Rollouts, weights=None, times: dict | No
     seconds of the teacher's forward.
     """
     cfg, accelerator = run.cfg, run.accelerator
-    if run.criterion is None:
+    if run.choices[2] == "cross_entropy":
         return cross_entropy_loss(run, rollouts)
     whole, normalizer, tensor = rollouts, None, isinstance(weights, torch.Tensor)
     if tensor:
@@ -123,7 +123,14 @@ def completion_loss(run: Run, rollouts: Rollouts, weights=None, times: dict | No
         weights = weights[:, :rollouts.targets.shape[1]].to(rollouts.targets.device)
     whole.counts.update(teacher_forwarded=int(rollouts.targets.numel()),
                         student_forwarded=int(rollouts.targets.numel()))
-    if cfg.loss_from == "hidden":
+    if run.served is not None:  # the teacher's log-probs from its server; the student's completion logits
+        from fastopd.integrations.served_teacher import served_completion_loss
+
+        out = served_completion_loss(run.served, run.student, rollouts, loss=run.choices[2],
+                                     rule=None if tensor else weights, weights=weights if tensor else None,
+                                     normalizer=normalizer, k=cfg.k, ignore_index=IGNORE_INDEX,
+                                     vocab_size=run.served.vocab_size, times=times)
+    elif cfg.loss_from == "hidden":
         out = hidden_loss(run.criterion, run.student, run.teacher, rollouts, autocast=accelerator.autocast,
                           chunk_size=cfg.loss_chunk_size or None, times=times, weights=weights if tensor else None,
                           normalizer=normalizer)

@@ -179,3 +179,105 @@ def test_format_study_of_the_check_task_shows_the_split_pairs_and_decisions():
     assert "accuracy, problems with a check" in md and "| release - full |" in md
     assert "+25.0 pts [+25.0, +25.0]" in md  # accuracy 0.75 - 0.50, one seed
     assert "| release | 4 | 75.0% | 0.0% | 25.0% |" in md  # decisions: on time 3, early 0, late 1 of 4
+
+
+# ---- a study folder records its settings; torn files are redone (issue 22)
+
+@pytest.fixture
+def fake_study(monkeypatch):
+    """run_study with fake training, baseline and plots; returns the list of (mode, seed, steps) trained and the
+    number of baseline calls."""
+    import fastopd.demo.demo as demo
+    import fastopd.demo.study as st
+
+    calls, baselines = [], []
+
+    def fake_run(cfg, sched, run_dir, progress):
+        calls.append((cfg.mode, cfg.seed, cfg.steps))
+        row = {**_row(cfg.seed, 0.5, 0.7), "kept_fraction": 0.6, "mode": cfg.mode}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "result.json").write_text(json.dumps(row))
+        return row
+
+    def fake_baseline(cfg, sched):
+        baselines.append(cfg.steps)
+        return {"student": {"accuracy": 0.2, "total": 4, "ood": {"accuracy": 0.3}}, "teacher": {"accuracy": 0.9}}
+
+    monkeypatch.setattr(st, "_run_one", fake_run)
+    monkeypatch.setattr(st, "plot_study", lambda *a, **k: [])
+    monkeypatch.setattr(demo, "baseline_accuracy", fake_baseline)
+    kw = dict(seeds=1, task="arithmetic", arms=("release",), progress=False, precondition=False)
+    return st, kw, calls, baselines
+
+
+def test_a_study_folder_of_other_steps_or_task_is_refused_before_any_work(tmp_path, fake_study):
+    st, kw, calls, baselines = fake_study
+    st.run_study(tmp_path, **kw, steps=2)
+    assert calls == [("release", 0, 2)] and json.loads((tmp_path / "settings.json").read_text())["steps"] == 2
+    calls.clear()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError) as e:
+        st.run_study(tmp_path, **kw, steps=3)
+    msg = str(e.value)
+    assert "\n" not in msg and "holds a study of other settings (steps 2 -> 3)" in msg
+    with pytest.raises(ValueError, match=r"other settings \(task 'arithmetic' -> 'long'\)"):
+        st.run_study(tmp_path, **{**kw, "task": "long"}, steps=2)
+    every = json.loads((tmp_path / "settings.json").read_text())["eval_every"]
+    with pytest.raises(ValueError, match=f"eval_every {every} -> {every + 1}"):
+        st.run_study(tmp_path, **kw, steps=2, eval_every=every + 1)
+    assert calls == [] and len(baselines) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+    # the same settings, another seed and arm: the finished run is read back, only the new ones train
+    st.run_study(tmp_path, **{**kw, "seeds": 2, "arms": ("release", "full")}, steps=2)
+    assert sorted(calls) == [("full", 0, 2), ("full", 1, 2), ("release", 1, 2)]
+
+
+def test_a_study_folder_without_a_record_of_its_settings_is_refused(tmp_path, fake_study):
+    st, kw, calls, _ = fake_study
+    (tmp_path / "runs" / "release-s0").mkdir(parents=True)
+    (tmp_path / "runs" / "release-s0" / "result.json").write_text(json.dumps(_row(0, 0.9, 0.9)))
+    with pytest.raises(ValueError, match="without a record of its settings"):
+        st.run_study(tmp_path, **kw, steps=2)
+    assert calls == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(steps=0), "steps must be an int >= 1, got 0"),
+    (dict(steps=2.5), "steps must be an int >= 1"),
+    (dict(eval_every=-1), "eval_every must be an int >= 0"),
+    (dict(seeds=0), "seeds must be"),
+    (dict(num_threads=-2), "num_threads must be an int >= 0"),
+    (dict(task="nope"), "task must be one of"),
+])
+def test_study_arguments_are_checked_before_any_folder_is_made(tmp_path, fake_study, args, message):
+    st, kw, calls, baselines = fake_study
+    out = tmp_path / "study"
+    with pytest.raises(ValueError, match=message):
+        st.run_study(out, **{**kw, **args})
+    assert not out.exists() and calls == [] and baselines == []
+
+
+def test_study_cli_with_steps_0_is_one_line_and_makes_nothing(tmp_path, capsys):
+    from fastopd import cli
+
+    out = tmp_path / "study"
+    assert cli.main(["study", "--steps", "0", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == "fastopd study: error: steps must be an int >= 1, got 0\n" and not out.exists()
+
+
+def test_torn_result_and_baseline_are_redone_and_said(tmp_path, fake_study, capsys):
+    st, kw, calls, baselines = fake_study
+    st.run_study(tmp_path, **kw, steps=2)
+    result = tmp_path / "runs" / "release-s0" / "result.json"
+    result.write_text(result.read_text()[:10])  # torn, as a kill mid-write left it before writes were atomic
+    (tmp_path / "baseline.json").write_text('{"student_bef')
+    calls.clear()
+    capsys.readouterr()
+    study = st.run_study(tmp_path, **kw, steps=2)
+    out = capsys.readouterr().out
+    assert calls == [("release", 0, 2)] and len(baselines) == 2
+    assert f"{result}: not valid JSON" in out and "run release-s0 is redone" in out
+    assert "baseline.json: not valid JSON" in out and "the baseline is redone" in out
+    assert json.loads(result.read_text())["seed"] == 0 and study["student_before"]["accuracy"] == 0.2
+    assert not list(tmp_path.rglob(".*.tmp"))  # every JSON written whole, no temporary left

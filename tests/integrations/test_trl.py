@@ -85,6 +85,18 @@ def _independent_fastopd_loss(trainer, inputs, num_items_in_batch):
     return crit(zs, zt, targets, segment_ids=seg, normalizer=num_items_in_batch)
 
 
+def _independent_entropy_sum(trainer, inputs):
+    """The student's entropy at TRL's temperature from its full logits (torch.distributions), summed over the
+    valid completion tokens: what TRL's own DistillationTrainer returns as entropy_sum."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    c = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        zs = trainer.model(input_ids=ids, attention_mask=am).logits[:, -c - 1:-1].double()
+    h = torch.distributions.Categorical(logits=zs / trainer.args.temperature).entropy()
+    return float(h[inputs["completion_mask"].bool()].sum())
+
+
 def test_release_loss_equals_fastopd_on_the_same_rollouts_and_metrics_are_logged(assets, tmp_path):
     trainer = _trainer(assets, tmp_path, opd_mode="release", opd_loss="pg")
     seen = []
@@ -93,8 +105,8 @@ def test_release_loss_equals_fastopd_on_the_same_rollouts_and_metrics_are_logged
     def spy(unwrapped_student, inputs, num_items_in_batch):
         loss, entropy_sum, n_valid = inner(unwrapped_student, inputs, num_items_in_batch)
         ref = _independent_fastopd_loss(trainer, inputs, num_items_in_batch)
-        seen.append((float(loss.detach()), float(ref.loss), int(n_valid), int(ref.stats.valid.sum()), entropy_sum,
-                     trainer.last_opd_output, ref))
+        seen.append((float(loss.detach()), float(ref.loss), int(n_valid), int(ref.stats.valid.sum()),
+                     (float(entropy_sum), _independent_entropy_sum(trainer, inputs)), trainer.last_opd_output, ref))
         return loss, entropy_sum, n_valid
 
     trainer._compute_loss = spy
@@ -106,7 +118,7 @@ def test_release_loss_equals_fastopd_on_the_same_rollouts_and_metrics_are_logged
         assert math.isclose(loss, ref_loss, rel_tol=1e-4, abs_tol=1e-6), (loss, ref_loss)
         torch.testing.assert_close(out.release.weights, ref.release.weights)
         torch.testing.assert_close(out.stats.margins, ref.stats.margins, rtol=1e-4, atol=1e-4)
-        assert math.isnan(float(entropy_sum))  # not computed: TRL's log drops it
+        assert entropy_sum[1] > 0 and math.isclose(*entropy_sum, rel_tol=1e-4), entropy_sum
     moved = any(not torch.equal(p0, p.detach()) for p0, p in zip(before, trainer.model.parameters()))
     assert moved
     logged = [h for h in trainer.state.log_history if "loss" in h]
@@ -115,7 +127,9 @@ def test_release_loss_equals_fastopd_on_the_same_rollouts_and_metrics_are_logged
         assert all(key in h and h[key] is not None for h in logged), key
     assert all(0.0 <= h["opd/kept_fraction"] <= 1.0 and 0.0 <= h["opd/accept_rate"] <= 1.0 for h in logged)
     assert any(h.get("opd/gain_mean") is not None for h in logged)  # the demo's rollouts have candidate splits
-    assert all(h.get("entropy") is None for h in logged)
+    # TRL's compute_loss logs entropy_sum / n_valid per micro-batch (one per step here), as for its own loss
+    for h, (_, _, n_valid, _, (_, want), _, _) in zip(logged, seen):
+        assert h.get("entropy") is not None and math.isclose(h["entropy"], want / n_valid, rel_tol=1e-4)
 
 
 def test_full_reverse_kl_equals_trl_beta_1(assets, tmp_path):
@@ -126,17 +140,20 @@ def test_full_reverse_kl_equals_trl_beta_1(assets, tmp_path):
     def both(unwrapped_student, inputs, num_items_in_batch):
         loss, entropy_sum, n_valid = ours(unwrapped_student, inputs, num_items_in_batch)
         with torch.no_grad():
-            trl_loss, _, trl_valid = trl.DistillationTrainer._compute_loss(trainer, unwrapped_student, inputs, num_items_in_batch)
-        pairs.append((float(loss), float(trl_loss), int(n_valid), int(trl_valid)))
+            trl_loss, trl_entropy, trl_valid = trl.DistillationTrainer._compute_loss(
+                trainer, unwrapped_student, inputs, num_items_in_batch)
+        pairs.append((float(loss), float(trl_loss), int(n_valid), int(trl_valid), float(entropy_sum),
+                      float(trl_entropy)))
         return loss, entropy_sum, n_valid
 
     trainer._compute_loss = both
     trainer.train()
     assert len(pairs) == 2
-    for loss, trl_loss, n, trl_n in pairs:
+    for loss, trl_loss, n, trl_n, entropy, trl_entropy in pairs:
         assert n == trl_n
         assert trl_loss > 0
         assert math.isclose(loss, trl_loss, rel_tol=1e-4, abs_tol=1e-6), (loss, trl_loss)
+        assert trl_entropy > 0 and math.isclose(entropy, trl_entropy, rel_tol=1e-4), (entropy, trl_entropy)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert all(h["opd/kept_fraction"] == 1.0 for h in logged)  # the full control keeps every token
     # full needs no rule: no segments, no scan, so none of the rule's diagnostics (docs/integrations.md)

@@ -35,6 +35,7 @@ def test_a_model_path_that_is_neither_a_folder_nor_a_hub_id_is_one_line(field, p
 
 def test_folders_and_hub_ids_pass_and_a_file_is_refused(tmp_path):
     (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "config.json").write_text("{}")
     for ok in (str(tmp_path / "student"), "gpt2", "Qwen/Qwen3-0.6B", "org/name.v2_x-y", None, ""):
         check_model_path("student", ok)
     (tmp_path / "model.safetensors").write_text("x")
@@ -124,7 +125,8 @@ def test_yaml_values_are_read_as_the_type_they_mean(tmp_path):
     ("lr: fast", "config field `lr` in {} must be a number, got 'fast'"),
     ("steps: [1, 2]", "config field `steps` in {} must be an integer, got [1, 2]"),
     ("progress: maybe", "config field `progress` in {} must be true or false, got 'maybe'"),
-    ("mode: {a: 1}", "config field `mode` in {} must be a string, got {'a': 1}"),
+    ("verifier: {a: 1}", "config field `verifier` in {} must be a string, got {'a': 1}"),
+    ("mode: {a: 1}", "config field `mode` in {} must be a string (or null), got {'a': 1}"),
     ("steps: true", "config field `steps` in {} must be an integer, got True"),
 ])
 def test_a_yaml_value_of_the_wrong_type_is_one_line_naming_field_and_file(tmp_path, line, message):
@@ -169,3 +171,12 @@ def test_run_fields_are_fields_and_exclude_logging_and_steps():
     for name in ("steps", "output_dir", "resume", "overwrite", "progress", "log_with", "eval_every", "save_every",
                  "keep_last", "num_threads", "log_rollouts", "eval_data"):
         assert name not in RUN_FIELDS
+
+
+def test_a_model_folder_without_a_saved_model_and_too_many_threads_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^config field `teacher`: the folder '.*empty' holds no saved model"):
+        check_model_path("teacher", str(tmp_path / "empty"))
+    check_model_path("tokenizer", str(tmp_path / "empty"))  # a tokenizer folder has no config.json to require
+    with pytest.raises(ValueError, match=r"^config field `num_threads` must be at most 2\*\*31 - 1"):
+        TrainConfig(student="s", teacher="t", train_data="d", num_threads=99999999999).validate()

@@ -10,6 +10,7 @@ rollouts have sentences and the rule stops them) and the tiny random ones (tests
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -148,7 +149,8 @@ def fake_run(d, mode="release", loss_from="logits"):
     # sampler online: the weights were decided while sampling, so the loss has no rule
     crit = OPDLoss("pg", ignore_index=-100, vocab_size=len(d.tok), backend="reference",
                    rule=None if mode == "online" else rule)
-    return SimpleNamespace(cfg=cfg, accelerator=SimpleNamespace(), rule=rule, criterion=crit, student=d.student,
+    return SimpleNamespace(cfg=cfg, accelerator=SimpleNamespace(autocast=contextlib.nullcontext), rule=rule,
+                           criterion=crit, student=d.student,
                            teacher=d.teacher)
 
 

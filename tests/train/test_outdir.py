@@ -130,7 +130,7 @@ def test_resume_of_a_run_with_a_damaged_config_names_it(tmp_path):
 def test_every_run_field_is_checked(tmp_path):
     saved = _cfg(tmp_path)
     saved_dict = saved.to_dict()
-    from fastopd.train.config import setting_differences
+    from fastopd.train.outdir import setting_differences
 
     for name in RUN_FIELDS:
         value = getattr(saved, name)

@@ -56,3 +56,9 @@ def test_importing_the_trainer_loads_nothing_of_the_experiment():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_no_module_of_the_trainer_is_over_450_lines():
+    """Issue 21's bar: each module of fastopd/train does one thing a newcomer can read."""
+    long = {p.name: n for p in TRAIN.glob("*.py") if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, long
