@@ -57,15 +57,6 @@ METRICS = (("accuracy", "in-domain accuracy"), ("gain_vs_start", "in-domain gain
            ("tokens_supervised", "tokens supervised"), ("accept_rate", "accept rate"),
            ("time_per_step", "time / step (s)"))
 
-STUDY_FIELDS = ("steps", "prompts_per_step", "num_samples", "max_new_tokens", "temperature", "top_p", "top_k",
-                "loss", "k", "loss_temperature", "min_segments", "min_gain", "confirm_segments", "online_chunk_size",
-                "grad_accum_steps", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "lr_scheduler",
-                "warmup_steps", "max_grad_norm", "max_prompt_tokens", "chat_template", "eval_every", "eval_size",
-                "eval_max_new_tokens", "verifier", "student_dtype", "teacher_dtype", "mixed_precision")
-"""The settings of a study that its runs, baseline and precondition depend on, besides the task (recorded in
-settings.json): the demo schedule's training and evaluation fields. Not here: what a study varies (``seed``,
-``mode``, the fixed_prefix ``fraction``, the truncate arm's ``max_new_tokens`` derive from it), and paths."""
-
 CHECK_METRICS = METRICS[:1] + (("accuracy_check", "accuracy, problems with a check"),
                                 ("accuracy_nocheck", "accuracy, problems without a check")) + METRICS[1:]
 """On the check task (:mod:`fastopd.demo.check_task`) the accuracy is also split by the problem's prompt."""
@@ -74,6 +65,15 @@ PAIRS = (("release", "fixed_prefix"), ("release", "shuffled"), ("release", "full
 PAIR_KEYS = (("accuracy", "accuracy"), ("accuracy_check", "accuracy with a check"),
              ("accuracy_nocheck", "accuracy without a check"), ("tokens_supervised", "tokens supervised"),
              ("tokens_generated", "tokens generated"), ("time_per_step", "time / step (s)"))
+
+STUDY_FIELDS = ("steps", "prompts_per_step", "num_samples", "max_new_tokens", "temperature", "top_p", "top_k",
+                "loss", "k", "loss_temperature", "min_segments", "min_gain", "confirm_segments", "online_chunk_size",
+                "grad_accum_steps", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "lr_scheduler",
+                "warmup_steps", "max_grad_norm", "max_prompt_tokens", "chat_template", "eval_every", "eval_size",
+                "eval_max_new_tokens", "verifier", "student_dtype", "teacher_dtype", "mixed_precision")
+"""The settings of a study that its runs, baseline and precondition depend on, besides the task (recorded in
+settings.json): the demo schedule's training and evaluation fields. Not here: what a study varies (``seed``,
+``mode``, the fixed_prefix ``fraction``, the truncate arm's ``max_new_tokens`` derive from it), and paths."""
 
 __all__ = ["ARMS", "run_study", "aggregate", "paired_bootstrap", "problem_bootstrap", "paired_pairs",
            "format_study", "plot_study", "CHECK_METRICS", "PAIRS"]

@@ -126,6 +126,61 @@ def test_a_finished_run_is_not_rerun(tmp_path, monkeypatch):
     assert set(saved["arms"]) == {"release", "fixed_prefix"} and (tmp_path / "study.md").is_file()
 
 
+def _check_row(seed, correct, sup, gen, t):
+    c = np.array(correct, dtype=float)
+    return {"seed": seed, "accuracy": float(c.mean()), "accuracy_check": float(c[:2].mean()),
+            "accuracy_nocheck": float(c[2:].mean()), "correct": list(correct), "tokens": 1000,
+            "tokens_supervised": sup, "tokens_generated": gen, "time_per_step": t, "ood_accuracy": 0.5,
+            "accept_rate": 0.7, "gain_mean": 20.0, "decisions": {"on time": 3, "late": 1}}
+
+
+def test_check_task_pairs_paired_by_seed_and_by_problem():
+    """Issue 24's pairs: a - b over the seeds both arms have (paired by seed, not list order), in accuracy (also
+    split by the problems with / without a check), tokens and time; per-problem intervals from the grades."""
+    from fastopd.demo.study import PAIRS, paired_pairs, problem_bootstrap
+
+    with_check = [True, True, False, False]
+    arms = {
+        "release": [_check_row(0, [1, 1, 1, 0], 500, 3000, 1.0), _check_row(1, [1, 0, 1, 1], 520, 3000, 1.2)],
+        "fixed_prefix": [_check_row(1, [0, 0, 1, 1], 510, 3000, 1.1), _check_row(0, [0, 1, 1, 0], 500, 3000, 1.0)],
+        "online": [_check_row(0, [1, 1, 0, 0], 400, 2000, 0.8)],
+        "truncate": [_check_row(0, [1, 0, 0, 0], 450, 2100, 0.9), _check_row(1, [1, 0, 0, 0], 450, 2100, 0.9)],
+    }
+    p = paired_pairs(arms, with_check=with_check, n_boot=2000)
+    assert set(p) == {"release - fixed_prefix", "online - truncate"}  # pairs with a missing arm are left out
+    rf = p["release - fixed_prefix"]
+    assert rf["accuracy"]["seeds"]["mean"] == pytest.approx((0.25 + 0.25) / 2) and rf["accuracy"]["seeds"]["n"] == 2
+    assert rf["accuracy_check"]["seeds"]["mean"] == pytest.approx((0.5 + 0.5) / 2)
+    assert rf["accuracy_nocheck"]["seeds"]["mean"] == pytest.approx(0.0)
+    assert rf["tokens_supervised"]["seeds"]["mean"] == pytest.approx(5.0)
+    assert rf["time_per_step"]["seeds"]["mean"] == pytest.approx(0.05)
+    # per problem: differences averaged over the two seeds = [1, 0, 0, 0]
+    q = rf["accuracy"]["problems"]
+    assert q["mean"] == pytest.approx(0.25) and q["n"] == 4 and q["lo"] <= 0.25 <= q["hi"] and q["hi"] > q["lo"]
+    assert rf["accuracy_check"]["problems"]["mean"] == pytest.approx(0.5) and rf["accuracy_check"]["problems"]["n"] == 2
+    ot = p["online - truncate"]  # only seed 0 is in both
+    assert ot["accuracy"]["seeds"]["n"] == 1 and ot["tokens_generated"]["seeds"]["mean"] == pytest.approx(-100)
+    assert ("online", "truncate") in PAIRS
+    same = problem_bootstrap([[1, 0, 1]], [[1, 0, 1]], n_boot=100)
+    assert same == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "n": 3}
+    with pytest.raises(ValueError, match="correct_a"):
+        problem_bootstrap([[1, 0]], [[1, 0, 1]])
+
+
+def test_format_study_of_the_check_task_shows_the_split_pairs_and_decisions():
+    from fastopd.demo.study import CHECK_METRICS, paired_pairs
+
+    arms = {"release": [_check_row(0, [1, 1, 1, 0], 500, 3000, 1.0)],
+            "full": [_check_row(0, [1, 0, 1, 0], 1000, 3000, 1.3)]}
+    summary = aggregate(arms, metrics=CHECK_METRICS, n_boot=100)
+    summary["pairs"] = paired_pairs(arms, with_check=[True, True, False, False], n_boot=100)
+    study = {"arms": arms, "student_before": {"accuracy": 0.3}, "setting": {"task": "check", "seeds": [0]}}
+    md = format_study(study, summary)
+    assert "accuracy, problems with a check" in md and "| release - full |" in md
+    assert "+25.0 pts [+25.0, +25.0]" in md  # accuracy 0.75 - 0.50, one seed
+    assert "| release | 4 | 75.0% | 0.0% | 25.0% |" in md  # decisions: on time 3, early 0, late 1 of 4
+
+
 # ---- a study folder records its settings; torn files are redone (issue 22)
 
 @pytest.fixture
@@ -226,58 +281,3 @@ def test_torn_result_and_baseline_are_redone_and_said(tmp_path, fake_study, caps
     assert "baseline.json: not valid JSON" in out and "the baseline is redone" in out
     assert json.loads(result.read_text())["seed"] == 0 and study["student_before"]["accuracy"] == 0.2
     assert not list(tmp_path.rglob(".*.tmp"))  # every JSON written whole, no temporary left
-
-
-def _check_row(seed, correct, sup, gen, t):
-    c = np.array(correct, dtype=float)
-    return {"seed": seed, "accuracy": float(c.mean()), "accuracy_check": float(c[:2].mean()),
-            "accuracy_nocheck": float(c[2:].mean()), "correct": list(correct), "tokens": 1000,
-            "tokens_supervised": sup, "tokens_generated": gen, "time_per_step": t, "ood_accuracy": 0.5,
-            "accept_rate": 0.7, "gain_mean": 20.0, "decisions": {"on time": 3, "late": 1}}
-
-
-def test_check_task_pairs_paired_by_seed_and_by_problem():
-    """Issue 24's pairs: a - b over the seeds both arms have (paired by seed, not list order), in accuracy (also
-    split by the problems with / without a check), tokens and time; per-problem intervals from the grades."""
-    from fastopd.demo.study import PAIRS, paired_pairs, problem_bootstrap
-
-    with_check = [True, True, False, False]
-    arms = {
-        "release": [_check_row(0, [1, 1, 1, 0], 500, 3000, 1.0), _check_row(1, [1, 0, 1, 1], 520, 3000, 1.2)],
-        "fixed_prefix": [_check_row(1, [0, 0, 1, 1], 510, 3000, 1.1), _check_row(0, [0, 1, 1, 0], 500, 3000, 1.0)],
-        "online": [_check_row(0, [1, 1, 0, 0], 400, 2000, 0.8)],
-        "truncate": [_check_row(0, [1, 0, 0, 0], 450, 2100, 0.9), _check_row(1, [1, 0, 0, 0], 450, 2100, 0.9)],
-    }
-    p = paired_pairs(arms, with_check=with_check, n_boot=2000)
-    assert set(p) == {"release - fixed_prefix", "online - truncate"}  # pairs with a missing arm are left out
-    rf = p["release - fixed_prefix"]
-    assert rf["accuracy"]["seeds"]["mean"] == pytest.approx((0.25 + 0.25) / 2) and rf["accuracy"]["seeds"]["n"] == 2
-    assert rf["accuracy_check"]["seeds"]["mean"] == pytest.approx((0.5 + 0.5) / 2)
-    assert rf["accuracy_nocheck"]["seeds"]["mean"] == pytest.approx(0.0)
-    assert rf["tokens_supervised"]["seeds"]["mean"] == pytest.approx(5.0)
-    assert rf["time_per_step"]["seeds"]["mean"] == pytest.approx(0.05)
-    # per problem: differences averaged over the two seeds = [1, 0, 0, 0]
-    q = rf["accuracy"]["problems"]
-    assert q["mean"] == pytest.approx(0.25) and q["n"] == 4 and q["lo"] <= 0.25 <= q["hi"] and q["hi"] > q["lo"]
-    assert rf["accuracy_check"]["problems"]["mean"] == pytest.approx(0.5) and rf["accuracy_check"]["problems"]["n"] == 2
-    ot = p["online - truncate"]  # only seed 0 is in both
-    assert ot["accuracy"]["seeds"]["n"] == 1 and ot["tokens_generated"]["seeds"]["mean"] == pytest.approx(-100)
-    assert ("online", "truncate") in PAIRS
-    same = problem_bootstrap([[1, 0, 1]], [[1, 0, 1]], n_boot=100)
-    assert same == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "n": 3}
-    with pytest.raises(ValueError, match="correct_a"):
-        problem_bootstrap([[1, 0]], [[1, 0, 1]])
-
-
-def test_format_study_of_the_check_task_shows_the_split_pairs_and_decisions():
-    from fastopd.demo.study import CHECK_METRICS, paired_pairs
-
-    arms = {"release": [_check_row(0, [1, 1, 1, 0], 500, 3000, 1.0)],
-            "full": [_check_row(0, [1, 0, 1, 0], 1000, 3000, 1.3)]}
-    summary = aggregate(arms, metrics=CHECK_METRICS, n_boot=100)
-    summary["pairs"] = paired_pairs(arms, with_check=[True, True, False, False], n_boot=100)
-    study = {"arms": arms, "student_before": {"accuracy": 0.3}, "setting": {"task": "check", "seeds": [0]}}
-    md = format_study(study, summary)
-    assert "accuracy, problems with a check" in md and "| release - full |" in md
-    assert "+25.0 pts [+25.0, +25.0]" in md  # accuracy 0.75 - 0.50, one seed
-    assert "| release | 4 | 75.0% | 0.0% | 25.0% |" in md  # decisions: on time 3, early 0, late 1 of 4
