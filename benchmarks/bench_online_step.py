@@ -177,8 +177,8 @@ def chunk_section(base, args, out: Path) -> tuple[str, dict]:
             for c in sizes}
     rec = interleave(build(cfgs), args.warmup + args.chunk_steps)
     res = {}
-    lines = ["| online_chunk_size | step s | sampling s | teacher s | rule s | decode s | tokens generated | "
-             "kept tokens | overshoot |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| online_chunk_size | step s | sampling s | teacher s | rule s | decode s | tokens generated | "
+              "kept tokens | overshoot |"), "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in sizes:
         rows = rec[f"c{c}"][args.warmup:]
         r = {k: med(rows, k) for k in PHASES + COUNTS}
@@ -229,9 +229,9 @@ def main(argv=None) -> int:
         del calib
         rec = interleave(build(arm_configs(base, args, out, truncate_len)), args.warmup + args.steps)
         table, res = step_table(rec, args.warmup)
-        sections = [f"## Training step, demo long task ({base.prompts_per_step} x {base.num_samples} rollouts, "
-                    f"max_new_tokens {base.max_new_tokens}, online_chunk_size {args.chunk_size}, truncate length "
-                    f"{truncate_len}; median of {args.steps} interleaved steps after {args.warmup} warm-up)", "",
+        sections = [(f"## Training step, demo long task ({base.prompts_per_step} x {base.num_samples} rollouts, "
+                     f"max_new_tokens {base.max_new_tokens}, online_chunk_size {args.chunk_size}, truncate length "
+                     f"{truncate_len}; median of {args.steps} interleaved steps after {args.warmup} warm-up)"), "",
                     table]
         result = {"steps": rec, "summary": res, "truncate_len": truncate_len, "chunk_size": args.chunk_size}
         if args.decode_reps:

@@ -54,7 +54,10 @@ def worker(args) -> None:
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from fastopd.demo.task import demo_asset_paths, read_jsonl
-    from fastopd.integrations.trl import ReleaseDistillationConfig, ReleaseDistillationTrainer
+    from fastopd.integrations.trl import (
+        ReleaseDistillationConfig,
+        ReleaseDistillationTrainer,
+    )
 
     paths = demo_asset_paths()
     tok = AutoTokenizer.from_pretrained(paths.tokenizer, padding_side="left")
@@ -163,12 +166,13 @@ def main(argv=None) -> int:
                                               for a, b in zip(kept[m], kept["trl"])) for k in keys}
             ratios[m]["same_rollouts"] = same
     load1 = os.getloadavg()
-    lines = [f"Each trainer in its own process, steps interleaved; {args.rounds} round(s) x {args.steps} steps "
-             f"(medians after {args.warmup} warm-up step(s) per worker), batch {args.batch} x up to {args.completion} "
-             f"tokens, threads {'torch default' if not args.threads else args.threads}; load average before/after "
-             f"{load0[0]:.1f} / {load1[0]:.1f}; {platform.machine()}, {os.cpu_count()} CPUs", "",
-             "| method | forward (s) | backward (s) | loss call = forward + backward (s) | TRL step_time (s) | "
-             "ratio to trl: forward / backward / loss call / step_time |", "|---|---:|---:|---:|---:|---|"]
+    lines = [(f"Each trainer in its own process, steps interleaved; {args.rounds} round(s) x {args.steps} steps "
+              f"(medians after {args.warmup} warm-up step(s) per worker), batch {args.batch} x up to "
+              f"{args.completion} tokens, threads {'torch default' if not args.threads else args.threads}; load "
+              f"average before/after {load0[0]:.1f} / {load1[0]:.1f}; {platform.machine()}, {os.cpu_count()} CPUs"),
+             "",
+             ("| method | forward (s) | backward (s) | loss call = forward + backward (s) | TRL step_time (s) | "
+              "ratio to trl: forward / backward / loss call / step_time |"), "|---|---:|---:|---:|---:|---|"]
     for m in methods:
         s = summary[m]
         rr = ratios.get(m)

@@ -11,10 +11,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastopd.segment import final_span_count, segments_so_far, sentence_break_ids, sentence_spans, token_segments
-
 # the tokenizer fixtures of the offline tests (byte-level BPE, two SentencePiece styles)
 from test_segment import FRAGMENTS, any_tok, byte_bpe, sp_llama, sp_metaspace  # noqa: F401, F811
+
+from fastopd.segment import (
+    final_span_count,
+    segments_so_far,
+    sentence_break_ids,
+    sentence_spans,
+    token_segments,
+)
 
 # pieces that exercise Punkt's context rules: abbreviations and initials, the word after a period (its case,
 # whether it is complete), punctuation right after a period, closing quotes and brackets moved back by the
