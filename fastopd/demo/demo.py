@@ -297,6 +297,14 @@ def online_saving(online: dict, full: dict) -> str:
             f"accuracy {online['accuracy_after']:.1%} vs {full['accuracy_after']:.1%}.")
 
 
+def _supervised_of_generated(a: dict) -> str:
+    """``"129,749 of 235,650 (55%)"``: tokens supervised of the tokens the sampler generated (for online release
+    also those generated past a stop and cut; the rollouts' own tokens follow in brackets when they differ)."""
+    gen = a.get("tokens_generated") or a["tokens"]
+    kept = f"; {a['tokens']:,} in the rollouts" if a["tokens"] != gen else ""
+    return f"{a['tokens_supervised']:,} of {gen:,} ({a['tokens_supervised'] / max(gen, 1):.0%}{kept})"
+
+
 def _pct(v) -> str:
     return "-" if v is None or v != v else f"{v:.1%}"
 
@@ -309,8 +317,8 @@ def format_table(table: dict) -> str:
     ood_col = f" | OOD accuracy ({ood} task)" if ood else ""
     lines = [
         f"| model | accuracy ({n} held-out {task} problems, greedy) | curve (step: accuracy){ood_col} | "
-        "KL(student, teacher) on rollouts, first -> last steps | accept rate | mean gain | kept fraction | "
-        "tokens supervised | time / step |",
+        "KL(student, teacher) on rollouts, first -> last steps | accept rate | mean gain | kept fraction "
+        "(of the rollouts' tokens) | tokens supervised of tokens generated | time / step |",
         "|---|---|---|" + ("---|" if ood else "") + "---|---|---|---|---|---|",
         f"| teacher | {table['teacher_accuracy']:.1%} | -" + (f" | {_pct(table.get('teacher_ood_accuracy'))}" if ood else "")
         + " | - | - | - | - | - | - |",
@@ -328,10 +336,14 @@ def format_table(table: dict) -> str:
                      + (f" | {_pct(a.get('ood_accuracy_after'))}" if ood else "")
                      + f" | {kl} | {_pct(a['accept_rate'])} | "
                      + ("-" if gain != gain else f"{gain:.1f}") + f" | {_pct(a.get('kept_fraction'))} | "
-                     f"{a['tokens_supervised']:,} of {a['tokens']:,} ({a['supervised_fraction']:.0%}) | "
-                     f"{a['time_per_step']:.2f} s |")
+                     + _supervised_of_generated(a) + f" | {a['time_per_step']:.2f} s |")
     rel = table["arms"]["release"]
     lines += [""]
+    if "online" in table["arms"]:
+        lines += ["Online release's accept rate, mean gain and kept fraction are those of rollouts that already stopped "
+                  "at their release (the scan reads the segments generated up to the stop, so the gain is smaller and "
+                  "most of each rollout is kept); its tokens supervised of tokens generated is the figure to compare "
+                  "with the release arm's.", ""]
     if table.get("student_ood_nll_before") is not None and "ood_nll_after" in rel:
         lines += [f"OOD retention, mean NLL of the {ood} task's reference solutions (nats/token, lower is better): "
                   f"student before {table['student_ood_nll_before']:.4f}, after " + ", ".join(
