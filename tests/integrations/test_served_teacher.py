@@ -186,10 +186,16 @@ def stub_factory():
         s.close()
 
 
+_HELD: list = []  # sockets bound and never listening: a connection to their port is refused for the whole session
+
+
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on: bound here and kept (not listening), so no other process (a vLLM server starting
+    its engine beside the tests) can take it between this call and the connection the test expects refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return s.getsockname()[1]
 
 
 def _one_line(err: BaseException) -> str:
