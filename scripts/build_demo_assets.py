@@ -522,6 +522,26 @@ def _threads(n: int) -> str:
     return f"{n} torch thread" + ("s" if n != 1 else "")
 
 
+def _accuracy_rows(results: dict, fp32_column: str, reloaded_column: str) -> list:
+    """The assets README's accuracy table (teacher and student; the arithmetic task reloaded)."""
+    return [
+        f"| model | {fp32_column} | {reloaded_column} | arithmetic task (reloaded) |",
+        "|---|---|---|---|",
+        f"| teacher | {results.get('teacher_acc_fp32', float('nan')):.1%} | {results['teacher_acc']:.1%} | "
+        f"{results['teacher_arith_acc']:.1%} |",
+        f"| student | {results['student_acc_fp32']:.1%} | {results['student_acc']:.1%} | "
+        f"{results['student_arith_acc']:.1%} |",
+        "",
+    ]
+
+
+def _student_samples(results: dict, title: str) -> list:
+    """The student's sample greedy completions, as a fenced block under ``title`` (none: nothing)."""
+    if not results.get("student_samples"):
+        return []
+    return [title, "", "```", *[s.strip() for s in results["student_samples"]], "```", ""]
+
+
 def write_readme(out: Path, args, results, timings, sizes, eval_problems):
     if getattr(args, "task", "long") == "check":
         return write_check_readme(out, args, results, timings, sizes, eval_problems)
@@ -620,16 +640,9 @@ def write_readme(out: Path, args, results, timings, sizes, eval_problems):
         "",
         f"Greedy decoding, {len(eval_problems)} held-out problems of each task, after reloading the saved files as fp32:",
         "",
-        "| model | long task (fp32 before saving) | long task (reloaded) | arithmetic task (reloaded) |",
-        "|---|---|---|---|",
-        f"| teacher | {results.get('teacher_acc_fp32', float('nan')):.1%} | {results['teacher_acc']:.1%} | "
-        f"{results['teacher_arith_acc']:.1%} |",
-        f"| student | {results['student_acc_fp32']:.1%} | {results['student_acc']:.1%} | {results['student_arith_acc']:.1%} |",
-        "",
+        *_accuracy_rows(results, "long task (fp32 before saving)", "long task (reloaded)"),
     ]
-    if results.get("student_samples"):
-        lines += ["Sample greedy completions of the student (long task):", "", "```",
-                  *[s.strip() for s in results["student_samples"]], "```", ""]
+    lines += _student_samples(results, "Sample greedy completions of the student (long task):")
     lines += [
         "## Size and time",
         "",
@@ -725,17 +738,9 @@ def write_check_readme(out: Path, args, results, timings, sizes, eval_problems):
         f"Greedy decoding, {len(eval_problems)} held-out problems of each task, after reloading the saved files as "
         "fp32:",
         "",
-        "| model | check task (fp32 before saving, first 200) | check task (reloaded) | arithmetic task (reloaded) |",
-        "|---|---|---|---|",
-        f"| teacher | {results.get('teacher_acc_fp32', float('nan')):.1%} | {results['teacher_acc']:.1%} | "
-        f"{results['teacher_arith_acc']:.1%} |",
-        f"| student | {results['student_acc_fp32']:.1%} | {results['student_acc']:.1%} | "
-        f"{results['student_arith_acc']:.1%} |",
-        "",
+        *_accuracy_rows(results, "check task (fp32 before saving, first 200)", "check task (reloaded)"),
     ]
-    if results.get("student_samples"):
-        lines += ["Sample greedy completions of the student:", "", "```",
-                  *[s.strip() for s in results["student_samples"]], "```", ""]
+    lines += _student_samples(results, "Sample greedy completions of the student:")
     lines += [
         "## Size and time",
         "",

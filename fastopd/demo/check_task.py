@@ -43,7 +43,7 @@ import re
 from typing import Dict, List, Optional
 
 from fastopd.demo.long_task import (CHECK_SUBJECTS, CHECK_VERBS, CHECK_VERDICTS, CLOSE_WORDS, MAX_TERM, MAX_TOTAL,
-                                    OPENING, slip_derivation)
+                                    OPENING, grade_derivation, slip_derivation)
 from fastopd.demo.task import draw_problems, format_prompt, split_of  # noqa: F401  (re-exported for the demo)
 
 __all__ = [
@@ -215,21 +215,8 @@ def check_solution(problem_text: str, solution: str) -> Dict[str, object]:
     each naming a step in ``1..n-1``; every sentence has one of the task's forms.
     """
     terms, n_checks = parse_problem(problem_text)
-    sentences = [s for s in re.split(r"(?<=\.)\s+", solution.strip()) if s]
-    errors: List[str] = []
+    sentences, errors, ok_derivation = grade_derivation(terms, solution)
     total = sum(terms)
-    if not sentences or sentences[0] != OPENING:
-        errors.append("missing opening sentence")
-    derivation = sentences[1:len(terms)]
-    running = terms[0]
-    ok_derivation = len(derivation) == len(terms) - 1
-    for i, s in enumerate(derivation):
-        m = re.match(r"^(\d+) plus (\d+) is (\d+)\.$", s)
-        if not m or (int(m.group(1)), int(m.group(2)), int(m.group(3))) != (running, terms[i + 1],
-                                                                          running + terms[i + 1]):
-            ok_derivation = False
-            errors.append(f"derivation sentence {i + 1} wrong: {s!r}")
-        running += terms[i + 1]
     from fastopd.train.verify import extract_boxed
 
     boxed = extract_boxed(solution)

@@ -208,6 +208,25 @@ _OPEN = re.compile("^" + " ".join(_alt(w) for w in OPEN_WORDS) + r" step\.$")
 _CLOSE = re.compile("^" + " ".join(_alt(w) for w in CLOSE_WORDS) + r"\.$")
 
 
+def grade_derivation(terms: List[int], solution: str):
+    """The part both long tasks grade alike: the solution's sentences, the errors of its opening and its running
+    sums ``a plus b is c``, and whether the derivation is exactly right. Returns (sentences, errors, ok)."""
+    sentences = [s for s in re.split(r"(?<=\.)\s+", solution.strip()) if s]
+    errors: List[str] = []
+    if not sentences or sentences[0] != OPENING:
+        errors.append("missing opening sentence")
+    derivation = sentences[1:len(terms)]
+    running = terms[0]
+    ok = len(derivation) == len(terms) - 1
+    for i, s in enumerate(derivation):
+        m = re.match(r"^(\d+) plus (\d+) is (\d+)\.$", s)
+        if not m or (int(m.group(1)), int(m.group(2)), int(m.group(3))) != (running, terms[i + 1], running + terms[i + 1]):
+            ok = False
+            errors.append(f"derivation sentence {i + 1} wrong: {s!r}")
+        running += terms[i + 1]
+    return sentences, errors, ok
+
+
 def check_solution(problem_text: str, solution: str) -> Dict[str, object]:
     """Grade a whole solution against its problem, independently of the generator.
 
@@ -216,20 +235,8 @@ def check_solution(problem_text: str, solution: str) -> Dict[str, object]:
     every step 1..n-1 exactly once; every sentence has one of the task's forms. ``errors`` lists what failed.
     """
     terms = parse_terms(problem_text)
-    sentences = [s for s in re.split(r"(?<=\.)\s+", solution.strip()) if s]
-    errors: List[str] = []
+    sentences, errors, ok_derivation = grade_derivation(terms, solution)
     total = sum(terms)
-    if not sentences or sentences[0] != OPENING:
-        errors.append("missing opening sentence")
-    derivation = sentences[1:len(terms)]
-    running = terms[0]
-    ok_derivation = len(derivation) == len(terms) - 1
-    for i, s in enumerate(derivation):
-        m = re.match(r"^(\d+) plus (\d+) is (\d+)\.$", s)
-        if not m or (int(m.group(1)), int(m.group(2)), int(m.group(3))) != (running, terms[i + 1], running + terms[i + 1]):
-            ok_derivation = False
-            errors.append(f"derivation sentence {i + 1} wrong: {s!r}")
-        running += terms[i + 1]
     from fastopd.train.verify import extract_boxed
 
     boxed = extract_boxed(solution)
