@@ -189,6 +189,13 @@ def stub_factory():
 _HELD: list = []  # sockets bound and never listening: a connection to their port is refused for the whole session
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _close_held_ports():
+    yield
+    while _HELD:
+        _HELD.pop().close()
+
+
 def _closed_port() -> int:
     """A port nothing listens on: bound here and kept (not listening), so no other process (a vLLM server starting
     its engine beside the tests) can take it between this call and the connection the test expects refused."""
