@@ -542,17 +542,21 @@ def _student_samples(results: dict, title: str) -> list:
     return [title, "", "```", *[s.strip() for s in results["student_samples"]], "```", ""]
 
 
+def _model_line(out: Path, name: str, results: dict) -> str:
+    """One model's architecture line of an assets README, read from its saved config."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(out / name)
+    return (f"`Qwen3ForCausalLM`: hidden {c.hidden_size}, layers {c.num_hidden_layers}, heads "
+            f"{c.num_attention_heads}, kv heads {c.num_key_value_heads}, head_dim {c.head_dim}, "
+            f"intermediate {c.intermediate_size}, vocab {c.vocab_size}, tied embeddings, "
+            f"{results.get(name + '_params', 0):,} parameters")
+
+
 def write_readme(out: Path, args, results, timings, sizes, eval_problems):
     if getattr(args, "task", "long") == "check":
         return write_check_readme(out, args, results, timings, sizes, eval_problems)
-    from transformers import AutoConfig
-
-    def cfg_line(name):
-        c = AutoConfig.from_pretrained(out / name)
-        return (f"`Qwen3ForCausalLM`: hidden {c.hidden_size}, layers {c.num_hidden_layers}, heads "
-                f"{c.num_attention_heads}, kv heads {c.num_key_value_heads}, head_dim {c.head_dim}, "
-                f"intermediate {c.intermediate_size}, vocab {c.vocab_size}, tied embeddings, "
-                f"{results.get(name + '_params', 0):,} parameters")
+    cfg_line = lambda name: _model_line(out, name, results)  # noqa: E731
 
     def curve(key):
         pts = results.get(key)
@@ -671,14 +675,7 @@ def write_readme(out: Path, args, results, timings, sizes, eval_problems):
 
 def write_check_readme(out: Path, args, results, timings, sizes, eval_problems):
     """README.md of a ``--task check`` build (fastopd/assets/demo_check)."""
-    from transformers import AutoConfig
-
-    def cfg_line(name):
-        c = AutoConfig.from_pretrained(out / name)
-        return (f"`Qwen3ForCausalLM`: hidden {c.hidden_size}, layers {c.num_hidden_layers}, heads "
-                f"{c.num_attention_heads}, kv heads {c.num_key_value_heads}, head_dim {c.head_dim}, "
-                f"intermediate {c.intermediate_size}, vocab {c.vocab_size}, tied embeddings, "
-                f"{results.get(name + '_params', 0):,} parameters")
+    cfg_line = lambda name: _model_line(out, name, results)  # noqa: E731
 
     def curve(key):
         return ", ".join(f"{s}: {a:.0%} / {o:.0%}" for s, a, o in results.get(key) or []) or "-"
