@@ -87,12 +87,7 @@ class OnlineReleaseStopping(StoppingCriteria):
         self.rows = [OnlineRollout(min_segments=min_segments, min_gain=min_gain, confirm_segments=confirm_segments)
                      for _ in range(attention_mask.shape[0])]
         self.eos_ids = eos_ids
-        if stats is None:
-            from fastopd import StatsOptions
-
-            stats = StatsOptions()
-        self.scorer = ChunkScorer(teacher, torch.tensor(eos_ids, device=attention_mask.device), k=stats.k,
-                                  temperature=stats.temperature, vocab_size=stats.vocab_size, backend=stats.backend)
+        self.scorer = ChunkScorer(teacher, torch.tensor(eos_ids, device=attention_mask.device), stats=stats)
         self.prompt_width = None
         self.first_pos = None
         self.scored = 0  # completion tokens scored so far (the same for every row)

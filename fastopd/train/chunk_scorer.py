@@ -14,8 +14,6 @@ import torch
 
 from fastopd.train.models import forward_accepts
 
-IGNORE_INDEX = -100
-
 
 class CachedModel:
     """One model with its KV cache over a (shrinking) batch: prefill, then forwards of new tokens."""
@@ -61,10 +59,12 @@ class ChunkScorer:
     statistics (CUDA-synchronised).
     """
 
-    def __init__(self, teacher, eos: torch.Tensor, *, k: int, temperature: float, vocab_size, backend: str,
-                 keep_hidden: bool = False):
+    def __init__(self, teacher, eos: torch.Tensor, *, stats=None, keep_hidden: bool = False):
+        from fastopd.options import StatsOptions
+
         self.model = CachedModel(teacher)
-        self.eos, self.k, self.temperature, self.vocab_size, self.backend = eos, k, temperature, vocab_size, backend
+        self.eos = eos
+        self.stats = StatsOptions.of(stats)  # the margin's options (k, the loss temperature tau, vocab_size, backend)
         self.keep_hidden = bool(keep_hidden)
         self.last = None  # the teacher's logits that predict the next chunk's first token
         self.last_hidden = None  # ... and its final hidden state (keep_hidden)
@@ -113,8 +113,8 @@ class ChunkScorer:
         # the chunk positions that are tokens of their rollout: up to and including its first EOS
         is_eos = torch.isin(ids, self.eos).long()
         valid = ((is_eos.cumsum(1) - is_eos) == 0) & alive.bool()[:, None]
-        stats = token_stats(student_logits, teacher_rows, ids.masked_fill(~valid, IGNORE_INDEX), k=self.k,
-                            temperature=self.temperature, vocab_size=self.vocab_size, backend=self.backend)
+        stats = token_stats(student_logits, teacher_rows, ids.masked_fill(~valid, self.stats.ignore_index),
+                            options=self.stats)
         res = (ids.cpu().numpy(), valid.cpu().numpy(), stats.margins.float().cpu().numpy(),
                stats.student_logprobs.float().cpu().numpy(), stats.teacher_logprobs.float().cpu().numpy())
         self.seconds += self._sync(device) - t0

@@ -192,13 +192,8 @@ def sample_online(student, teacher, tokenizer, prompts: list[str], *, eos_ids: l
     warpers = sampling_warpers(sampling_temperature, top_k, top_p)
     rows = [OnlineRollout(min_segments=min_segments, min_gain=min_gain, confirm_segments=confirm_segments)
             for _ in range(n)]
-    if stats is None:
-        from fastopd import StatsOptions
-
-        stats = StatsOptions()
     s_model = CachedModel(student)
-    scorer = ChunkScorer(teacher, eos, k=stats.k, temperature=stats.temperature, vocab_size=stats.vocab_size,
-                         backend=stats.backend, keep_hidden=keep_teacher_hidden)
+    scorer = ChunkScorer(teacher, eos, stats=stats, keep_hidden=keep_teacher_hidden)
     active = torch.arange(n, device=device)  # original row of each batch row
     # the attention mask of prompt + every completion position, allocated once (generate concatenates a column
     # per step); the student's forward at step t reads its first p + t + 1 columns
