@@ -216,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="CPU demo: OPD with and without the release rule on the shipped tiny models",
                        description="Runs OPD from the same tiny student and seed with every token supervised (full) "
-                       "and with the release rule (and any baseline arm of the schedule), and prints teacher/student "
+                       "and with the release rule (and the schedule's other arms: on --task check the rule's matched "
+                       "controls, a fixed cut of the same mean kept fraction and, beside online release, a fixed "
+                       "length budget of the same mean length), and prints teacher/student "
                        "accuracy, tokens supervised and time per step; writes table.md, table.json and PNG plots to "
                        "--out. No download.")
     p.add_argument("--quick", action="store_true", help="the short schedule (fewer steps)")

@@ -33,9 +33,49 @@ import torch
 from fastopd.train.config import TrainConfig
 
 ARMS = (("full", "full OPD (every token)"), ("release", "release-rule OPD (prefix only)"),
-        ("online", "online release (rollouts stop at the release)"), ("sft", "SFT on teacher samples (baseline)"))
-"""The demo's arms, in order: the two OPD arms; online release (``mode: online``) and the baseline OPD has to beat
-per rollout, ``sft``, where the schedule asks for them (``SCHEDULES[task][...]["online"|"sft"]``)."""
+        ("fixed_prefix", "fixed cut (same kept fraction on every rollout)"),
+        ("online", "online release (rollouts stop at the release)"),
+        ("truncate", "fixed budget (every rollout stops at online's mean length)"),
+        ("sft", "SFT on teacher samples (baseline)"))
+"""The demo's arms, in table order. ``full`` and ``release`` always run; the others where the schedule lists them
+(``SCHEDULES[task][kind]["arms"]``): the matched controls of the rule (``fixed_prefix``: the rule's mean kept
+fraction cut from every rollout; ``truncate``: a fixed length budget at the online arm's mean generated length),
+online release, and the baseline OPD has to beat per rollout, ``sft``."""
+# Each arm as the trainer's three choices (docs/formulas.md §8): a ``mode`` shorthand, or the fields themselves.
+# ``truncate`` is the student sampling with a length budget and every token counted. The study (fastopd.demo.study)
+# trains the same arms.
+ARM_FIELDS = {arm: {"mode": arm} for arm in ("release", "full", "fixed_prefix", "random", "shuffled", "sft", "online")}
+ARM_FIELDS["truncate"] = {"mode": None, "sampler": "student", "weights": "full"}
+MATCHED = {"fixed_prefix": "release", "truncate": "online"}
+"""A matched control and the arm of the same seed whose result sets it: ``fixed_prefix``'s fraction is the release
+arm's mean kept fraction (on the check task, where the study fixes it once for every seed, the precondition's),
+``truncate``'s budget the online arm's mean generated length (:func:`matched_fields`)."""
+
+
+def matched_fields(arm: str, task: str, pre: dict | None, done: dict[str, dict]) -> dict:
+    """The TrainConfig fields that match control ``arm`` to the rule (:data:`MATCHED`); ``{}`` for other arms.
+
+    ``done`` maps an arm of the same seed to its result (``kept_fraction``, ``generated_per_rollout``), ``pre`` is
+    the precondition's summary (its ``kept_fraction`` sets ``fixed_prefix`` on the check task)."""
+    if arm == "fixed_prefix":
+        frac = pre["kept_fraction"] if task == "check" else done["release"]["kept_fraction"]
+        return {"fraction": float(min(1.0, max(frac, 1e-3)))}
+    if arm == "truncate":
+        return {"max_new_tokens": int(max(1, round(done["online"]["generated_per_rollout"])))}
+    return {}
+
+
+def matched_needs(task: str, pre: dict | None) -> dict[str, str]:
+    """:data:`MATCHED` less what is known before any arm is trained: on the check task ``fixed_prefix`` is set
+    from the precondition (which it then needs)."""
+    needs = dict(MATCHED)
+    if task == "check":
+        if pre is None:
+            raise ValueError("on the check task fixed_prefix is set by the precondition's kept fraction, which was "
+                             "not measured (no precondition)")
+        needs.pop("fixed_prefix")
+    return needs
+
 
 # Schedules per task. The models are tiny, so one torch thread is the fastest setting (thread synchronisation
 # costs more than it saves, and much more on a busy machine). Measured times: docs/training.md.
@@ -50,17 +90,22 @@ SCHEDULES = {
     # teach". The full schedule also trains online release and the sft baseline.
     "long": {
         "full": dict(steps=60, prompts_per_step=8, num_samples=4, eval_size=200, eval_every=20, n_train=2000,
-                     precondition=256, lr=5e-4, loss="forward_kl", lr_scheduler="cosine", sft=True, online=True),
+                     precondition=256, lr=5e-4, loss="forward_kl", lr_scheduler="cosine",
+                     arms=("full", "release", "online", "sft")),
         "quick": dict(steps=30, prompts_per_step=8, num_samples=4, eval_size=100, eval_every=15, n_train=500,
                       precondition=128, lr=5e-4, loss="forward_kl", lr_scheduler="cosine"),
     },
     # check task (fastopd.demo.check_task: the fade's position varies, a quarter of the problems have no check;
-    # models in fastopd/assets/demo_check): the long task's recipe.
+    # models in fastopd/assets/demo_check): the long task's recipe, and the place to see what reading the margins
+    # does, so its demo sets the rule beside its matched controls (a fixed cut of the same mean kept fraction;
+    # online beside a fixed budget of the same mean length) instead of the sft baseline.
     "check": {
         "full": dict(steps=60, prompts_per_step=8, num_samples=4, eval_size=400, eval_every=20, n_train=2000,
-                     precondition=256, lr=5e-4, loss="forward_kl", lr_scheduler="cosine", sft=True, online=True),
+                     precondition=256, lr=5e-4, loss="forward_kl", lr_scheduler="cosine",
+                     arms=("full", "release", "fixed_prefix", "online", "truncate")),
         "quick": dict(steps=30, prompts_per_step=8, num_samples=4, eval_size=100, eval_every=15, n_train=500,
-                      precondition=128, lr=5e-4, loss="forward_kl", lr_scheduler="cosine"),
+                      precondition=128, lr=5e-4, loss="forward_kl", lr_scheduler="cosine",
+                      arms=("full", "release", "fixed_prefix")),
     },
 }
 # Per task: the shipped prompt files (fastopd/assets/<assets>/data), the longest completion, the OOD task, the
@@ -279,6 +324,8 @@ def arm_summary(summary: dict, run: dict, run_dir: Path) -> dict:
         "kl_window": window,
         "tokens_generated": int(sum(as_float(r.get("tokens_generated")) for r in metrics if "tokens_generated" in r)),
         "teacher_tokens": int(sum(as_float(r.get("teacher_tokens")) for r in metrics if "teacher_tokens" in r)),
+        "generated_per_rollout": (sum(as_float(r.get("tokens_generated")) for r in metrics if "tokens_generated" in r)
+                                  / max(sum(r.get("rollouts", 0) for r in metrics), 1)),
         "sample_accuracy_first": mean(metrics[:window], "sample_accuracy"),
         "sample_accuracy_last": mean(metrics[-window:], "sample_accuracy"),
         "run_dir": str(run_dir),
@@ -295,6 +342,28 @@ def online_saving(online: dict, full: dict) -> str:
             f"{ratio('tokens_generated')} ({online.get('tokens_generated', 0):,} vs {full.get('tokens_generated', 0):,}), "
             f"teacher tokens scored {ratio('teacher_tokens')}, tokens supervised {ratio('tokens_supervised')}; "
             f"accuracy {online['accuracy_after']:.1%} vs {full['accuracy_after']:.1%}.")
+
+
+def matched_lines(table: dict) -> list[str]:
+    """What each matched control was set to and how the rule's arm compares with it (same seed): the table's
+    answer to "why read the margins rather than cut at a fixed place?" (one seed: the study gives the intervals)."""
+    arms, out = table["arms"], []
+    for arm, control in (("release", "fixed_prefix"), ("online", "truncate")):
+        if arm not in arms or control not in arms:
+            continue
+        a, c = arms[arm], arms[control]
+        how = (f"the first {c['fraction']:.0%} of every rollout's tokens (the rule's mean kept fraction"
+               + (", measured in the precondition)" if table.get("task") == "check" else " in the release arm)")
+               if control == "fixed_prefix" else
+               f"every rollout stopped at {c['max_new_tokens']} tokens (the online arm's mean generated length, "
+               f"{a['generated_per_rollout']:.1f})")
+        ratio = a["time_per_step"] / c["time_per_step"] if c["time_per_step"] else float("nan")
+        out += [f"{arm} against its matched control, {control} ({how}): accuracy {a['accuracy_after']:.1%} vs "
+                f"{c['accuracy_after']:.1%} ({100 * (a['accuracy_after'] - c['accuracy_after']):+.1f} points), tokens "
+                f"supervised {a['tokens_supervised']:,} vs {c['tokens_supervised']:,}, tokens generated "
+                f"{a.get('tokens_generated') or a['tokens']:,} vs {c.get('tokens_generated') or c['tokens']:,}, time per "
+                f"step {a['time_per_step']:.2f} s vs {c['time_per_step']:.2f} s ({ratio:.2f}x).", ""]
+    return out
 
 
 def _supervised_of_generated(a: dict) -> str:
@@ -351,6 +420,7 @@ def format_table(table: dict) -> str:
                   + ".", ""]
     if "online" in table["arms"] and "full" in table["arms"]:
         lines += [online_saving(table["arms"]["online"], table["arms"]["full"]), ""]
+    lines += matched_lines(table)
     if table.get("precondition"):
         from fastopd.demo.precondition import format_precondition
 
@@ -497,21 +567,29 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
 
     arms = {}
     start = (0, base["student"]["accuracy"])
-    todo = [(arm, label) for arm, label in ARMS if arm in ("full", "release") or sched.get(arm, False)]
-    jobs = max(1, min(jobs or default_jobs(), len(todo)))
+    wanted = sched.get("arms", ("full", "release"))
+    todo = [(arm, label) for arm, label in ARMS if arm in ("full", "release") or arm in wanted]
+    # a matched control is set from another arm's result (matched_needs): such arms are trained second
+    needs = matched_needs(task, pre)
+    phases = [[t for t in todo if t[0] not in needs], [t for t in todo if t[0] in needs]]
+    jobs = max(1, min(jobs or default_jobs(), max(len(p) for p in phases)))
     if jobs > 1:
         print(f"--- {len(todo)} arms ({', '.join(a for a, _ in todo)}), {jobs} at a time (one process each)",
               flush=True)
-    summaries = train_arms([dataclasses.replace(cfg, mode=arm, output_dir=str(out_dir / arm),
-                                                progress=progress and jobs == 1) for arm, _ in todo],
-                           jobs=jobs, labels=[label for _, label in todo])
-    for (arm, label), summary in zip(todo, summaries):
-        run = load_run(out_dir / arm)
-        arms[arm] = arm_summary(summary, run, out_dir / arm)
-        arms[arm]["eval_curve"] = [start] + arms[arm]["eval_curve"]
-        if Path(sched["ood_eval"]).is_file():
-            ood = ood_metrics(out_dir / arm / "final", cfg, sched)
-            arms[arm]["ood_accuracy_after"], arms[arm]["ood_nll_after"] = ood["accuracy"], ood["nll"]
+    for phase in phases:
+        if not phase:
+            continue
+        matched = {arm: matched_fields(arm, task, pre, arms) for arm, _ in phase}
+        cfgs = [dataclasses.replace(cfg, **ARM_FIELDS[arm], **matched[arm], output_dir=str(out_dir / arm),
+                                    progress=progress and jobs == 1) for arm, _ in phase]
+        summaries = train_arms(cfgs, jobs=jobs, labels=[label for _, label in phase])
+        for (arm, label), summary in zip(phase, summaries):
+            run = load_run(out_dir / arm)
+            arms[arm] = arm_summary(summary, run, out_dir / arm) | matched[arm]
+            arms[arm]["eval_curve"] = [start] + arms[arm]["eval_curve"]
+            if Path(sched["ood_eval"]).is_file():
+                ood = ood_metrics(out_dir / arm / "final", cfg, sched)
+                arms[arm]["ood_accuracy_after"], arms[arm]["ood_nll_after"] = ood["accuracy"], ood["nll"]
     table = {
         "task": task, "ood_task": sched["ood_task"],
         "teacher_ood_accuracy": ood_of("teacher"), "student_ood_accuracy_before": ood_of("student"),

@@ -43,11 +43,8 @@ from pathlib import Path
 import numpy as np
 
 ARMS = ("release", "full", "fixed_prefix", "random", "shuffled", "sft", "online", "truncate")
-# Each arm as the trainer's three choices (docs/formulas.md §8): a ``mode`` shorthand, or the fields themselves.
-# ``truncate`` is the student sampling with a length budget (max_new_tokens: the online arm's mean generated
-# length of the same seed, set in run_study) and every token counted.
-ARM_FIELDS = {arm: {"mode": arm} for arm in ARMS if arm != "truncate"}
-ARM_FIELDS["truncate"] = {"mode": None, "sampler": "student", "weights": "full"}
+# Each arm as the trainer's three choices, and the matched controls' settings: fastopd.demo.demo (ARM_FIELDS,
+# MATCHED, matched_fields), shared with the demo.
 ROW_KEYS = ("seed", "accuracy", "ood_accuracy", "tokens", "tokens_supervised", "accept_rate", "gain_mean",
             "time_per_step", "ood_nll", "curve", "tokens_generated", "teacher_tokens", "generated_per_rollout",
             "max_new_tokens")
@@ -541,7 +538,8 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
 
     import torch
 
-    from fastopd.demo.demo import DEFAULT_THREADS, baseline_accuracy, demo_config, in_processes, run_precondition
+    from fastopd.demo.demo import (ARM_FIELDS, DEFAULT_THREADS, baseline_accuracy, demo_config, in_processes,
+                                   matched_fields, matched_needs, run_precondition)
 
     from fastopd.demo.demo import TASKS
 
@@ -604,14 +602,7 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
 
     results: dict[str, list[dict]] = {m: [] for m in arms}
     run_dirs: dict[str, list[Path]] = {m: [] for m in arms}
-    # runs that set their schedule from another arm of the same seed come second: fixed_prefix (the release
-    # arm's kept fraction)
-    needs = {"fixed_prefix": "release", "truncate": "online"}
-    if task == "check":  # issue 24: fixed_prefix at the rule's kept fraction measured in the precondition
-        if pre is None:
-            raise ValueError("the check task's study needs the precondition (its kept fraction sets fixed_prefix); "
-                             "got precondition=False")
-        needs.pop("fixed_prefix")
+    needs = matched_needs(task, pre)  # runs that set their schedule from another arm of the same seed come second
     first = [m for m in arms if m not in needs]
     second = [m for m in arms if m in needs]
     all_jobs = [(seed, mode) for seed in seed_list for mode in first + second]
@@ -623,16 +614,8 @@ def run_study(out_dir: str | Path = "fastopd-study", *, seeds: int | list[int] =
     rows: dict[tuple, dict] = {}
 
     def job_cfg(seed, mode):
-        run_cfg = dataclasses.replace(cfg, **ARM_FIELDS[mode], seed=seed)
-        if mode == "fixed_prefix" and task == "check":
-            run_cfg = dataclasses.replace(run_cfg, fraction=float(min(1.0, max(pre["kept_fraction"], 1e-3))))
-        elif mode == "fixed_prefix":
-            rel = rows[(seed, "release")]
-            run_cfg = dataclasses.replace(run_cfg, fraction=float(min(1.0, max(rel["kept_fraction"], 1e-3))))
-        if mode == "truncate":  # the length budget: the online arm's mean generated length
-            length = max(1, round(rows[(seed, "online")]["generated_per_rollout"]))
-            run_cfg = dataclasses.replace(run_cfg, max_new_tokens=int(length))
-        return run_cfg
+        done = {m: rows[(seed, m)] for m in arms if (seed, m) in rows}
+        return dataclasses.replace(cfg, **ARM_FIELDS[mode], **matched_fields(mode, task, pre, done), seed=seed)
 
     trained = 0
     for phase in (first, second):

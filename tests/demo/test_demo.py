@@ -131,3 +131,56 @@ def test_in_processes_returns_results_in_order_one_at_a_time_and_at_once():
     done = []
     par = in_processes(divmod, items, jobs=2, threads=1, after=lambda i, r: done.append((i, r)))
     assert par == seq and done == list(enumerate(seq))
+
+
+def test_matched_fields_set_each_control_from_the_arm_it_matches():
+    from fastopd.demo.demo import MATCHED, matched_fields, matched_needs
+
+    done = {"release": {"kept_fraction": 0.437}, "online": {"generated_per_rollout": 61.6}}
+    # long task: the release arm's kept fraction; check task: the precondition's (one value for every seed)
+    assert matched_fields("fixed_prefix", "long", None, done) == {"fraction": 0.437}
+    assert matched_fields("fixed_prefix", "check", {"kept_fraction": 0.52}, {}) == {"fraction": 0.52}
+    assert matched_fields("fixed_prefix", "long", None, {"release": {"kept_fraction": 0.0}}) == {"fraction": 1e-3}
+    assert matched_fields("truncate", "check", None, done) == {"max_new_tokens": 62}
+    assert matched_fields("truncate", "long", None, {"online": {"generated_per_rollout": 0.2}}) == {"max_new_tokens": 1}
+    for arm in ("full", "release", "online", "sft", "random", "shuffled"):
+        assert matched_fields(arm, "check", None, {}) == {}
+    assert matched_needs("long", None) == MATCHED == {"fixed_prefix": "release", "truncate": "online"}
+    assert matched_needs("check", {"kept_fraction": 0.5}) == {"truncate": "online"}
+    with pytest.raises(ValueError, match="precondition"):
+        matched_needs("check", None)
+
+
+def _check_assets_built() -> bool:
+    from fastopd.demo.task import demo_asset_paths
+
+    paths = demo_asset_paths("demo_check")
+    return all(Path(paths[k]).exists() for k in ("teacher", "student", "tokenizer"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _check_assets_built(), reason="check-task assets not built")
+def test_check_demo_sets_the_matched_controls_from_the_precondition_and_online(tmp_path, monkeypatch):
+    """The check demo's arms, on a tiny schedule, in one process: fixed_prefix at the precondition's kept
+    fraction, truncate at the online arm's mean generated length (trained after it), both in the table."""
+    from fastopd.demo import demo
+
+    tiny = dict(demo.SCHEDULES["check"]["quick"], steps=2, eval_size=20, eval_every=0, precondition=16,
+                arms=("full", "release", "fixed_prefix", "online", "truncate"))
+    monkeypatch.setitem(demo.SCHEDULES, "check", {"full": tiny, "quick": tiny})
+    table = demo.run_demo(tmp_path / "demo", quick=True, task="check", progress=False, jobs=1)
+    arms, pre = table["arms"], table["precondition"]
+    assert list(arms) == ["full", "release", "fixed_prefix", "online", "truncate"]  # truncate after online
+    assert arms["fixed_prefix"]["fraction"] == pytest.approx(min(1.0, max(pre["kept_fraction"], 1e-3)))
+    budget = arms["truncate"]["max_new_tokens"]
+    assert budget == max(1, round(arms["online"]["generated_per_rollout"]))
+    lengths = [json.loads(line)["length"] for line in (tmp_path / "demo" / "truncate" / "rollouts.jsonl")
+               .read_text().splitlines()]
+    assert lengths and max(lengths) <= budget  # the fixed budget is what the truncate arm sampled with
+    assert arms["truncate"]["tokens_supervised"] == arms["truncate"]["tokens"]  # every token counted
+    fp = arms["fixed_prefix"]
+    assert fp["tokens_supervised"] < fp["tokens"] or fp["fraction"] == 1.0  # the cut acts
+    md = (tmp_path / "demo" / "table.md").read_text()
+    assert "| student after fixed cut" in md and "| student after fixed budget" in md
+    assert "release against its matched control, fixed_prefix (the first" in md
+    assert f"online against its matched control, truncate (every rollout stopped at {budget} tokens" in md
