@@ -177,7 +177,7 @@ class OnlineRollout:
     """
 
     __slots__ = ("tokens", "margins", "s", "u", "rule", "pushed", "seg", "done", "kept", "stopped", "scored",
-                 "open_break", "checked", "pushed_tokens", "segmentations")
+                 "open_break", "checked", "pushed_tokens", "segmentations", "final_spans")
 
     def __init__(self, *, min_segments: int = 2, min_gain: float = 10.0, confirm_segments: int = 2) -> None:
         self.tokens: list[int] = []
@@ -195,6 +195,7 @@ class OnlineRollout:
         self.open_break = False  # the last segmentation's SegmentsSoFar.open_break
         self.checked = 0  # tokens known: segmented, or looked up in the break table since
         self.segmentations = 0  # calls of segments_so_far (the rule's cost)
+        self.final_spans = ()  # the character spans final at the last segmentation (Punkt reads only what follows)
 
     def add(self, ids, margins, student_logprobs, teacher_logprobs, *, scored: int) -> None:
         """Append a chunk's tokens of this rollout (1-D sequences of equal length) and count ``scored``
@@ -226,15 +227,18 @@ class OnlineRollout:
 
         Costs what changed: while the rollout is incomplete, its text is segmented again only when the tokens
         added since the last segmentation can finalise a segment (:meth:`_unchanged`; otherwise the final
-        segments are provably the same, so the decisions are those of segmenting every time, bit for bit);
+        segments are provably the same, so the decisions are those of segmenting every time, bit for bit), and
+        then Punkt reads only the text after the final spans (:func:`fastopd.segment.resume_spans`);
         each finalised segment's mean is computed once, from its own tokens (the same sums as over the whole
         prefix: :func:`fastopd.segment_means`' bincount adds each segment's tokens in order); the rule scans only
         when a segment was pushed.
         """
         if not complete and self._unchanged(tokenizer):
             return self.done
-        so_far = segments_so_far(tokenizer, np.asarray(self.tokens, dtype=np.int64), complete=complete)
+        so_far = segments_so_far(tokenizer, np.asarray(self.tokens, dtype=np.int64), complete=complete,
+                                 final_spans=self.final_spans)
         self.segmentations += 1
+        self.final_spans = so_far.final_spans
         self.seg = so_far.segment_ids
         self.open_break = so_far.open_break
         self.checked = len(self.tokens)

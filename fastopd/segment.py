@@ -51,6 +51,7 @@ __all__ = [
     "final_span_count",
     "segments_so_far",
     "sentence_break_ids",
+    "resume_spans",
     "sentence_spans",
     "token_segments",
 ]
@@ -230,6 +231,7 @@ _REPLACEMENT = "\ufffd"
 _SPACE = re.compile(r"\s")  # whitespace as Punkt's regular expressions see it (= str.isspace)
 _SOLID = re.compile(r"\S")
 _ASCII_SPACE = re.compile(r"[ \t\n\r\x0b\x0c]")  # string.whitespace: Punkt's word boundary for overlapping matches
+_ASCII_WHITESPACE = frozenset(" \t\n\r\x0b\x0c")
 
 
 def final_span_count(text: str, spans: list[tuple[int, int]] | None = None, stable: int | None = None) -> int:
@@ -289,15 +291,47 @@ class SegmentsSoFar(NamedTuple):
             these ids could still finalise a segment: the text from the first non-final span's start holds
             '.', '?', '!' or a newline, or its tail may still change (``stable`` < its length). When False, no
             continuation made of such tokens changes ``final_segments`` or ``final_tokens``.
+        final_spans: the character spans of the text's final spans (:func:`final_span_count`), to pass as
+            ``final_spans=`` to the next call on a longer prefix, which then runs Punkt only on the text after
+            them (:func:`resume_spans`).
     """
 
     segment_ids: np.ndarray
     final_tokens: int
     final_segments: int
     open_break: bool = True
+    final_spans: tuple = ()
 
 
-def segments_so_far(tokenizer, token_ids, *, complete: bool = False) -> SegmentsSoFar:
+def resume_spans(text: str, final_spans=()) -> list[tuple[int, int]]:
+    """``sentence_spans(text)``, given its leading spans ``final_spans`` already known to be final (the
+    ``final_spans`` of :func:`segments_so_far`, or the first :func:`final_span_count` spans of a shorter prefix of
+    ``text``): Punkt runs only on the text from the first non-whitespace character after them, so that a growing
+    completion costs what it added rather than its whole length again.
+
+    Why the rest is the same: every Punkt decision after that character reads a context that starts there or
+    later (the word before a candidate starts after an ASCII whitespace character, Punkt's word boundary; the
+    candidates before it are final breaks), and the later slices' realignment reads only their own text. The whole
+    text is read instead when those conditions may fail: no ASCII whitespace right before that character (e.g.
+    "!!!" split after its first "!"), or a closing quote or bracket there, which Punkt's realignment would move
+    back to the previous sentence (tested against ``sentence_spans`` on every prefix of random and adversarial
+    texts).
+    """
+    if not final_spans:
+        return sentence_spans(text)
+    m = _SOLID.search(text, final_spans[-1][1])
+    if m is None:
+        return list(final_spans)
+    a = m.start()
+    # read the whole text when the rest follows the final spans without ASCII whitespace (Punkt's word boundary:
+    # the word before a candidate could reach back into them) or starts with a closing quote or bracket (which
+    # Punkt's realignment may move back)
+    if a == final_spans[-1][1] or text[a - 1] not in _ASCII_WHITESPACE or text[a] in _break_chars()[2]:
+        return sentence_spans(text)
+    return list(final_spans) + [(s + a, e + a) for s, e in sentence_spans(text[a:])]
+
+
+def segments_so_far(tokenizer, token_ids, *, complete: bool = False, final_spans=()) -> SegmentsSoFar:
     """Segment ids of a growing completion and which of them are final (docs/formulas.md §8).
 
     The ids so far are decoded and segmented exactly as :func:`token_segments` does (§2); the first
@@ -310,15 +344,18 @@ def segments_so_far(tokenizer, token_ids, *, complete: bool = False) -> Segments
     to a tail that may still change (:func:`fastopd.token_chars.stable_length`: an incomplete character, or
     a SentencePiece byte-fallback run): true of the byte-level BPE and SentencePiece families of
     :mod:`fastopd.token_chars` (the generic family decodes through the tokenizer and is not checked).
+
+    ``final_spans``: the previous call's ``final_spans`` on a shorter prefix of the same ids; Punkt then reads only
+    the text after them (:func:`resume_spans`; the result is the same).
     """
     text, anchors = decode_with_anchors(tokenizer, token_ids)
     if anchors.size == 0:
         return SegmentsSoFar(np.zeros(0, dtype=np.int64), 0, 0, False)
-    spans = sentence_spans(text)
+    spans = resume_spans(text, final_spans)
     raw = _span_of_tokens(spans, anchors)
     dense = _dense_ids(raw)
     if complete:
-        return SegmentsSoFar(dense, int(dense.size), int(dense[-1]) + 1, False)
+        return SegmentsSoFar(dense, int(dense.size), int(dense[-1]) + 1, False, tuple(spans))
     stable = stable_length(tokenizer, token_ids, text, anchors)
     final = final_span_count(text, spans, stable)
     final_tokens = int(np.searchsorted(raw, final, side="left"))
@@ -335,7 +372,7 @@ def segments_so_far(tokenizer, token_ids, *, complete: bool = False) -> Segments
     start = spans[final][0] if final < len(spans) else len(text)
     open_break = (stable < len(text) or len(spans) > final + 1 or text[start:start + 1] in _break_chars()[2]
                   or _break_chars()[0].search(text, start) is not None)
-    return SegmentsSoFar(dense, final_tokens, final_segments, open_break)
+    return SegmentsSoFar(dense, final_tokens, final_segments, open_break, tuple(spans[:final]))
 
 
 

@@ -16,6 +16,7 @@ from test_segment import FRAGMENTS, any_tok, byte_bpe, sp_llama, sp_metaspace  #
 
 from fastopd.segment import (
     final_span_count,
+    resume_spans,
     segments_so_far,
     sentence_break_ids,
     sentence_spans,
@@ -34,16 +35,23 @@ SEPS = [" ", " ", " ", "  ", "\n", "\n\n", " \n", "\t", "\xa0", "\u3000", ""]
 
 
 def check_text(text: str) -> None:
-    """Every prefix's final spans are the final text's; their count never decreases."""
+    """Every prefix's final spans are the final text's; their count never decreases; Punkt resumed after the
+    final spans of any shorter prefix (resume_spans) gives every prefix's spans."""
     full = sentence_spans(text)
     prev = 0
+    known = []  # the final spans of each shorter prefix, one list per length where the count grew
     for i in range(len(text) + 1):
         prefix = text[:i]
         spans = sentence_spans(prefix)
         q = final_span_count(prefix, spans)
         assert q >= prev, (prefix, q, prev)
         assert spans[:q] == full[:q], (prefix, spans[:q], full[:q])
+        for final in known[-3:] + known[:1]:  # the latest and the oldest: short and long resumed tails
+            assert resume_spans(prefix, final) == spans, (prefix, final)
+        if q > prev:
+            known.append(tuple(spans[:q]))
         prev = q
+    assert resume_spans(text, tuple(full[:prev])) == full
 
 
 def random_text(rng: np.random.Generator, pieces: list[str], n: int) -> str:
@@ -95,9 +103,15 @@ def test_final_spans_progress_on_a_long_text():
 def check_ids(tok, ids: list[int]) -> None:
     want = token_segments(tok, ids)
     prev_tokens = prev_segments = 0
+    final_spans = ()
     for k in range(len(ids) + 1):
         got = segments_so_far(tok, ids[:k])
         np.testing.assert_array_equal(got.segment_ids, token_segments(tok, ids[:k]))
+        # resumed after the previous prefix's final spans (what OnlineRollout does): the same segmentation
+        resumed = segments_so_far(tok, ids[:k], final_spans=final_spans)
+        np.testing.assert_array_equal(resumed.segment_ids, got.segment_ids)
+        assert resumed[1:] == got[1:], (k, resumed[1:], got[1:])
+        final_spans = resumed.final_spans
         f = got.final_tokens
         assert f >= prev_tokens and got.final_segments >= prev_segments, (k, f, prev_tokens)
         np.testing.assert_array_equal(got.segment_ids[:f], want[:f], err_msg=f"prefix {k}")
