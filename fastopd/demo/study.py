@@ -380,6 +380,9 @@ def plot_study(study: dict, out_dir: Path, run_dirs: dict[str, list[Path]] | Non
             ax.axhline(100 * before, color="gray", ls="--", lw=1, label="student before")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("greedy in-domain accuracy (%), mean over seeds")
+        setting = study.get("setting", {})
+        ax.set_title(f"Mean greedy held-out accuracy of each arm over training\n(fastopd study, "
+                     f"{setting.get('task', '?')} task, {len(setting.get('seeds', [])) or '?'} seeds)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
         fig.tight_layout()
@@ -387,15 +390,20 @@ def plot_study(study: dict, out_dir: Path, run_dirs: dict[str, list[Path]] | Non
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     if run_dirs:
+        # per arm, its first run whose rollouts are on disk (a study resumed in a clone has the runs' results but
+        # not their rollouts, which are not committed); with none, the figures already there are left as they are
         runs = {}
         if precondition_dir is not None and (Path(precondition_dir) / "rollouts.jsonl").is_file():
             runs["before OPD"] = load_run(precondition_dir)
         for mode, dirs in run_dirs.items():
-            if dirs:
-                runs[f"{mode} (seed {study['arms'][mode][0]['seed']})"] = load_run(dirs[0])
-        paths.append(plot_margin_profile(runs, out_dir / "margin_profile.png"))
-        gain_runs = {k: v for k, v in runs.items() if k == "before OPD" or k.startswith("release")}
-        paths.append(plot_gain_histogram(gain_runs, out_dir / "bic_gains.png", min_gain=min_gain))
+            for seed_row, run_dir in zip(study["arms"][mode], dirs):
+                if (Path(run_dir) / "rollouts.jsonl").is_file():
+                    runs[f"{mode} (seed {seed_row['seed']})"] = load_run(run_dir)
+                    break
+        if any(k != "before OPD" for k in runs):
+            paths.append(plot_margin_profile(runs, out_dir / "margin_profile.png"))
+            gain_runs = {k: v for k, v in runs.items() if k == "before OPD" or k.startswith("release")}
+            paths.append(plot_gain_histogram(gain_runs, out_dir / "bic_gains.png", min_gain=min_gain))
     return paths
 
 

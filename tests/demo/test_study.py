@@ -78,6 +78,14 @@ def test_format_study_and_plots(tmp_path):
     md = format_study(study, aggregate(arms, n_boot=500))
     assert "- release: 0: 30.0%, 5: 31.0%, 10: 55.0%" in md
     assert [p.name for p in plot_study(study, tmp_path)] == ["accuracy.png", "curves.png"]
+    # a study resumed where the runs' rollouts are not on disk (a clone: they are not committed) leaves the
+    # margin profile and gain histogram already there as they are, instead of drawing them from nothing
+    for name in ("margin_profile.png", "bic_gains.png"):
+        (tmp_path / name).write_bytes(b"drawn from the rollouts")
+    run_dirs = {mode: [tmp_path / "runs" / f"{mode}-s{r['seed']}" for r in rows] for mode, rows in arms.items()}
+    assert [p.name for p in plot_study(study, tmp_path, run_dirs)] == ["accuracy.png", "curves.png"]
+    for name in ("margin_profile.png", "bic_gains.png"):
+        assert (tmp_path / name).read_bytes() == b"drawn from the rollouts"
 
 
 def test_study_rejects_bad_arms(tmp_path):
