@@ -227,7 +227,7 @@ _NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 def test_training_doc_gives_the_readmes_measured_demo_times_and_the_arms_the_demo_trains():
     """docs/training.md's quick start states the demo's times as the README measured them (one measurement, two
     places), and the number of arms and steps the demo's schedules train."""
-    from fastopd.demo.demo import ARMS, SCHEDULES
+    from fastopd.demo.demo import SCHEDULES, schedule_arms
 
     readme = _readme()
     full_time = re.search(r"(\d+ min \d+ s) on the idle 2-core machine", readme).group(1)
@@ -237,8 +237,7 @@ def test_training_doc_gives_the_readmes_measured_demo_times_and_the_arms_the_dem
     full_line = next(line for line in doc.splitlines() if line.startswith("fastopd demo --out "))
 
     def arms(kind):
-        s = SCHEDULES["long"][kind]
-        return [a for a, _ in ARMS if a in ("full", "release") or s.get(a, False)]
+        return schedule_arms(SCHEDULES["long"][kind])
 
     assert f"# {quick_time} on an idle 2-core CPU" in quick_line, quick_line
     assert f"{full_time} on an idle 2-core CPU" in full_line, full_line

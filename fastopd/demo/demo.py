@@ -52,6 +52,13 @@ arm's mean kept fraction (on the check task, where the study fixes it once for e
 ``truncate``'s budget the online arm's mean generated length (:func:`matched_fields`)."""
 
 
+def schedule_arms(sched: dict) -> list[str]:
+    """The arms a schedule trains (``SCHEDULES[task][kind]``), in table order: ``full`` and ``release`` always,
+    then those its ``arms`` lists."""
+    wanted = sched.get("arms", ())
+    return [arm for arm, _ in ARMS if arm in ("full", "release") or arm in wanted]
+
+
 def matched_fields(arm: str, task: str, pre: dict | None, done: dict[str, dict]) -> dict:
     """The TrainConfig fields that match control ``arm`` to the rule (:data:`MATCHED`); ``{}`` for other arms.
 
@@ -567,8 +574,8 @@ def run_demo(out_dir: str | Path = "fastopd-demo", *, quick: bool = False, seed:
 
     arms = {}
     start = (0, base["student"]["accuracy"])
-    wanted = sched.get("arms", ("full", "release"))
-    todo = [(arm, label) for arm, label in ARMS if arm in ("full", "release") or arm in wanted]
+    labels = dict(ARMS)
+    todo = [(arm, labels[arm]) for arm in schedule_arms(sched)]
     # a matched control is set from another arm's result (matched_needs): such arms are trained second
     needs = matched_needs(task, pre)
     phases = [[t for t in todo if t[0] not in needs], [t for t in todo if t[0] in needs]]
