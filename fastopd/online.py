@@ -29,7 +29,7 @@ from fastopd._validate import (
     scan_int,
 )
 from fastopd.common import series_from_sums
-from fastopd.release import bic_release
+from fastopd.release import scan_checked
 from fastopd.segment import segments_so_far, sentence_break_ids
 from fastopd.types import OnlineReleaseResult, SegmentMeans
 
@@ -96,6 +96,7 @@ class OnlineRelease:
     """
 
     def __init__(self, *, min_segments: int = 2, min_gain: float = 10.0, confirm_segments: int = 2) -> None:
+        load_c("bic_scan", "fastopd.reference.online_release")  # a clear error now, not at the first scan
         check_scan_options(min_segments, min_gain)
         check_confirm_segments(confirm_segments, min_segments)
         self.min_segments = int(min_segments)
@@ -148,9 +149,12 @@ class OnlineRelease:
         return False
 
     def _scan(self) -> tuple[int, float, bool]:
-        res = bic_release(self.values, np.array([0, len(self._values)], dtype=np.int64),
-                          min_segments=self.min_segments, min_gain=self.min_gain)
-        return int(res.release_index[0]), float(res.gain[0]), bool(res.accepted[0])
+        # bic_release's scan without re-checking, per pushed segment, options checked once in __init__ and arrays
+        # built here (the rule's share of an online step, issue 23)
+        vals = self.values
+        release, gain, accepted = scan_checked(vals, np.array([0, vals.size], dtype=np.int64), self.min_segments,
+                                               self.min_gain)
+        return int(release[0]), float(gain[0]), bool(accepted[0])
 
     def finish(self) -> OnlineReleaseResult:
         """The rollout's decision, as a one-entry :class:`fastopd.OnlineReleaseResult`: the stop's, or (no stop)

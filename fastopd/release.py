@@ -87,12 +87,20 @@ def bic_release(values, offsets, *, min_segments: int = 2, min_gain: float = 10.
         TypeError: values not a float array, offsets not an integer array.
         ValueError: offsets not non-decreasing or out of range, bad shapes, bad options.
     """
-    _C = load_c("bic_scan", "fastopd.reference.bic_release")
+    load_c("bic_scan", "fastopd.reference.bic_release")
     check_scan_options(min_segments, min_gain)
     check_num_threads(num_threads)
     vals, offs = check_ragged(values, offsets)
-    release, gain, accepted = _C.bic_scan(vals, offs, scan_int(min_segments, vals), float(min_gain), int(num_threads))
-    return ReleaseResult(release, gain, accepted)
+    return ReleaseResult(*scan_checked(vals, offs, min_segments, min_gain, num_threads))
+
+
+def scan_checked(vals: np.ndarray, offs: np.ndarray, min_segments: int, min_gain: float, num_threads: int = 0):
+    """The C++ scan on arguments already checked (:func:`bic_release` checks a user's; :class:`fastopd.OnlineRelease`
+    checks its options once and builds its own arrays, then calls this per pushed segment): ``(release_index,
+    gain, accepted)`` arrays."""
+    from fastopd import _C
+
+    return _C.bic_scan(vals, offs, scan_int(min_segments, vals), float(min_gain), int(num_threads))
 
 
 @dataclass
