@@ -359,13 +359,13 @@ def matched_lines(table: dict) -> list[str]:
         if arm not in arms or control not in arms:
             continue
         a, c = arms[arm], arms[control]
-        how = (f"the first {c['fraction']:.0%} of every rollout's tokens (the rule's mean kept fraction"
+        how = (f"which keeps the first {c['fraction']:.0%} of every rollout's tokens (the rule's mean kept fraction"
                + (", measured in the precondition)" if table.get("task") == "check" else " in the release arm)")
                if control == "fixed_prefix" else
-               f"every rollout stopped at {c['max_new_tokens']} tokens (the online arm's mean generated length, "
+               f"which stops every rollout at {c['max_new_tokens']} tokens (the online arm's mean generated length, "
                f"{a['generated_per_rollout']:.1f})")
         ratio = a["time_per_step"] / c["time_per_step"] if c["time_per_step"] else float("nan")
-        out += [f"{arm} against its matched control, {control} ({how}): accuracy {a['accuracy_after']:.1%} vs "
+        out += [f"{arm} against its matched control, {control}, {how}: accuracy {a['accuracy_after']:.1%} vs "
                 f"{c['accuracy_after']:.1%} ({100 * (a['accuracy_after'] - c['accuracy_after']):+.1f} points), tokens "
                 f"supervised {a['tokens_supervised']:,} vs {c['tokens_supervised']:,}, tokens generated "
                 f"{a.get('tokens_generated') or a['tokens']:,} vs {c.get('tokens_generated') or c['tokens']:,}, time per "

@@ -182,5 +182,5 @@ def test_check_demo_sets_the_matched_controls_from_the_precondition_and_online(t
     assert fp["tokens_supervised"] < fp["tokens"] or fp["fraction"] == 1.0  # the cut acts
     md = (tmp_path / "demo" / "table.md").read_text()
     assert "| student after fixed cut" in md and "| student after fixed budget" in md
-    assert "release against its matched control, fixed_prefix (the first" in md
-    assert f"online against its matched control, truncate (every rollout stopped at {budget} tokens" in md
+    assert "release against its matched control, fixed_prefix, which keeps the first" in md
+    assert f"online against its matched control, truncate, which stops every rollout at {budget} tokens" in md
