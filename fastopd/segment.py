@@ -231,7 +231,6 @@ _REPLACEMENT = "\ufffd"
 _SPACE = re.compile(r"\s")  # whitespace as Punkt's regular expressions see it (= str.isspace)
 _SOLID = re.compile(r"\S")
 _ASCII_SPACE = re.compile(r"[ \t\n\r\x0b\x0c]")  # string.whitespace: Punkt's word boundary for overlapping matches
-_ASCII_WHITESPACE = frozenset(" \t\n\r\x0b\x0c")
 
 
 def final_span_count(text: str, spans: list[tuple[int, int]] | None = None, stable: int | None = None) -> int:
@@ -324,9 +323,10 @@ def resume_spans(text: str, final_spans=()) -> list[tuple[int, int]]:
         return list(final_spans)
     a = m.start()
     # read the whole text when the rest follows the final spans without ASCII whitespace (Punkt's word boundary:
-    # the word before a candidate could reach back into them) or starts with a closing quote or bracket (which
-    # Punkt's realignment may move back)
-    if a == final_spans[-1][1] or text[a - 1] not in _ASCII_WHITESPACE or text[a] in _break_chars()[2]:
+    # the word before a candidate could reach back into them; a span never ends in whitespace, so this includes
+    # a rest that starts right at the last span's end) or starts with a closing quote or bracket (which Punkt's
+    # realignment may move back)
+    if _ASCII_SPACE.match(text, a - 1) is None or text[a] in _break_chars()[2]:
         return sentence_spans(text)
     return list(final_spans) + [(s + a, e + a) for s, e in sentence_spans(text[a:])]
 

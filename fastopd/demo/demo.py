@@ -313,6 +313,7 @@ def arm_summary(summary: dict, run: dict, run_dir: Path) -> dict:
         rule = dict.fromkeys(("accept_rate", "release_position", "gain_mean", "kept_fraction"), float("nan"))
     window = max(1, min(10, len(metrics) // 4))
     mean = lambda rows, key: sum(as_float(r[key]) for r in rows) / len(rows)  # noqa: E731
+    generated = int(sum(as_float(r.get("tokens_generated")) for r in metrics if "tokens_generated" in r))
     return {
         "accuracy_after": summary["eval"]["accuracy"],
         "eval_curve": [(e["step"], e["accuracy"]) for e in run["eval"]],
@@ -329,10 +330,9 @@ def arm_summary(summary: dict, run: dict, run_dir: Path) -> dict:
         "kl_first": -mean(metrics[:window], "adv_mean"),
         "kl_last": -mean(metrics[-window:], "adv_mean"),
         "kl_window": window,
-        "tokens_generated": int(sum(as_float(r.get("tokens_generated")) for r in metrics if "tokens_generated" in r)),
+        "tokens_generated": generated,
         "teacher_tokens": int(sum(as_float(r.get("teacher_tokens")) for r in metrics if "teacher_tokens" in r)),
-        "generated_per_rollout": (sum(as_float(r.get("tokens_generated")) for r in metrics if "tokens_generated" in r)
-                                  / max(sum(r.get("rollouts", 0) for r in metrics), 1)),
+        "generated_per_rollout": generated / max(sum(r.get("rollouts", 0) for r in metrics), 1),
         "sample_accuracy_first": mean(metrics[:window], "sample_accuracy"),
         "sample_accuracy_last": mean(metrics[-window:], "sample_accuracy"),
         "run_dir": str(run_dir),

@@ -484,7 +484,7 @@ def _run_one(cfg, sched, run_dir: Path, progress: bool) -> dict:
            "curve": [[int(st), float(acc)] for st, acc in a["eval_curve"]],
            "max_new_tokens": cfg.max_new_tokens}
     row["tokens_generated"], row["teacher_tokens"] = a["tokens_generated"], a["teacher_tokens"]
-    row["generated_per_rollout"] = a["tokens_generated"] / max(sum(r.get("rollouts", 0) for r in run["metrics"]), 1)
+    row["generated_per_rollout"] = a["generated_per_rollout"]
     if cfg.choices[1] == "fixed_prefix":
         row["fraction"] = cfg.fraction
     if sched.get("task") == "check":  # issue 24: per-problem grades (split by check) and the rule's decisions

@@ -51,10 +51,10 @@ def test_format_table_prints_every_row():
             "teacher tokens scored 0.50x") in md
 
 
-def _assets_built() -> bool:
+def _assets_built(assets: str = "demo") -> bool:
     from fastopd.demo.task import demo_asset_paths
 
-    paths = demo_asset_paths()
+    paths = demo_asset_paths(assets)
     return all(Path(paths[k]).exists() for k in ("teacher", "student", "tokenizer"))
 
 
@@ -151,15 +151,8 @@ def test_matched_fields_set_each_control_from_the_arm_it_matches():
         matched_needs("check", None)
 
 
-def _check_assets_built() -> bool:
-    from fastopd.demo.task import demo_asset_paths
-
-    paths = demo_asset_paths("demo_check")
-    return all(Path(paths[k]).exists() for k in ("teacher", "student", "tokenizer"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _check_assets_built(), reason="check-task assets not built")
+@pytest.mark.skipif(not _assets_built("demo_check"), reason="check-task assets not built")
 def test_check_demo_sets_the_matched_controls_from_the_precondition_and_online(tmp_path, monkeypatch):
     """The check demo's arms, on a tiny schedule, in one process: fixed_prefix at the precondition's kept
     fraction, truncate at the online arm's mean generated length (trained after it), both in the table."""
